@@ -1,0 +1,161 @@
+"""Per-sample book-keeping for one model: which layers are hooked, what each
+backward left behind, and the per-sample norms and clipped sums of a
+physical batch, from one backward pass.
+"""
+from __future__ import annotations
+
+from typing import Callable, Optional
+
+import torch
+from torch import nn
+
+from . import records as R
+from .layers import layer_class
+
+
+class UnsupportedModuleError(ValueError):
+    pass
+
+
+class BatchMismatchError(RuntimeError):
+    pass
+
+
+class PhysicalBatch:
+    """The records of one forward/backward, with the loss-reduction scale applied."""
+
+    def __init__(self, records: dict, batch_size: int, scale: float, ends_logical: bool):
+        self.records, self.batch_size, self.scale, self.ends_logical = records, batch_size, scale, ends_logical
+
+    def sq_norms(self) -> dict:
+        """param -> (B,) per-sample squared norms of its gradient."""
+        return {p: R.sq_norm(recs) * self.scale ** 2 for p, recs in self.records.items()}
+
+    def clipped_sum(self, p, c: torch.Tensor) -> torch.Tensor:
+        return R.clipped_sum(self.records[p], c) * self.scale
+
+    def drop(self, bad: torch.Tensor) -> None:
+        """Zero the contributions of the samples marked in ``bad``."""
+        for recs in self.records.values():
+            for r in recs:
+                r.drop(bad)
+
+
+def _first_tensor(args, kwargs):
+    for v in list(args) + list(kwargs.values()):
+        if isinstance(v, torch.Tensor):
+            return v
+    return None
+
+
+class GradSampleEngine:
+    """Hooks every module that owns a trainable parameter.
+
+    ``on_batch`` (set by the DP optimizer) receives each finished
+    :class:`PhysicalBatch`: at the next forward of the model, or on ``flush()``.
+    """
+
+    def __init__(self, model: nn.Module, *, batch_first: bool = True, loss_reduction: str = "mean"):
+        if loss_reduction not in ("mean", "sum"):
+            raise ValueError(f"loss_reduction must be 'mean' or 'sum', got {loss_reduction!r}")
+        self.model, self.batch_first, self.loss_reduction = model, batch_first, loss_reduction
+        self.params = [p for p in model.parameters() if p.requires_grad]
+        self.names = {}
+        for n, p in model.named_parameters(remove_duplicate=False):
+            self.names.setdefault(p, n)
+        self._check_devices()
+        self.layers = []
+        for name, module in model.named_modules(remove_duplicate=False):
+            own = [n for n, p in module.named_parameters(recurse=False) if p.requires_grad]
+            if not own:
+                continue
+            cls = layer_class(module)
+            if cls is None:
+                raise UnsupportedModuleError(
+                    f"module '{name or '<root>'}' of type {type(module).__module__}.{type(module).__qualname__} "
+                    f"has trainable parameters {own} and anadp cannot compute its per-sample gradients. "
+                    "Freeze them (p.requires_grad_(False)) or replace the module by a supported one "
+                    "(Linear, Conv1D, Embedding, LayerNorm, RMSNorm).")
+            if any(layer.module is module for layer in self.layers):
+                continue  # the same module reached under two names
+            self.layers.append(cls(module, name, self))
+        self.batch_size: Optional[int] = None
+        self.chunk_ends_logical = True  # set by the DP data loader for split logical batches
+        self.on_batch: Optional[Callable[[PhysicalBatch], None]] = None
+        self._records: dict = {}
+        self._ends_logical = True
+        for layer in self.layers:
+            layer.install()
+        self._hook = model.register_forward_pre_hook(self._pre_forward, with_kwargs=True)
+
+    def _check_devices(self):
+        devices = {p.device for p in self.params}
+        if len(devices) > 1:
+            raise ValueError(f"trainable parameters are on several devices ({sorted(map(str, devices))}); "
+                             "anadp needs them on one device")
+
+    # --- forward / backward side -------------------------------------------------
+    def _pre_forward(self, module, args, kwargs):
+        self.flush()
+        x = _first_tensor(args, kwargs)
+        dim = 0 if self.batch_first else 1
+        self.batch_size = x.shape[dim] if x is not None and x.dim() > dim else None
+        self._ends_logical = self.chunk_ends_logical
+
+    def to_batch_first(self, name: str, *ts):
+        """Move the batch dim first and check it against the model's batch size."""
+        if not self.batch_first:
+            ts = tuple(t.movedim(1, 0) if t.dim() > 1 else t for t in ts)
+        if self.batch_size is None:
+            self.batch_size = ts[0].shape[0]
+        if ts[0].shape[0] != self.batch_size:
+            raise BatchMismatchError(
+                f"layer '{name}' saw a batch of {ts[0].shape[0]} (tensor shape {tuple(ts[0].shape)}) but the model "
+                f"input has batch size {self.batch_size}; the engine expects batch_first={self.batch_first} "
+                f"(pass batch_first={not self.batch_first} to make_private if your model takes the other layout)")
+        return ts
+
+    def broadcast_indices(self, name: str, idx: torch.Tensor) -> torch.Tensor:
+        """Indices shared by the whole batch (BERT/GPT-2 position_ids of batch 1) are
+        expanded to the batch, so each sample's gradient reaches the layer
+        before autograd sums it over the broadcast."""
+        B, dim = self.batch_size, 0 if self.batch_first else 1
+        if B is None or B == 1 or idx.dim() <= dim or idx.shape[dim] != 1:
+            return idx
+        shape = list(idx.shape)
+        shape[dim] = B
+        return idx.expand(shape)
+
+    def record(self, param, rec) -> None:
+        self._records.setdefault(param, []).append(rec)
+
+    # --- after backward -------------------------------------------------------------
+    def take(self) -> Optional[PhysicalBatch]:
+        """The finished physical batch, or None if no backward ran since the last take."""
+        if not self._records:
+            return None
+        B = next(iter(self._records.values()))[0].batch_size
+        scale = float(B) if self.loss_reduction == "mean" else 1.0
+        batch = PhysicalBatch(self._records, B, scale, self._ends_logical)
+        self._records = {}
+        return batch
+
+    def flush(self) -> None:
+        batch = self.take()
+        if batch is not None and self.on_batch is not None:
+            self.on_batch(batch)
+
+    def discard(self) -> None:
+        self._records = {}
+
+    def per_sample_sq_norms(self) -> dict:
+        """param -> (B,) squared norms of the pending batch (does not consume it)."""
+        B = next(iter(self._records.values()))[0].batch_size
+        scale = float(B) if self.loss_reduction == "mean" else 1.0
+        return PhysicalBatch(self._records, B, scale, True).sq_norms()
+
+    def remove(self) -> None:
+        for layer in self.layers:
+            layer.remove()
+        self._hook.remove()
+        self._records = {}

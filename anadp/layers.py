@@ -1,0 +1,197 @@
+"""Supported layers: each gets a forward that runs through a custom autograd
+Function whose backward returns the input gradient only and hands
+(activation, output gradient) to the engine. Autograd therefore never forms
+the weight gradient (no second GEMM); the engine forms the clipped sum later.
+
+Supported: nn.Linear, Hugging Face Conv1D, nn.Embedding, nn.LayerNorm,
+nn.RMSNorm and the Hugging Face Llama-style RMSNorm modules. PEFT LoRA layers
+are made of nn.Linear modules and need nothing more.
+"""
+from __future__ import annotations
+
+import types
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .records import DenseRecord, EmbeddingRecord, LinearRecord
+
+
+class _LinearFn(torch.autograd.Function):
+    """y = x W^T + b (or x W + b for Conv1D); backward: input gradient only."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, transposed, on_backward):
+        ctx.save_for_backward(x, weight)
+        ctx.transposed, ctx.on_backward = transposed, on_backward
+        if transposed:
+            y = x @ weight
+            return y + bias if bias is not None else y
+        return F.linear(x, weight, bias)
+
+    @staticmethod
+    def backward(ctx, g):
+        x, weight = ctx.saved_tensors
+        gx = None
+        if ctx.needs_input_grad[0]:
+            gx = g @ weight.t() if ctx.transposed else g @ weight
+        ctx.on_backward(x, g)
+        return gx, None, None, None, None
+
+
+class _EmbeddingFn(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, idx, weight, padding_idx, on_backward):
+        ctx.save_for_backward(idx)
+        ctx.on_backward = on_backward
+        return F.embedding(idx, weight, padding_idx)
+
+    @staticmethod
+    def backward(ctx, g):
+        (idx,) = ctx.saved_tensors
+        ctx.on_backward(idx, g)
+        return None, None, None, None
+
+
+class _AffineFn(torch.autograd.Function):
+    """y = xhat * w (+ b), the parameterized tail of LayerNorm / RMSNorm."""
+
+    @staticmethod
+    def forward(ctx, xhat, weight, bias, on_backward):
+        ctx.save_for_backward(xhat, weight)
+        ctx.on_backward = on_backward
+        y = xhat * weight
+        return y + bias if bias is not None else y
+
+    @staticmethod
+    def backward(ctx, g):
+        xhat, weight = ctx.saved_tensors
+        gx = (g * weight).to(xhat.dtype) if ctx.needs_input_grad[0] else None
+        ctx.on_backward(xhat, g)
+        return gx, None, None, None
+
+
+def _trainable(p) -> bool:
+    return p is not None and p.requires_grad
+
+
+def _per_sample_affine(t: torch.Tensor, batch: int, shape) -> torch.Tensor:
+    """Sum a (B, ..., *shape) tensor to (B, *shape)."""
+    return t.reshape(batch, -1, *shape).sum(1)
+
+
+class Layer:
+    """One hooked module: installs its forward and turns backward calls into records."""
+
+    def __init__(self, module: nn.Module, name: str, engine):
+        self.module, self.name, self.engine = module, name, engine
+
+    def install(self):
+        self.module.forward = types.MethodType(self.forward, self.module)
+
+    def remove(self):
+        self.module.__dict__.pop("forward", None)
+
+    def params(self):
+        return [p for p in self.module.parameters(recurse=False) if p.requires_grad]
+
+
+class LinearLayer(Layer):
+    transposed = False
+
+    def forward(self, module, x):
+        if not torch.is_grad_enabled():
+            return type(module).forward(module, x)
+        return _LinearFn.apply(x, module.weight, module.bias, self.transposed, self.on_backward)
+
+    def on_backward(self, x, g):
+        x, g = self.engine.to_batch_first(self.name, x, g)
+        B = x.shape[0]
+        A, G = x.reshape(B, -1, x.shape[-1]), g.reshape(B, -1, g.shape[-1])
+        m = self.module
+        if _trainable(m.weight):
+            self.engine.record(m.weight, LinearRecord(A, G, self.transposed))
+        if _trainable(m.bias):
+            self.engine.record(m.bias, DenseRecord(G.sum(1)))
+
+
+class Conv1DLayer(LinearLayer):
+    """Hugging Face GPT-2 Conv1D: a Linear whose weight is stored (in, out)."""
+    transposed = True
+
+
+class EmbeddingLayer(Layer):
+    def forward(self, module, idx):
+        if module.max_norm is not None:
+            raise NotImplementedError(f"{self.name}: nn.Embedding(max_norm=...) renormalizes weights in place; not supported")
+        if not torch.is_grad_enabled():
+            return type(module).forward(module, idx)
+        idx = self.engine.broadcast_indices(self.name, idx)
+        return _EmbeddingFn.apply(idx, module.weight, module.padding_idx, self.on_backward)
+
+    def on_backward(self, idx, g):
+        idx, g = self.engine.to_batch_first(self.name, idx, g)
+        B, m = idx.shape[0], self.module
+        G = g.reshape(B, -1, g.shape[-1])
+        self.engine.record(m.weight, EmbeddingRecord(idx.reshape(B, -1), G, m.num_embeddings, m.padding_idx))
+
+
+class NormLayer(Layer):
+    """LayerNorm / RMSNorm: normalization through autograd, affine tail hooked."""
+
+    def normalize(self, module, x):
+        raise NotImplementedError
+
+    def forward(self, module, x):
+        if not torch.is_grad_enabled():
+            return type(module).forward(module, x)
+        xhat = self.normalize(module, x)
+        return _AffineFn.apply(xhat, module.weight, getattr(module, "bias", None), self.on_backward)
+
+    def on_backward(self, xhat, g):
+        m = self.module
+        xhat, g = self.engine.to_batch_first(self.name, xhat, g)
+        B, shape = xhat.shape[0], m.weight.shape
+        if _trainable(m.weight):
+            self.engine.record(m.weight, DenseRecord(_per_sample_affine(g * xhat, B, shape)))
+        if _trainable(getattr(m, "bias", None)):
+            self.engine.record(m.bias, DenseRecord(_per_sample_affine(g, B, shape)))
+
+
+class LayerNormLayer(NormLayer):
+    def normalize(self, module, x):
+        return F.layer_norm(x, module.normalized_shape, None, None, module.eps)
+
+
+class RMSNormLayer(NormLayer):
+    def normalize(self, module, x):
+        return F.rms_norm(x, module.normalized_shape, None, module.eps)
+
+
+class HFRMSNormLayer(NormLayer):
+    """Llama/Qwen/Mistral RMSNorm: normalize in float32, cast back, then scale."""
+
+    def normalize(self, module, x):
+        h = x.to(torch.float32)
+        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + module.variance_epsilon)
+        return h.to(x.dtype)
+
+
+def layer_class(module: nn.Module):
+    """The Layer class that handles this module, or None."""
+    if type(module) is nn.Linear:
+        return LinearLayer
+    if type(module) is nn.Embedding:
+        return EmbeddingLayer
+    if type(module) is nn.LayerNorm:
+        return LayerNormLayer
+    if hasattr(nn, "RMSNorm") and type(module) is nn.RMSNorm:
+        return RMSNormLayer
+    name = type(module).__name__
+    if name == "Conv1D" and type(module).__module__.startswith("transformers"):
+        return Conv1DLayer
+    # Llama-style: weight * normalize(x.float()).to(dtype); Gemma's (1 + weight) has no variance_epsilon
+    if (name.endswith("RMSNorm") or name == "T5LayerNorm") and hasattr(module, "variance_epsilon"):
+        return HFRMSNormLayer
+    return None

@@ -1,0 +1,111 @@
+"""Counter-based Philox 4x32-10 noise, in torch integer ops.
+
+Every backend draws the same Gaussian noise for the same
+(seed, step, group, element):
+
+* the host derives one 64-bit key per (seed, step, group) with Philox itself
+  (:func:`group_key`, plain Python integers);
+* element ``e`` of that group's noise is ``tl.randn(key, e)`` exactly as
+  ``triton/language/random.py`` defines it: Philox 4x32-10 with counter
+  ``(e_lo, e_hi, 0, 0)`` and key ``(key_lo, key_hi)``, the first two words
+  mapped to uniforms and through Box-Muller, first output kept.
+
+So a Triton kernel calls ``tl.randn(key, offsets)`` with the group's key and
+the element offsets, whatever its block size or grid, and gets these numbers
+(bit-equal uint32s; floats equal up to the device's log/cos rounding).
+
+torch has no usable uint32/uint64 arithmetic, so words are held in int64
+tensors with values in [0, 2**32) and the 32x32->64 products are split in
+16-bit halves so that nothing overflows int64.
+"""
+from __future__ import annotations
+
+import torch
+
+MASK32 = 0xFFFFFFFF
+KEY_A, KEY_B = 0x9E3779B9, 0xBB67AE85  # Weyl key increments
+ROUND_A, ROUND_B = 0xD2511F53, 0xCD9E8D57  # round multipliers
+N_ROUNDS = 10
+# triton's uint_to_uniform_float: largest scale with MAX_INT * scale < 1.0 in float32
+UNIFORM_SCALE = 4.6566127342e-10
+TWO_PI = 6.283185307179586
+# tags the key derivation, so that group keys never collide with raw seeds
+_DOMAIN = 0xA11ADB07
+
+
+def _mul_hi_lo(a: int, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(a * x) >> 32 and (a * x) & MASK32 for a 32-bit constant a, x in [0, 2**32)."""
+    x_hi, x_lo = x >> 16, x & 0xFFFF
+    p_hi, p_lo = a * x_hi, a * x_lo  # each < 2**48
+    hi = (p_hi + (p_lo >> 16)) >> 16
+    lo = ((p_hi << 16) + p_lo) & MASK32
+    return hi, lo
+
+
+def philox4x32(c0, c1, c2, c3, k0: int, k1: int, n_rounds: int = N_ROUNDS):
+    """Philox 4x32 on int64 tensors holding uint32 values; key words are ints."""
+    for _ in range(n_rounds):
+        hi_b, lo_b = _mul_hi_lo(ROUND_B, c2)
+        hi_a, lo_a = _mul_hi_lo(ROUND_A, c0)
+        c0, c1, c2, c3 = hi_b ^ c1 ^ k0, lo_b, hi_a ^ c3 ^ k1, lo_a
+        k0, k1 = (k0 + KEY_A) & MASK32, (k1 + KEY_B) & MASK32
+    return c0, c1, c2, c3
+
+
+def philox4x32_int(ctr: tuple[int, int, int, int], key: tuple[int, int],
+                   n_rounds: int = N_ROUNDS) -> tuple[int, int, int, int]:
+    """The same function on plain Python integers (host-side key derivation)."""
+    c0, c1, c2, c3 = ctr
+    k0, k1 = key
+    for _ in range(n_rounds):
+        pb, pa = ROUND_B * c2, ROUND_A * c0
+        c0, c1, c2, c3 = ((pb >> 32) ^ c1 ^ k0) & MASK32, pb & MASK32, ((pa >> 32) ^ c3 ^ k1) & MASK32, pa & MASK32
+        k0, k1 = (k0 + KEY_A) & MASK32, (k1 + KEY_B) & MASK32
+    return c0, c1, c2, c3
+
+
+def group_key(seed: int, step: int, group: int) -> int:
+    """64-bit key of one (seed, step, group) noise stream."""
+    if not (0 <= seed < 2**64 and 0 <= step < 2**64 and 0 <= group < 2**32):
+        raise ValueError(f"seed/step must be in [0, 2**64) and group in [0, 2**32), got {seed}, {step}, {group}")
+    w = philox4x32_int((step & MASK32, step >> 32, group, _DOMAIN), (seed & MASK32, seed >> 32))
+    return w[0] | (w[1] << 32)
+
+
+def randint4x(key: int, offsets: torch.Tensor):
+    """triton.language.randint4x(key, offsets): four uint32 words (as int64) per offset."""
+    offsets = offsets.to(torch.int64)
+    zero = torch.zeros_like(offsets)
+    return philox4x32(offsets & MASK32, offsets >> 32, zero, zero, key & MASK32, (key >> 32) & MASK32)
+
+
+def uint_to_uniform(x: torch.Tensor) -> torch.Tensor:
+    """triton's uint_to_uniform_float for 32-bit words: a float32 in [0, 1)."""
+    x = torch.where(x >= 2**31, x - 2**32, x)  # bitcast to int32
+    x = torch.where(x < 0, -x - 1, x)
+    return x.to(torch.float32) * torch.tensor(UNIFORM_SCALE, dtype=torch.float32)
+
+
+def randn(key: int, offsets: torch.Tensor) -> torch.Tensor:
+    """triton.language.randn(key, offsets): one float32 N(0, 1) per offset."""
+    i1, i2, _, _ = randint4x(key, offsets)
+    u1 = uint_to_uniform(i1).clamp_(min=1.0e-7)
+    th = uint_to_uniform(i2) * torch.tensor(TWO_PI, dtype=torch.float32)
+    return torch.sqrt(-2.0 * torch.log(u1)) * torch.cos(th)
+
+
+def gaussian(seed: int, step: int, group: int, shape, device=None, chunk: int = 1 << 22) -> torch.Tensor:
+    """Standard normal float32 noise of ``shape`` for one (seed, step, group).
+
+    Element e (row-major) is ``randn(group_key(seed, step, group), e)``;
+    computed in chunks to bound the int64 temporaries.
+    """
+    key = group_key(seed, step, group)
+    n = 1
+    for s in shape:
+        n *= int(s)
+    out = torch.empty(n, dtype=torch.float32, device=device)
+    for start in range(0, n, chunk):
+        stop = min(n, start + chunk)
+        out[start:stop] = randn(key, torch.arange(start, stop, device=device, dtype=torch.int64))
+    return out.view(tuple(shape))

@@ -1,0 +1,246 @@
+"""Per-sample gradient norms of the engine against per-sample autograd (a loop)."""
+import pytest
+import torch
+from torch import nn
+
+from anadp.engine import GradSampleEngine, UnsupportedModuleError
+from anadp.records import LinearRecord
+
+from helpers import call, per_sample_grads, rel_err
+
+TOL = {torch.float64: 1e-5, torch.float32: 1e-4}
+DTYPES = [torch.float64, torch.float32]
+
+
+def check_norms(model, batch, B, dtype, out_of=lambda o: o, seed=0):
+    """Engine per-parameter and total per-sample norms vs the loop reference."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        probe = out_of(call(model, batch))
+    Rw = torch.randn(probe.shape, generator=g, dtype=probe.dtype)
+
+    def loss_fn(out, i):
+        o = out_of(out)
+        return (o * (Rw if i is None else Rw[i:i + 1])).sum()
+
+    ref = per_sample_grads(model, batch, loss_fn, B)
+    engine = GradSampleEngine(model, loss_reduction="sum")
+    loss_fn(call(model, batch), None).backward()
+    norms = engine.per_sample_sq_norms()
+    assert set(engine.names[p] for p in norms) == set(ref), "every trainable parameter must be recorded"
+    total = sum(norms.values())
+    total_ref = sum(r.flatten(1).pow(2).sum(1) for r in ref.values())
+    for p, sq in norms.items():
+        r = ref[engine.names[p]].flatten(1).pow(2).sum(1)
+        # attention key biases have an exactly-zero gradient (softmax shift invariance):
+        # their float32 values are rounding noise, so only the absolute error is bounded
+        floor = torch.maximum(r, 1e-6 * total_ref).double().norm()
+        err = (sq.double() - r.double()).norm() / floor
+        assert torch.isfinite(sq).all() and err < TOL[dtype], engine.names[p]
+    assert rel_err(total.sqrt(), total_ref.sqrt()) < TOL[dtype]
+    for p in engine.params:  # autograd never formed the weight gradient
+        assert p.grad is None
+    engine.remove()
+    return norms
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("bias", [True, False])
+def test_linear_2d(dtype, bias):
+    torch.manual_seed(0)
+    m = nn.Linear(19, 33, bias=bias).to(dtype)
+    check_norms(m, torch.randn(5, 19, dtype=dtype), 5, dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("T", [7, 40])  # ghost (2T^2 < pd) and instantiated paths
+def test_linear_3d(dtype, T):
+    torch.manual_seed(1)
+    m = nn.Linear(19, 33).to(dtype)
+    assert LinearRecord(torch.zeros(1, T, 19), torch.zeros(1, T, 33)).use_ghost() == (T == 7)
+    check_norms(m, torch.randn(3, T, 19, dtype=dtype), 3, dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_linear_4d_input(dtype):
+    torch.manual_seed(2)
+    m = nn.Linear(6, 5).to(dtype)
+    check_norms(m, torch.randn(3, 4, 2, 6, dtype=dtype), 3, dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_embedding_repeated_and_padding(dtype):
+    torch.manual_seed(3)
+    m = nn.Embedding(11, 6, padding_idx=0).to(dtype)
+    idx = torch.tensor([[1, 2, 1, 0, 5], [3, 3, 3, 3, 0], [0, 7, 10, 7, 9]])
+    check_norms(m, idx, 3, dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("make", [
+    lambda: nn.LayerNorm(8),
+    lambda: nn.LayerNorm((3, 8)),
+    lambda: nn.LayerNorm(8, bias=False),
+    lambda: nn.RMSNorm(8),
+])
+def test_norm_layers(dtype, make):
+    torch.manual_seed(4)
+    m = make().to(dtype)
+    with torch.no_grad():
+        for p in m.parameters():
+            p.normal_()
+    check_norms(m, torch.randn(4, 5, 3, 8, dtype=dtype), 4, dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_hf_llama_rmsnorm(dtype):
+    from transformers.models.llama.modeling_llama import LlamaRMSNorm
+    torch.manual_seed(5)
+    m = LlamaRMSNorm(8).to(dtype)
+    with torch.no_grad():
+        m.weight.normal_()
+    check_norms(m, torch.randn(4, 6, 8, dtype=dtype), 4, dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_hf_conv1d(dtype):
+    from transformers.pytorch_utils import Conv1D
+    torch.manual_seed(6)
+    m = Conv1D(33, 19).to(dtype)  # nf=33 outputs, nx=19 inputs
+    with torch.no_grad():
+        m.weight.normal_()
+        m.bias.normal_()
+    check_norms(m, torch.randn(3, 7, 19, dtype=dtype), 3, dtype)
+
+
+class TiedLM(nn.Module):
+    """Embedding tied to the output layer, used twice, plus a batch-1 position table."""
+
+    def __init__(self, V=13, d=6, T=5):
+        super().__init__()
+        self.wte, self.wpe = nn.Embedding(V, d), nn.Embedding(T, d)
+        self.ln, self.fc = nn.LayerNorm(d), nn.Linear(d, d)
+        self.head = nn.Linear(d, V, bias=False)
+        self.head.weight = self.wte.weight
+
+    def forward(self, idx):
+        pos = torch.arange(idx.shape[1])[None]  # (1, T): broadcast over the batch
+        h = self.wte(idx) + self.wpe(pos)
+        h = h + torch.tanh(self.fc(self.ln(h)))
+        return self.head(h)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_tied_weights_and_broadcast_positions(dtype):
+    torch.manual_seed(7)
+    m = TiedLM().to(dtype)
+    norms = check_norms(m, torch.randint(0, 13, (4, 5)), 4, dtype)
+    assert len(norms) == 6  # wte (tied), wpe, ln.weight, ln.bias, fc.weight, fc.bias
+
+
+def test_module_applied_twice():
+    torch.manual_seed(8)
+    fc = nn.Linear(5, 5).double()
+    m = nn.Sequential(fc, nn.Tanh(), fc)
+    check_norms(m, torch.randn(3, 4, 5, dtype=torch.float64), 3, torch.float64)
+
+
+# --- whole Hugging Face models, random weights, built locally from configs ------------
+
+def _bert(dtype):
+    from transformers import BertConfig, BertForSequenceClassification
+    cfg = BertConfig(vocab_size=50, hidden_size=16, num_hidden_layers=2, num_attention_heads=2,
+                     intermediate_size=24, max_position_embeddings=16, num_labels=3)
+    return BertForSequenceClassification(cfg).to(dtype).eval()
+
+
+def _gpt2(dtype):
+    from transformers import GPT2Config, GPT2LMHeadModel
+    cfg = GPT2Config(vocab_size=50, n_embd=16, n_layer=2, n_head=2, n_positions=16)
+    m = GPT2LMHeadModel(cfg).to(dtype).eval()
+    assert m.lm_head.weight is m.transformer.wte.weight
+    return m
+
+
+def _llama(dtype):
+    from transformers import LlamaConfig, LlamaForCausalLM
+    cfg = LlamaConfig(vocab_size=50, hidden_size=16, intermediate_size=24, num_hidden_layers=2,
+                      num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=16)
+    return LlamaForCausalLM(cfg).to(dtype).eval()
+
+
+def _lora_bert(dtype):
+    from peft import LoraConfig, get_peft_model
+    m = _bert(dtype)
+    m = get_peft_model(m, LoraConfig(r=2, lora_alpha=4, target_modules=["query", "value"],
+                                     modules_to_save=["classifier"]))
+    with torch.no_grad():  # LoRA B starts at zero; make every factor's gradient non-trivial
+        for n, p in m.named_parameters():
+            if "lora_B" in n:
+                p.normal_(std=0.1)
+    return m.to(dtype).eval()
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("make", [_bert, _gpt2, _llama, _lora_bert], ids=["bert", "gpt2", "llama", "lora-bert"])
+def test_hf_models(dtype, make):
+    torch.manual_seed(9)
+    m = make(dtype)
+    ids = torch.randint(1, 50, (3, 9))
+    mask = torch.ones(3, 9, dtype=torch.long)
+    mask[1, 6:] = 0  # one padded sample
+    norms = check_norms(m, {"input_ids": ids, "attention_mask": mask}, 3, dtype, out_of=lambda o: o.logits)
+    if make is _lora_bert:
+        trainable = [n for n, p in m.named_parameters() if p.requires_grad]
+        assert trainable and all("lora_" in n or "classifier" in n for n in trainable)
+        assert len(norms) == len(trainable)
+
+
+# --- wrap-time errors -----------------------------------------------------------------
+
+class WithParam(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(4, 4)
+        self.scale = nn.Parameter(torch.ones(4))
+
+    def forward(self, x):
+        return self.fc(x) * self.scale
+
+
+def test_unsupported_module_is_named():
+    m = nn.Sequential(nn.Linear(4, 4), nn.BatchNorm1d(4))
+    with pytest.raises(UnsupportedModuleError, match=r"module '1' of type torch\.nn\.modules\.batchnorm\.BatchNorm1d"):
+        GradSampleEngine(m)
+    with pytest.raises(UnsupportedModuleError, match=r"'<root>'.*WithParam.*\['scale'\]"):
+        GradSampleEngine(WithParam())
+
+
+def test_frozen_unsupported_module_is_fine():
+    m = nn.Sequential(nn.Linear(4, 4), nn.BatchNorm1d(4))
+    m[1].requires_grad_(False)
+    e = GradSampleEngine(m)
+    assert e.params == [m[0].weight, m[0].bias]
+
+
+def test_parameters_on_several_devices():
+    m = nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 4, device="meta"))
+    with pytest.raises(ValueError, match="several devices"):
+        GradSampleEngine(m)
+
+
+def test_batch_first_mismatch():
+    m = nn.Linear(4, 4)
+    e = GradSampleEngine(m, batch_first=True)
+    x = torch.randn(3, 4)
+
+    class Transposer(nn.Module):  # a layer that sees the batch in dim 1
+        def forward(self, x):
+            return m(x.t().reshape(4, 3).t().reshape(3, 4)[None].expand(2, 3, 4))
+
+    from anadp.engine import BatchMismatchError
+    wrapper = Transposer()
+    e._hook.remove()
+    e._hook = wrapper.register_forward_pre_hook(e._pre_forward, with_kwargs=True)
+    with pytest.raises(BatchMismatchError, match="batch_first"):
+        wrapper(x).sum().backward()
