@@ -1,0 +1,80 @@
+"""Privacy accounting through Opacus's accountants (never re-implemented here).
+
+Each optimizer step is one Poisson-subsampled Gaussian mechanism (q, z), z
+the noise multiplier the step is charged: sigma under whitened clipping
+(whatever the allocation), sigma * min_g w_g under the paper's global clipping.
+"""
+from __future__ import annotations
+
+import math
+import warnings
+
+from opacus.accountants import PRVAccountant, RDPAccountant
+from opacus.accountants.utils import get_noise_multiplier
+
+ACCOUNTANTS = {"rdp": RDPAccountant, "prv": PRVAccountant}
+
+
+def _check(name: str) -> None:
+    if name not in ACCOUNTANTS:
+        raise ValueError(f"accountant must be one of {sorted(ACCOUNTANTS)}, got {name!r}")
+
+
+class Accountant:
+    """History of (noise multiplier, sample rate, steps) and epsilon from Opacus."""
+
+    def __init__(self, name: str = "prv"):
+        _check(name)
+        self.name = name
+        self.history: list[tuple[float, float, int]] = []
+
+    def step(self, noise_multiplier: float, sample_rate: float) -> None:
+        if self.history and self.history[-1][:2] == (noise_multiplier, sample_rate):
+            z, q, n = self.history[-1]
+            self.history[-1] = (z, q, n + 1)
+        else:
+            self.history.append((noise_multiplier, sample_rate, 1))
+
+    @property
+    def steps(self) -> int:
+        return sum(n for _, _, n in self.history)
+
+    def get_epsilon(self, delta: float) -> float:
+        if not 0 < delta < 1:
+            raise ValueError(f"delta must be in (0, 1), got {delta}")
+        if not self.history:
+            return 0.0
+        if any(z <= 0 and q > 0 for z, q, _ in self.history):
+            return math.inf  # a step without noise has no finite guarantee
+        acc = ACCOUNTANTS[self.name]()
+        acc.history = list(self.history)
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="Optimal order is the largest alpha")
+            return float(acc.get_epsilon(delta=delta))
+
+    def state_dict(self) -> dict:
+        return {"name": self.name, "history": list(self.history)}
+
+    def load_state_dict(self, state: dict) -> None:
+        _check(state["name"])
+        self.name, self.history = state["name"], [tuple(h) for h in state["history"]]
+
+
+def noise_multiplier_for(target_epsilon: float, target_delta: float, sample_rate: float, *,
+                         epochs: float | None = None, steps: int | None = None, accountant: str = "prv") -> float:
+    """The noise multiplier that Opacus's get_noise_multiplier finds for this budget."""
+    _check(accountant)
+    if target_epsilon <= 0 or not 0 < target_delta < 1:
+        raise ValueError(f"need target_epsilon > 0 and 0 < target_delta < 1, got {target_epsilon}, {target_delta}")
+    if (epochs is None) == (steps is None):
+        raise ValueError("give exactly one of epochs and steps to calibrate the noise to target_epsilon")
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="Optimal order is the largest alpha")
+            return float(get_noise_multiplier(target_epsilon=target_epsilon, target_delta=target_delta,
+                                              sample_rate=sample_rate, epochs=epochs, steps=steps,
+                                              accountant=accountant))
+    except ValueError as e:
+        raise ValueError(f"target epsilon {target_epsilon} at delta {target_delta} cannot be reached with sample "
+                         f"rate {sample_rate:.4g} over {epochs if steps is None else steps} "
+                         f"{'epochs' if steps is None else 'steps'}: {e}") from e

@@ -1,0 +1,61 @@
+"""make_private: turn (model, optimizer, data loader) into their DP versions."""
+from __future__ import annotations
+
+import warnings
+
+import torch
+from torch import nn
+from torch.utils.data import DataLoader
+
+from .accounting import noise_multiplier_for
+from .allocation import AllocationConfig
+from .data import DPDataLoader
+from .engine import GradSampleEngine
+from .optimizer import DPOptimizer, _random_seed
+
+
+def make_private(model: nn.Module, optimizer: torch.optim.Optimizer, data_loader: DataLoader, *,
+                 max_grad_norm: float, noise_multiplier: float | None = None,
+                 target_epsilon: float | None = None, target_delta: float | None = None,
+                 epochs: float | None = None, allocation: str = "anadp", accountant: str = "prv",
+                 clipping: str = "whitened", poisson_sampling: bool = True, loss_reduction: str = "mean",
+                 seed: int | None = None, secure_mode: bool = False,
+                 allocation_config: AllocationConfig | None = None,
+                 max_physical_batch_size: int | None = None, batch_first: bool = True,
+                 nonfinite: str = "raise"):
+    """Wrap for DP training; returns ``(model, dp_optimizer, dp_data_loader)``.
+
+    The model is hooked in place (same object, same state_dict keys). Give
+    either ``noise_multiplier`` or ``target_epsilon`` + ``target_delta`` + ``epochs``.
+    ``allocation="anadp"`` spreads the noise by importance, ``"uniform"`` is
+    DP-SGD/DP-Adam; with ``clipping="whitened"`` (default) both are charged
+    exactly ``noise_multiplier``.
+    """
+    if (noise_multiplier is None) == (target_epsilon is None):
+        raise ValueError("give either noise_multiplier or target_epsilon (with target_delta and epochs)")
+    if len(data_loader) == 0:
+        raise ValueError("the data loader yields no batch")
+    if max_physical_batch_size is not None and max_physical_batch_size < 1:
+        raise ValueError("max_physical_batch_size must be >= 1")
+    sample_rate = 1 / len(data_loader)
+    if target_epsilon is not None:
+        if target_delta is None or epochs is None:
+            raise ValueError("target_epsilon needs target_delta and epochs")
+        noise_multiplier = noise_multiplier_for(target_epsilon, target_delta, sample_rate, epochs=epochs,
+                                                accountant=accountant)
+        if clipping == "global" and allocation == "anadp":
+            warnings.warn("clipping='global' charges sigma * min_g w_g per step: once the allocation leaves "
+                          "w = 1, epsilon grows past target_epsilon. Use clipping='whitened' to keep the budget.")
+    if not poisson_sampling:
+        warnings.warn("poisson_sampling=False: batches are not Poisson-sampled but epsilon is computed as if "
+                      "they were; the reported guarantee does not strictly hold")
+    engine = GradSampleEngine(model, batch_first=batch_first, loss_reduction=loss_reduction)
+    generator = torch.Generator().manual_seed(_random_seed() if (seed is None or secure_mode) else seed)
+    loader = DPDataLoader(data_loader, poisson_sampling=poisson_sampling, generator=generator, engine=engine,
+                          max_physical_batch_size=max_physical_batch_size)
+    dp_optimizer = DPOptimizer(optimizer, engine, noise_multiplier=noise_multiplier, max_grad_norm=max_grad_norm,
+                               expected_batch_size=loader.expected_batch_size, sample_rate=sample_rate,
+                               allocation=allocation, allocation_config=allocation_config, clipping=clipping,
+                               accountant=accountant, loss_reduction=loss_reduction, seed=seed,
+                               secure_mode=secure_mode, nonfinite=nonfinite, data_loader=loader)
+    return model, dp_optimizer, loader

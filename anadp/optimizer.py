@@ -1,0 +1,257 @@
+"""The DP optimizer: wraps the user's torch optimizer.
+
+Per physical batch (after its backward): per-sample norms in the whitened
+space, clip factors c_i, clipped sums accumulated per group.
+Per logical batch (``step``): add noise sigma*C*w_g*z_g from the Philox
+stream, divide by the expected batch size, update the importance EMAs from
+the privatized gradient, call the wrapped optimizer, charge the accountant.
+"""
+from __future__ import annotations
+
+import math
+import os
+import warnings
+
+import torch
+from torch.optim import Optimizer
+
+from . import philox
+from .accounting import Accountant
+from .allocation import AllocationConfig, NoiseAllocator
+from .engine import GradSampleEngine, PhysicalBatch
+
+_FOREACH = (torch.optim.SGD, torch.optim.Adam, torch.optim.AdamW)
+
+
+def _random_seed() -> int:
+    return int.from_bytes(os.urandom(8), "little")
+
+
+class DPOptimizer(Optimizer):
+    def __init__(self, optimizer: Optimizer, engine: GradSampleEngine, *, noise_multiplier: float,
+                 max_grad_norm: float, expected_batch_size: int, sample_rate: float,
+                 allocation: str = "anadp", allocation_config: AllocationConfig | None = None,
+                 clipping: str = "whitened", accountant: str = "prv", loss_reduction: str = "mean",
+                 seed: int | None = None, secure_mode: bool = False, nonfinite: str = "raise",
+                 data_loader=None):
+        if noise_multiplier < 0 or not math.isfinite(noise_multiplier):
+            raise ValueError(f"noise_multiplier must be >= 0, got {noise_multiplier}")
+        if noise_multiplier == 0:
+            warnings.warn("noise_multiplier=0: no privacy (epsilon is infinite); use only for testing")
+        if not max_grad_norm > 0:
+            raise ValueError(f"max_grad_norm must be > 0, got {max_grad_norm}")
+        if clipping not in ("whitened", "global"):
+            raise ValueError(f"clipping must be 'whitened' or 'global', got {clipping!r}")
+        if nonfinite not in ("raise", "skip"):
+            raise ValueError(f"nonfinite must be 'raise' or 'skip', got {nonfinite!r}")
+        if loss_reduction not in ("mean", "sum"):
+            raise ValueError(f"loss_reduction must be 'mean' or 'sum', got {loss_reduction!r}")
+        if expected_batch_size <= 0:
+            raise ValueError(f"expected_batch_size must be > 0, got {expected_batch_size}")
+        if secure_mode and seed is not None:
+            raise ValueError("secure_mode draws every step's noise seed from the OS CSPRNG: do not pass a seed")
+
+        self.original_optimizer, self.engine = optimizer, engine
+        self.params = [p for g in optimizer.param_groups for p in g["params"] if p.requires_grad]
+        owned = set(engine.params)
+        foreign = [i for i, p in enumerate(self.params) if p not in owned]
+        if foreign:
+            raise ValueError(f"the optimizer holds {len(foreign)} trainable parameter(s) (positions {foreign[:5]}) "
+                             "that the wrapped model does not own")
+        missing = [engine.names[p] for p in engine.params if p not in set(self.params)]
+        if missing:
+            warnings.warn(f"{len(missing)} trainable model parameters are not in the optimizer and will not be "
+                          f"updated (first: {missing[0]}); they still count in the clipping norm")
+        if isinstance(optimizer, _FOREACH):
+            for g in optimizer.param_groups:  # multi-tensor (foreach) update, also on the CPU
+                if g.get("foreach") is None and not g.get("fused"):
+                    g["foreach"] = True
+        self.index = {p: i for i, p in enumerate(self.params)}
+        self.noise_multiplier, self.max_grad_norm = float(noise_multiplier), float(max_grad_norm)
+        self.expected_batch_size, self.sample_rate = expected_batch_size, sample_rate
+        self.clipping, self.loss_reduction, self.nonfinite = clipping, loss_reduction, nonfinite
+        self.secure_mode = secure_mode
+        self.seed = None if secure_mode else (seed if seed is not None else _random_seed())
+        self.allocator = NoiseAllocator([p.numel() for p in self.params], allocation, allocation_config)
+        self.accountant = Accountant(accountant)
+        self.data_loader = data_loader
+        self.step_count = 0
+        self.skipped_samples = 0
+        self.last_per_sample_norms: torch.Tensor | None = None  # whitened norms of the last physical batch
+        self.last_clip_factors: torch.Tensor | None = None
+        self._reset_accumulation()
+        engine.on_batch = self._accumulate
+
+    # torch.optim.Optimizer surface, delegated to the wrapped optimizer (LR schedulers use it)
+    @property
+    def param_groups(self):
+        return self.original_optimizer.param_groups
+
+    @param_groups.setter
+    def param_groups(self, value):
+        self.original_optimizer.param_groups = value
+
+    @property
+    def state(self):
+        return self.original_optimizer.state
+
+    @state.setter
+    def state(self, value):
+        self.original_optimizer.state = value
+
+    @property
+    def defaults(self):
+        return self.original_optimizer.defaults
+
+    @defaults.setter
+    def defaults(self, value):
+        self.original_optimizer.defaults = value
+
+    def __repr__(self) -> str:
+        return (f"DPOptimizer(sigma={self.noise_multiplier}, C={self.max_grad_norm}, "
+                f"allocation={self.allocator.mode!r}, clipping={self.clipping!r}, wrapped={self.original_optimizer!r})")
+
+    @property
+    def noise_scales(self) -> dict:
+        """{parameter name: w_g} used by the next step (1.0 everywhere under uniform DP)."""
+        return {self.engine.names[p]: float(w) for p, w in zip(self.params, self.allocator.scales)}
+
+    def _reset_accumulation(self):
+        self._summed: list[torch.Tensor | None] = [None] * len(self.params)
+        self._logical_batches = 0
+        self._chunks = 0
+        self._last_ends_logical = True
+
+    @property
+    def _mid_logical_batch(self) -> bool:
+        return self._chunks > 0 and not self._last_ends_logical
+
+    # --- per physical batch -------------------------------------------------------
+    @torch.no_grad()
+    def _accumulate(self, batch: PhysicalBatch) -> None:
+        sq = batch.sq_norms()
+        w = self.allocator.scales
+        dtype = torch.float64 if any(s.dtype == torch.float64 for s in sq.values()) else torch.float32
+        device = self.params[0].device if self.params else torch.device("cpu")
+        total = torch.zeros(batch.batch_size, dtype=dtype, device=device)
+        for p, s in sq.items():
+            i = self.index.get(p)
+            whiten = 1.0 if (self.clipping == "global" or i is None) else float(w[i]) ** 2
+            total += s.to(dtype) / whiten
+        norms = total.sqrt()
+        bad = ~torch.isfinite(norms)
+        if bad.any():
+            names = [self.engine.names[p] for p, s in sq.items() if not torch.isfinite(s).all()]
+            msg = (f"non-finite per-sample gradient in {int(bad.sum())} of {batch.batch_size} samples "
+                   f"(parameters: {names[:3]})")
+            if self.nonfinite == "raise":
+                raise FloatingPointError(msg + "; check the loss and learning rate, or pass nonfinite='skip' "
+                                         "to drop such samples (counted in optimizer.skipped_samples)")
+            warnings.warn(msg + ": these samples are dropped from the step")
+            batch.drop(bad)
+            norms = torch.where(bad, 0, norms)
+            self.skipped_samples += int(bad.sum())
+        c = (self.max_grad_norm / (norms + 1e-6)).clamp(max=1.0)
+        c = torch.where(bad, 0, c)
+        for p in batch.records:
+            i = self.index.get(p)
+            if i is None:
+                continue
+            s = batch.clipped_sum(p, c)
+            self._summed[i] = s if self._summed[i] is None else self._summed[i] + s
+        self.last_per_sample_norms, self.last_clip_factors = norms, c
+        self._chunks += 1
+        self._logical_batches += int(batch.ends_logical)
+        self._last_ends_logical = batch.ends_logical
+
+    # --- per logical batch ------------------------------------------------------------
+    @torch.no_grad()
+    def privatize(self) -> list[torch.Tensor] | None:
+        """Finish accumulation and return the noisy, scaled gradient of every group
+        (None while a split logical batch is still incomplete)."""
+        self.engine.flush()
+        if self._mid_logical_batch:
+            return None
+        k = self._logical_batches
+        if k == 0:
+            if self._chunks == 0 and not getattr(self.data_loader, "last_batch_empty", False):
+                raise RuntimeError("optimizer.step() called without a backward pass through the private model "
+                                   "since the last step (call loss.backward() first)")
+            k = 1  # an empty Poisson batch: a noise-only step, still a step
+        seed = _random_seed() if self.secure_mode else self.seed
+        std = self.noise_multiplier * self.max_grad_norm
+        denom = self.expected_batch_size * k if self.loss_reduction == "mean" else 1.0
+        grads = []
+        for i, p in enumerate(self.params):
+            g = self._summed[i]
+            if g is None:
+                g = torch.zeros(p.shape, device=p.device,
+                                dtype=torch.float32 if p.dtype in (torch.float16, torch.bfloat16) else p.dtype)
+            if std > 0:
+                z = philox.gaussian(seed, self.step_count, i, p.shape, device=p.device)
+                g = g + (std * float(self.allocator.scales[i])) * z.to(g.dtype)
+            grads.append(g / denom)
+        self._charge(k)
+        return grads
+
+    def _charge(self, k: int) -> None:
+        """One accountant entry per logical batch. k > 1 full Poisson batches summed under
+        one noise draw are k releases with noise sigma/sqrt(k) each (post-processing of them)."""
+        z = self.noise_multiplier
+        if self.clipping == "global":  # the paper's mechanism: only as private as its least noisy group
+            z = z * float(self.allocator.scales.min())
+        for _ in range(k):
+            self.accountant.step(z / math.sqrt(k), self.sample_rate)
+
+    def step(self, closure=None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        grads = self.privatize()
+        if grads is None:
+            return loss  # more physical batches of this logical batch to come
+        for p, g in zip(self.params, grads):
+            p.grad = g.to(p.dtype)
+        self.allocator.update(self.params, [p.grad for p in self.params])
+        self.original_optimizer.step()
+        self.step_count += 1
+        self._reset_accumulation()
+        return loss
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        for p in self.params:
+            if set_to_none:
+                p.grad = None
+            elif p.grad is not None:
+                p.grad.zero_()
+        if not self._mid_logical_batch:
+            self.engine.discard()
+            self._reset_accumulation()
+
+    def privacy_spent(self, delta: float) -> float:
+        """Epsilon spent so far at this delta (Opacus accountant)."""
+        return self.accountant.get_epsilon(delta)
+
+    # --- checkpoints --------------------------------------------------------------------
+    def state_dict(self) -> dict:
+        if self._chunks:
+            raise RuntimeError("state_dict() in the middle of a logical batch: save after optimizer.step()")
+        state = {"optimizer": self.original_optimizer.state_dict(), "allocator": self.allocator.state_dict(),
+                 "accountant": self.accountant.state_dict(), "step_count": self.step_count, "seed": self.seed,
+                 "noise_multiplier": self.noise_multiplier, "max_grad_norm": self.max_grad_norm,
+                 "skipped_samples": self.skipped_samples}
+        if hasattr(self.data_loader, "state_dict"):
+            state["data_loader"] = self.data_loader.state_dict()
+        return state
+
+    def load_state_dict(self, state: dict) -> None:
+        self.original_optimizer.load_state_dict(state["optimizer"])
+        self.allocator.load_state_dict(state["allocator"])
+        self.accountant.load_state_dict(state["accountant"])
+        self.step_count, self.skipped_samples = state["step_count"], state["skipped_samples"]
+        self.seed = None if self.secure_mode else state["seed"]
+        self.noise_multiplier, self.max_grad_norm = state["noise_multiplier"], state["max_grad_norm"]
+        if "data_loader" in state and hasattr(self.data_loader, "load_state_dict"):
+            self.data_loader.load_state_dict(state["data_loader"])
+        self._reset_accumulation()
