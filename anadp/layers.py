@@ -76,9 +76,10 @@ def _trainable(p) -> bool:
     return p is not None and p.requires_grad
 
 
-def _per_sample_affine(t: torch.Tensor, batch: int, shape) -> torch.Tensor:
-    """Sum a (B, ..., *shape) tensor to (B, *shape)."""
-    return t.reshape(batch, -1, *shape).sum(1)
+def _tokens(t: torch.Tensor, feature_dims: int = 1) -> torch.Tensor:
+    """(B, ..., *features) -> (B, T, *features); also for B = 0 (empty Poisson batch)."""
+    k = t.dim() - feature_dims
+    return t.unsqueeze(1) if k == 1 else t.flatten(1, k - 1)
 
 
 class Layer:
@@ -107,8 +108,7 @@ class LinearLayer(Layer):
 
     def on_backward(self, x, g):
         x, g = self.engine.to_batch_first(self.name, x, g)
-        B = x.shape[0]
-        A, G = x.reshape(B, -1, x.shape[-1]), g.reshape(B, -1, g.shape[-1])
+        A, G = _tokens(x), _tokens(g)
         m = self.module
         if _trainable(m.weight):
             self.engine.record(m.weight, LinearRecord(A, G, self.transposed))
@@ -132,9 +132,8 @@ class EmbeddingLayer(Layer):
 
     def on_backward(self, idx, g):
         idx, g = self.engine.to_batch_first(self.name, idx, g)
-        B, m = idx.shape[0], self.module
-        G = g.reshape(B, -1, g.shape[-1])
-        self.engine.record(m.weight, EmbeddingRecord(idx.reshape(B, -1), G, m.num_embeddings, m.padding_idx))
+        m = self.module
+        self.engine.record(m.weight, EmbeddingRecord(_tokens(idx, 0), _tokens(g), m.num_embeddings, m.padding_idx))
 
 
 class NormLayer(Layer):
@@ -152,11 +151,11 @@ class NormLayer(Layer):
     def on_backward(self, xhat, g):
         m = self.module
         xhat, g = self.engine.to_batch_first(self.name, xhat, g)
-        B, shape = xhat.shape[0], m.weight.shape
+        k = m.weight.dim()
         if _trainable(m.weight):
-            self.engine.record(m.weight, DenseRecord(_per_sample_affine(g * xhat, B, shape)))
+            self.engine.record(m.weight, DenseRecord(_tokens(g * xhat, k).sum(1)))
         if _trainable(getattr(m, "bias", None)):
-            self.engine.record(m.bias, DenseRecord(_per_sample_affine(g, B, shape)))
+            self.engine.record(m.bias, DenseRecord(_tokens(g, k).sum(1)))
 
 
 class LayerNormLayer(NormLayer):

@@ -209,15 +209,19 @@ class DPOptimizer(Optimizer):
             with torch.enable_grad():
                 loss = closure()
         grads = self.privatize()
-        if grads is None:
-            return loss  # more physical batches of this logical batch to come
+        if grads is not None:  # None: more physical batches of this logical batch to come
+            self.apply(grads)
+        return loss
+
+    @torch.no_grad()
+    def apply(self, grads: list[torch.Tensor]) -> None:
+        """Everything after privatization: it sees only the privatized gradients."""
         for p, g in zip(self.params, grads):
             p.grad = g.to(p.dtype)
         self.allocator.update(self.params, [p.grad for p in self.params])
         self.original_optimizer.step()
         self.step_count += 1
         self._reset_accumulation()
-        return loss
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         for p in self.params:

@@ -1,0 +1,155 @@
+"""Bad input and edge cases: each a clear error or a counted, reported behaviour."""
+import copy
+import warnings
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.data import DataLoader
+
+import anadp
+from helpers import per_sample_grads, rel_err
+from models import TinyTransformerClassifier, make_data, make_setup
+
+
+def private(opt="sgd", **kw):
+    m, o, l = make_setup(opt, **{k: kw.pop(k) for k in ("batch_size", "n") if k in kw})
+    kw.setdefault("noise_multiplier", 1.0)
+    kw.setdefault("max_grad_norm", 1.0)
+    kw.setdefault("seed", 0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return anadp.make_private(m, o, l, **kw)
+
+
+def test_unsupported_trainable_module_at_wrap_time():
+    m = nn.Sequential(nn.Embedding(10, 4), nn.Conv1d(4, 4, 1))
+    o = torch.optim.SGD(m.parameters(), lr=0.1)
+    with pytest.raises(anadp.UnsupportedModuleError, match=r"module '1' of type torch\.nn\.modules\.conv\.Conv1d"):
+        anadp.make_private(m, o, DataLoader(make_data(), batch_size=8), noise_multiplier=1.0, max_grad_norm=1.0)
+
+
+def test_nan_loss_raises_by_default():
+    m, o, l = private(poisson_sampling=False)
+    x, y = next(iter(l))
+    (F.cross_entropy(m(x), y) * float("nan")).backward()
+    with pytest.raises(FloatingPointError, match="non-finite per-sample gradient in 16 of 16 samples"):
+        o.step()
+
+
+def test_inf_sample_is_dropped_and_counted_with_skip():
+    m, o, l = private(poisson_sampling=False, nonfinite="skip", noise_multiplier=0.0)
+    ref_m, ref_o, ref_l = private(poisson_sampling=False, noise_multiplier=0.0)
+    x, y = next(iter(l))
+    w = torch.ones(len(x))
+    w[3] = float("inf")  # one sample's loss (and gradient) is infinite
+    with pytest.warns(UserWarning, match="1 of 16 samples"):
+        (F.cross_entropy(m(x), y, reduction="none") * w).mean().backward()
+        o.step()
+    assert o.skipped_samples == 1
+    assert all(torch.isfinite(p).all() for p in m.parameters())
+    # the step equals one over the 15 finite samples (same expected batch size)
+    keep = torch.arange(len(x)) != 3
+    F.cross_entropy(ref_m(x[keep]), y[keep]).backward()
+    ref_o.step()
+    flat = lambda mod: torch.cat([p.detach().flatten() for p in mod.parameters()])  # noqa: E731
+    assert rel_err(flat(m), flat(ref_m)) < 1e-6
+
+
+def test_empty_poisson_batches():
+    """q = 1/8 over 8 samples: with this seed several batches are empty. Both a skipped
+    forward and a forward/backward on the empty batch give a noise-only step."""
+    m, o, l = private(n=8, batch_size=1, seed=3)
+    sizes = []
+    for epoch in range(2):
+        for x, y in l:
+            sizes.append(len(x))
+            o.zero_grad()
+            if len(x) or epoch == 1:
+                F.cross_entropy(m(x), y).backward() if len(x) else m(x).sum().backward()
+            o.step()
+    assert sizes.count(0) >= 2 and any(sizes[:8]) and 0 in sizes[:8] and 0 in sizes[8:]
+    assert o.accountant.steps == 16
+    assert all(torch.isfinite(p).all() for p in m.parameters())
+
+
+def test_batch_size_one_is_per_sample_clipping():
+    m, o, l = make_setup("sgd", batch_size=1, n=4, lr=1.0)
+    ref = copy.deepcopy(m)
+    o.param_groups[0]["momentum"] = 0
+    m, o, l = anadp.make_private(m, o, l, noise_multiplier=0.0, max_grad_norm=1e-3, poisson_sampling=False, seed=0)
+    x, y = next(iter(l))
+    gs = per_sample_grads(ref, x, lambda out, i: F.cross_entropy(out, y[i:i + 1]), 1)
+    norm = torch.cat([g.flatten() for g in gs.values()]).norm()
+    assert norm > 1e-3  # clipping is active
+    F.cross_entropy(m(x), y).backward()
+    o.step()
+    for n, p in m.named_parameters():
+        assert rel_err(p.grad, gs[n][0] * 1e-3 / (norm + 1e-6)) < 1e-5, n
+
+
+def test_frozen_parameters_untouched_and_unhooked():
+    torch.manual_seed(0)
+    m = TinyTransformerClassifier()
+    m.emb.requires_grad_(False)
+    o = torch.optim.SGD([p for p in m.parameters() if p.requires_grad], lr=0.5)
+    m, o, l = anadp.make_private(m, o, DataLoader(make_data(), batch_size=16), noise_multiplier=1.0,
+                                 max_grad_norm=1.0, seed=0)
+    assert all(layer.module is not m.emb for layer in o.engine.layers)
+    emb, head = m.emb.weight.clone(), m.head.weight.clone()
+    for x, y in l:
+        o.zero_grad()
+        if len(x):
+            F.cross_entropy(m(x), y).backward()
+        o.step()
+    assert torch.equal(emb, m.emb.weight) and m.emb.weight.grad is None
+    assert not torch.equal(head, m.head.weight)
+
+
+def test_parameters_on_different_devices():
+    m = nn.Sequential(nn.Embedding(10, 4), nn.Linear(4, 2, device="meta"))
+    o = torch.optim.SGD(m.parameters(), lr=0.1)
+    with pytest.raises(ValueError, match=r"several devices \(\['cpu', 'meta'\]\)"):
+        anadp.make_private(m, o, DataLoader(make_data(), batch_size=8), noise_multiplier=1.0, max_grad_norm=1.0)
+
+
+@pytest.mark.parametrize("kw,match", [
+    (dict(noise_multiplier=-0.1), "noise_multiplier must be >= 0"),
+    (dict(max_grad_norm=0.0), "max_grad_norm must be > 0"),
+    (dict(loss_reduction="avg"), "loss_reduction"),
+    (dict(clipping="per_layer"), "clipping"),
+    (dict(allocation="adaptive"), "allocation"),
+    (dict(accountant="moments"), "accountant"),
+    (dict(noise_multiplier=None), "either noise_multiplier or target_epsilon"),
+    (dict(noise_multiplier=None, target_epsilon=1.0), "target_delta and epochs"),
+    (dict(noise_multiplier=None, target_epsilon=1e-4, target_delta=1e-5, epochs=1, accountant="rdp"),
+     "cannot be reached"),
+])
+def test_bad_arguments(kw, match):
+    with pytest.raises(ValueError, match=match):
+        private(**kw)
+
+
+def test_zero_noise_warns_and_reports_infinite_epsilon():
+    m, o, l = make_setup("sgd")
+    with pytest.warns(UserWarning, match="no privacy"):
+        m, o, l = anadp.make_private(m, o, l, noise_multiplier=0.0, max_grad_norm=1.0)
+    x, y = next(iter(l))
+    F.cross_entropy(m(x), y).backward()
+    o.step()
+    assert o.privacy_spent(1e-5) == float("inf")
+
+
+def test_step_without_backward():
+    m, o, l = private(poisson_sampling=False)
+    with pytest.raises(RuntimeError, match="without a backward pass"):
+        o.step()
+
+
+def test_optimizer_with_foreign_parameters():
+    m, _, l = make_setup("sgd")
+    other = nn.Linear(3, 3)
+    o = torch.optim.SGD(list(m.parameters()) + list(other.parameters()), lr=0.1)
+    with pytest.raises(ValueError, match="does not own"):
+        anadp.make_private(m, o, l, noise_multiplier=1.0, max_grad_norm=1.0)
