@@ -244,3 +244,33 @@ def test_batch_first_mismatch():
     e._hook = wrapper.register_forward_pre_hook(e._pre_forward, with_kwargs=True)
     with pytest.raises(BatchMismatchError, match="batch_first"):
         wrapper(x).sum().backward()
+
+
+def test_no_weight_gemm_in_backward():
+    """Backward of a hooked Linear runs one GEMM (the input gradient), not two."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class CountMM(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.n = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if func.overloadpacket in (torch.ops.aten.mm, torch.ops.aten.addmm, torch.ops.aten.bmm,
+                                       torch.ops.aten.matmul):
+                self.n += 1
+            return func(*args, **(kwargs or {}))
+
+    def backward_gemms(model):
+        x = torch.randn(4, 7, 19, requires_grad=True)
+        loss = model(x).sum()
+        with CountMM() as c:
+            loss.backward()
+        return c.n
+
+    torch.manual_seed(0)
+    plain = nn.Linear(19, 33)
+    hooked = nn.Linear(19, 33)
+    GradSampleEngine(hooked)
+    assert backward_gemms(plain) == 2  # autograd: input and weight gradients
+    assert backward_gemms(hooked) == 1

@@ -1,6 +1,7 @@
 """DP optimizer: equality with Opacus, noise statistics, whitened clipping bound,
 accumulation, checkpoints."""
 import copy
+import io
 import math
 import warnings
 
@@ -161,7 +162,10 @@ def test_checkpoint_round_trip():
     run(m, o, l, 6)
     a, oa, la = build()
     run(a, oa, la, 3)
-    state = copy.deepcopy({"model": a.state_dict(), "opt": oa.state_dict()})
+    buf = io.BytesIO()  # through a real file format, loaded with weights_only
+    torch.save({"model": a.state_dict(), "opt": oa.state_dict()}, buf)
+    buf.seek(0)
+    state = torch.load(buf, weights_only=True)
     b, ob, lb = build()
     b.load_state_dict(state["model"])
     ob.load_state_dict(state["opt"])
