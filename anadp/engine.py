@@ -130,13 +130,16 @@ class GradSampleEngine:
         self._records.setdefault(param, []).append(rec)
 
     # --- after backward -------------------------------------------------------------
-    def take(self) -> Optional[PhysicalBatch]:
-        """The finished physical batch, or None if no backward ran since the last take."""
+    def _pending(self) -> Optional[PhysicalBatch]:
         if not self._records:
             return None
         B = next(iter(self._records.values()))[0].batch_size
         scale = float(B) if self.loss_reduction == "mean" else 1.0
-        batch = PhysicalBatch(self._records, B, scale, self._ends_logical)
+        return PhysicalBatch(self._records, B, scale, self._ends_logical)
+
+    def take(self) -> Optional[PhysicalBatch]:
+        """The finished physical batch, or None if no backward ran since the last take."""
+        batch = self._pending()
         self._records = {}
         return batch
 
@@ -150,9 +153,7 @@ class GradSampleEngine:
 
     def per_sample_sq_norms(self) -> dict:
         """param -> (B,) squared norms of the pending batch (does not consume it)."""
-        B = next(iter(self._records.values()))[0].batch_size
-        scale = float(B) if self.loss_reduction == "mean" else 1.0
-        return PhysicalBatch(self._records, B, scale, True).sq_norms()
+        return self._pending().sq_norms()
 
     def remove(self) -> None:
         for layer in self.layers:
