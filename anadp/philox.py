@@ -94,11 +94,11 @@ def randn(key: int, offsets: torch.Tensor) -> torch.Tensor:
     return torch.sqrt(-2.0 * torch.log(u1)) * torch.cos(th)
 
 
-def gaussian(seed: int, step: int, group: int, shape, device=None, chunk: int = 1 << 22) -> torch.Tensor:
+def gaussian(seed: int, step: int, group: int, shape, device=None, chunk: int = 1 << 16) -> torch.Tensor:
     """Standard normal float32 noise of ``shape`` for one (seed, step, group).
 
     Element e (row-major) is ``randn(group_key(seed, step, group), e)``;
-    computed in chunks to bound the int64 temporaries.
+    computed in chunks that keep the int64 temporaries in cache (2**16: ~5x faster than 2**22 on the CPU).
     """
     key = group_key(seed, step, group)
     n = 1
