@@ -33,13 +33,31 @@ TWO_PI = 6.283185307179586
 _DOMAIN = 0xA11ADB07
 
 
-def _mul_hi_lo(a: int, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(a * x) >> 32 and (a * x) & MASK32 for a 32-bit constant a, x in [0, 2**32)."""
+def _mul_hi_lo_split(a: int, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(a * x) >> 32 and (a * x) & MASK32 for a 32-bit constant a, x in [0, 2**32),
+    from 16-bit halves so that no product leaves int64."""
     x_hi, x_lo = x >> 16, x & 0xFFFF
     p_hi, p_lo = a * x_hi, a * x_lo  # each < 2**48
     hi = (p_hi + (p_lo >> 16)) >> 16
     lo = ((p_hi << 16) + p_lo) & MASK32
     return hi, lo
+
+
+def _mul_hi_lo_wrap(a: int, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The same from one int64 product that wraps mod 2**64 (its bits are the uint64 product)."""
+    p = x * a
+    return (p >> 32) & MASK32, p & MASK32
+
+
+def _int64_mul_wraps() -> bool:
+    x = torch.tensor([MASK32, 0x89ABCDEF], dtype=torch.int64)
+    return all(torch.equal(u, v) for a in (ROUND_A, ROUND_B)
+               for u, v in zip(_mul_hi_lo_wrap(a, x), _mul_hi_lo_split(a, x)))
+
+
+# int64 overflow is not defined behaviour in C++: use the 2.5x faster wrapping
+# product only where this build of torch is seen to wrap
+_mul_hi_lo = _mul_hi_lo_wrap if _int64_mul_wraps() else _mul_hi_lo_split
 
 
 def philox4x32(c0, c1, c2, c3, k0: int, k1: int, n_rounds: int = N_ROUNDS):

@@ -70,3 +70,16 @@ def test_matches_triton_randn():
     env = dict(os.environ, TRITON_INTERPRET="1")
     proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0 and proc.stdout.startswith("ok"), proc.stderr[-2000:]
+
+
+def test_wrapping_product_equals_split_product():
+    x = torch.randint(0, 2**32, (10000,), generator=torch.Generator().manual_seed(0), dtype=torch.int64)
+    x[:2] = torch.tensor([0, M])
+    for a in (philox.ROUND_A, philox.ROUND_B):
+        hi_w, lo_w = philox._mul_hi_lo_wrap(a, x)
+        hi_s, lo_s = philox._mul_hi_lo_split(a, x)
+        ref = [(a * int(v)) for v in x[:50]]
+        assert [int(h) for h in hi_s[:50]] == [r >> 32 for r in ref]
+        assert [int(lo) for lo in lo_s[:50]] == [r & M for r in ref]
+        if philox._mul_hi_lo is philox._mul_hi_lo_wrap:
+            assert torch.equal(hi_w, hi_s) and torch.equal(lo_w, lo_s)
