@@ -58,7 +58,8 @@ class DPOptimizer(Optimizer):
         if foreign:
             raise ValueError(f"the optimizer holds {len(foreign)} trainable parameter(s) (positions {foreign[:5]}) "
                              "that the wrapped model does not own")
-        missing = [engine.names[p] for p in engine.params if p not in set(self.params)]
+        mine = set(self.params)
+        missing = [engine.names[p] for p in engine.params if p not in mine]
         if missing:
             warnings.warn(f"{len(missing)} trainable model parameters are not in the optimizer and will not be "
                           f"updated (first: {missing[0]}); they still count in the clipping norm")
