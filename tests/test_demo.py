@@ -23,3 +23,20 @@ def test_demo_cli(tmp_path):
     assert rows[0]["epsilon"] is None  # non-private: infinite, written as null
     w = rows[2]["noise_scales"]
     assert min(w.values()) < 1 < max(w.values())  # ANADP moved off uniform
+
+
+def test_console_script_is_installed():
+    from importlib.metadata import entry_points
+
+    from anadp.cli import main
+    (ep,) = entry_points(group="console_scripts", name="anadp")
+    assert ep.load() is main
+
+
+def test_cli_rejects_unknown_command(capsys):
+    import pytest
+
+    from anadp.cli import main
+    with pytest.raises(SystemExit) as e:
+        main(["train"])
+    assert e.value.code == 2 and "invalid choice" in capsys.readouterr().err

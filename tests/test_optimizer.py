@@ -210,3 +210,13 @@ def test_secure_mode_rejects_seed_and_is_not_reproducible():
         train(m, o, l, 1)
         res.append(flat(m))
     assert not torch.equal(res[0], res[1])
+
+
+def test_lr_scheduler_drives_the_wrapped_optimizer():
+    m, o, l = make_setup("sgd")
+    m, o, l = anadp.make_private(m, o, l, noise_multiplier=1.0, max_grad_norm=1.0, seed=0)
+    sched = torch.optim.lr_scheduler.StepLR(o, step_size=1, gamma=0.5)
+    train(m, o, l, 2)
+    sched.step()
+    assert o.original_optimizer.param_groups[0]["lr"] == pytest.approx(0.05)
+    assert "DPOptimizer(sigma=1.0" in repr(o)
