@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -148,7 +148,3 @@ def format_table(rows: list[dict]) -> str:
         delta = f"{r['delta']:.0e}" if r["delta"] else "-"
         lines.append(f"| {r['method']} | {eps} | {delta} | {r['accuracy']:.4f} | {r['seconds_per_step']:.4f} |")
     return "\n".join(lines)
-
-
-def config_dict(cfg: DemoConfig) -> dict:
-    return asdict(cfg)
