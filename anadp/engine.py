@@ -153,7 +153,10 @@ class GradSampleEngine:
 
     def per_sample_sq_norms(self) -> dict:
         """param -> (B,) squared norms of the pending batch (does not consume it)."""
-        return self._pending().sq_norms()
+        batch = self._pending()
+        if batch is None:
+            raise RuntimeError("no backward pass through the hooked model since the last step")
+        return batch.sq_norms()
 
     def remove(self) -> None:
         for layer in self.layers:

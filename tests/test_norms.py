@@ -274,3 +274,9 @@ def test_no_weight_gemm_in_backward():
     GradSampleEngine(hooked)
     assert backward_gemms(plain) == 2  # autograd: input and weight gradients
     assert backward_gemms(hooked) == 1
+
+
+def test_norms_before_backward_is_a_clear_error():
+    e = GradSampleEngine(nn.Linear(3, 3))
+    with pytest.raises(RuntimeError, match="no backward pass"):
+        e.per_sample_sq_norms()
