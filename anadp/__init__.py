@@ -2,11 +2,12 @@
 from .accounting import Accountant, noise_multiplier_for
 from .allocation import AllocationConfig, NoiseAllocator
 from .api import make_private
+from .checkpoint import load_checkpoint, save_checkpoint
 from .data import DPDataLoader, PoissonBatchSampler
 from .engine import BatchMismatchError, GradSampleEngine, UnsupportedModuleError
 from .optimizer import DPOptimizer
 
 __version__ = "0.1.0"
-__all__ = ["make_private", "DPOptimizer", "GradSampleEngine", "DPDataLoader", "PoissonBatchSampler",
+__all__ = ["make_private", "save_checkpoint", "load_checkpoint", "DPOptimizer", "GradSampleEngine", "DPDataLoader", "PoissonBatchSampler",
            "NoiseAllocator", "AllocationConfig", "Accountant", "noise_multiplier_for",
            "UnsupportedModuleError", "BatchMismatchError"]

@@ -10,22 +10,42 @@ from torch.utils._pytree import tree_map
 
 
 class PoissonBatchSampler(Sampler):
-    """Each of ``steps`` batches takes every index independently with probability q."""
+    """Each of ``steps`` batches takes every index independently with probability q.
 
-    def __init__(self, num_samples: int, sample_rate: float, steps: int, generator: torch.Generator):
+    Distributed: every rank draws the same mask (same generator seed) and keeps
+    every ``world_size``-th selected index from ``rank`` on, so the ranks' batches
+    together are exactly the single-process Poisson batch.
+    """
+
+    def __init__(self, num_samples: int, sample_rate: float, steps: int, generator: torch.Generator,
+                 rank: int = 0, world_size: int = 1):
         if num_samples <= 0:
             raise ValueError("the dataset is empty")
         if not 0 < sample_rate <= 1:
             raise ValueError(f"sample rate must be in (0, 1], got {sample_rate}")
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank {rank} outside world size {world_size}")
         self.num_samples, self.sample_rate, self.steps, self.generator = num_samples, sample_rate, steps, generator
+        self.rank, self.world_size = rank, world_size
+        self.start = 0  # batches of this epoch already consumed before a resume
+        self._state_after: dict[int, torch.Tensor] = {}
 
     def __len__(self) -> int:
-        return self.steps
+        return self.steps - self.start
 
     def __iter__(self):
-        for _ in range(self.steps):
+        start, self.start = self.start, 0
+        self._state_after.clear()
+        for j in range(start, self.steps):
             mask = torch.rand(self.num_samples, generator=self.generator) < self.sample_rate
-            yield mask.nonzero().flatten().tolist()
+            self._state_after[j] = self.generator.get_state()
+            yield mask.nonzero().flatten()[self.rank::self.world_size].tolist()
+
+    def state_after(self, j: int) -> torch.Tensor:
+        """Generator state right after batch j was drawn (workers may have drawn further)."""
+        for k in [k for k in self._state_after if k < j]:
+            del self._state_after[k]
+        return self._state_after[j]
 
 
 def _empty_batch_collate(dataset, collate_fn):
@@ -50,22 +70,31 @@ def batch_size_of(batch) -> int:
 class DPDataLoader:
     """Iterates logical batches (Poisson by default); with ``max_physical_batch_size``
     it yields each one in physical chunks and tells the engine which chunk ends it,
-    so the optimizer adds noise and steps once per logical batch."""
+    so the optimizer adds noise and steps once per logical batch.
+
+    ``state_dict()`` holds the sampler's RNG and the position in the epoch: a run
+    resumed from it draws the same batches as the uninterrupted run (Poisson only).
+    """
 
     def __init__(self, loader: DataLoader, *, poisson_sampling: bool, max_physical_batch_size: int | None,
-                 generator: torch.Generator, engine=None):
+                 generator: torch.Generator, engine=None, rank: int = 0, world_size: int = 1):
         self.original = loader
         self.sample_rate = 1 / len(loader)
-        self.expected_batch_size = int(len(loader.dataset) * self.sample_rate)  # as Opacus
+        self.expected_batch_size = int(len(loader.dataset) * self.sample_rate)  # as Opacus (global)
         self.generator, self.engine = generator, engine
         self.max_physical_batch_size = max_physical_batch_size
         self.last_batch_empty = False
+        self.sampler = None
+        self._position, self._state = 0, generator.get_state()
         if poisson_sampling:
-            sampler = PoissonBatchSampler(len(loader.dataset), self.sample_rate, len(loader), generator)
-            self.loader = DataLoader(loader.dataset, batch_sampler=sampler, num_workers=loader.num_workers,
+            self.sampler = PoissonBatchSampler(len(loader.dataset), self.sample_rate, len(loader), generator,
+                                               rank, world_size)
+            self.loader = DataLoader(loader.dataset, batch_sampler=self.sampler, num_workers=loader.num_workers,
                                      collate_fn=_empty_batch_collate(loader.dataset, loader.collate_fn or default_collate),
                                      pin_memory=loader.pin_memory)
         else:
+            if world_size > 1:
+                raise ValueError("distributed training needs poisson_sampling=True (the sampler shards the batch)")
             self.loader = loader
         self.dataset = loader.dataset
 
@@ -79,7 +108,12 @@ class DPDataLoader:
 
     def __iter__(self):
         M = self.max_physical_batch_size
+        j = self.sampler.start if self.sampler is not None else 0
         for batch in self.loader:
+            self._position = j + 1
+            if self.sampler is not None:
+                self._state = self.sampler.state_after(j)
+            j += 1
             B = batch_size_of(batch)
             if M is None or B <= M:
                 self._mark(True, B == 0)
@@ -90,9 +124,14 @@ class DPDataLoader:
                 self._mark(k == len(starts) - 1, False)
                 yield tree_map(lambda t: t[s:s + M] if isinstance(t, torch.Tensor) and t.dim() else t, batch)
         self._mark(True, False)
+        self._position, self._state = 0, self.generator.get_state()
 
     def state_dict(self) -> dict:
-        return {"generator": self.generator.get_state()}
+        return {"generator": self._state.clone(), "position": self._position}
 
     def load_state_dict(self, state: dict) -> None:
-        self.generator.set_state(state["generator"])
+        self._state = state["generator"].clone()
+        self.generator.set_state(self._state)
+        self._position = state["position"]
+        if self.sampler is not None:
+            self.sampler.start = self._position
