@@ -4,6 +4,7 @@ from __future__ import annotations
 import warnings
 
 import torch
+import torch.distributed as dist
 from torch import nn
 from torch.utils.data import DataLoader
 
@@ -22,7 +23,7 @@ def make_private(model: nn.Module, optimizer: torch.optim.Optimizer, data_loader
                  seed: int | None = None, secure_mode: bool = False,
                  allocation_config: AllocationConfig | None = None,
                  max_physical_batch_size: int | None = None, batch_first: bool = True,
-                 nonfinite: str = "raise"):
+                 nonfinite: str = "raise", distributed: bool | None = None):
     """Wrap for DP training; returns ``(model, dp_optimizer, dp_data_loader)``.
 
     The model is hooked in place (same object, same state_dict keys). Give
@@ -30,6 +31,13 @@ def make_private(model: nn.Module, optimizer: torch.optim.Optimizer, data_loader
     ``allocation="anadp"`` spreads the noise by importance, ``"uniform"`` is
     DP-SGD/DP-Adam; with ``clipping="whitened"`` (default) both are charged
     exactly ``noise_multiplier``.
+
+    Distributed (``torch.distributed`` initialized, or ``distributed=True``): call on
+    every rank with the same arguments and a loader over the whole dataset whose
+    batch size is the global one; do not wrap the model in DistributedDataParallel.
+    Each rank takes its share of every Poisson batch and clips it; one all-reduce
+    sums the clipped gradients and every rank adds the same noise, so the result
+    equals the single-process run over the same logical batch.
     """
     if (noise_multiplier is None) == (target_epsilon is None):
         raise ValueError("give either noise_multiplier or target_epsilon (with target_delta and epochs)")
@@ -49,13 +57,30 @@ def make_private(model: nn.Module, optimizer: torch.optim.Optimizer, data_loader
     if not poisson_sampling:
         warnings.warn("poisson_sampling=False: batches are not Poisson-sampled but epsilon is computed as if "
                       "they were; the reported guarantee does not strictly hold")
+    rank, world_size = 0, 1
+    if distributed is None:
+        distributed = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+    if distributed:
+        rank, world_size = dist.get_rank(), dist.get_world_size()
     engine = GradSampleEngine(model, batch_first=batch_first, loss_reduction=loss_reduction)
-    generator = torch.Generator().manual_seed(_random_seed() if (seed is None or secure_mode) else seed)
+    sampler_seed = _random_seed() if (seed is None or secure_mode) else seed
+    if distributed:
+        with torch.no_grad():  # every rank starts from rank 0's parameters
+            for p in model.parameters():
+                dist.broadcast(p.data, src=0)
+        if seed is None or secure_mode:  # drawn here: rank 0's draw for all, masks and noise must agree
+            shared = torch.tensor([sampler_seed >> 1], dtype=torch.int64)  # 63 bits fit int64
+            dist.broadcast(shared, src=0)
+            sampler_seed = int(shared[0])
+            if not secure_mode:
+                seed = sampler_seed ^ 0x5EED
+    generator = torch.Generator().manual_seed(sampler_seed)
     loader = DPDataLoader(data_loader, poisson_sampling=poisson_sampling, generator=generator, engine=engine,
-                          max_physical_batch_size=max_physical_batch_size)
+                          max_physical_batch_size=max_physical_batch_size, rank=rank, world_size=world_size)
     dp_optimizer = DPOptimizer(optimizer, engine, noise_multiplier=noise_multiplier, max_grad_norm=max_grad_norm,
                                expected_batch_size=loader.expected_batch_size, sample_rate=sample_rate,
                                allocation=allocation, allocation_config=allocation_config, clipping=clipping,
                                accountant=accountant, loss_reduction=loss_reduction, seed=seed,
-                               secure_mode=secure_mode, nonfinite=nonfinite, data_loader=loader)
+                               secure_mode=secure_mode, nonfinite=nonfinite, data_loader=loader,
+                               distributed=distributed)
     return model, dp_optimizer, loader

@@ -33,7 +33,7 @@ class DPOptimizer(Optimizer):
                  allocation: str = "anadp", allocation_config: AllocationConfig | None = None,
                  clipping: str = "whitened", accountant: str = "prv", loss_reduction: str = "mean",
                  seed: int | None = None, secure_mode: bool = False, nonfinite: str = "raise",
-                 data_loader=None):
+                 data_loader=None, distributed: bool = False):
         if noise_multiplier < 0 or not math.isfinite(noise_multiplier):
             raise ValueError(f"noise_multiplier must be >= 0, got {noise_multiplier}")
         if noise_multiplier == 0:
@@ -71,7 +71,7 @@ class DPOptimizer(Optimizer):
         self.noise_multiplier, self.max_grad_norm = float(noise_multiplier), float(max_grad_norm)
         self.expected_batch_size, self.sample_rate = expected_batch_size, sample_rate
         self.clipping, self.loss_reduction, self.nonfinite = clipping, loss_reduction, nonfinite
-        self.secure_mode = secure_mode
+        self.secure_mode, self.distributed = secure_mode, distributed
         self.seed = None if secure_mode else (seed if seed is not None else _random_seed())
         self.allocator = NoiseAllocator([p.numel() for p in self.params], allocation, allocation_config)
         self.accountant = Accountant(accountant)
@@ -173,13 +173,15 @@ class DPOptimizer(Optimizer):
         self.engine.flush()
         if self._mid_logical_batch:
             return None
+        if self.distributed:
+            self._all_reduce()
         k = self._logical_batches
         if k == 0:
             if self._chunks == 0 and not getattr(self.data_loader, "last_batch_empty", False):
                 raise RuntimeError("optimizer.step() called without a backward pass through the private model "
                                    "since the last step (call loss.backward() first)")
             k = 1  # an empty Poisson batch: a noise-only step, still a step
-        seed = _random_seed() if self.secure_mode else self.seed
+        seed = self._step_seed()
         std = self.noise_multiplier * self.max_grad_norm
         denom = self.expected_batch_size * k if self.loss_reduction == "mean" else 1.0
         grads = []
@@ -194,6 +196,34 @@ class DPOptimizer(Optimizer):
             grads.append(g / denom)
         self._charge(k)
         return grads
+
+    def _all_reduce(self) -> None:
+        """Sum the ranks' clipped sums in one all-reduce; the counters take their maximum
+        (a rank whose share of the Poisson batch is empty may have had no backward)."""
+        import torch.distributed as dist
+        summed = [torch.zeros_like(p, dtype=torch.float32 if p.dtype in (torch.float16, torch.bfloat16) else p.dtype)
+                  if s is None else s for p, s in zip(self.params, self._summed)]
+        flat = torch.cat([s.flatten().to(torch.float64) for s in summed])
+        dist.all_reduce(flat)
+        counts = torch.tensor([self._logical_batches, self._chunks], dtype=torch.int64)
+        dist.all_reduce(counts, op=dist.ReduceOp.MAX)
+        self._logical_batches, self._chunks = int(counts[0]), int(counts[1])
+        offset = 0
+        for i, s in enumerate(summed):
+            self._summed[i] = flat[offset:offset + s.numel()].view_as(s).to(s.dtype)
+            offset += s.numel()
+
+    def _step_seed(self) -> int:
+        """This step's noise seed: fixed, or fresh from the OS CSPRNG (secure mode; rank 0's in DDP)."""
+        if not self.secure_mode:
+            return self.seed
+        seed = _random_seed()
+        if self.distributed:
+            import torch.distributed as dist
+            t = torch.tensor([seed >> 1], dtype=torch.int64)  # 63 bits fit int64
+            dist.broadcast(t, src=0)
+            seed = int(t)
+        return seed
 
     def _charge(self, k: int) -> None:
         """One accountant entry per logical batch. k > 1 full Poisson batches summed under

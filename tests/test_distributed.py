@@ -1,0 +1,58 @@
+"""DDP on torch.distributed (gloo, 2 processes) equals the single-process run."""
+import os
+import sys
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+import torch.nn.functional as F
+
+sys.path.insert(0, os.path.dirname(__file__))
+import anadp  # noqa: E402
+from models import make_setup  # noqa: E402
+
+
+def train(steps=3, **kw):
+    m, o, l = make_setup("adamw")
+    m, o, l = anadp.make_private(m, o, l, noise_multiplier=1.0, max_grad_norm=0.5, seed=5,
+                                 allocation_config=anadp.AllocationConfig(warmup_steps=1), **kw)
+    while o.step_count < steps:
+        for x, y in l:
+            o.zero_grad()
+            if len(x):
+                F.cross_entropy(m(x), y).backward()
+            o.step()
+            if o.step_count == steps:
+                break
+    return m, o
+
+
+def worker(rank, world, port, out):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        m, o = train()
+        torch.save({"params": [p.detach() for p in m.parameters()], "scales": o.allocator.scales,
+                    "history": o.accountant.history, "distributed": o.distributed}, f"{out}.{rank}")
+    finally:
+        dist.destroy_process_group()
+
+
+def test_two_gloo_ranks_equal_single_process(tmp_path):
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    out = str(tmp_path / "rank")
+    mp.spawn(worker, args=(2, port, out), nprocs=2, join=True)
+    ranks = [torch.load(f"{out}.{r}", weights_only=True) for r in range(2)]
+    m, o = train()
+    ref = torch.cat([p.detach().flatten() for p in m.parameters()])
+    assert all(r["distributed"] for r in ranks) and not o.distributed
+    for r in ranks:
+        got = torch.cat([p.flatten() for p in r["params"]])
+        assert float((got - ref).norm() / ref.norm()) < 1e-6
+        assert r["history"] == o.accountant.history
+    assert torch.equal(ranks[0]["scales"], ranks[1]["scales"])  # ANADP identical on both ranks
+    assert torch.allclose(ranks[0]["scales"], o.allocator.scales, rtol=1e-6)
+    assert not torch.equal(o.allocator.scales, torch.ones_like(o.allocator.scales))
