@@ -30,6 +30,19 @@ def _demo(args) -> int:
     return 0
 
 
+def _audit(args) -> int:
+    from .audit import run_audit
+    print(f"anadp audit: one training run with {args.canaries} canaries (Steinke, Nasr, Jagielski 2023)",
+          file=sys.stderr)
+    res = run_audit(target_epsilon=args.epsilon, delta=args.delta, canaries=args.canaries, epochs=args.epochs,
+                    confidence=args.confidence, allocation=args.allocation, seed=args.seed)
+    print(res.table())
+    verdict = "consistent with" if res.epsilon_lower_bound <= res.epsilon_accountant else "VIOLATES"
+    print(f"\nempirical lower bound {res.epsilon_lower_bound:.3f} is {verdict} the reported epsilon "
+          f"{res.epsilon_accountant:.3f}")
+    return 0 if verdict == "consistent with" else 1
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="anadp", description="DP fine-tuning with adaptive noise allocation")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -46,8 +59,16 @@ def main(argv=None) -> int:
                    choices=["nonprivate", "uniform", "anadp"])
     d.add_argument("--json", help="also write the rows to this JSON file")
     d.add_argument("--no-progress", action="store_true", help="no progress bars")
+    a = sub.add_parser("audit", help="empirical epsilon lower bound from one training run with canaries")
+    a.add_argument("--epsilon", type=float, default=2.0, help="target epsilon of the audited run")
+    a.add_argument("--delta", type=float, default=1e-5)
+    a.add_argument("--canaries", type=int, default=1000)
+    a.add_argument("--epochs", type=int, default=10)
+    a.add_argument("--confidence", type=float, default=0.95)
+    a.add_argument("--allocation", choices=["anadp", "uniform"], default="anadp")
+    a.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
-    return {"demo": _demo}[args.command](args)
+    return {"demo": _demo, "audit": _audit}[args.command](args)
 
 
 if __name__ == "__main__":
