@@ -88,6 +88,17 @@ class GradSampleEngine:
             layer.install()
         self._hook = model.register_forward_pre_hook(self._pre_forward, with_kwargs=True)
 
+    def check_unchanged(self) -> None:
+        """The trainable parameters must still be the ones hooked at wrap time."""
+        now = [p for p in self.model.parameters() if p.requires_grad]
+        if len(now) != len(self.params) or any(a is not b for a, b in zip(now, self.params)):
+            known = set(self.params)
+            new = [n for n, p in self.model.named_parameters() if p.requires_grad and p not in known]
+            gone = [self.names[p] for p in self.params if not p.requires_grad]
+            raise RuntimeError("the model's trainable parameters changed after make_private "
+                               f"(new or unfrozen: {new[:3]}, frozen or removed: {gone[:3]}); "
+                               "their per-sample gradients are not tracked: wrap the model again")
+
     def _check_devices(self):
         devices = {p.device for p in self.params}
         if len(devices) > 1:

@@ -171,6 +171,7 @@ class DPOptimizer(Optimizer):
         """Finish accumulation and return the noisy, scaled gradient of every group
         (None while a split logical batch is still incomplete)."""
         self.engine.flush()
+        self.engine.check_unchanged()
         if self._mid_logical_batch:
             return None
         if self.distributed:

@@ -153,3 +153,43 @@ def test_optimizer_with_foreign_parameters():
     o = torch.optim.SGD(list(m.parameters()) + list(other.parameters()), lr=0.1)
     with pytest.raises(ValueError, match="does not own"):
         anadp.make_private(m, o, l, noise_multiplier=1.0, max_grad_norm=1.0)
+
+
+@pytest.mark.parametrize("change", ["unfreeze", "replace", "freeze"])
+def test_changing_the_model_after_wrapping(change):
+    torch.manual_seed(0)
+    m = TinyTransformerClassifier()
+    m.emb.requires_grad_(False)
+    o = torch.optim.SGD([p for p in m.parameters() if p.requires_grad], lr=0.1)
+    m, o, l = anadp.make_private(m, o, DataLoader(make_data(), batch_size=16), noise_multiplier=1.0,
+                                 max_grad_norm=1.0, poisson_sampling=False, seed=0)
+    if change == "unfreeze":
+        m.emb.requires_grad_(True)
+    elif change == "replace":
+        m.head = nn.Linear(8, 3)
+    else:
+        m.fc1.requires_grad_(False)
+    x, y = next(iter(l))
+    F.cross_entropy(m(x), y).backward()
+    with pytest.raises(RuntimeError, match="changed after make_private"):
+        o.step()
+
+
+def test_half_precision_overflow_is_counted():
+    """float16 activations overflow for one sample: it is dropped and counted, the step stays finite."""
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Linear(4, 8), nn.Linear(8, 2)).half()
+    with torch.no_grad():
+        m[0].weight.fill_(0.5)
+    o = torch.optim.SGD(m.parameters(), lr=0.1)
+    x = torch.randn(16, 4).half()
+    x[5] = 6e4  # 4 * 0.5 * 6e4 overflows float16 (max 65504)
+    data = torch.utils.data.TensorDataset(x, torch.zeros(16, dtype=torch.long))
+    m, o, l = anadp.make_private(m, o, DataLoader(data, batch_size=16), noise_multiplier=1.0, max_grad_norm=1.0,
+                                 poisson_sampling=False, seed=0, nonfinite="skip")
+    xb, yb = next(iter(l))
+    with pytest.warns(UserWarning, match="1 of 16 samples"):
+        F.cross_entropy(m(xb).float(), yb).backward()
+        o.step()
+    assert o.skipped_samples == 1
+    assert all(torch.isfinite(p).all() and p.dtype == torch.float16 for p in m.parameters())
