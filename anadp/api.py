@@ -69,7 +69,8 @@ def make_private(model: nn.Module, optimizer: torch.optim.Optimizer, data_loader
             for p in model.parameters():
                 dist.broadcast(p.data, src=0)
         if seed is None or secure_mode:  # drawn here: rank 0's draw for all, masks and noise must agree
-            shared = torch.tensor([sampler_seed >> 1], dtype=torch.int64)  # 63 bits fit int64
+            device = next(model.parameters()).device  # NCCL broadcasts GPU tensors only
+            shared = torch.tensor([sampler_seed >> 1], dtype=torch.int64, device=device)  # 63 bits fit int64
             dist.broadcast(shared, src=0)
             sampler_seed = int(shared[0])
             if not secure_mode:

@@ -206,7 +206,7 @@ class DPOptimizer(Optimizer):
                   if s is None else s for p, s in zip(self.params, self._summed)]
         flat = torch.cat([s.flatten().to(torch.float64) for s in summed])
         dist.all_reduce(flat)
-        counts = torch.tensor([self._logical_batches, self._chunks], dtype=torch.int64)
+        counts = torch.tensor([self._logical_batches, self._chunks], dtype=torch.int64, device=flat.device)
         dist.all_reduce(counts, op=dist.ReduceOp.MAX)
         self._logical_batches, self._chunks = int(counts[0]), int(counts[1])
         offset = 0
@@ -221,7 +221,7 @@ class DPOptimizer(Optimizer):
         seed = _random_seed()
         if self.distributed:
             import torch.distributed as dist
-            t = torch.tensor([seed >> 1], dtype=torch.int64)  # 63 bits fit int64
+            t = torch.tensor([seed >> 1], dtype=torch.int64, device=self.params[0].device)  # NCCL: on the GPU
             dist.broadcast(t, src=0)
             seed = int(t)
         return seed
