@@ -1,0 +1,198 @@
+"""Benchmark runner: step time and peak memory of every method on every configuration.
+
+    python -m bench.run            # full CPU run -> bench/results/<machine>-<date>.{json,md,png}
+    python -m bench.run --smoke    # tiny sizes, checks rows and equal updates (CI)
+
+Timing: median over --rounds steps after one warm-up step, all methods in the
+same process. Memory (full run only): each (configuration, method) runs in a
+fresh subprocess and reports the growth of its peak RSS (ru_maxrss) from just
+before the first step to the end: optimizer state, activations, per-sample
+buffers and noise. On CUDA it is torch.cuda.max_memory_allocated instead.
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import datetime
+import json
+import os
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import time
+
+import torch
+
+from bench.suite import METHODS, build, flat_params, layer_configs, make_step, model_configs
+
+
+def time_one(cfg, method, rounds):
+    model, inputs, labels = build(cfg)
+    step, _ = make_step(method, model, inputs, labels)
+    rss0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    step()  # warm-up
+    times = []
+    for _ in range(rounds):
+        t = time.perf_counter()
+        step()
+        times.append(time.perf_counter() - t)
+    peak_mb = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - rss0) / 1024
+    return statistics.median(times), peak_mb
+
+
+def measure(cfg, method, rounds, isolate):
+    """{'seconds', 'peak_mb'} or {'error'}; in a subprocess when isolate (memory)."""
+    if not isolate:
+        try:
+            t, _ = time_one(cfg, method, rounds)
+            return {"seconds": t, "peak_mb": None}
+        except Exception as e:  # noqa: BLE001 - a method that cannot run this model is a result
+            return {"error": f"{type(e).__name__}: {str(e)[:160]}"}
+    code = ("import json,sys; from bench.suite import Config; from bench.run import time_one; "
+            f"cfg=Config(**{cfg.__dict__!r});\n"
+            f"try:\n t,m=time_one(cfg,{method!r},{rounds}); print(json.dumps({{'seconds':t,'peak_mb':m}}))\n"
+            "except Exception as e:\n print(json.dumps({'error': type(e).__name__+': '+str(e)[:160]}))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    lines = [l for l in out.stdout.splitlines() if l.startswith("{")]
+    return json.loads(lines[-1]) if lines else {"error": out.stderr.strip().splitlines()[-1][:200]}
+
+
+def same_update(cfg, sigma):
+    """Parameter change after one step, per DP method, from the same start and data."""
+    model, inputs, labels = build(cfg)
+    start = flat_params(model).clone()
+    out = {}
+    for method in METHODS[1:]:
+        m = copy.deepcopy(model)
+        try:
+            # SGD: the update is the privatized gradient itself (Adam's first step would hide the clipping)
+            step, wrapped = make_step(method, m, inputs, labels, sigma=sigma, optimizer="sgd")
+            step()
+            out[method] = flat_params(wrapped) - start
+        except Exception:  # noqa: BLE001
+            out[method] = None
+    return out
+
+
+def run(smoke: bool, rounds: int, isolate: bool, methods=METHODS, progress=True):
+    rows = []
+    configs = layer_configs(smoke) + model_configs(smoke)
+    try:
+        from tqdm.auto import tqdm
+        bar = tqdm(total=len(configs) * len(methods), disable=not progress)
+    except ImportError:
+        bar = None
+    for cfg in configs:
+        for method in methods:
+            r = {"config": cfg.name, "kind": cfg.kind, "batch": cfg.batch, "seq": cfg.seq, "method": method}
+            r.update(measure(cfg, method, rounds, isolate))
+            rows.append(r)
+            if bar:
+                bar.set_postfix_str(f"{cfg.name} {method}")
+                bar.update(1)
+    if bar:
+        bar.close()
+    base = {r["config"]: r for r in rows if r["method"] == "nonprivate"}
+    for r in rows:
+        b = base[r["config"]]
+        if "seconds" in r and "seconds" in b:
+            r["x_nonprivate"] = r["seconds"] / b["seconds"]
+            if r.get("peak_mb") and b.get("peak_mb"):
+                r["mem_x_nonprivate"] = r["peak_mb"] / b["peak_mb"]
+        for op in ("opacus_hooks", "opacus_ghost"):
+            o = next((x for x in rows if x["config"] == r["config"] and x["method"] == op), None)
+            if o and "seconds" in o and "seconds" in r:
+                r[f"speedup_vs_{op}"] = o["seconds"] / r["seconds"]
+    return rows
+
+
+def table(rows) -> str:
+    head = ("| config | method | s/step | x non-private | faster than Opacus hooks | faster than Opacus ghost "
+            "| peak MB | mem x non-private |\n|---|---|---|---|---|---|---|---|")
+
+    def f(v, fmt):
+        return "-" if v is None else format(v, fmt)
+
+    lines = [head]
+    for r in rows:
+        if "error" in r:
+            lines.append(f"| {r['config']} | {r['method']} | error: {r['error'][:70]} | | | | | |")
+            continue
+        lines.append(f"| {r['config']} | {r['method']} | {r['seconds']:.4f} | {f(r.get('x_nonprivate'), '.2f')} | "
+                     f"{f(r.get('speedup_vs_opacus_hooks'), '.2f')} | {f(r.get('speedup_vs_opacus_ghost'), '.2f')} | "
+                     f"{f(r.get('peak_mb'), '.0f')} | {f(r.get('mem_x_nonprivate'), '.2f')} |")
+    return "\n".join(lines)
+
+
+def plot(rows, path):
+    import matplotlib
+    import matplotlib.ticker
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    colors = {m: f"C{i}" for i, m in enumerate(METHODS)}  # one colour per method in every panel
+    fig, axes = plt.subplots(1, 3, figsize=(17, 4.8))
+    for ax, kind, key, label in [(axes[0], "linear", "batch", "batch size B (Linear 512x512)"),
+                                 (axes[1], "seqlinear", "seq", "sequence length T (Linear 768x768, B=8)")]:
+        for method in METHODS:
+            pts = sorted((r[key], r["seconds"]) for r in rows if r["kind"] == kind and r["method"] == method
+                         and "seconds" in r)
+            if pts:
+                ax.plot(*zip(*pts), marker="o", label=method, color=colors[method])
+        ax.set(xscale="log", yscale="log", xlabel=label, ylabel="seconds per step")
+        xs = sorted({r[key] for r in rows if r["kind"] == kind})
+        ax.xaxis.set_major_locator(matplotlib.ticker.FixedLocator(xs))
+        ax.xaxis.set_major_formatter(matplotlib.ticker.FixedFormatter([str(x) for x in xs]))
+        ax.xaxis.set_minor_locator(matplotlib.ticker.NullLocator())
+        ax.grid(True, which="both", alpha=0.3)
+    axes[0].legend(fontsize=8)
+    configs = [r["config"] for r in rows if r["method"] == "nonprivate"]
+    width = 0.8 / (len(METHODS) - 1)
+    for k, method in enumerate(METHODS[1:]):
+        vals = [next((r.get("x_nonprivate", 0) for r in rows if r["config"] == c and r["method"] == method), 0)
+                for c in configs]
+        axes[2].bar([i + k * width for i in range(len(configs))], vals, width, label=method, color=colors[method])
+    axes[2].axhline(1, color="k", lw=0.8)
+    axes[2].set_xticks([i + 0.4 - width / 2 for i in range(len(configs))], configs, rotation=60, ha="right",
+                       fontsize=7)
+    axes[2].set(yscale="log", ylabel="step time / non-private")
+    axes[2].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--smoke", action="store_true")
+    p.add_argument("--rounds", type=int, default=None)
+    p.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results"))
+    p.add_argument("--replot", metavar="JSON", help="only redraw the plot of an earlier run")
+    args = p.parse_args(argv)
+    if args.replot:
+        with open(args.replot) as f:
+            plot(json.load(f)["rows"], args.replot[:-len(".json")] + ".png")
+        return None
+    rounds = args.rounds or (2 if args.smoke else 5)
+    rows = run(args.smoke, rounds, isolate=not args.smoke)
+    machine = f"{platform.machine()}-{os.cpu_count()}cpu" + ("-smoke" if args.smoke else "")
+    stem = os.path.join(args.out, f"{machine}-{datetime.date.today().isoformat()}")
+    os.makedirs(args.out, exist_ok=True)
+    meta = {"machine": platform.platform(), "cpus": os.cpu_count(), "torch": torch.__version__,
+            "threads": torch.get_num_threads(), "rounds": rounds, "command": "python -m bench.run" +
+            (" --smoke" if args.smoke else ""), "date": datetime.datetime.now().isoformat(timespec="seconds")}
+    with open(stem + ".json", "w") as f:
+        json.dump({"meta": meta, "rows": rows}, f, indent=1)
+    md = f"# {meta['command']} — {meta['date']}, {meta['machine']}, torch {meta['torch']}, {meta['threads']} threads\n\n"
+    with open(stem + ".md", "w") as f:
+        f.write(md + table(rows) + "\n")
+    plot(rows, stem + ".png")
+    print(table(rows))
+    print(f"\nwrote {stem}.json, .md, .png")
+    return rows
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,41 @@
+"""The benchmark suite in smoke mode (tiny sizes), so that it cannot rot: every row is
+produced, and the DP methods compute the same clipped (and, where comparable, noised) update."""
+import pytest
+import torch
+
+from bench.run import run, same_update, table
+from bench.suite import METHODS, layer_configs, model_configs
+
+# Opacus ghost clipping fails on HF BERT and GPT-2 here (a view error inside Opacus):
+# these rows report the error instead of a time
+OPACUS_GHOST_FAILS = {"bert", "gpt2"}
+
+
+def test_every_row_is_produced():
+    rows = run(smoke=True, rounds=1, isolate=False, progress=False)
+    configs = layer_configs(True) + model_configs(True)
+    assert [(r["config"], r["method"]) for r in rows] == [(c.name, m) for c in configs for m in METHODS]
+    for r in rows:
+        expect_error = r["method"] == "opacus_ghost" and r["kind"] in OPACUS_GHOST_FAILS
+        assert ("error" in r) == expect_error, r
+        if not expect_error:
+            assert r["seconds"] > 0 and r["x_nonprivate"] > 0
+    assert table(rows).count("\n") == len(rows) + 1
+
+
+@pytest.mark.parametrize("cfg", layer_configs(True) + model_configs(True), ids=lambda c: c.name)
+def test_same_clipped_update(cfg):
+    upd = same_update(cfg, sigma=0.0)
+    ref = upd["anadp_uniform"]
+    assert ref is not None and ref.abs().max() > 0
+    for method, u in upd.items():
+        if u is None:
+            assert method == "opacus_ghost" and cfg.kind in OPACUS_GHOST_FAILS
+            continue
+        assert float((u - ref).norm() / ref.norm()) < 1e-5, method
+
+
+def test_same_noised_update_for_anadp_and_uniform():
+    """First step: ANADP is in warm-up (w = 1), so both draw the same Philox noise."""
+    upd = same_update(model_configs(True)[0], sigma=1.0)
+    assert torch.equal(upd["anadp"], upd["anadp_uniform"])
