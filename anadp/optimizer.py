@@ -68,6 +68,10 @@ class DPOptimizer(Optimizer):
                 if g.get("foreach") is None and not g.get("fused"):
                     g["foreach"] = True
         self.index = {p: i for i, p in enumerate(self.params)}
+        # noise stream of a group: keyed by the parameter's position in the model, so that
+        # how an optimizer orders its param groups does not change the noise
+        position = {p: k for k, p in enumerate(engine.params)}
+        self.noise_ids = [position[p] for p in self.params]
         self.noise_multiplier, self.max_grad_norm = float(noise_multiplier), float(max_grad_norm)
         self.expected_batch_size, self.sample_rate = expected_batch_size, sample_rate
         self.clipping, self.loss_reduction, self.nonfinite = clipping, loss_reduction, nonfinite
@@ -192,7 +196,7 @@ class DPOptimizer(Optimizer):
                 g = torch.zeros(p.shape, device=p.device,
                                 dtype=torch.float32 if p.dtype in (torch.float16, torch.bfloat16) else p.dtype)
             if std > 0:
-                z = philox.gaussian(seed, self.step_count, i, p.shape, device=p.device)
+                z = philox.gaussian(seed, self.step_count, self.noise_ids[i], p.shape, device=p.device)
                 g = g + (std * float(self.allocator.scales[i])) * z.to(g.dtype)
             grads.append(g / denom)
         self._charge(k)
