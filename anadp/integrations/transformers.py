@@ -1,0 +1,72 @@
+"""A Hugging Face ``Trainer`` that trains with anadp.
+
+    from anadp.integrations.transformers import DPTrainer
+    trainer = DPTrainer(model=model, args=args, train_dataset=ds,
+                        target_epsilon=3.0, target_delta=1e-5, dp_max_grad_norm=1.0)
+    trainer.train()   # logs "epsilon" with every logging_steps
+
+Batches are Poisson-sampled with expected size
+``per_device_train_batch_size * gradient_accumulation_steps`` (the logical
+batch, one noisy step each). Gradient accumulation is mapped onto anadp's
+physical batches: each logical batch is split into chunks of
+``per_device_train_batch_size``, and the Trainer runs one forward/backward per
+chunk (its own accumulation counter is set to 1; the optimizer steps only at
+the end of a logical batch, so with accumulation the Trainer's global_step and
+scheduler advance per chunk). The Trainer's own gradient clipping is turned
+off: the DP clip is ``dp_max_grad_norm``.
+"""
+from __future__ import annotations
+
+import warnings
+
+from torch.utils.data import DataLoader
+from transformers import Trainer
+
+from ..api import make_private
+
+
+class DPTrainer(Trainer):
+    def __init__(self, *args, noise_multiplier: float | None = None, target_epsilon: float | None = None,
+                 target_delta: float | None = None, dp_max_grad_norm: float = 1.0, allocation: str = "anadp",
+                 accountant: str = "prv", clipping: str = "whitened", dp_seed: int | None = None,
+                 secure_mode: bool = False, **kwargs):
+        super().__init__(*args, **kwargs)
+        a = self.args
+        if target_epsilon is not None and target_delta is None:
+            raise ValueError("target_epsilon needs target_delta")
+        self.target_delta = target_delta if target_delta is not None else 1e-5
+        self.logical_batch_size = a.per_device_train_batch_size * a.gradient_accumulation_steps
+        self.physical_batch_size = a.per_device_train_batch_size if a.gradient_accumulation_steps > 1 else None
+        a.gradient_accumulation_steps = 1
+        if a.max_grad_norm and a.max_grad_norm > 0:
+            a.max_grad_norm = 0.0  # the DP clip replaces it (p.grad is only formed at the noisy step)
+        self._dp = dict(noise_multiplier=noise_multiplier, target_epsilon=target_epsilon,
+                        target_delta=self.target_delta if target_epsilon is not None else None,
+                        max_grad_norm=dp_max_grad_norm, allocation=allocation, accountant=accountant,
+                        clipping=clipping, seed=dp_seed, secure_mode=secure_mode,
+                        max_physical_batch_size=self.physical_batch_size)
+        self.dp_optimizer = None
+        self._dp_loader = None
+
+    def get_train_dataloader(self):
+        """The Poisson loader; wraps model and optimizer on first use (make_private needs all three)."""
+        if self._dp_loader is None:
+            plain = DataLoader(self.train_dataset, batch_size=self.logical_batch_size, collate_fn=self.data_collator,
+                               num_workers=self.args.dataloader_num_workers)
+            self.create_optimizer()
+            kw = dict(self._dp)
+            if kw["target_epsilon"] is not None:
+                if self.args.max_steps and self.args.max_steps > 0:
+                    kw["epochs"] = self.args.max_steps / len(plain)
+                else:
+                    kw["epochs"] = self.args.num_train_epochs
+            with warnings.catch_warnings():
+                warnings.filterwarnings("ignore", message="`is_gradient_checkpointing`")
+                _, self.dp_optimizer, self._dp_loader = make_private(self.model, self.optimizer, plain, **kw)
+            self.optimizer = self.dp_optimizer
+        return self._dp_loader
+
+    def log(self, logs: dict, *args, **kwargs) -> None:
+        if self.dp_optimizer is not None:
+            logs["epsilon"] = self.dp_optimizer.privacy_spent(self.target_delta)
+        super().log(logs, *args, **kwargs)

