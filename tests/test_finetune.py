@@ -64,3 +64,14 @@ def test_local_csv_data(tmp_path):
     assert load_table(str(p), "sentence", "sentiment") == (["good film", "bad film"], [1, 0])
     with pytest.raises(ValueError, match="need fields"):
         load_table(str(p), "text", "label")
+
+
+def test_local_jsonl_and_datasets_directory(tmp_path):
+    datasets = pytest.importorskip("datasets")
+    from anadp.textdata import load_table
+    p = tmp_path / "d.jsonl"
+    p.write_text('{"text": "fine", "label": 1}\n{"text": "awful", "label": 0}\n')
+    assert load_table(str(p)) == (["fine", "awful"], [1, 0])
+    d = tmp_path / "hf"
+    datasets.DatasetDict({"train": datasets.Dataset.from_dict({"text": ["a", "b"], "label": [0, 1]})}).save_to_disk(str(d))
+    assert load_table(str(d)) == (["a", "b"], [0, 1])
