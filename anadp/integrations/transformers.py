@@ -6,23 +6,25 @@
     trainer.train()   # logs "epsilon" with every logging_steps
 
 Batches are Poisson-sampled with expected size
-``per_device_train_batch_size * gradient_accumulation_steps`` (the logical
-batch, one noisy step each). Gradient accumulation is mapped onto anadp's
-physical batches: each logical batch is split into chunks of
-``per_device_train_batch_size``, and the Trainer runs one forward/backward per
-chunk (its own accumulation counter is set to 1; the optimizer steps only at
-the end of a logical batch, so with accumulation the Trainer's global_step and
-scheduler advance per chunk). The Trainer's own gradient clipping is turned
-off: the DP clip is ``dp_max_grad_norm``.
+``per_device_train_batch_size * gradient_accumulation_steps``: the logical
+batch, one Trainer step and one noisy optimizer step each. Gradient
+accumulation is mapped onto it: ``training_step`` runs the logical batch in
+physical chunks of ``per_device_train_batch_size`` (the Trainer's own
+accumulation counter is set to 1, so its global_step, scheduler and logging
+count logical steps). The Trainer's own gradient clipping is turned off: the
+DP clip is ``dp_max_grad_norm``.
 """
 from __future__ import annotations
 
 import warnings
 
+import torch
+from torch.utils._pytree import tree_map
 from torch.utils.data import DataLoader
 from transformers import Trainer
 
 from ..api import make_private
+from ..data import batch_size_of
 
 
 class DPTrainer(Trainer):
@@ -36,15 +38,14 @@ class DPTrainer(Trainer):
             raise ValueError("target_epsilon needs target_delta")
         self.target_delta = target_delta if target_delta is not None else 1e-5
         self.logical_batch_size = a.per_device_train_batch_size * a.gradient_accumulation_steps
-        self.physical_batch_size = a.per_device_train_batch_size if a.gradient_accumulation_steps > 1 else None
+        self.physical_batch_size = a.per_device_train_batch_size
         a.gradient_accumulation_steps = 1
         if a.max_grad_norm and a.max_grad_norm > 0:
             a.max_grad_norm = 0.0  # the DP clip replaces it (p.grad is only formed at the noisy step)
         self._dp = dict(noise_multiplier=noise_multiplier, target_epsilon=target_epsilon,
                         target_delta=self.target_delta if target_epsilon is not None else None,
                         max_grad_norm=dp_max_grad_norm, allocation=allocation, accountant=accountant,
-                        clipping=clipping, seed=dp_seed, secure_mode=secure_mode,
-                        max_physical_batch_size=self.physical_batch_size)
+                        clipping=clipping, seed=dp_seed, secure_mode=secure_mode)
         self.dp_optimizer = None
         self._dp_loader = None
 
@@ -65,6 +66,27 @@ class DPTrainer(Trainer):
                 _, self.dp_optimizer, self._dp_loader = make_private(self.model, self.optimizer, plain, **kw)
             self.optimizer = self.dp_optimizer
         return self._dp_loader
+
+    def training_step(self, model, inputs, num_items_in_batch=None):
+        """Forward/backward of one logical batch in physical chunks; the engine is told which
+        chunk ends it, so the optimizer clips every chunk and adds noise once."""
+        model.train()
+        inputs = self._prepare_inputs(inputs)
+        B = batch_size_of(inputs)
+        engine = self.dp_optimizer.engine
+        total = torch.zeros((), device=self.args.device)
+        starts = list(range(0, B, self.physical_batch_size))  # empty batch: no forward, a noise-only step
+        try:
+            for k, s in enumerate(starts):
+                engine.chunk_ends_logical = k == len(starts) - 1
+                chunk = tree_map(lambda t: t[s:s + self.physical_batch_size]
+                                 if isinstance(t, torch.Tensor) and t.dim() else t, inputs)
+                loss = self.compute_loss(model, chunk)  # mean over the chunk: what the engine expects
+                self.accelerator.backward(loss)
+                total = total + loss.detach() * (batch_size_of(chunk) / B)
+        finally:
+            engine.chunk_ends_logical = True
+        return total
 
     def log(self, logs: dict, *args, **kwargs) -> None:
         if self.dp_optimizer is not None:
