@@ -67,6 +67,13 @@ def batch_size_of(batch) -> int:
     return sizes[0]
 
 
+def split_batch(batch, size: int) -> list:
+    """Physical chunks of at most ``size`` samples of a collated batch (tensors sliced on dim 0)."""
+    B = batch_size_of(batch)
+    return [tree_map(lambda t: t[s:s + size] if isinstance(t, torch.Tensor) and t.dim() else t, batch)
+            for s in range(0, B, size)]
+
+
 class DPDataLoader:
     """Iterates logical batches (Poisson by default); with ``max_physical_batch_size``
     it yields each one in physical chunks and tells the engine which chunk ends it,
@@ -119,10 +126,10 @@ class DPDataLoader:
                 self._mark(True, B == 0)
                 yield batch
                 continue
-            starts = list(range(0, B, M))
-            for k, s in enumerate(starts):
-                self._mark(k == len(starts) - 1, False)
-                yield tree_map(lambda t: t[s:s + M] if isinstance(t, torch.Tensor) and t.dim() else t, batch)
+            chunks = split_batch(batch, M)
+            for k, chunk in enumerate(chunks):
+                self._mark(k == len(chunks) - 1, False)
+                yield chunk
         self._mark(True, False)
         self._position, self._state = 0, self.generator.get_state()
 

@@ -1,6 +1,5 @@
 """finetune end to end on a tiny local model and a slice of the real data."""
 import json
-import os
 
 import pytest
 

@@ -19,12 +19,11 @@ from __future__ import annotations
 import warnings
 
 import torch
-from torch.utils._pytree import tree_map
 from torch.utils.data import DataLoader
 from transformers import Trainer
 
 from ..api import make_private
-from ..data import batch_size_of
+from ..data import batch_size_of, split_batch
 
 
 class DPTrainer(Trainer):
@@ -75,12 +74,10 @@ class DPTrainer(Trainer):
         B = batch_size_of(inputs)
         engine = self.dp_optimizer.engine
         total = torch.zeros((), device=self.args.device)
-        starts = list(range(0, B, self.physical_batch_size))  # empty batch: no forward, a noise-only step
+        chunks = split_batch(inputs, self.physical_batch_size)  # empty batch: no forward, a noise-only step
         try:
-            for k, s in enumerate(starts):
-                engine.chunk_ends_logical = k == len(starts) - 1
-                chunk = tree_map(lambda t: t[s:s + self.physical_batch_size]
-                                 if isinstance(t, torch.Tensor) and t.dim() else t, inputs)
+            for k, chunk in enumerate(chunks):
+                engine.chunk_ends_logical = k == len(chunks) - 1
                 loss = self.compute_loss(model, chunk)  # mean over the chunk: what the engine expects
                 self.accelerator.backward(loss)
                 total = total + loss.detach() * (batch_size_of(chunk) / B)
