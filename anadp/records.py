@@ -18,6 +18,12 @@ import torch
 _INSTANTIATE_CHUNK = 1 << 24
 
 
+def ghost_is_cheaper(T: int, d: int, p: int) -> bool:
+    """Ghost norm costs ~2BT^2(p+d), instantiation ~2BTpd: ghost when 2T^2 < pd
+    (the same rule for every backend)."""
+    return 2 * T * T < p * d
+
+
 def _acc(t: torch.Tensor) -> torch.Tensor:
     """Upcast half precision for accumulation."""
     return t.float() if t.dtype in (torch.float16, torch.bfloat16) else t
@@ -35,9 +41,7 @@ class LinearRecord:
         return self.A.shape[0]
 
     def use_ghost(self) -> bool:
-        """Ghost norm costs ~2BT^2(p+d), instantiation ~2BTpd: ghost when 2T^2 < pd."""
-        T, d, p = self.A.shape[1], self.A.shape[2], self.G.shape[2]
-        return 2 * T * T < p * d
+        return ghost_is_cheaper(self.A.shape[1], self.A.shape[2], self.G.shape[2])
 
     def sq_norm(self) -> torch.Tensor:
         A, G = self.A, self.G
@@ -107,8 +111,9 @@ class EmbeddingRecord:
 class DenseRecord:
     """A per-sample gradient held as such (B, *shape): biases, norm weights."""
 
-    def __init__(self, grad_sample: torch.Tensor):
+    def __init__(self, grad_sample: torch.Tensor, source: LinearRecord | None = None):
         self.gs = _acc(grad_sample)
+        self.source = source  # the Linear weight record this bias gradient is the token sum of
 
     @property
     def batch_size(self) -> int:

@@ -1,0 +1,118 @@
+"""Host side of the fused update, shared by the triton and cuda backends:
+which optimizers the kernels implement, one row of float32 hyperparameters per
+tensor, the optimizer state in torch's own format, and apex-style chunk tables
+(one row per chunk of at most ``chunk`` elements of one tensor).
+
+Kept free of triton and CUDA so that it is tested on any machine.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+
+SGD, ADAM = 0, 1
+# columns of the hyperparameter table; differences such as 1 - beta2 are formed here in
+# float64 as torch forms them, not in float32 in the kernel (1 - fp32(0.999) is off by 1.3e-5)
+(LR, WD, BETA1, BETA2, EPS, STEP_SIZE, BC2_SQRT, FLAG, FIRST, NOISE_STD, INV_DENOM,
+ ONE_MINUS_BETA1, ONE_MINUS_BETA2, DECAY) = range(14)
+N_COLS = 14
+DEFAULT_CHUNK = 1 << 16
+
+
+def kind_of(optimizer: torch.optim.Optimizer) -> int | None:
+    """SGD or ADAM for the optimizers the kernels implement, None otherwise."""
+    if type(optimizer) is torch.optim.SGD:
+        return SGD
+    if type(optimizer) in (torch.optim.Adam, torch.optim.AdamW):
+        return ADAM
+    return None
+
+
+def unsupported_reason(optimizer: torch.optim.Optimizer) -> str | None:
+    """Why the fused update cannot run this optimizer (None: it can)."""
+    if kind_of(optimizer) is None:
+        return f"{type(optimizer).__name__} (the fused update implements SGD, Adam and AdamW)"
+    for g in optimizer.param_groups:
+        for flag in ("maximize", "amsgrad", "differentiable", "capturable"):
+            if g.get(flag):
+                return f"{type(optimizer).__name__}({flag}=True)"
+        if torch.is_tensor(g["lr"]):
+            return "a tensor learning rate"
+    return None
+
+
+def decoupled(optimizer: torch.optim.Optimizer, group: dict) -> bool:
+    return type(optimizer) is torch.optim.AdamW or bool(group.get("decoupled_weight_decay", False))
+
+
+def ensure_state(optimizer: torch.optim.Optimizer, p: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None, bool]:
+    """(first moment / momentum buffer, second moment, first step) of ``p``, created as torch
+    would create them, except that state is float32 for half-precision parameters."""
+    kind = kind_of(optimizer)
+    group = next(g for g in optimizer.param_groups if any(q is p for q in g["params"]))
+    state = optimizer.state[p]
+    if kind == SGD:
+        if group["momentum"] == 0:
+            return None, None, False
+        first = state.get("momentum_buffer") is None
+        if first:
+            state["momentum_buffer"] = torch.zeros_like(p, dtype=torch.float32, memory_format=torch.contiguous_format)
+        elif state["momentum_buffer"].dtype != torch.float32:
+            state["momentum_buffer"] = state["momentum_buffer"].float()
+        return state["momentum_buffer"], None, first
+    if "step" not in state:
+        state["step"] = torch.tensor(0.0, dtype=torch.float32)
+        for k in ("exp_avg", "exp_avg_sq"):
+            state[k] = torch.zeros_like(p, dtype=torch.float32, memory_format=torch.contiguous_format)
+    for k in ("exp_avg", "exp_avg_sq"):
+        if state[k].dtype != torch.float32:
+            state[k] = state[k].float()
+    return state["exp_avg"], state["exp_avg_sq"], False
+
+
+def hyper_row(optimizer: torch.optim.Optimizer, p: torch.Tensor, first: bool, noise_std: float,
+              inv_denom: float) -> list[float]:
+    """One row of the table for parameter ``p`` at the coming step."""
+    group = next(g for g in optimizer.param_groups if any(q is p for q in g["params"]))
+    row = [0.0] * N_COLS
+    row[LR], row[WD] = float(group["lr"]), float(group["weight_decay"])
+    row[NOISE_STD], row[INV_DENOM] = noise_std, inv_denom
+    if kind_of(optimizer) == SGD:
+        row[BETA1], row[BETA2] = float(group["momentum"]), float(group["dampening"])
+        row[ONE_MINUS_BETA1] = 1 - row[BETA2]  # SGD: 1 - dampening
+        row[FLAG], row[FIRST] = float(bool(group["nesterov"])), float(first)
+        return row
+    beta1, beta2 = (float(b) for b in group["betas"])
+    step = float(optimizer.state[p]["step"]) + 1  # torch increments before the update
+    row[BETA1], row[BETA2], row[EPS] = beta1, beta2, float(group["eps"])
+    row[ONE_MINUS_BETA1], row[ONE_MINUS_BETA2] = 1 - beta1, 1 - beta2
+    row[DECAY] = 1 - row[LR] * row[WD]
+    row[STEP_SIZE] = row[LR] / (1 - beta1 ** step)
+    row[BC2_SQRT] = math.sqrt(1 - beta2 ** step)
+    row[FLAG] = float(decoupled(optimizer, group))
+    return row
+
+
+def finish_step(optimizer: torch.optim.Optimizer, params) -> None:
+    """What torch's step does besides the arithmetic: advance Adam's step counters."""
+    if kind_of(optimizer) == ADAM:
+        for p in params:
+            optimizer.state[p]["step"] += 1
+
+
+def chunk_table(sizes: list[int], chunk: int = DEFAULT_CHUNK) -> tuple[torch.Tensor, torch.Tensor]:
+    """(tensor index (int32), start element (int64)) of every chunk, tensors in order."""
+    if chunk <= 0:
+        raise ValueError(f"chunk must be > 0, got {chunk}")
+    if any(n < 0 for n in sizes):
+        raise ValueError("tensor sizes must be >= 0")
+    counts = [math.ceil(n / chunk) for n in sizes]
+    tensor = torch.repeat_interleave(torch.arange(len(sizes), dtype=torch.int32), torch.tensor(counts, dtype=torch.int64))
+    start = torch.cat([torch.arange(c, dtype=torch.int64) * chunk for c in counts]) if counts else torch.zeros(0, dtype=torch.int64)
+    return tensor, start
+
+
+def as_signed64(key: int) -> int:
+    """A 64-bit key as the int64 with the same bits (for int64 key tables)."""
+    return key - (1 << 64) if key >= 1 << 63 else key

@@ -1,0 +1,104 @@
+"""Clipped GEMM with noise and the optimizer update in its epilogue.
+
+For a Linear weight W (p, d) (or a Conv1D weight stored (d, p)):
+    grad = (A^T diag(c) G + prior + noise_std * z) * inv_denom
+and the SGD / Adam / AdamW update of W and its state, tile by tile: the
+gradient lives in registers only. z is the group's Philox stream at the
+element's row-major index in W as stored, so it equals the torch backend's
+``philox.gaussian(seed, step, group, W.shape)`` whatever the tiling.
+
+Torch reference: ``LinearRecord.clipped_sum`` + ``DPOptimizer.privatize`` +
+the wrapped torch optimizer's step.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from anadp import update_table as U
+
+from . import update
+
+
+@triton.jit
+def _clipped_linear_update_kernel(
+        A, G, C, W, M, V, PRIOR, KEYS, ROW, SENS,
+        R, T, d, p, stride_ar, stride_gr, stride_wp, stride_wd,
+        KIND: tl.constexpr, HAS_PRIOR: tl.constexpr, HAS_NOISE: tl.constexpr,
+        BP: tl.constexpr, BD: tl.constexpr, BK: tl.constexpr):
+    pid_p = tl.program_id(0)
+    pid_d = tl.program_id(1)
+    rp = pid_p * BP + tl.arange(0, BP)
+    rd = pid_d * BD + tl.arange(0, BD)
+    rk = tl.arange(0, BK)
+    acc = tl.zeros((BP, BD), dtype=tl.float32)
+    for r0 in range(0, R, BK):  # rows r = (sample, token), sample = r // T
+        rr = r0 + rk
+        c = tl.load(C + rr // T, mask=rr < R, other=0.0)
+        g = tl.load(G + rr[:, None].to(tl.int64) * stride_gr + rp[None, :], mask=(rr[:, None] < R) & (rp[None, :] < p),
+                    other=0.0).to(tl.float32)
+        a = tl.load(A + rr[:, None].to(tl.int64) * stride_ar + rd[None, :], mask=(rr[:, None] < R) & (rd[None, :] < d),
+                    other=0.0).to(tl.float32)
+        acc += tl.dot(tl.trans(g * c[:, None]), a, input_precision="ieee")
+
+    mask = (rp[:, None] < p) & (rd[None, :] < d)
+    offs = rp[:, None].to(tl.int64) * stride_wp + rd[None, :].to(tl.int64) * stride_wd  # index in W as stored
+    if HAS_PRIOR:
+        acc += tl.load(PRIOR + offs, mask=mask, other=0.0)
+    grad = update.privatize(acc, tl.load(KEYS), offs, ROW, HAS_NOISE)
+    sens = update.apply(W, M, V, offs, mask, grad, ROW, KIND)
+    tl.store(SENS + pid_p * tl.num_programs(1) + pid_d, tl.sum(sens))
+
+
+def _blocks(p: int, d: int, rows: int) -> tuple[int, int, int]:
+    return (max(16, min(64, triton.next_power_of_2(p))), max(16, min(64, triton.next_power_of_2(d))),
+            max(16, min(32, triton.next_power_of_2(max(rows, 1)))))
+
+
+def n_tiles(p: int, d: int) -> int:
+    """Length of the sensitivity output for a (p, d) weight: one partial per tile."""
+    BP, BD, _ = _blocks(p, d, 1)
+    return triton.cdiv(p, BP) * triton.cdiv(d, BD)
+
+
+def clipped_linear_update(A: torch.Tensor, G: torch.Tensor, c: torch.Tensor, W: torch.Tensor, *, kind: int,
+                          row: torch.Tensor, key: int, m: torch.Tensor | None = None, v: torch.Tensor | None = None,
+                          prior: torch.Tensor | None = None, transposed: bool = False, has_noise: bool = True,
+                          sens: torch.Tensor | None = None) -> torch.Tensor:
+    """Update W (and m, v) in place from A (B, T, d), G (B, T, p) and clip factors c (B,)
+    (loss-reduction scale included). ``row``: this tensor's float32 hyperparameters
+    (``anadp.update_table``); ``prior``: clipped sum of earlier physical batches, float32, W's layout.
+    Returns the (tiles,) partial sums of |w * grad| (grad privatized, w before the update)."""
+    if W.dtype not in (torch.float32, torch.bfloat16, torch.float16):
+        raise TypeError(f"fused update: weights must be float32, bfloat16 or float16, got {W.dtype}")
+    if not W.is_contiguous():
+        raise ValueError("fused update: the weight must be contiguous")
+    B, T, d = A.shape
+    p = G.shape[2]
+    if W.shape != ((d, p) if transposed else (p, d)):
+        raise ValueError(f"weight of shape {tuple(W.shape)} does not match A (.., {d}) and G (.., {p})")
+    A2 = A.reshape(B * T, d)
+    G2 = G.reshape(B * T, p)
+    A2 = A2 if A2.stride(-1) == 1 else A2.contiguous()
+    G2 = G2 if G2.stride(-1) == 1 else G2.contiguous()
+    if kind == U.SGD and m is None:
+        m = W  # never read: momentum 0
+    if kind == U.SGD:
+        v = m
+    for name, t in (("m", m), ("v", v), ("prior", prior)):
+        if t is not None and (t.shape != W.shape or t.dtype != torch.float32 or not t.is_contiguous()) and t is not W:
+            raise ValueError(f"fused update: {name} must be a contiguous float32 tensor of W's shape")
+    BP, BD, BK = _blocks(p, d, B * T)
+    grid = (triton.cdiv(p, BP), triton.cdiv(d, BD))
+    if sens is None:
+        sens = torch.empty(grid[0] * grid[1], dtype=torch.float32, device=W.device)
+    elif sens.shape != (grid[0] * grid[1],) or sens.dtype != torch.float32:
+        raise ValueError(f"sens must be float32 of shape ({grid[0] * grid[1]},) (n_tiles(p, d))")
+    keys = torch.tensor([U.as_signed64(key)], dtype=torch.int64, device=W.device)
+    stride_wp, stride_wd = (1, p) if transposed else (d, 1)
+    _clipped_linear_update_kernel[grid](
+        A2, G2, c.to(torch.float32).contiguous(), W, m, v, prior if prior is not None else W, keys, row, sens,
+        B * T, T, d, p, A2.stride(0), G2.stride(0), stride_wp, stride_wd,
+        KIND=kind, HAS_PRIOR=prior is not None, HAS_NOISE=has_noise, BP=BP, BD=BD, BK=BK)
+    return sens
