@@ -81,9 +81,17 @@ class NoiseAllocator:
         if self.mode == "uniform":
             self.updates += 1
             return
+        self.update_importance(torch.stack([(p.detach().float() * g.float()).abs().mean().double().cpu()
+                                            for p, g in zip(params, privatized_grads)]))
+
+    @torch.no_grad()
+    def update_importance(self, ipt: torch.Tensor) -> None:
+        """The same from the sensitivities I_g = mean_j |p_j * grad_j| (the fused kernels' output)."""
+        if self.mode == "uniform":
+            self.updates += 1
+            return
         c = self.config
-        ipt = torch.stack([(p.detach().float() * g.float()).abs().mean().double().cpu()
-                           for p, g in zip(params, privatized_grads)])
+        ipt = ipt.double()
         self.ipt_bar = c.beta1 * self.ipt_bar + (1 - c.beta1) * ipt
         self.unc_bar = c.beta2 * self.unc_bar + (1 - c.beta2) * (ipt - self.ipt_bar).abs()
         self.updates += 1

@@ -23,7 +23,7 @@ def make_private(model: nn.Module, optimizer: torch.optim.Optimizer, data_loader
                  seed: int | None = None, secure_mode: bool = False,
                  allocation_config: AllocationConfig | None = None,
                  max_physical_batch_size: int | None = None, batch_first: bool = True,
-                 nonfinite: str = "raise", distributed: bool | None = None):
+                 nonfinite: str = "raise", distributed: bool | None = None, backend: str = "auto"):
     """Wrap for DP training; returns ``(model, dp_optimizer, dp_data_loader)``.
 
     The model is hooked in place (same object, same state_dict keys). Give
@@ -31,6 +31,9 @@ def make_private(model: nn.Module, optimizer: torch.optim.Optimizer, data_loader
     ``allocation="anadp"`` spreads the noise by importance, ``"uniform"`` is
     DP-SGD/DP-Adam; with ``clipping="whitened"`` (default) both are charged
     exactly ``noise_multiplier``.
+
+    ``backend``: "auto" (triton kernels for CUDA tensors, torch otherwise), "torch", "triton"
+    or "cuda"; the environment variable ANADP_BACKEND overrides it.
 
     Distributed (``torch.distributed`` initialized, or ``distributed=True``): call on
     every rank with the same arguments and a loader over the whole dataset whose
@@ -83,5 +86,5 @@ def make_private(model: nn.Module, optimizer: torch.optim.Optimizer, data_loader
                                allocation=allocation, allocation_config=allocation_config, clipping=clipping,
                                accountant=accountant, loss_reduction=loss_reduction, seed=seed,
                                secure_mode=secure_mode, nonfinite=nonfinite, data_loader=loader,
-                               distributed=distributed)
+                               distributed=distributed, backend=backend)
     return model, dp_optimizer, loader

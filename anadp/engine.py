@@ -27,9 +27,21 @@ class PhysicalBatch:
     def __init__(self, records: dict, batch_size: int, scale: float, ends_logical: bool):
         self.records, self.batch_size, self.scale, self.ends_logical = records, batch_size, scale, ends_logical
 
-    def sq_norms(self) -> dict:
-        """param -> (B,) per-sample squared norms of its gradient."""
-        return {p: R.sq_norm(recs) * self.scale ** 2 for p, recs in self.records.items()}
+    def sq_norms(self, kernels=None) -> dict:
+        """param -> (B,) per-sample squared norms of its gradient; with a kernel backend,
+        a Linear weight and its bias come from one norm kernel, embeddings from another."""
+        out, bias_norms = {}, {}
+        for p, recs in self.records.items():
+            r = recs[0]
+            if kernels is not None and len(recs) == 1 and isinstance(r, R.LinearRecord):
+                out[p], bias_norms[id(r)] = kernels.linear_sq_norms(r.A, r.G)
+            elif kernels is not None and len(recs) == 1 and isinstance(r, R.EmbeddingRecord):
+                out[p] = kernels.embedding_sq_norms(r.idx, r.G)
+        for p, recs in self.records.items():
+            if p not in out:
+                src = getattr(recs[0], "source", None) if len(recs) == 1 else None
+                out[p] = bias_norms[id(src)] if id(src) in bias_norms else R.sq_norm(recs)
+        return {p: s * self.scale ** 2 for p, s in out.items()}
 
     def clipped_sum(self, p, c: torch.Tensor) -> torch.Tensor:
         return R.clipped_sum(self.records[p], c) * self.scale
@@ -162,12 +174,12 @@ class GradSampleEngine:
     def discard(self) -> None:
         self._records = {}
 
-    def per_sample_sq_norms(self) -> dict:
+    def per_sample_sq_norms(self, kernels=None) -> dict:
         """param -> (B,) squared norms of the pending batch (does not consume it)."""
         batch = self._pending()
         if batch is None:
             raise RuntimeError("no backward pass through the hooked model since the last step")
-        return batch.sq_norms()
+        return batch.sq_norms(kernels)
 
     def remove(self) -> None:
         for layer in self.layers:

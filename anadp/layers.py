@@ -110,10 +110,11 @@ class LinearLayer(Layer):
         x, g = self.engine.to_batch_first(self.name, x, g)
         A, G = _tokens(x), _tokens(g)
         m = self.module
-        if _trainable(m.weight):
-            self.engine.record(m.weight, LinearRecord(A, G, self.transposed))
-        if _trainable(m.bias):
-            self.engine.record(m.bias, DenseRecord(G.sum(1)))
+        weight = LinearRecord(A, G, self.transposed) if _trainable(m.weight) else None
+        if weight is not None:
+            self.engine.record(m.weight, weight)
+        if _trainable(m.bias):  # source: a norm kernel gives the bias norm with the weight's
+            self.engine.record(m.bias, DenseRecord(G.sum(1), source=weight))
 
 
 class Conv1DLayer(LinearLayer):

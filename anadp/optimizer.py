@@ -15,10 +15,13 @@ import warnings
 import torch
 from torch.optim import Optimizer
 
+from . import backend as backends
 from . import philox
+from . import update_table as U
 from .accounting import Accountant
 from .allocation import AllocationConfig, NoiseAllocator
 from .engine import GradSampleEngine, PhysicalBatch
+from .records import LinearRecord
 
 _FOREACH = (torch.optim.SGD, torch.optim.Adam, torch.optim.AdamW)
 
@@ -33,7 +36,7 @@ class DPOptimizer(Optimizer):
                  allocation: str = "anadp", allocation_config: AllocationConfig | None = None,
                  clipping: str = "whitened", accountant: str = "prv", loss_reduction: str = "mean",
                  seed: int | None = None, secure_mode: bool = False, nonfinite: str = "raise",
-                 data_loader=None, distributed: bool = False):
+                 data_loader=None, distributed: bool = False, backend: str = "auto"):
         if noise_multiplier < 0 or not math.isfinite(noise_multiplier):
             raise ValueError(f"noise_multiplier must be >= 0, got {noise_multiplier}")
         if noise_multiplier == 0:
@@ -80,12 +83,34 @@ class DPOptimizer(Optimizer):
         self.allocator = NoiseAllocator([p.numel() for p in self.params], allocation, allocation_config)
         self.accountant = Accountant(accountant)
         self.data_loader = data_loader
+        self._init_backend(backend)
         self.step_count = 0
         self.skipped_samples = 0
         self.last_per_sample_norms: torch.Tensor | None = None  # whitened norms of the last physical batch
         self.last_clip_factors: torch.Tensor | None = None
         self._reset_accumulation()
         engine.on_batch = self._accumulate
+
+    def _init_backend(self, requested: str) -> None:
+        """Kernels for the norms, and the fused update when the wrapped optimizer allows it."""
+        device = self.params[0].device if self.params else torch.device("cpu")
+        self.backend = backends.resolve(requested, device)
+        self.kernels = backends.kernels(self.backend)
+        why = None
+        if self.kernels is not None and any(p.dtype not in (torch.float32, torch.bfloat16, torch.float16)
+                                            for p in self.engine.params):
+            why = "parameters other than float32 / bfloat16 / float16"
+            self.kernels = None
+        elif self.kernels is not None:
+            why = U.unsupported_reason(self.original_optimizer)
+            if why is None and any(not p.is_contiguous() for p in self.params):
+                why = "non-contiguous parameters"
+            if why is None and self.distributed:
+                why = "distributed training (the all-reduce needs the clipped sums)"
+        self._fused_update = self.kernels is not None and why is None and hasattr(self.kernels, "multi_tensor_update")
+        if self.backend != "torch" and why is not None:
+            warnings.warn(f"backend {self.backend!r}: {why}: the update runs in torch"
+                          + ("" if self.kernels is not None else ", and so do the norms"))
 
     # torch.optim.Optimizer surface, delegated to the wrapped optimizer (LR schedulers use it)
     @property
@@ -123,6 +148,9 @@ class DPOptimizer(Optimizer):
 
     def _reset_accumulation(self):
         self._summed: list[torch.Tensor | None] = [None] * len(self.params)
+        # fused update: Linear weights of the last physical batch, (record, scaled clip factors),
+        # whose clipped sum is formed inside the update kernel
+        self._deferred: dict[int, tuple[LinearRecord, torch.Tensor]] = {}
         self._logical_batches = 0
         self._chunks = 0
         self._last_ends_logical = True
@@ -134,7 +162,7 @@ class DPOptimizer(Optimizer):
     # --- per physical batch -------------------------------------------------------
     @torch.no_grad()
     def _accumulate(self, batch: PhysicalBatch) -> None:
-        sq = batch.sq_norms()
+        sq = batch.sq_norms(self.kernels)
         w = self.allocator.scales
         dtype = torch.float64 if any(s.dtype == torch.float64 for s in sq.values()) else torch.float32
         device = self.params[0].device if self.params else torch.device("cpu")
@@ -158,9 +186,13 @@ class DPOptimizer(Optimizer):
             self.skipped_samples += int(bad.sum())
         c = (self.max_grad_norm / (norms + 1e-6)).clamp(max=1.0)
         c = torch.where(bad, 0, c)
-        for p in batch.records:
+        self._materialize_deferred()
+        for p, recs in batch.records.items():
             i = self.index.get(p)
             if i is None:
+                continue
+            if self._fused_update and len(recs) == 1 and isinstance(recs[0], LinearRecord):
+                self._deferred[i] = (recs[0], c * batch.scale)
                 continue
             s = batch.clipped_sum(p, c)
             self._summed[i] = s if self._summed[i] is None else self._summed[i] + s
@@ -169,11 +201,16 @@ class DPOptimizer(Optimizer):
         self._logical_batches += int(batch.ends_logical)
         self._last_ends_logical = batch.ends_logical
 
+    def _materialize_deferred(self) -> None:
+        for i, (rec, c) in self._deferred.items():
+            s = rec.clipped_sum(c)
+            self._summed[i] = s if self._summed[i] is None else self._summed[i] + s
+        self._deferred = {}
+
     # --- per logical batch ------------------------------------------------------------
-    @torch.no_grad()
-    def privatize(self) -> list[torch.Tensor] | None:
-        """Finish accumulation and return the noisy, scaled gradient of every group
-        (None while a split logical batch is still incomplete)."""
+    def _begin_step(self):
+        """Finish accumulation: (k logical batches, seed, noise std, divisor) of this step,
+        or None while a split logical batch is still incomplete."""
         self.engine.flush()
         self.engine.check_unchanged()
         if self._mid_logical_batch:
@@ -189,6 +226,17 @@ class DPOptimizer(Optimizer):
         seed = self._step_seed()
         std = self.noise_multiplier * self.max_grad_norm
         denom = self.expected_batch_size * k if self.loss_reduction == "mean" else 1.0
+        return k, seed, std, denom
+
+    @torch.no_grad()
+    def privatize(self) -> list[torch.Tensor] | None:
+        """Finish accumulation and return the noisy, scaled gradient of every group
+        (None while a split logical batch is still incomplete)."""
+        plan = self._begin_step()
+        if plan is None:
+            return None
+        self._materialize_deferred()
+        k, seed, std, denom = plan
         grads = []
         for i, p in enumerate(self.params):
             g = self._summed[i]
@@ -244,10 +292,54 @@ class DPOptimizer(Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        if self._fused_update:
+            self._fused_step()
+            return loss
         grads = self.privatize()
         if grads is not None:  # None: more physical batches of this logical batch to come
             self.apply(grads)
         return loss
+
+    @torch.no_grad()
+    def _fused_step(self) -> None:
+        """privatize + apply in kernels: Linear weights in the clipped-GEMM kernel whose epilogue
+        adds the noise and updates, everything else in one multi-tensor launch per dtype.
+        Same noise, same arithmetic as the torch path; p.grad is never formed."""
+        plan = self._begin_step()
+        if plan is None:
+            return
+        k, seed, std, denom = plan
+        opt, n = self.original_optimizer, len(self.params)
+        device = self.params[0].device
+        kind = U.kind_of(opt)
+        states, rows = [], []
+        for i, p in enumerate(self.params):
+            m, v, first = U.ensure_state(opt, p)
+            states.append((m, v))
+            rows.append(U.hyper_row(opt, p, first, std * float(self.allocator.scales[i]), 1.0 / denom))
+        rows = torch.tensor(rows, dtype=torch.float32, device=device)
+        keys = [philox.group_key(seed, self.step_count, g) for g in self.noise_ids]
+        sens = torch.zeros(n, dtype=torch.float64, device=device)
+        for i, (rec, c) in self._deferred.items():
+            prior = self._summed[i].contiguous() if self._summed[i] is not None else None
+            s = self.kernels.clipped_linear_update(rec.A, rec.G, c, self.params[i], kind=kind, row=rows[i],
+                                                   key=keys[i], m=states[i][0], v=states[i][1], prior=prior,
+                                                   transposed=rec.transposed, has_noise=std > 0)
+            sens[i] = s.double().sum()
+        rest = [i for i in range(n) if i not in self._deferred]
+        for dtype in {self.params[i].dtype for i in rest}:
+            idx = [i for i in rest if self.params[i].dtype == dtype]
+            grads = [self._summed[i].contiguous() if self._summed[i] is not None
+                     else torch.zeros(self.params[i].shape, dtype=torch.float32, device=device) for i in idx]
+            s, owner = self.kernels.multi_tensor_update(
+                [self.params[i] for i in idx], grads, [states[i][0] for i in idx], [states[i][1] for i in idx],
+                [keys[i] for i in idx], rows[idx], kind=kind, has_noise=std > 0)
+            sens.index_add_(0, torch.tensor(idx, device=device)[owner.long()], s.double())
+        U.finish_step(opt, self.params)
+        self._charge(k)
+        self.allocator.update_importance((sens / self.allocator.sizes.to(device)).cpu())
+        self.step_count += 1
+        self._reset_accumulation()
 
     @torch.no_grad()
     def apply(self, grads: list[torch.Tensor]) -> None:

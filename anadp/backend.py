@@ -1,0 +1,81 @@
+"""Which backend runs the per-sample norms and the fused update.
+
+``torch``: pure PyTorch, any device (the reference). ``triton``: the kernels in
+``anadp.kernels``, for CUDA tensors (or the CPU under TRITON_INTERPRET=1, for
+tests). ``cuda``: the compiled csrc/ extension. ``auto`` takes triton for CUDA
+tensors and torch otherwise; the environment variable ANADP_BACKEND forces one.
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+
+BACKENDS = ("torch", "triton", "cuda")
+
+
+class BackendUnavailableError(RuntimeError):
+    pass
+
+
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def why_unavailable(name: str, device: torch.device | None = None) -> str | None:
+    """None if backend ``name`` can run on ``device`` (any device if None), else the reason."""
+    if name == "torch":
+        return None
+    if name == "triton":
+        try:
+            import triton  # noqa: F401
+        except ImportError as e:
+            return f"triton is not installed ({e}); pip install triton"
+        on_gpu = torch.cuda.is_available() if device is None else device.type == "cuda"
+        if not on_gpu and not _interpreting():
+            return ("triton kernels need CUDA tensors" if device is not None else "no CUDA device") + \
+                " (or TRITON_INTERPRET=1 to interpret them on the CPU, slowly)"
+        return None
+    if name == "cuda":
+        from . import cuda_ops
+        if cuda_ops.import_error is not None:
+            return cuda_ops.import_error
+        if device is not None and device.type != "cuda":
+            return f"the cuda extension needs CUDA tensors, the parameters are on {device}"
+        if device is None and not torch.cuda.is_available():
+            return "no CUDA device"
+        return None
+    raise ValueError(f"unknown backend {name!r}; choose one of {('auto',) + BACKENDS}")
+
+
+def resolve(requested: str = "auto", device: torch.device | None = None) -> str:
+    """The backend to use: ANADP_BACKEND if set, else ``requested``; 'auto' picks by device."""
+    name = os.environ.get("ANADP_BACKEND") or requested
+    if name == "auto":
+        if device is not None and device.type == "cuda" and why_unavailable("triton", device) is None:
+            return "triton"
+        return "torch"
+    reason = why_unavailable(name, device)
+    if reason is not None:
+        raise BackendUnavailableError(f"backend {name!r} is not available: {reason}")
+    return name
+
+
+def kernels(name: str):
+    """The module holding backend ``name``'s kernels (None for torch)."""
+    if name == "triton":
+        from . import kernels as k
+        return k
+    if name == "cuda":
+        from . import cuda_ops
+        return cuda_ops
+    return None
+
+
+def report() -> str:
+    """One line per backend: available, or why not (``python -m anadp info``)."""
+    lines = []
+    for name in BACKENDS:
+        reason = why_unavailable(name)
+        lines.append(f"{name:7s} {'available' if reason is None else 'unavailable: ' + reason}")
+    return "\n".join(lines)

@@ -1,0 +1,114 @@
+"""Backend dispatch, and whole training runs on the Triton backend against the torch
+backend (interpreted on the CPU without a GPU)."""
+import warnings
+
+import pytest
+import torch
+from torch.utils.data import DataLoader, TensorDataset
+
+from anadp import make_private
+from anadp.allocation import AllocationConfig
+from anadp.backend import BackendUnavailableError, resolve, why_unavailable
+from helpers import rel_err
+
+DEV = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def test_auto_is_torch_on_the_cpu_and_the_environment_wins(monkeypatch):
+    monkeypatch.delenv("ANADP_BACKEND", raising=False)
+    assert resolve("auto", torch.device("cpu")) == "torch"
+    monkeypatch.setenv("ANADP_BACKEND", "torch")
+    assert resolve("triton", torch.device("cpu")) == "torch"
+
+
+def test_unavailable_backends_say_why(monkeypatch):
+    monkeypatch.delenv("ANADP_BACKEND", raising=False)
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    with pytest.raises(BackendUnavailableError, match="triton kernels need CUDA tensors"):
+        resolve("triton", torch.device("cpu"))
+    if why_unavailable("cuda") is not None:
+        with pytest.raises(BackendUnavailableError, match="backend 'cuda' is not available"):
+            resolve("cuda", torch.device("cpu"))
+    with pytest.raises(ValueError, match="unknown backend"):
+        resolve("tpu", torch.device("cpu"))
+    monkeypatch.setenv("ANADP_BACKEND", "cuda")
+    model = torch.nn.Linear(3, 2)
+    dl = DataLoader(TensorDataset(torch.randn(8, 3)), batch_size=4)
+    if why_unavailable("cuda", torch.device("cpu")) is not None:
+        with pytest.raises(BackendUnavailableError, match="needs CUDA tensors|not built"):
+            make_private(model, torch.optim.SGD(model.parameters(), lr=0.1), dl, max_grad_norm=1.0,
+                         noise_multiplier=1.0)
+
+
+def _bert():
+    from transformers import BertConfig, BertForSequenceClassification
+    return BertForSequenceClassification(BertConfig(
+        vocab_size=50, hidden_size=16, num_hidden_layers=2, num_attention_heads=2, intermediate_size=24,
+        max_position_embeddings=16, num_labels=3))
+
+
+def _gpt2():
+    from transformers import GPT2Config, GPT2ForSequenceClassification
+    return GPT2ForSequenceClassification(GPT2Config(
+        vocab_size=50, n_embd=16, n_layer=2, n_head=2, n_positions=16, num_labels=3, pad_token_id=0,
+        bos_token_id=1, eos_token_id=1))
+
+
+def _train(make, optimizer, steps=3, physical=None):
+    torch.manual_seed(0)
+    model = make().to(DEV)
+    X, Y = torch.randint(1, 50, (40, 7)), torch.randint(0, 3, (40,))
+    dl = DataLoader(TensorDataset(X, Y), batch_size=10)
+    opt = (torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.01) if optimizer == "adamw"
+           else torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9))
+    model, opt, dl = make_private(model, opt, dl, max_grad_norm=0.5, noise_multiplier=1.0, seed=3,
+                                  allocation_config=AllocationConfig(warmup_steps=1), max_physical_batch_size=physical)
+    it = iter(dl)
+    while opt.step_count < steps:
+        x, y = next(it)
+        torch.nn.functional.cross_entropy(model(x.to(DEV)).logits, y.to(DEV)).backward()
+        opt.step()
+        opt.zero_grad()
+    return torch.cat([p.detach().float().flatten() for p in model.parameters()]), opt
+
+
+@pytest.mark.parametrize("make,optimizer", [(_bert, "adamw"), (_gpt2, "adamw"), (_bert, "sgd")])
+def test_three_steps_on_triton_equal_torch(monkeypatch, make, optimizer):
+    """ANADP on (warm-up 1 step, so the scales move and feed back), noise on."""
+    pytest.importorskip("triton")
+    monkeypatch.setenv("ANADP_BACKEND", "torch")
+    ref, o_ref = _train(make, optimizer)
+    monkeypatch.setenv("ANADP_BACKEND", "triton")
+    out, o = _train(make, optimizer)
+    assert o.backend == "triton" and o._fused_update
+    assert rel_err(out, ref) < 1e-5
+    assert o.accountant.history == o_ref.accountant.history
+    scales = torch.tensor(list(o.noise_scales.values()))
+    assert (scales != 1).any() and rel_err(scales, torch.tensor(list(o_ref.noise_scales.values()))) < 1e-5
+    # the torch optimizer's state is torch's own: a torch-backend step can continue from it
+    assert all(float(o.original_optimizer.state[p]["step"]) == 3 for p in o.params) if optimizer == "adamw" else True
+
+
+def test_split_logical_batches_use_the_prior_sum(monkeypatch):
+    """Physical batches of 4 inside logical batches of ~10: the GEMM kernel adds the earlier chunks' sum."""
+    pytest.importorskip("triton")
+    monkeypatch.setenv("ANADP_BACKEND", "torch")
+    ref, _ = _train(_bert, "adamw", steps=2, physical=4)
+    monkeypatch.setenv("ANADP_BACKEND", "triton")
+    out, _ = _train(_bert, "adamw", steps=2, physical=4)
+    assert rel_err(out, ref) < 1e-5
+
+
+def test_optimizer_without_a_kernel_falls_back_with_a_warning(monkeypatch):
+    pytest.importorskip("triton")
+    model = torch.nn.Sequential(torch.nn.Linear(5, 4), torch.nn.ReLU(), torch.nn.Linear(4, 2)).to(DEV)
+    dl = DataLoader(TensorDataset(torch.randn(16, 5), torch.randint(0, 2, (16,))), batch_size=8)
+    with pytest.warns(UserWarning, match="RMSprop.*the update runs in torch"):
+        _, opt, _ = make_private(model, torch.optim.RMSprop(model.parameters()), dl, max_grad_norm=1.0,
+                                 noise_multiplier=1.0, backend="triton")
+    assert opt.kernels is not None and not opt._fused_update
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        _, opt, _ = make_private(model, torch.optim.Adam(model.parameters()), dl, max_grad_norm=1.0,
+                                 noise_multiplier=1.0, backend="torch")
+    assert opt.kernels is None
