@@ -106,7 +106,7 @@ def _logits(out):
 
 
 def make_step(method: str, model: nn.Module, inputs: dict, labels: torch.Tensor, *, sigma: float = 1.0,
-              clip: float = 1.0, seed: int = 0, optimizer: str = "adamw"):
+              clip: float = 1.0, seed: int = 0, optimizer: str = "adamw", backend: str = "auto"):
     """A closure doing one full training step (forward, backward, clip, noise, update)."""
     B = len(labels)
     opt = (torch.optim.AdamW(model.parameters(), lr=1e-4) if optimizer == "adamw"
@@ -129,7 +129,7 @@ def make_step(method: str, model: nn.Module, inputs: dict, labels: torch.Tensor,
             import anadp
             model, opt, _ = anadp.make_private(model, opt, loader, noise_multiplier=sigma, max_grad_norm=clip,
                                                allocation="uniform" if method == "anadp_uniform" else "anadp",
-                                               poisson_sampling=False, seed=seed)
+                                               poisson_sampling=False, seed=seed, backend=backend)
         elif method != "nonprivate":
             raise ValueError(method)
 

@@ -1,0 +1,47 @@
+#!/usr/bin/env bash
+# The one command to run on a machine with a GPU (see README, "GPU check"):
+# the GPU tests (Triton and CUDA kernels against the torch backend, training runs on
+# each backend) and the step / kernel benchmark, written as gpu-check.{json,md} and
+# the test log under $OUT (bench/results/ when $OUT is unset). Under 8 minutes on an H200.
+#
+#   bash bench/gpu_check.sh             # on the GPU machine
+#   bash bench/gpu_check.sh --dry-run   # anywhere: CPU, Triton interpreter, tiny sizes (CI runs this)
+#
+# Opacus rows need opacus; without network it is installed from a wheel in .whl/ if one is there.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+DRY=""
+[[ "${1:-}" == "--dry-run" ]] && DRY="--dry-run"
+OUT_DIR="${OUT:-bench/results}"
+mkdir -p "$OUT_DIR"
+PY="${PYTHON:-python}"
+
+if ! "$PY" -c "import opacus" 2>/dev/null; then
+    shopt -s nullglob
+    wheels=(.whl/opacus-*.whl)
+    if (( ${#wheels[@]} )); then
+        "$PY" -m pip install -q --no-deps --no-index "${wheels[@]}" || echo "opacus wheel did not install: no Opacus rows"
+    else
+        echo "opacus not installed and no .whl/opacus-*.whl: no Opacus rows"
+    fi
+fi
+
+# the CUDA extension, where nvcc and a GPU are there and it is not built yet
+if [[ -z "$DRY" ]] && command -v nvcc >/dev/null && ! "$PY" -c "import anadp._cuda" 2>/dev/null; then
+    ANADP_BUILD_CUDA=1 timeout 300 "$PY" setup.py build_ext --inplace > "$OUT_DIR/cuda-build.log" 2>&1 \
+        || echo "CUDA extension did not build (see $OUT_DIR/cuda-build.log): cuda rows skipped"
+fi
+
+if [[ -n "$DRY" ]]; then
+    export TRITON_INTERPRET=1
+    TESTS=(tests/test_kernels.py -k "noise or embedding")
+else
+    TESTS=(tests/test_kernels.py tests/test_backend.py tests/test_cuda_ext.py tests/test_philox.py)
+fi
+"$PY" -m pytest -q -p no:cacheprovider "${TESTS[@]}" 2>&1 | tee "$OUT_DIR/gpu-tests.log" | tail -5
+tests_rc=${PIPESTATUS[0]}
+
+"$PY" -m bench.gpu_step $DRY --out "$OUT_DIR"
+bench_rc=$?
+echo "gpu_check: tests rc=$tests_rc, benchmark rc=$bench_rc, results in $OUT_DIR"
+exit $(( tests_rc != 0 || bench_rc != 0 ))

@@ -1,0 +1,199 @@
+"""GPU step benchmark and kernel bandwidth; bench/gpu_check.sh runs it.
+
+    python -m bench.gpu_step [--dry-run] [--out DIR]
+
+Step (BERT-base-like: hidden 768, 12 layers, vocab 30522, B=32, T=256, AdamW,
+random weights, same data for all): non-private; anadp on the torch backend;
+anadp on the triton backend, uniform and ANADP; anadp on the cuda backend when
+the extension is built; Opacus hooks and ghost when opacus is installed.
+Median step time over --steps after warm-up steps, peak memory
+(torch.cuda.max_memory_allocated), ratios to non-private from the same run.
+
+Kernels: the multi-tensor noise + Adam update over N float32 elements
+(28 bytes per element: p, grad, m, v read; p, m, v written) against a
+device-to-device copy (8 bytes per element); the per-sample norm kernels against
+the torch backend's.
+
+--dry-run: tiny sizes on the CPU (Triton interpreter), so that CI keeps it working.
+Writes gpu-check.json and gpu-check.md under --out.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import statistics
+import time
+import warnings
+
+import torch
+
+from bench.suite import Config, build, make_step
+
+DEV = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def _sync():
+    if DEV.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def _timed(fn, steps: int, warmup: int) -> float:
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(steps):
+        _sync()
+        t = time.perf_counter()
+        fn()
+        _sync()
+        times.append(time.perf_counter() - t)
+    return statistics.median(times)
+
+
+def _available(backend: str) -> str | None:
+    from anadp.backend import why_unavailable
+    return why_unavailable(backend, DEV)
+
+
+def step_rows(cfg: Config, steps: int, warmup: int) -> list[dict]:
+    methods = [("nonprivate", "nonprivate", None), ("anadp uniform, torch backend", "anadp_uniform", "torch"),
+               ("anadp uniform, triton", "anadp_uniform", "triton"), ("anadp ANADP, triton", "anadp", "triton"),
+               ("anadp uniform, cuda", "anadp_uniform", "cuda"), ("opacus hooks", "opacus_hooks", None),
+               ("opacus ghost", "opacus_ghost", None)]
+    rows = []
+    for name, method, backend in methods:
+        row = {"method": name}
+        if backend is not None and _available(backend):
+            row["error"] = f"skipped: {_available(backend)}"
+        elif method.startswith("opacus") and not _has_opacus():
+            row["error"] = "skipped: opacus is not installed"
+        else:
+            try:
+                model, inputs, labels = build(cfg)
+                model = model.to(DEV)
+                inputs = {k: v.to(DEV) for k, v in inputs.items()}
+                step, _ = make_step(method, model, inputs, labels.to(DEV), backend=backend or "auto")
+                if DEV.type == "cuda":
+                    torch.cuda.reset_peak_memory_stats()
+                row["seconds"] = _timed(step, steps, warmup)
+                row["peak_mb"] = torch.cuda.max_memory_allocated() / 2**20 if DEV.type == "cuda" else None
+            except Exception as e:  # noqa: BLE001 - a method that cannot run is a result
+                row["error"] = f"{type(e).__name__}: {str(e)[:160]}"
+            finally:
+                model = step = None
+                if DEV.type == "cuda":
+                    torch.cuda.empty_cache()
+        rows.append(row)
+    base = next((r for r in rows if r["method"] == "nonprivate" and "seconds" in r), None)
+    for r in rows:
+        if base and "seconds" in r:
+            r["time_ratio"] = r["seconds"] / base["seconds"]
+            if r.get("peak_mb") and base.get("peak_mb"):
+                r["memory_ratio"] = r["peak_mb"] / base["peak_mb"]
+    return rows
+
+
+def _has_opacus() -> bool:
+    try:
+        import opacus  # noqa: F401
+        return True
+    except ImportError:
+        return False
+
+
+def _per_backend(rows: list, name: str, timed) -> None:
+    """One row per kernel backend: timed(kernels module) -> row fields, or why it is skipped."""
+    from anadp.backend import kernels
+    for backend in ("triton", "cuda"):
+        why = _available(backend)
+        label = name.format(backend=backend)
+        rows.append({"kernel": label, "error": f"skipped: {why}"} if why else {"kernel": label, **timed(kernels(backend))})
+
+
+def kernel_rows(n: int, steps: int, warmup: int, norm_shape) -> list[dict]:
+    from anadp import philox
+    from anadp import update_table as U
+    from anadp.records import LinearRecord
+    src, dst = torch.randn(n, device=DEV), torch.empty(n, device=DEV)
+    t = _timed(lambda: dst.copy_(src), steps, warmup)
+    copy_bw = 8 * n / t
+    rows = [{"kernel": f"device copy, {n} float32", "seconds": t, "GB/s": copy_bw / 1e9}]
+    p, grad = torch.randn(n, device=DEV), torch.randn(n, device=DEV)
+    m, v = torch.zeros_like(p), torch.zeros_like(p)
+    row = torch.tensor([_adam_row()], dtype=torch.float32, device=DEV)
+    key = philox.group_key(0, 0, 0)
+
+    def update(k):
+        t = _timed(lambda: k.multi_tensor_update([p], [grad], [m], [v], [key], row, kind=U.ADAM), steps, warmup)
+        return {"seconds": t, "GB/s": 28 * n / t / 1e9, "of_copy": 28 * n / t / copy_bw}
+
+    _per_backend(rows, f"noise + Adam update, {{backend}}, {n} float32", update)
+    B, T, d, pp = norm_shape
+    A, G = torch.randn(B, T, d, device=DEV), torch.randn(B, T, pp, device=DEV)
+    shape = f"B={B} T={T} d={d} p={pp}"
+    rows.append({"kernel": f"per-sample norms, torch backend, {shape}", "seconds": _timed(LinearRecord(A, G).sq_norm, steps, warmup)})
+    _per_backend(rows, f"per-sample norms, {{backend}}, {shape}",
+                 lambda k: {"seconds": _timed(lambda: k.linear_sq_norms(A, G), steps, warmup)})
+    return rows
+
+
+def _adam_row() -> list[float]:
+    """A mid-training Adam row (step 10, lr 1e-3, sigma*C = 1, B = 32)."""
+    from anadp import update_table as U
+    row = [0.0] * U.N_COLS
+    row[U.LR], row[U.BETA1], row[U.BETA2], row[U.EPS] = 1e-3, 0.9, 0.999, 1e-8
+    row[U.ONE_MINUS_BETA1], row[U.ONE_MINUS_BETA2], row[U.DECAY] = 0.1, 0.001, 1.0
+    row[U.STEP_SIZE], row[U.BC2_SQRT] = 1e-3 / (1 - 0.9 ** 10), (1 - 0.999 ** 10) ** 0.5
+    row[U.NOISE_STD], row[U.INV_DENOM] = 1.0, 1 / 32
+    return row
+
+
+def _fmt(v, spec):
+    return "" if v is None else format(v, spec)
+
+
+def markdown(result: dict) -> str:
+    lines = [f"# GPU check — {result['device']}, {result['date']}", "", f"Step: {result['config']}", "",
+             "| method | s/step | x non-private | peak MB | x non-private mem | note |", "|---|---|---|---|---|---|"]
+    for r in result["steps"]:
+        lines.append(f"| {r['method']} | {_fmt(r.get('seconds'), '.4f')} | {_fmt(r.get('time_ratio'), '.2f')} | "
+                     f"{_fmt(r.get('peak_mb'), '.0f')} | {_fmt(r.get('memory_ratio'), '.2f')} | {r.get('error', '')} |")
+    lines += ["", "| kernel | seconds | GB/s | of copy bandwidth | note |", "|---|---|---|---|---|"]
+    for r in result["kernels"]:
+        lines.append(f"| {r['kernel']} | {_fmt(r.get('seconds'), '.6f')} | {_fmt(r.get('GB/s'), '.1f')} | "
+                     f"{_fmt(r.get('of_copy'), '.2f')} | {r.get('error', '')} |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--dry-run", action="store_true", help="tiny sizes on the CPU (Triton interpreter)")
+    ap.add_argument("--out", default=os.environ.get("OUT") or "bench/results")
+    ap.add_argument("--steps", type=int, default=None)
+    args = ap.parse_args(argv)
+    warnings.filterwarnings("ignore", message="Full backward hook")  # Opacus and HF models, every step
+    if args.dry_run:
+        cfg, n, norm_shape, steps, warmup = Config("bert-tiny", "bert", 4, 16, 32, 1, 200), 4096, (2, 16, 32, 48), 2, 1
+    else:
+        cfg = Config("bert-base-like 768x12 B=32 T=256", "bert", 32, 256, 768, 12)
+        n, norm_shape, steps, warmup = 1 << 26, (32, 256, 768, 3072), 10, 3
+    steps = args.steps or steps
+    device = torch.cuda.get_device_name() if DEV.type == "cuda" else f"{platform.machine()} CPU (dry run)"
+    result = {"device": device, "date": datetime.date.today().isoformat(), "torch": torch.__version__,
+              "config": f"{cfg.name}, AdamW, sigma 1, C 1", "dry_run": args.dry_run}
+    result["steps"] = step_rows(cfg, steps, warmup)
+    result["kernels"] = kernel_rows(n, steps, warmup, norm_shape)
+    os.makedirs(args.out, exist_ok=True)
+    with open(os.path.join(args.out, "gpu-check.json"), "w") as f:
+        json.dump(result, f, indent=1)
+    md = markdown(result)
+    with open(os.path.join(args.out, "gpu-check.md"), "w") as f:
+        f.write(md)
+    print(md)
+
+
+if __name__ == "__main__":
+    main()

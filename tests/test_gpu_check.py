@@ -1,0 +1,29 @@
+"""bench/gpu_check.sh --dry-run: the GPU check script runs end to end on the CPU
+(interpreter, tiny sizes), so that it cannot rot between device runs."""
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.mark.skipif(shutil.which("bash") is None, reason="needs bash")
+def test_gpu_check_dry_run(tmp_path):
+    pytest.importorskip("triton")
+    env = dict(os.environ, OUT=str(tmp_path), PYTHON=sys.executable, TRITON_INTERPRET="1")
+    env.pop("ANADP_BACKEND", None)
+    run = subprocess.run(["bash", "bench/gpu_check.sh", "--dry-run"], cwd=ROOT, env=env, capture_output=True,
+                         text=True, timeout=600)
+    assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-2000:]
+    result = json.loads((tmp_path / "gpu-check.json").read_text())
+    steps = {r["method"]: r for r in result["steps"]}
+    for method in ("nonprivate", "anadp uniform, torch backend", "anadp uniform, triton", "anadp ANADP, triton"):
+        assert steps[method]["seconds"] > 0 and steps[method]["time_ratio"] > 0, steps[method]
+    kernels = {r["kernel"].split(",")[0] + "," + r["kernel"].split(",")[1]: r for r in result["kernels"]}
+    assert kernels["noise + Adam update, triton"]["GB/s"] > 0
+    assert "passed" in (tmp_path / "gpu-tests.log").read_text()
+    assert "| anadp ANADP, triton |" in (tmp_path / "gpu-check.md").read_text()
