@@ -312,11 +312,11 @@ class DPOptimizer(Optimizer):
         opt, n = self.original_optimizer, len(self.params)
         device = self.params[0].device
         kind = U.kind_of(opt)
-        states, rows = [], []
+        states, rows, groups = [], [], U.group_of(opt)
         for i, p in enumerate(self.params):
-            m, v, first = U.ensure_state(opt, p)
+            m, v, first = U.ensure_state(opt, p, groups[id(p)])
             states.append((m, v))
-            rows.append(U.hyper_row(opt, p, first, std * float(self.allocator.scales[i]), 1.0 / denom))
+            rows.append(U.hyper_row(opt, p, first, std * float(self.allocator.scales[i]), 1.0 / denom, groups[id(p)]))
         rows = torch.tensor(rows, dtype=torch.float32, device=device)
         keys = [philox.group_key(seed, self.step_count, g) for g in self.noise_ids]
         sens = torch.zeros(n, dtype=torch.float64, device=device)

@@ -46,11 +46,17 @@ def decoupled(optimizer: torch.optim.Optimizer, group: dict) -> bool:
     return type(optimizer) is torch.optim.AdamW or bool(group.get("decoupled_weight_decay", False))
 
 
-def ensure_state(optimizer: torch.optim.Optimizer, p: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None, bool]:
+def group_of(optimizer: torch.optim.Optimizer) -> dict:
+    """id(parameter) -> its param group."""
+    return {id(p): g for g in optimizer.param_groups for p in g["params"]}
+
+
+def ensure_state(optimizer: torch.optim.Optimizer, p: torch.Tensor, group: dict | None = None
+                 ) -> tuple[torch.Tensor | None, torch.Tensor | None, bool]:
     """(first moment / momentum buffer, second moment, first step) of ``p``, created as torch
     would create them, except that state is float32 for half-precision parameters."""
     kind = kind_of(optimizer)
-    group = next(g for g in optimizer.param_groups if any(q is p for q in g["params"]))
+    group = group or group_of(optimizer)[id(p)]
     state = optimizer.state[p]
     if kind == SGD:
         if group["momentum"] == 0:
@@ -72,9 +78,9 @@ def ensure_state(optimizer: torch.optim.Optimizer, p: torch.Tensor) -> tuple[tor
 
 
 def hyper_row(optimizer: torch.optim.Optimizer, p: torch.Tensor, first: bool, noise_std: float,
-              inv_denom: float) -> list[float]:
+              inv_denom: float, group: dict | None = None) -> list[float]:
     """One row of the table for parameter ``p`` at the coming step."""
-    group = next(g for g in optimizer.param_groups if any(q is p for q in g["params"]))
+    group = group or group_of(optimizer)[id(p)]
     row = [0.0] * N_COLS
     row[LR], row[WD] = float(group["lr"]), float(group["weight_decay"])
     row[NOISE_STD], row[INV_DENOM] = noise_std, inv_denom

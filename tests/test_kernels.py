@@ -129,7 +129,7 @@ SIZES = [(33,), (7, 19), (1,), (3, 100)]
 
 
 @pytest.mark.parametrize("kind", ["nesterov", "plain_sgd", "adam", "adamw"])
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 def test_multi_tensor_update(kind, dtype):
     """One launch over tensors of awkward sizes, chunks of 64 elements (tensors span several)."""
     g = torch.Generator().manual_seed(5)

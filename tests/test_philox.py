@@ -40,31 +40,38 @@ def test_stream_independent_of_chunking_and_keyed_by_step_and_group():
 
 
 def test_matches_triton_randn():
-    """Same uint32 words as tl.randint4x and the same floats as tl.randn (interpreter)."""
+    """Same uint32 words as tl.randint4x and the same floats as tl.randn (interpreter), whatever the
+    block size, with int32 offsets and with the int64 offsets the kernels use (also past 2**32)."""
     pytest.importorskip("triton")
     code = textwrap.dedent("""
         import torch, triton, triton.language as tl
         from anadp.philox import randint4x, randn, group_key
 
         @triton.jit
-        def k(out_i, out_n, key, n, BLOCK: tl.constexpr):
-            offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
-            m = offs < n
+        def k(out_i, out_n, key, base, n, BLOCK: tl.constexpr):
+            i = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+            offs = base + i
+            m = i < n
             i1, i2, i3, i4 = tl.randint4x(key, offs)
-            tl.store(out_i + offs, i1.to(tl.int32, bitcast=True), mask=m)
-            tl.store(out_i + n + offs, i2.to(tl.int32, bitcast=True), mask=m)
-            tl.store(out_n + offs, tl.randn(key, offs), mask=m)
+            tl.store(out_i + i, i1.to(tl.int32, bitcast=True), mask=m)
+            tl.store(out_i + n + i, i2.to(tl.int32, bitcast=True), mask=m)
+            tl.store(out_n + i, tl.randn(key, offs), mask=m)
 
         n, key = 1000, group_key(123, 7, 5)
-        oi = torch.full((2 * n,), -1, dtype=torch.int32)
-        on = torch.full((n,), float("nan"))
-        k[(triton.cdiv(n, 128),)](oi, on, key, n, BLOCK=128)
-        w = randint4x(key, torch.arange(n))
-        ref = torch.cat([w[0], w[1]])
-        ref = torch.where(ref >= 2**31, ref - 2**32, ref).to(torch.int32)
-        assert torch.equal(oi, ref), "uint32 words differ"
-        err = (on - randn(key, torch.arange(n))).abs().max().item()
-        assert err < 1e-6, err
+        for base in (0, 2**31 + 3, 2**32 + 5):
+            for BLOCK in (16, 128, 1024):
+                if base == 2**31 + 3 and BLOCK != 128:
+                    continue
+                oi = torch.full((2 * n,), -1, dtype=torch.int32)
+                on = torch.full((n,), float("nan"))
+                # a Python int base < 2**31 is an int32 kernel argument, larger ones are int64
+                k[(triton.cdiv(n, BLOCK),)](oi, on, key, base, n, BLOCK=BLOCK)
+                w = randint4x(key, base + torch.arange(n))
+                ref = torch.cat([w[0], w[1]])
+                ref = torch.where(ref >= 2**31, ref - 2**32, ref).to(torch.int32)
+                assert torch.equal(oi, ref), f"uint32 words differ (base {base}, BLOCK {BLOCK})"
+                err = (on - randn(key, base + torch.arange(n))).abs().max().item()
+                assert err < 1e-6, err
         print("ok", err)
     """)
     env = dict(os.environ, TRITON_INTERPRET="1")
