@@ -77,5 +77,8 @@ def report() -> str:
     lines = []
     for name in BACKENDS:
         reason = why_unavailable(name)
-        lines.append(f"{name:7s} {'available' if reason is None else 'unavailable: ' + reason}")
+        lines.append(f"backend {name:7s} {'available' if reason is None else 'unavailable: ' + reason}")
+    device = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
+    lines.append(f"auto on {device.type}: {resolve('auto', device)}"
+                 + (f" (ANADP_BACKEND={os.environ['ANADP_BACKEND']} overrides)" if os.environ.get("ANADP_BACKEND") else ""))
     return "\n".join(lines)

@@ -58,6 +58,20 @@ def _finetune(args) -> int:
     return 0
 
 
+def _info(args) -> int:
+    """Versions, devices and which backends can run, with the reason where one cannot."""
+    import torch
+
+    from . import __version__
+    from .backend import report
+    print(f"anadp {__version__}, torch {torch.__version__}, python {sys.version.split()[0]}")
+    cuda = (f"{torch.cuda.device_count()} x {torch.cuda.get_device_name()}" if torch.cuda.is_available()
+            else f"none (torch CUDA build: {torch.version.cuda or 'no'})")
+    print(f"CUDA devices: {cuda}")
+    print(report())
+    return 0
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="anadp", description="DP fine-tuning with adaptive noise allocation")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -102,8 +116,9 @@ def main(argv=None) -> int:
     ft.add_argument("--batch-size", type=int, default=256, help="expected logical batch size of the DP runs")
     ft.add_argument("--out", default="finetune-out")
     ft.add_argument("--no-progress", action="store_true")
+    sub.add_parser("info", help="versions, devices, and which backends (torch, triton, cuda) can run and why not")
     args = parser.parse_args(argv)
-    return {"demo": _demo, "audit": _audit, "finetune": _finetune}[args.command](args)
+    return {"demo": _demo, "audit": _audit, "finetune": _finetune, "info": _info}[args.command](args)
 
 
 if __name__ == "__main__":

@@ -107,7 +107,9 @@ class DPOptimizer(Optimizer):
                 why = "non-contiguous parameters"
             if why is None and self.distributed:
                 why = "distributed training (the all-reduce needs the clipped sums)"
-        self._fused_update = self.kernels is not None and why is None and hasattr(self.kernels, "multi_tensor_update")
+        self._fused_update = self.kernels is not None and why is None
+        # Linear weights in the clipped-GEMM kernel (triton); the cuda backend forms their sums with torch
+        self._fused_gemm = self._fused_update and hasattr(self.kernels, "clipped_linear_update")
         if self.backend != "torch" and why is not None:
             warnings.warn(f"backend {self.backend!r}: {why}: the update runs in torch"
                           + ("" if self.kernels is not None else ", and so do the norms"))
@@ -191,7 +193,7 @@ class DPOptimizer(Optimizer):
             i = self.index.get(p)
             if i is None:
                 continue
-            if self._fused_update and len(recs) == 1 and isinstance(recs[0], LinearRecord):
+            if self._fused_gemm and len(recs) == 1 and isinstance(recs[0], LinearRecord):
                 self._deferred[i] = (recs[0], c * batch.scale)
                 continue
             s = batch.clipped_sum(p, c)

@@ -8,6 +8,7 @@ Kept free of triton and CUDA so that it is tested on any machine.
 from __future__ import annotations
 
 import math
+from typing import NamedTuple
 
 import torch
 
@@ -105,6 +106,58 @@ def finish_step(optimizer: torch.optim.Optimizer, params) -> None:
     if kind_of(optimizer) == ADAM:
         for p in params:
             optimizer.state[p]["step"] += 1
+
+
+DTYPE_CODES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}  # parameter dtypes of the kernels
+
+
+def check_update_args(params: list, grads: list, ms: list, vs: list, kind: int) -> int:
+    """Validate a multi-tensor update (one parameter dtype and device, float32 contiguous grads
+    and state shaped as the parameters); returns the parameters' dtype code."""
+    dtypes = {p.dtype for p in params}
+    if len(dtypes) != 1 or next(iter(dtypes)) not in DTYPE_CODES:
+        raise TypeError(f"multi_tensor_update: one parameter dtype among float32/bfloat16/float16 per launch, got {dtypes}")
+    if kind not in (SGD, ADAM):
+        raise ValueError(f"multi_tensor_update: kind must be SGD ({SGD}) or ADAM ({ADAM}), got {kind}")
+    if not len(params) == len(grads) == len(ms) == len(vs):
+        raise ValueError("multi_tensor_update: params, grads, ms and vs must have the same length")
+    device = params[0].device
+    for name, ts in (("grads", grads), ("ms", ms), ("vs", vs)):
+        for p, t in zip(params, ts):
+            if t is not None and (t.shape != p.shape or t.dtype != torch.float32 or not t.is_contiguous()
+                                  or t.device != device):
+                raise ValueError(f"multi_tensor_update: {name} must be contiguous float32 tensors shaped as the params")
+    if any(not p.is_contiguous() or p.device != device for p in params):
+        raise ValueError("multi_tensor_update: parameters must be contiguous and on one device")
+    if any(g is None for g in grads):
+        raise ValueError("multi_tensor_update: every tensor needs its clipped sum")
+    if kind == ADAM and any(m is None or v is None for m, v in zip(ms, vs)):
+        raise ValueError("multi_tensor_update: Adam needs both moments of every tensor")
+    return DTYPE_CODES[params[0].dtype]
+
+
+class Tables(NamedTuple):
+    """Everything a multi-tensor launch reads besides the hyperparameter rows, on the device."""
+    chunk_tensor: torch.Tensor  # (chunks,) int32
+    chunk_start: torch.Tensor   # (chunks,) int64
+    p_addr: torch.Tensor        # (tensors,) int64 data pointers
+    g_addr: torch.Tensor
+    m_addr: torch.Tensor        # a parameter's own pointer where it has no state (never read)
+    v_addr: torch.Tensor
+    numel: torch.Tensor         # (tensors,) int64
+    keys: torch.Tensor          # (tensors,) int64, the 64-bit Philox keys' bits
+
+
+def tables(params: list, grads: list, ms: list, vs: list, keys: list[int], chunk: int) -> Tables:
+    device = params[0].device
+
+    def addresses(ts):
+        return [(t if t is not None else p).data_ptr() for p, t in zip(params, ts)]
+
+    tensor, start = chunk_table([p.numel() for p in params], chunk)
+    ints = torch.tensor([addresses(params), addresses(grads), addresses(ms), addresses(vs),
+                         [p.numel() for p in params], [as_signed64(k) for k in keys]], dtype=torch.int64).to(device)
+    return Tables(tensor.to(device), start.to(device), *ints.unbind(0))
 
 
 def chunk_table(sizes: list[int], chunk: int = DEFAULT_CHUNK) -> tuple[torch.Tensor, torch.Tensor]:

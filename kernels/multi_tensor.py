@@ -23,7 +23,7 @@ _TL_DTYPE = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float
 
 
 @triton.jit
-def _multi_tensor_update_kernel(CHUNK_TENSOR, CHUNK_START, P_ADDR, G_ADDR, M_ADDR, V_ADDR, NUMEL, KEYS, ROWS, SENS,
+def _multi_tensor_update_kernel(CHUNK_TENSOR, CHUNK_START, P_ADDR, G_ADDR, M_ADDR, V_ADDR, NUMEL, KEYS, ROWS, SENS,  # U.Tables order
                                 P_DTYPE: tl.constexpr, KIND: tl.constexpr, HAS_NOISE: tl.constexpr,
                                 CHUNK: tl.constexpr, BLOCK: tl.constexpr):
     pid = tl.program_id(0)
@@ -54,34 +54,14 @@ def multi_tensor_update(params: list, grads: list, ms: list, vs: list, keys: lis
     if not params:
         empty = torch.zeros(0, dtype=torch.float32)
         return empty, empty.to(torch.int32)
-    dtypes = {p.dtype for p in params}
-    if len(dtypes) != 1 or next(iter(dtypes)) not in _TL_DTYPE:
-        raise TypeError(f"multi_tensor_update: one parameter dtype among float32/bfloat16/float16 per launch, got {dtypes}")
-    device = params[0].device
-    for name, ts in (("grads", grads), ("ms", ms), ("vs", vs)):
-        for p, t in zip(params, ts):
-            if t is not None and (t.shape != p.shape or t.dtype != torch.float32 or not t.is_contiguous()
-                                  or t.device != device):
-                raise ValueError(f"multi_tensor_update: {name} must be contiguous float32 tensors shaped as the params")
-    if any(not p.is_contiguous() for p in params):
-        raise ValueError("multi_tensor_update: parameters must be contiguous")
-    if kind == U.ADAM and any(m is None or v is None for m, v in zip(ms, vs)):
-        raise ValueError("multi_tensor_update: Adam needs both moments of every tensor")
-    tensor, start = U.chunk_table([p.numel() for p in params], chunk)
-    if tensor.numel() == 0:
-        return torch.zeros(0, dtype=torch.float32, device=device), tensor.to(device)
-
-    def addresses(ts):
-        return torch.tensor([(t if t is not None else p).data_ptr() for p, t in zip(params, ts)], dtype=torch.int64,
-                            device=device)
-
-    sens = torch.empty(tensor.numel(), dtype=torch.float32, device=device) if sens is None else sens
-    numel = torch.tensor([p.numel() for p in params], dtype=torch.int64, device=device)
-    key_t = torch.tensor([U.as_signed64(k) for k in keys], dtype=torch.int64, device=device)
-    tensor, start = tensor.to(device), start.to(device)
-    _multi_tensor_update_kernel[(tensor.numel(),)](
-        tensor, start, addresses(params), addresses(grads), addresses(ms), addresses(vs), numel, key_t,
-        rows.to(device=device, dtype=torch.float32).contiguous(), sens,
+    U.check_update_args(params, grads, ms, vs, kind)
+    t = U.tables(params, grads, ms, vs, keys, chunk)
+    n = t.chunk_tensor.numel()
+    sens = torch.empty(n, dtype=torch.float32, device=params[0].device) if sens is None else sens
+    if n == 0:
+        return sens, t.chunk_tensor
+    _multi_tensor_update_kernel[(n,)](
+        *t, rows.to(device=params[0].device, dtype=torch.float32).contiguous(), sens,
         P_DTYPE=_TL_DTYPE[params[0].dtype], KIND=kind, HAS_NOISE=has_noise, CHUNK=chunk,
         BLOCK=min(chunk, 1024))
-    return sens, tensor
+    return sens, t.chunk_tensor

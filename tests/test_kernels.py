@@ -1,6 +1,8 @@
-"""Every Triton kernel against its torch reference, on small awkward shapes
-(not multiples of any block size). Without a GPU they run under
-TRITON_INTERPRET=1 (see conftest.py) on CPU tensors; with one, on CUDA.
+"""Every kernel against its torch reference, on small awkward shapes (not
+multiples of any block size). The Triton kernels run under TRITON_INTERPRET=1 on
+CPU tensors without a GPU (see conftest.py), on CUDA with one; the CUDA
+extension's kernels (same functions, ``anadp.cuda_ops``) run where it is built
+and a GPU is there, and are skipped, with the reason, elsewhere.
 
 Outputs that are only written (norms, sensitivity partials) are filled with NaN
 before the launch; in-place updates (parameters, moments) are checked element
@@ -16,10 +18,21 @@ triton = pytest.importorskip("triton")
 from anadp import philox  # noqa: E402
 from anadp import update_table as U  # noqa: E402
 from anadp.kernels.fused_linear import n_tiles  # noqa: E402
-from anadp.kernels import clipped_linear_update, embedding_sq_norms, linear_sq_norms, multi_tensor_update  # noqa: E402
+from anadp.kernels import clipped_linear_update  # noqa: E402
+from anadp.backend import kernels as backend_kernels  # noqa: E402
+from anadp.backend import why_unavailable  # noqa: E402
 from anadp.records import EmbeddingRecord, LinearRecord  # noqa: E402
 
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+@pytest.fixture(params=["triton", "cuda"])
+def k(request):
+    """The kernels of one backend (norms and the multi-tensor update exist in both)."""
+    why = why_unavailable(request.param, torch.device(DEV))
+    if why is not None:
+        pytest.skip(f"{request.param} backend: {why}")
+    return backend_kernels(request.param)
 SHAPES = [(3, 7, 19, 33), (3, 1, 19, 33), (2, 40, 5, 6), (1, 3, 70, 3)]
 
 
@@ -29,31 +42,31 @@ def nan(*shape):
 
 @pytest.mark.parametrize("B,T,d,p", SHAPES)
 @pytest.mark.parametrize("ghost", [True, False])
-def test_linear_norms(B, T, d, p, ghost):
+def test_linear_norms(k, B, T, d, p, ghost):
     g = torch.Generator().manual_seed(B * T + d)
     A, G = torch.randn(B, T, d, generator=g).to(DEV), torch.randn(B, T, p, generator=g).to(DEV)
     out, out_bias = nan(B), nan(B)
-    linear_sq_norms(A, G, out=out, out_bias=out_bias, ghost=ghost)
+    k.linear_sq_norms(A, G, out=out, out_bias=out_bias, ghost=ghost)
     assert rel_err(out, LinearRecord(A, G).sq_norm()) < 1e-5
     assert rel_err(out_bias, G.sum(1).pow(2).sum(1)) < 1e-5
 
 
-def test_linear_norms_bf16_and_cost_rule():
+def test_linear_norms_bf16_and_cost_rule(k):
     g = torch.Generator().manual_seed(1)
     A, G = torch.randn(3, 7, 19, generator=g).to(DEV), torch.randn(3, 7, 33, generator=g).to(DEV)
     ref = LinearRecord(A, G).sq_norm()
-    w, _ = linear_sq_norms(A.bfloat16(), G.bfloat16())  # ghost=None: the torch backend's rule
+    w, _ = k.linear_sq_norms(A.bfloat16(), G.bfloat16())  # ghost=None: the torch backend's rule
     assert rel_err(w, ref) < 1e-2
     A2, G2 = A[:, :1].contiguous(), G[:, :1].contiguous()
-    assert rel_err(linear_sq_norms(A2, G2)[0], LinearRecord(A2, G2).sq_norm()) < 1e-5
+    assert rel_err(k.linear_sq_norms(A2, G2)[0], LinearRecord(A2, G2).sq_norm()) < 1e-5
 
 
-def test_embedding_norms_repeated_rows_and_padding():
+def test_embedding_norms_repeated_rows_and_padding(k):
     g = torch.Generator().manual_seed(2)
     idx = torch.randint(0, 5, (3, 37), generator=g).to(DEV)  # many repeats, T > one tile
     rec = EmbeddingRecord(idx, torch.randn(3, 37, 19, generator=g).to(DEV), 5, padding_idx=2)
     out = nan(3)
-    embedding_sq_norms(rec.idx, rec.G, out=out)
+    k.embedding_sq_norms(rec.idx, rec.G, out=out)
     assert rel_err(out, rec.sq_norm()) < 1e-5
 
 
@@ -130,7 +143,7 @@ SIZES = [(33,), (7, 19), (1,), (3, 100)]
 
 @pytest.mark.parametrize("kind", ["nesterov", "plain_sgd", "adam", "adamw"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
-def test_multi_tensor_update(kind, dtype):
+def test_multi_tensor_update(k, kind, dtype):
     """One launch over tensors of awkward sizes, chunks of 64 elements (tensors span several)."""
     g = torch.Generator().manual_seed(5)
     inits = [torch.randn(s, generator=g).to(DEV) for s in SIZES]
@@ -148,7 +161,7 @@ def test_multi_tensor_update(kind, dtype):
         opt_ref.step()
         states = [_kernel_state(opt, o, stds[i], inv) for i, o in enumerate(outs)]
         n_chunks = sum(-(-o.numel() // 64) for o in outs)
-        sens, owner = multi_tensor_update(outs, sums, [s[0] for s in states], [s[1] for s in states], keys,
+        sens, owner = k.multi_tensor_update(outs, sums, [s[0] for s in states], [s[1] for s in states], keys,
                                           torch.stack([s[2] for s in states]), kind=U.kind_of(opt), chunk=64,
                                           sens=nan(n_chunks))
         U.finish_step(opt, outs)
@@ -157,25 +170,28 @@ def test_multi_tensor_update(kind, dtype):
         assert rel_err(per_tensor, torch.stack(sens_ref)) < tol
         for r, o in zip(refs, outs):
             assert rel_err(o.float(), r) < tol
-            for k, s in opt_ref.state[r].items():
-                assert rel_err(opt.state[o][k], s) < tol, k
+            for name, s in opt_ref.state[r].items():
+                assert rel_err(opt.state[o][name], s) < tol, name
 
 
-def _noise_through_multi_tensor(shape, chunk, seed, step, group):
+def _noise_through_multi_tensor(k, shape, chunk, seed, step, group):
     """z from the kernel: plain SGD with lr 1 on a zero gradient turns p into p - z."""
     p = torch.zeros(shape, device=DEV)
     row = torch.zeros(1, U.N_COLS, device=DEV)
     row[0, U.LR], row[0, U.NOISE_STD], row[0, U.INV_DENOM] = 1.0, 1.0, 1.0
-    multi_tensor_update([p], [torch.zeros(shape, device=DEV)], [None], [None], [philox.group_key(seed, step, group)],
-                        row, kind=U.SGD, chunk=chunk)
+    k.multi_tensor_update([p], [torch.zeros(shape, device=DEV)], [None], [None], [philox.group_key(seed, step, group)],
+                          row, kind=U.SGD, chunk=chunk)
     return -p
 
 
-def test_kernel_noise_is_the_torch_stream_whatever_the_tiling():
+def test_multi_tensor_noise_is_the_torch_stream_whatever_the_chunking(k):
     ref = philox.gaussian(2**64 - 5, 3, 7, (37, 29), device=DEV)  # a key above 2**63 too
     for chunk in (64, 1024, 1 << 16):
-        assert (_noise_through_multi_tensor((37, 29), chunk, 2**64 - 5, 3, 7) - ref).abs().max() < 1e-6
-    # the GEMM kernel's epilogue: c = 0, so its update is the noise alone; W stored (19, 33) (Conv1D layout)
+        assert (_noise_through_multi_tensor(k, (37, 29), chunk, 2**64 - 5, 3, 7) - ref).abs().max() < 1e-6
+
+
+def test_gemm_epilogue_noise_is_the_torch_stream():
+    """c = 0, so the update is the noise alone; W stored (19, 33) (Conv1D layout)."""
     W = torch.zeros(19, 33, device=DEV)
     row = torch.zeros(U.N_COLS, device=DEV)
     row[U.LR], row[U.NOISE_STD], row[U.INV_DENOM] = 1.0, 1.0, 1.0
@@ -184,16 +200,24 @@ def test_kernel_noise_is_the_torch_stream_whatever_the_tiling():
     assert (-W - philox.gaussian(1, 2, 3, (19, 33), device=DEV)).abs().max() < 1e-6
 
 
-def test_kernel_input_errors():
+def test_kernel_input_errors(k):
     A, G = torch.randn(3, 7, 19, device=DEV), torch.randn(3, 7, 33, device=DEV)
     with pytest.raises(ValueError, match="same B, T"):
-        linear_sq_norms(A, G[:2])
+        k.linear_sq_norms(A, G[:2])
+    row = torch.zeros(1, U.N_COLS, device=DEV)
+    with pytest.raises(ValueError, match="Adam needs both moments"):
+        k.multi_tensor_update([torch.zeros(3, device=DEV)], [torch.zeros(3, device=DEV)], [None], [None], [1], row,
+                              kind=U.ADAM)
+    with pytest.raises(TypeError, match="one parameter dtype"):
+        k.multi_tensor_update([torch.zeros(3, device=DEV), torch.zeros(3, device=DEV).half()],
+                              [torch.zeros(3, device=DEV)] * 2, [None] * 2, [None] * 2, [1, 2], row, kind=U.SGD)
+
+
+def test_gemm_input_errors():
+    A, G = torch.randn(3, 7, 19, device=DEV), torch.randn(3, 7, 33, device=DEV)
     row = torch.zeros(U.N_COLS, device=DEV)
     with pytest.raises(ValueError, match="does not match"):
         clipped_linear_update(A, G, torch.ones(3, device=DEV), torch.zeros(19, 33, device=DEV), kind=U.SGD, row=row, key=1)
     with pytest.raises(TypeError, match="float32, bfloat16 or float16"):
         clipped_linear_update(A, G, torch.ones(3, device=DEV), torch.zeros(33, 19, dtype=torch.float64, device=DEV),
                               kind=U.SGD, row=row, key=1)
-    with pytest.raises(ValueError, match="Adam needs both moments"):
-        multi_tensor_update([torch.zeros(3, device=DEV)], [torch.zeros(3, device=DEV)], [None], [None], [1],
-                            row[None], kind=U.ADAM)

@@ -1,0 +1,80 @@
+// pybind11 bindings of the csrc/ kernels (module anadp._cuda). Argument checks
+// that need no GPU (shapes, chunk tables, dtype codes) live in anadp/cuda_ops.py
+// and anadp/update_table.py, where the CPU tests reach them; here: device,
+// dtype and contiguity of what reaches a raw pointer.
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#include <torch/extension.h>
+
+#include "launchers.h"
+
+namespace {
+
+void check(const torch::Tensor& t, const char* name, torch::ScalarType dtype) {
+  TORCH_CHECK(t.is_cuda(), name, " must be a CUDA tensor");
+  TORCH_CHECK(t.scalar_type() == dtype, name, " must be ", c10::toString(dtype), ", got ", t.scalar_type());
+  TORCH_CHECK(t.is_contiguous(), name, " must be contiguous");
+}
+
+void ok(cudaError_t e) { TORCH_CHECK(e == cudaSuccess, "anadp CUDA kernel launch failed: ", cudaGetErrorString(e)); }
+
+void multi_tensor_update(torch::Tensor chunk_tensor, torch::Tensor chunk_start, torch::Tensor p_addr,
+                         torch::Tensor g_addr, torch::Tensor m_addr, torch::Tensor v_addr, torch::Tensor numel,
+                         torch::Tensor keys, torch::Tensor rows, torch::Tensor sens, int64_t dtype, int64_t kind,
+                         bool noise, int64_t chunk) {
+  check(chunk_tensor, "chunk_tensor", torch::kInt32);
+  for (auto* t : {&chunk_start, &p_addr, &g_addr, &m_addr, &v_addr, &numel, &keys}) check(*t, "table", torch::kInt64);
+  check(rows, "rows", torch::kFloat32);
+  check(sens, "sens", torch::kFloat32);
+  TORCH_CHECK(chunk_start.numel() == chunk_tensor.numel() && sens.numel() == chunk_tensor.numel(),
+              "chunk tables and sens must have one entry per chunk");
+  TORCH_CHECK(chunk > 0, "chunk must be > 0");
+  const c10::cuda::CUDAGuard guard(sens.device());
+  ok(anadp::launch_multi_tensor_update(
+      static_cast<int>(dtype), static_cast<int>(kind), noise, chunk_tensor.numel(), chunk,
+      chunk_tensor.data_ptr<int32_t>(), chunk_start.data_ptr<int64_t>(), p_addr.data_ptr<int64_t>(),
+      g_addr.data_ptr<int64_t>(), m_addr.data_ptr<int64_t>(), v_addr.data_ptr<int64_t>(), numel.data_ptr<int64_t>(),
+      keys.data_ptr<int64_t>(), rows.data_ptr<float>(), sens.data_ptr<float>(), c10::cuda::getCurrentCUDAStream()));
+}
+
+void linear_sq_norms(torch::Tensor A, torch::Tensor G, torch::Tensor w_part, torch::Tensor b_part, bool ghost) {
+  TORCH_CHECK(A.is_cuda() && G.is_cuda() && A.dim() == 3 && G.dim() == 3, "A, G: CUDA tensors (B, T, d), (B, T, p)");
+  TORCH_CHECK(A.scalar_type() == torch::kFloat32 && G.scalar_type() == torch::kFloat32, "A, G must be float32");
+  TORCH_CHECK(A.stride(2) == 1 && G.stride(2) == 1, "A, G need unit stride in the last dim");
+  check(w_part, "w_part", torch::kFloat32);
+  check(b_part, "b_part", torch::kFloat32);
+  const c10::cuda::CUDAGuard guard(A.device());
+  ok(anadp::launch_linear_sq_norms(ghost, A.size(0), A.size(1), A.size(2), G.size(2), A.data_ptr<float>(), A.stride(0),
+                                   A.stride(1), G.data_ptr<float>(), G.stride(0), G.stride(1), w_part.data_ptr<float>(),
+                                   b_part.data_ptr<float>(), c10::cuda::getCurrentCUDAStream()));
+}
+
+void embedding_sq_norms(torch::Tensor idx, torch::Tensor G, torch::Tensor part) {
+  TORCH_CHECK(idx.is_cuda() && idx.scalar_type() == torch::kInt64 && idx.dim() == 2, "idx: int64 CUDA tensor (B, T)");
+  TORCH_CHECK(G.is_cuda() && G.scalar_type() == torch::kFloat32 && G.dim() == 3 && G.stride(2) == 1,
+              "G: float32 CUDA tensor (B, T, d) with unit stride in the last dim");
+  check(part, "part", torch::kFloat32);
+  const c10::cuda::CUDAGuard guard(G.device());
+  ok(anadp::launch_embedding_sq_norms(G.size(0), G.size(1), G.size(2), idx.data_ptr<int64_t>(), idx.stride(0),
+                                      idx.stride(1), G.data_ptr<float>(), G.stride(0), G.stride(1),
+                                      part.data_ptr<float>(), c10::cuda::getCurrentCUDAStream()));
+}
+
+torch::Tensor philox_randint(int64_t key, torch::Tensor offsets) {
+  check(offsets, "offsets", torch::kInt64);
+  auto out = torch::empty({2, offsets.numel()}, offsets.options().dtype(torch::kInt32));
+  const c10::cuda::CUDAGuard guard(offsets.device());
+  ok(anadp::launch_philox_randint(static_cast<uint64_t>(key), offsets.numel(), offsets.data_ptr<int64_t>(),
+                                  out.data_ptr<int32_t>(), c10::cuda::getCurrentCUDAStream()));
+  return out;
+}
+
+}  // namespace
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.doc() = "anadp CUDA kernels: multi-tensor noise + update, per-sample norms, Philox";
+  m.def("multi_tensor_update", &multi_tensor_update);
+  m.def("linear_sq_norms", &linear_sq_norms);
+  m.def("embedding_sq_norms", &embedding_sq_norms);
+  m.def("philox_randint", &philox_randint);
+}

@@ -1,0 +1,33 @@
+// Host launchers of the csrc/ kernels: raw device pointers and a stream, so that
+// the .cu files need no torch headers (bindings.cpp adapts tensors to them).
+#pragma once
+#include <cstdint>
+#include <cuda_runtime.h>
+
+namespace anadp {
+
+constexpr int kThreads = 256;
+
+// dtype: 0 float32, 1 bfloat16, 2 float16 (parameters; grads and state are float32). kind: 0 SGD, 1 Adam.
+cudaError_t launch_multi_tensor_update(int dtype, int kind, bool noise, int64_t n_chunks, int64_t chunk,
+                                       const int32_t* chunk_tensor, const int64_t* chunk_start,
+                                       const int64_t* p_addr, const int64_t* g_addr, const int64_t* m_addr,
+                                       const int64_t* v_addr, const int64_t* numel, const int64_t* keys,
+                                       const float* rows, float* sens, cudaStream_t stream);
+
+// per-sample squared norms; A (B, T, d), G (B, T, p) float32, unit stride in the last dim.
+// ghost: partials (B, T); instantiated: partials (B, ceil(p / kPTile)); the caller sums dim 1.
+constexpr int kPTile = 8;
+cudaError_t launch_linear_sq_norms(bool ghost, int64_t B, int64_t T, int64_t d, int64_t p, const float* A,
+                                   int64_t stride_ab, int64_t stride_at, const float* G, int64_t stride_gb,
+                                   int64_t stride_gt, float* w_part, float* b_part, cudaStream_t stream);
+
+// embedding: idx (B, T) int64, G (B, T, d) float32; partials (B, T)
+cudaError_t launch_embedding_sq_norms(int64_t B, int64_t T, int64_t d, const int64_t* idx, int64_t stride_ib,
+                                      int64_t stride_it, const float* G, int64_t stride_gb, int64_t stride_gt,
+                                      float* part, cudaStream_t stream);
+
+// the first two uint32 words of tl.randint4x(key, offsets[i]) (bit-equality tests)
+cudaError_t launch_philox_randint(uint64_t key, int64_t n, const int64_t* offsets, int32_t* out, cudaStream_t stream);
+
+}  // namespace anadp

@@ -1,0 +1,95 @@
+// Noise + optimizer update + ANADP sensitivity for a list of tensors in one launch
+// (apex's multi_tensor_apply idea): block c handles chunk c of tensor chunk_tensor[c].
+// Reference: the torch backend (DPOptimizer.privatize + NoiseAllocator + torch's step);
+// the same kernel in Triton: kernels/multi_tensor.py.
+#include "launchers.h"
+#include "philox.cuh"
+#include "update.cuh"
+
+namespace anadp {
+
+template <typename P, int KIND, bool NOISE>
+__global__ void multi_tensor_update_kernel(int64_t chunk, const int32_t* __restrict__ chunk_tensor,
+                                           const int64_t* __restrict__ chunk_start, const int64_t* p_addr,
+                                           const int64_t* g_addr, const int64_t* m_addr, const int64_t* v_addr,
+                                           const int64_t* numel, const int64_t* keys, const float* rows,
+                                           float* sens) {
+  const int t = chunk_tensor[blockIdx.x];
+  const int64_t start = chunk_start[blockIdx.x];
+  const int64_t end = min(start + chunk, numel[t]);
+  P* p = reinterpret_cast<P*>(p_addr[t]);
+  const float* g = reinterpret_cast<const float*>(g_addr[t]);
+  float* m = reinterpret_cast<float*>(m_addr[t]);
+  float* v = reinterpret_cast<float*>(v_addr[t]);
+  const uint64_t key = static_cast<uint64_t>(keys[t]);
+  const float* row = rows + static_cast<int64_t>(t) * N_COLS;
+  float local = 0.0f;
+  for (int64_t e = start + threadIdx.x; e < end; e += blockDim.x) {
+    float grad = g[e];
+    if (NOISE) grad += row[NOISE_STD] * randn(key, static_cast<uint64_t>(e));
+    grad *= row[INV_DENOM];
+    float w = to_float(p[e]);
+    local += fabsf(w * grad);
+    if (KIND == SGD) {
+      float unused = 0.0f;
+      w = sgd(w, grad, row[BETA1] != 0.0f ? m + e : &unused, row);
+    } else {
+      w = adam(w, grad, m + e, v + e, row);
+    }
+    p[e] = from_float<P>(w);
+  }
+  const float total = block_sum(local);
+  if (threadIdx.x == 0) sens[blockIdx.x] = total;
+}
+
+template <typename P>
+static cudaError_t launch_typed(int kind, bool noise, int64_t n_chunks, int64_t chunk, const int32_t* ct,
+                                const int64_t* cs, const int64_t* pa, const int64_t* ga, const int64_t* ma,
+                                const int64_t* va, const int64_t* numel, const int64_t* keys, const float* rows,
+                                float* sens, cudaStream_t stream) {
+  const dim3 grid(static_cast<unsigned>(n_chunks)), block(kThreads);
+  if (kind == SGD && noise)
+    multi_tensor_update_kernel<P, SGD, true><<<grid, block, 0, stream>>>(chunk, ct, cs, pa, ga, ma, va, numel, keys, rows, sens);
+  else if (kind == SGD)
+    multi_tensor_update_kernel<P, SGD, false><<<grid, block, 0, stream>>>(chunk, ct, cs, pa, ga, ma, va, numel, keys, rows, sens);
+  else if (noise)
+    multi_tensor_update_kernel<P, ADAM, true><<<grid, block, 0, stream>>>(chunk, ct, cs, pa, ga, ma, va, numel, keys, rows, sens);
+  else
+    multi_tensor_update_kernel<P, ADAM, false><<<grid, block, 0, stream>>>(chunk, ct, cs, pa, ga, ma, va, numel, keys, rows, sens);
+  return cudaGetLastError();
+}
+
+cudaError_t launch_multi_tensor_update(int dtype, int kind, bool noise, int64_t n_chunks, int64_t chunk,
+                                       const int32_t* chunk_tensor, const int64_t* chunk_start,
+                                       const int64_t* p_addr, const int64_t* g_addr, const int64_t* m_addr,
+                                       const int64_t* v_addr, const int64_t* numel, const int64_t* keys,
+                                       const float* rows, float* sens, cudaStream_t stream) {
+  if (n_chunks == 0) return cudaSuccess;
+  if (kind != SGD && kind != ADAM) return cudaErrorInvalidValue;
+  switch (dtype) {
+    case 0: return launch_typed<float>(kind, noise, n_chunks, chunk, chunk_tensor, chunk_start, p_addr, g_addr,
+                                       m_addr, v_addr, numel, keys, rows, sens, stream);
+    case 1: return launch_typed<__nv_bfloat16>(kind, noise, n_chunks, chunk, chunk_tensor, chunk_start, p_addr,
+                                               g_addr, m_addr, v_addr, numel, keys, rows, sens, stream);
+    case 2: return launch_typed<__half>(kind, noise, n_chunks, chunk, chunk_tensor, chunk_start, p_addr, g_addr,
+                                        m_addr, v_addr, numel, keys, rows, sens, stream);
+    default: return cudaErrorInvalidValue;
+  }
+}
+
+__global__ void philox_randint_kernel(uint64_t key, int64_t n, const int64_t* offsets, int32_t* out) {
+  const int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x;
+  if (i >= n) return;
+  uint32_t w0, w1;
+  randint2(key, static_cast<uint64_t>(offsets[i]), w0, w1);
+  out[i] = static_cast<int32_t>(w0);
+  out[n + i] = static_cast<int32_t>(w1);
+}
+
+cudaError_t launch_philox_randint(uint64_t key, int64_t n, const int64_t* offsets, int32_t* out, cudaStream_t stream) {
+  if (n == 0) return cudaSuccess;
+  philox_randint_kernel<<<static_cast<unsigned>((n + kThreads - 1) / kThreads), kThreads, 0, stream>>>(key, n, offsets, out);
+  return cudaGetLastError();
+}
+
+}  // namespace anadp
