@@ -105,6 +105,8 @@ class DPOptimizer(Optimizer):
             why = U.unsupported_reason(self.original_optimizer)
             if why is None and any(not p.is_contiguous() for p in self.params):
                 why = "non-contiguous parameters"
+            if why is None and not self.params:
+                why = "no trainable parameters in the optimizer"
             if why is None and self.distributed:
                 why = "distributed training (the all-reduce needs the clipped sums)"
         self._fused_update = self.kernels is not None and why is None
