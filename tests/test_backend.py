@@ -172,3 +172,28 @@ def test_fused_step_launches_one_gemm_per_linear_weight_and_one_multi_tensor_ker
     # 2 Linear weights in the GEMM kernel; 2 biases + LayerNorm weight and bias in one multi-tensor launch
     assert calls == {"gemm": 2, "multi": 1}
     assert all(p.grad is None for p in model.parameters())  # the update never goes through .grad
+
+
+def test_gpt2_lm_with_tied_head_on_triton_equals_torch(monkeypatch):
+    """wte is both the token embedding and the LM head: two records, so its norm takes the
+    cross term in torch and its update goes through the multi-tensor kernel."""
+    pytest.importorskip("triton")
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    def run(backend):
+        torch.manual_seed(0)
+        model = GPT2LMHeadModel(GPT2Config(vocab_size=50, n_embd=16, n_layer=2, n_head=2, n_positions=16,
+                                           bos_token_id=1, eos_token_id=1, loss_type="ForCausalLM")).to(DEV)
+        dl = DataLoader(TensorDataset(torch.randint(1, 50, (40, 7))), batch_size=10)
+        model, opt, dl = make_private(model, torch.optim.AdamW(model.parameters(), lr=1e-2), dl, max_grad_norm=0.5,
+                                      noise_multiplier=1.0, seed=3, backend=backend,
+                                      allocation_config=AllocationConfig(warmup_steps=1))
+        it = iter(dl)
+        while opt.step_count < 3:
+            (x,) = next(it)
+            model(input_ids=x.to(DEV), labels=x.to(DEV)).loss.backward()  # equal lengths: token mean = sample mean
+            opt.step()
+            opt.zero_grad()
+        return torch.cat([p.detach().flatten() for p in model.parameters()])
+
+    assert rel_err(run("triton"), run("torch")) < 1e-5
