@@ -28,7 +28,7 @@ fi
 
 # the CUDA extension, where nvcc and a GPU are there and it is not built yet
 if [[ -z "$DRY" ]] && command -v nvcc >/dev/null && ! "$PY" -c "import anadp._cuda" 2>/dev/null; then
-    ANADP_BUILD_CUDA=1 timeout 300 "$PY" setup.py build_ext --inplace > "$OUT_DIR/cuda-build.log" 2>&1 \
+    ANADP_BUILD_CUDA=1 timeout 240 "$PY" setup.py build_ext --inplace > "$OUT_DIR/cuda-build.log" 2>&1 \
         || echo "CUDA extension did not build (see $OUT_DIR/cuda-build.log): cuda rows skipped"
 fi
 

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import gc
 import json
 import os
 import platform
@@ -84,6 +85,7 @@ def step_rows(cfg: Config, steps: int, warmup: int) -> list[dict]:
                 row["error"] = f"{type(e).__name__}: {str(e)[:160]}"
             finally:
                 model = step = None
+                gc.collect()  # hooks make reference cycles: free the last method's model before the next
                 if DEV.type == "cuda":
                     torch.cuda.empty_cache()
         rows.append(row)
