@@ -12,6 +12,17 @@ import os
 import torch
 
 BACKENDS = ("torch", "triton", "cuda")
+# first Triton seen (source read: 3.6; tested: 3.9) whose randint4x puts an int64 offset's
+# high word in the second counter word; older ones run Philox4x64 on int64 offsets
+MIN_TRITON = (3, 6)
+
+
+def _version(text: str) -> tuple:
+    parts = []
+    for piece in text.split("+")[0].split(".")[:2]:
+        digits = "".join(ch for ch in piece if ch.isdigit())
+        parts.append(int(digits or 0))
+    return tuple(parts)
 
 
 class BackendUnavailableError(RuntimeError):
@@ -28,9 +39,12 @@ def why_unavailable(name: str, device: torch.device | None = None) -> str | None
         return None
     if name == "triton":
         try:
-            import triton  # noqa: F401
+            import triton
         except ImportError as e:
             return f"triton is not installed ({e}); pip install triton"
+        if _version(triton.__version__) < MIN_TRITON:
+            return (f"triton {triton.__version__} is older than {'.'.join(map(str, MIN_TRITON))}, whose tl.randn "
+                    "splits 64-bit offsets into the Philox counter the other backends use")
         on_gpu = torch.cuda.is_available() if device is None else device.type == "cuda"
         if not on_gpu and not _interpreting():
             return ("triton kernels need CUDA tensors" if device is not None else "no CUDA device") + \

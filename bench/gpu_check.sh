@@ -14,13 +14,15 @@ DRY=""
 [[ "${1:-}" == "--dry-run" ]] && DRY="--dry-run"
 OUT_DIR="${OUT:-bench/results}"
 mkdir -p "$OUT_DIR"
-PY="${PYTHON:-python}"
+PY="${PYTHON:-python3}"
 
 if ! "$PY" -c "import opacus" 2>/dev/null; then
     shopt -s nullglob
     wheels=(.whl/opacus-*.whl)
-    if (( ${#wheels[@]} )); then
-        "$PY" -m pip install -q --no-deps --no-index "${wheels[@]}" || echo "opacus wheel did not install: no Opacus rows"
+    if (( ${#wheels[@]} )); then  # as the device README says: into a side folder on PYTHONPATH
+        "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site \
+            "${wheels[@]}" && export PYTHONPATH="/tmp/site${PYTHONPATH:+:$PYTHONPATH}" \
+            || echo "opacus wheel did not install: no Opacus rows"
     else
         echo "opacus not installed and no .whl/opacus-*.whl: no Opacus rows"
     fi

@@ -197,3 +197,12 @@ def test_gpt2_lm_with_tied_head_on_triton_equals_torch(monkeypatch):
         return torch.cat([p.detach().flatten() for p in model.parameters()])
 
     assert rel_err(run("triton"), run("torch")) < 1e-5
+
+
+def test_an_old_triton_is_refused_with_the_reason(monkeypatch):
+    triton = pytest.importorskip("triton")
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    monkeypatch.setattr(triton, "__version__", "3.2.0")
+    assert "older than 3.6" in why_unavailable("triton", torch.device("cpu"))
+    monkeypatch.setattr(triton, "__version__", "3.10.0+git1234")  # 3.10 > 3.6, not "3.1"
+    assert why_unavailable("triton", torch.device("cpu")) is None
