@@ -206,3 +206,15 @@ def test_an_old_triton_is_refused_with_the_reason(monkeypatch):
     assert "older than 3.6" in why_unavailable("triton", torch.device("cpu"))
     monkeypatch.setattr(triton, "__version__", "3.10.0+git1234")  # 3.10 > 3.6, not "3.1"
     assert why_unavailable("triton", torch.device("cpu")) is None
+
+
+def test_info_lists_every_backend_and_why_not(capsys, monkeypatch):
+    from anadp.cli import main
+    monkeypatch.delenv("ANADP_BACKEND", raising=False)
+    assert main(["info"]) == 0
+    out = capsys.readouterr().out
+    assert "backend torch   available" in out
+    for name in ("triton", "cuda"):
+        why = why_unavailable(name)
+        assert f"backend {name:7s} " + ("available" if why is None else f"unavailable: {why}") in out
+    assert f"auto on {'cuda' if torch.cuda.is_available() else 'cpu'}: " in out
