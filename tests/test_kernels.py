@@ -90,10 +90,12 @@ def _kernel_state(opt, p, std, inv_denom):
 
 @pytest.mark.parametrize("kind", ["sgd", "nesterov", "plain_sgd", "adam", "adamw"])
 @pytest.mark.parametrize("transposed", [False, True])
-def test_clipped_linear_update(kind, transposed):
+@pytest.mark.parametrize("B,T,d,p", [(3, 7, 19, 83), (5, 9, 70, 33)])
+def test_clipped_linear_update(kind, transposed, B, T, d, p):
     """Two steps of the clipped GEMM + noise + update kernel (the second with an earlier
-    physical batch's clipped sum as prior) against clipped_sum + Philox noise + torch's optimizer."""
-    B, T, d, p, std, inv = 3, 7, 19, 83, 0.7, 1 / 3.5  # p > one 64-wide tile
+    physical batch's clipped sum as prior) against clipped_sum + Philox noise + torch's optimizer.
+    Shapes: p over two 64-wide tiles; d over two tiles with B*T = 45 rows over two 32-row steps."""
+    std, inv = 0.7, 1 / 3.5
     g = torch.Generator().manual_seed(3)
     A, G = torch.randn(B, T, d, generator=g).to(DEV), torch.randn(B, T, p, generator=g).to(DEV)
     c = torch.rand(B, generator=g).to(DEV)
