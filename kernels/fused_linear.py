@@ -82,12 +82,10 @@ def clipped_linear_update(A: torch.Tensor, G: torch.Tensor, c: torch.Tensor, W: 
     G2 = G.reshape(B * T, p)
     A2 = A2 if A2.stride(-1) == 1 else A2.contiguous()
     G2 = G2 if G2.stride(-1) == 1 else G2.contiguous()
-    if kind == U.SGD and m is None:
-        m = W  # never read: momentum 0
-    if kind == U.SGD:
-        v = m
+    if kind == U.ADAM and (m is None or v is None):
+        raise ValueError("fused update: Adam needs both moments")
     for name, t in (("m", m), ("v", v), ("prior", prior)):
-        if t is not None and (t.shape != W.shape or t.dtype != torch.float32 or not t.is_contiguous()) and t is not W:
+        if t is not None and (t.shape != W.shape or t.dtype != torch.float32 or not t.is_contiguous()):
             raise ValueError(f"fused update: {name} must be a contiguous float32 tensor of W's shape")
     BP, BD, BK = _blocks(p, d, B * T)
     grid = (triton.cdiv(p, BP), triton.cdiv(d, BD))
@@ -97,8 +95,10 @@ def clipped_linear_update(A: torch.Tensor, G: torch.Tensor, c: torch.Tensor, W: 
         raise ValueError(f"sens must be float32 of shape ({grid[0] * grid[1]},) (n_tiles(p, d))")
     keys = torch.tensor([U.as_signed64(key)], dtype=torch.int64, device=W.device)
     stride_wp, stride_wd = (1, p) if transposed else (d, 1)
+    unused = W  # stands in for pointers the kernel never reads (no momentum, no second moment, no prior)
     _clipped_linear_update_kernel[grid](
-        A2, G2, c.to(torch.float32).contiguous(), W, m, v, prior if prior is not None else W, keys, row, sens,
+        A2, G2, c.to(torch.float32).contiguous(), W, unused if m is None else m, unused if v is None else v,
+        unused if prior is None else prior, keys, row, sens,
         B * T, T, d, p, A2.stride(0), G2.stride(0), stride_wp, stride_wd,
         KIND=kind, HAS_PRIOR=prior is not None, HAS_NOISE=has_noise, BP=BP, BD=BD, BK=BK)
     return sens

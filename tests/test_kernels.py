@@ -223,3 +223,6 @@ def test_gemm_input_errors():
     with pytest.raises(TypeError, match="float32, bfloat16 or float16"):
         clipped_linear_update(A, G, torch.ones(3, device=DEV), torch.zeros(33, 19, dtype=torch.float64, device=DEV),
                               kind=U.SGD, row=row, key=1)
+    with pytest.raises(ValueError, match="Adam needs both moments"):
+        clipped_linear_update(A, G, torch.ones(3, device=DEV), torch.zeros(33, 19, device=DEV), kind=U.ADAM, row=row,
+                              key=1, m=torch.zeros(33, 19, device=DEV))
