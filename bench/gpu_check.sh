@@ -2,7 +2,8 @@
 # The one command to run on a machine with a GPU (see README, "GPU check"):
 # the GPU tests (Triton and CUDA kernels against the torch backend, training runs on
 # each backend) and the step / kernel benchmark, written as gpu-check.{json,md} and
-# the test log under $OUT (bench/results/ when $OUT is unset). Under 8 minutes on an H200.
+# the test log under $OUT (bench/results/ when $OUT is unset). Sized for under 8 minutes on an
+# H200 (not yet run on one: no device in the tasks so far).
 #
 #   bash bench/gpu_check.sh             # on the GPU machine
 #   bash bench/gpu_check.sh --dry-run   # anywhere: CPU, Triton interpreter, tiny sizes (CI runs this)
