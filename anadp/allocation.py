@@ -86,12 +86,13 @@ class NoiseAllocator:
 
     @torch.no_grad()
     def update_importance(self, ipt: torch.Tensor) -> None:
-        """The same from the sensitivities I_g = mean_j |p_j * grad_j| (the fused kernels' output)."""
+        """The same from the sensitivities I_g = mean_j |p_j * grad_j| (the fused kernels' output,
+        on their device: copied to the host only when the allocation uses it)."""
         if self.mode == "uniform":
             self.updates += 1
             return
         c = self.config
-        ipt = ipt.double()
+        ipt = ipt.double().cpu()
         self.ipt_bar = c.beta1 * self.ipt_bar + (1 - c.beta1) * ipt
         self.unc_bar = c.beta2 * self.unc_bar + (1 - c.beta2) * (ipt - self.ipt_bar).abs()
         self.updates += 1

@@ -26,6 +26,12 @@ from .records import LinearRecord
 _FOREACH = (torch.optim.SGD, torch.optim.Adam, torch.optim.AdamW)
 
 
+def _delegated(name: str) -> property:
+    """An attribute read and written on the wrapped optimizer."""
+    return property(lambda self: getattr(self.original_optimizer, name),
+                    lambda self, value: setattr(self.original_optimizer, name, value))
+
+
 def _random_seed() -> int:
     return int.from_bytes(os.urandom(8), "little")
 
@@ -117,29 +123,9 @@ class DPOptimizer(Optimizer):
                           + ("" if self.kernels is not None else ", and so do the norms"))
 
     # torch.optim.Optimizer surface, delegated to the wrapped optimizer (LR schedulers use it)
-    @property
-    def param_groups(self):
-        return self.original_optimizer.param_groups
-
-    @param_groups.setter
-    def param_groups(self, value):
-        self.original_optimizer.param_groups = value
-
-    @property
-    def state(self):
-        return self.original_optimizer.state
-
-    @state.setter
-    def state(self, value):
-        self.original_optimizer.state = value
-
-    @property
-    def defaults(self):
-        return self.original_optimizer.defaults
-
-    @defaults.setter
-    def defaults(self, value):
-        self.original_optimizer.defaults = value
+    param_groups = _delegated("param_groups")
+    state = _delegated("state")
+    defaults = _delegated("defaults")
 
     def __repr__(self) -> str:
         return (f"DPOptimizer(sigma={self.noise_multiplier}, C={self.max_grad_norm}, "
@@ -198,17 +184,18 @@ class DPOptimizer(Optimizer):
             if self._fused_gemm and len(recs) == 1 and isinstance(recs[0], LinearRecord):
                 self._deferred[i] = (recs[0], c * batch.scale)
                 continue
-            s = batch.clipped_sum(p, c)
-            self._summed[i] = s if self._summed[i] is None else self._summed[i] + s
+            self._add_to_sum(i, batch.clipped_sum(p, c))
         self.last_per_sample_norms, self.last_clip_factors = norms, c
         self._chunks += 1
         self._logical_batches += int(batch.ends_logical)
         self._last_ends_logical = batch.ends_logical
 
+    def _add_to_sum(self, i: int, s: torch.Tensor) -> None:
+        self._summed[i] = s if self._summed[i] is None else self._summed[i] + s
+
     def _materialize_deferred(self) -> None:
         for i, (rec, c) in self._deferred.items():
-            s = rec.clipped_sum(c)
-            self._summed[i] = s if self._summed[i] is None else self._summed[i] + s
+            self._add_to_sum(i, rec.clipped_sum(c))
         self._deferred = {}
 
     # --- per logical batch ------------------------------------------------------------
@@ -341,7 +328,7 @@ class DPOptimizer(Optimizer):
             sens.index_add_(0, torch.tensor(idx, device=device)[owner.long()], s.double())
         U.finish_step(opt, self.params)
         self._charge(k)
-        self.allocator.update_importance((sens / self.allocator.sizes.to(device)).cpu())
+        self.allocator.update_importance(sens / self.allocator.sizes.to(device))
         self.step_count += 1
         self._reset_accumulation()
 
