@@ -19,6 +19,7 @@ import triton.language as tl
 from anadp import update_table as U
 
 from . import update
+from .launch import block_size, rows_contiguous
 
 
 @triton.jit
@@ -52,8 +53,7 @@ def _clipped_linear_update_kernel(
 
 
 def _blocks(p: int, d: int, rows: int) -> tuple[int, int, int]:
-    return (max(16, min(64, triton.next_power_of_2(p))), max(16, min(64, triton.next_power_of_2(d))),
-            max(16, min(32, triton.next_power_of_2(max(rows, 1)))))
+    return block_size(p), block_size(d), block_size(rows, hi=32)
 
 
 def n_tiles(p: int, d: int) -> int:
@@ -78,10 +78,8 @@ def clipped_linear_update(A: torch.Tensor, G: torch.Tensor, c: torch.Tensor, W: 
     p = G.shape[2]
     if W.shape != ((d, p) if transposed else (p, d)):
         raise ValueError(f"weight of shape {tuple(W.shape)} does not match A (.., {d}) and G (.., {p})")
-    A2 = A.reshape(B * T, d)
-    G2 = G.reshape(B * T, p)
-    A2 = A2 if A2.stride(-1) == 1 else A2.contiguous()
-    G2 = G2 if G2.stride(-1) == 1 else G2.contiguous()
+    A2 = rows_contiguous(A.reshape(B * T, d))
+    G2 = rows_contiguous(G.reshape(B * T, p))
     if kind == U.ADAM and (m is None or v is None):
         raise ValueError("fused update: Adam needs both moments")
     for name, t in (("m", m), ("v", v), ("prior", prior)):

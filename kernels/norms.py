@@ -21,6 +21,8 @@ import triton.language as tl
 
 from anadp.records import ghost_is_cheaper
 
+from .launch import block_size, rows_contiguous
+
 
 @triton.jit
 def _gram_tile(X, stride_t, T, i0, j0, K, BT: tl.constexpr, BK: tl.constexpr):
@@ -107,21 +109,13 @@ def _embedding_norm_kernel(IDX, G, OUT, T, d, stride_ib, stride_it, stride_gb, s
     tl.store(OUT + b * n_i + i, total)
 
 
-def _block(n: int, lo: int = 16, hi: int = 64) -> int:
-    return max(lo, min(hi, triton.next_power_of_2(n)))
-
-
-def _rows_contiguous(x: torch.Tensor) -> torch.Tensor:
-    return x if x.stride(-1) == 1 else x.contiguous()
-
-
 def linear_sq_norms(A: torch.Tensor, G: torch.Tensor, out: torch.Tensor | None = None,
                     out_bias: torch.Tensor | None = None, ghost: bool | None = None):
     """(B,) squared norms of the per-sample weight gradients G_b^T A_b and of the bias
     gradients sum_t G_b[t]; A (B, T, d), G (B, T, p). ``ghost=None``: the torch backend's cost rule."""
     if A.dim() != 3 or G.dim() != 3 or A.shape[:2] != G.shape[:2]:
         raise ValueError(f"need A (B, T, d) and G (B, T, p) with the same B, T; got {tuple(A.shape)}, {tuple(G.shape)}")
-    A, G = _rows_contiguous(A), _rows_contiguous(G)
+    A, G = rows_contiguous(A), rows_contiguous(G)
     B, T, d = A.shape
     p = G.shape[2]
     out = torch.empty(B, dtype=torch.float32, device=A.device) if out is None else out
@@ -131,19 +125,19 @@ def linear_sq_norms(A: torch.Tensor, G: torch.Tensor, out: torch.Tensor | None =
     if ghost is None:
         ghost = ghost_is_cheaper(T, d, p)
     if ghost:
-        BT = _block(T, hi=32)
+        BT = block_size(T, hi=32)
         n_i = triton.cdiv(T, BT)
         w_part = torch.empty(B, n_i, dtype=torch.float32, device=A.device)
         b_part = torch.empty_like(w_part)
         _ghost_norm_kernel[(B, n_i)](A, G, w_part, b_part, T, d, p, A.stride(0), A.stride(1), G.stride(0),
-                                     G.stride(1), n_i, BT=BT, BK=_block(max(d, p), hi=64))
+                                     G.stride(1), n_i, BT=BT, BK=block_size(max(d, p), hi=64))
     else:
-        BP = _block(p, hi=64)
+        BP = block_size(p, hi=64)
         n_i = triton.cdiv(p, BP)
         w_part = torch.empty(B, n_i, dtype=torch.float32, device=A.device)
         b_part = torch.empty_like(w_part)
         _instantiated_norm_kernel[(B, n_i)](A, G, w_part, b_part, T, d, p, A.stride(0), A.stride(1), G.stride(0),
-                                            G.stride(1), n_i, BP=BP, BD=_block(d, hi=64), BT=_block(T, hi=32))
+                                            G.stride(1), n_i, BP=BP, BD=block_size(d, hi=64), BT=block_size(T, hi=32))
     torch.sum(w_part, 1, out=out)
     torch.sum(b_part, 1, out=out_bias)
     return out, out_bias
@@ -154,15 +148,15 @@ def embedding_sq_norms(idx: torch.Tensor, G: torch.Tensor, out: torch.Tensor | N
     (rows of padding indices already zeroed in G, as ``EmbeddingRecord`` does)."""
     if idx.dim() != 2 or G.dim() != 3 or idx.shape != G.shape[:2]:
         raise ValueError(f"need idx (B, T) and G (B, T, d); got {tuple(idx.shape)}, {tuple(G.shape)}")
-    G = _rows_contiguous(G)
+    G = rows_contiguous(G)
     B, T, d = G.shape
     out = torch.empty(B, dtype=torch.float32, device=G.device) if out is None else out
     if B == 0:
         return out
-    BT = _block(T, hi=32)
+    BT = block_size(T, hi=32)
     n_i = triton.cdiv(T, BT)
     part = torch.empty(B, n_i, dtype=torch.float32, device=G.device)
     _embedding_norm_kernel[(B, n_i)](idx, G, part, T, d, idx.stride(0), idx.stride(1), G.stride(0), G.stride(1),
-                                     n_i, BT=BT, BK=_block(d, hi=64))
+                                     n_i, BT=BT, BK=block_size(d, hi=64))
     torch.sum(part, 1, out=out)
     return out
