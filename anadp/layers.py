@@ -35,6 +35,7 @@ class _LinearFn(torch.autograd.Function):
         x, weight = ctx.saved_tensors
         gx = None
         if ctx.needs_input_grad[0]:
+            weight = weight.to(g.dtype)  # under autocast g is 16-bit and the saved weight float32, as autocast would cast
             gx = g @ weight.t() if ctx.transposed else g @ weight
         ctx.on_backward(x, g)
         return gx, None, None, None, None

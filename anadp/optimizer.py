@@ -32,6 +32,11 @@ def _delegated(name: str) -> property:
                     lambda self, value: setattr(self.original_optimizer, name, value))
 
 
+def _sum_dtype(p: torch.Tensor) -> torch.dtype:
+    """The dtype a parameter's clipped sum and noisy gradient are kept in: float32 for 16-bit parameters."""
+    return torch.float32 if p.dtype in (torch.float16, torch.bfloat16) else p.dtype
+
+
 def _random_seed() -> int:
     return int.from_bytes(os.urandom(8), "little")
 
@@ -191,6 +196,7 @@ class DPOptimizer(Optimizer):
         self._last_ends_logical = batch.ends_logical
 
     def _add_to_sum(self, i: int, s: torch.Tensor) -> None:
+        s = s.to(_sum_dtype(self.params[i]))  # autocast leaves 16-bit sums for float32 parameters
         self._summed[i] = s if self._summed[i] is None else self._summed[i] + s
 
     def _materialize_deferred(self) -> None:
@@ -232,8 +238,7 @@ class DPOptimizer(Optimizer):
         for i, p in enumerate(self.params):
             g = self._summed[i]
             if g is None:
-                g = torch.zeros(p.shape, device=p.device,
-                                dtype=torch.float32 if p.dtype in (torch.float16, torch.bfloat16) else p.dtype)
+                g = torch.zeros(p.shape, device=p.device, dtype=_sum_dtype(p))
             if std > 0:
                 z = philox.gaussian(seed, self.step_count, self.noise_ids[i], p.shape, device=p.device)
                 g = g + (std * float(self.allocator.scales[i])) * z.to(g.dtype)
@@ -245,8 +250,7 @@ class DPOptimizer(Optimizer):
         """Sum the ranks' clipped sums in one all-reduce; the counters take their maximum
         (a rank whose share of the Poisson batch is empty may have had no backward)."""
         import torch.distributed as dist
-        summed = [torch.zeros_like(p, dtype=torch.float32 if p.dtype in (torch.float16, torch.bfloat16) else p.dtype)
-                  if s is None else s for p, s in zip(self.params, self._summed)]
+        summed = [torch.zeros_like(p, dtype=_sum_dtype(p)) if s is None else s for p, s in zip(self.params, self._summed)]
         flat = torch.cat([s.flatten().to(torch.float64) for s in summed])
         dist.all_reduce(flat)
         counts = torch.tensor([self._logical_batches, self._chunks], dtype=torch.int64, device=flat.device)

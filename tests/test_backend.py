@@ -54,7 +54,7 @@ def _gpt2():
         bos_token_id=1, eos_token_id=1))
 
 
-def _train(make, optimizer, steps=3, physical=None):
+def _train(make, optimizer, steps=3, physical=None, autocast=False):
     torch.manual_seed(0)
     model = make().to(DEV)
     X, Y = torch.randint(1, 50, (40, 7)), torch.randint(0, 3, (40,))
@@ -66,7 +66,9 @@ def _train(make, optimizer, steps=3, physical=None):
     it = iter(dl)
     while opt.step_count < steps:
         x, y = next(it)
-        torch.nn.functional.cross_entropy(model(x.to(DEV)).logits, y.to(DEV)).backward()
+        with torch.autocast(DEV, dtype=torch.bfloat16, enabled=autocast):
+            loss = torch.nn.functional.cross_entropy(model(x.to(DEV)).logits, y.to(DEV))
+        loss.backward()
         opt.step()
         opt.zero_grad()
     return torch.cat([p.detach().float().flatten() for p in model.parameters()]), opt
@@ -87,6 +89,18 @@ def test_three_steps_on_triton_equal_torch(monkeypatch, make, optimizer):
     assert (scales != 1).any() and rel_err(scales, torch.tensor(list(o_ref.noise_scales.values()))) < 1e-5
     # the torch optimizer's state is torch's own: a torch-backend step can continue from it
     assert all(float(o.original_optimizer.state[p]["step"]) == 3 for p in o.params) if optimizer == "adamw" else True
+
+
+def test_bf16_autocast_on_triton_equals_torch(monkeypatch):
+    """float32 weights, bf16 activations and output gradients: the 16-bit clipped sums of
+    biases and norms join float32 accumulators on both backends (the fused step refused them)."""
+    pytest.importorskip("triton")
+    monkeypatch.setenv("ANADP_BACKEND", "torch")
+    ref, _ = _train(_bert, "adamw", autocast=True)
+    monkeypatch.setenv("ANADP_BACKEND", "triton")
+    out, o = _train(_bert, "adamw", autocast=True)
+    assert o._fused_update and all(p.dtype == torch.float32 for p in o.params)
+    assert rel_err(out, ref) < 1e-5  # the same bf16 forward on both; only float32 sums differ in order
 
 
 def test_split_logical_batches_use_the_prior_sum(monkeypatch):
