@@ -3,16 +3,21 @@
     python -m bench.gpu_step [--dry-run] [--out DIR]
 
 Step (BERT-base-like: hidden 768, 12 layers, vocab 30522, B=32, T=256, AdamW,
-random weights, same data for all): non-private; anadp on the torch backend;
-anadp on the triton backend, uniform and ANADP; anadp on the cuda backend when
-the extension is built; Opacus hooks and ghost when opacus is installed.
-Median step time over --steps after warm-up steps, peak memory
-(torch.cuda.max_memory_allocated), ratios to non-private from the same run.
+random weights, same data for all), in float32 and under bf16 autocast (float32
+weights): non-private; anadp uniform and ANADP on the torch, triton and cuda
+backends (cuda when the extension is built); Opacus hooks and ghost when opacus
+is installed. Median step time over --steps after warm-up steps, peak memory
+(torch.cuda.max_memory_allocated), ratios to non-private of the same precision,
+all in one run. TF32 stays off (torch's default), so float32 GEMMs are true float32.
 
 Kernels: the multi-tensor noise + Adam update over N float32 elements
 (28 bytes per element: p, grad, m, v read; p, m, v written) against a
-device-to-device copy (8 bytes per element); the per-sample norm kernels against
-the torch backend's.
+device-to-device copy (8 bytes per element); the per-sample norm kernels and the
+clipped GEMM + noise + Adam kernel against the torch backend's norms and against
+the layer's own GEMMs (forward x W^T and the weight gradient G^T A).
+
+Profile: one step of non-private and of anadp ANADP (triton) per precision under
+torch.profiler, the kernels that take the most GPU time (gpu-profile.txt).
 
 --dry-run: tiny sizes on the CPU (Triton interpreter), so that CI keeps it working.
 Writes gpu-check.json and gpu-check.md under --out.
@@ -59,43 +64,73 @@ def _available(backend: str) -> str | None:
     return why_unavailable(backend, DEV)
 
 
-def step_rows(cfg: Config, steps: int, warmup: int) -> list[dict]:
-    methods = [("nonprivate", "nonprivate", None), ("anadp uniform, torch backend", "anadp_uniform", "torch"),
-               ("anadp uniform, triton", "anadp_uniform", "triton"), ("anadp ANADP, triton", "anadp", "triton"),
-               ("anadp uniform, cuda", "anadp_uniform", "cuda"), ("opacus hooks", "opacus_hooks", None),
-               ("opacus ghost", "opacus_ghost", None)]
+METHODS = [("nonprivate", "nonprivate", None),
+           ("anadp uniform, torch backend", "anadp_uniform", "torch"), ("anadp ANADP, torch backend", "anadp", "torch"),
+           ("anadp uniform, triton", "anadp_uniform", "triton"), ("anadp ANADP, triton", "anadp", "triton"),
+           ("anadp uniform, cuda", "anadp_uniform", "cuda"), ("anadp ANADP, cuda", "anadp", "cuda"),
+           ("opacus hooks", "opacus_hooks", None), ("opacus ghost", "opacus_ghost", None)]
+PRECISIONS = [("float32", None), ("bf16 autocast", torch.bfloat16)]
+PROFILED = ("nonprivate", "anadp ANADP, triton")
+
+
+def _profile(step, title: str) -> str:
+    """The kernels of one step that take the most GPU time (torch.profiler)."""
+    from torch.profiler import ProfilerActivity, profile
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if DEV.type == "cuda" else [])
+    with profile(activities=acts) as prof:
+        step()
+        _sync()
+    key = "self_cuda_time_total" if DEV.type == "cuda" else "self_cpu_time_total"
+    return f"## {title}\n\n" + prof.key_averages().table(sort_by=key, row_limit=15, max_name_column_width=70) + "\n"
+
+
+def step_rows(cfg: Config, steps: int, warmup: int, checkpoint=None, profiles: list | None = None) -> list[dict]:
+    """Every method at every precision; ``checkpoint(rows)`` after each row (partial results survive a timeout)."""
+    import copy
     rows = []
-    for name, method, backend in methods:
-        row = {"method": name}
-        if backend is not None and _available(backend):
-            row["error"] = f"skipped: {_available(backend)}"
-        elif method.startswith("opacus") and not _has_opacus():
-            row["error"] = "skipped: opacus is not installed"
-        else:
-            try:
-                model, inputs, labels = build(cfg)
-                model = model.to(DEV)
-                inputs = {k: v.to(DEV) for k, v in inputs.items()}
-                step, _ = make_step(method, model, inputs, labels.to(DEV), backend=backend or "auto")
-                if DEV.type == "cuda":
-                    torch.cuda.reset_peak_memory_stats()
-                row["seconds"] = _timed(step, steps, warmup)
-                row["peak_mb"] = torch.cuda.max_memory_allocated() / 2**20 if DEV.type == "cuda" else None
-            except Exception as e:  # noqa: BLE001 - a method that cannot run is a result
-                row["error"] = f"{type(e).__name__}: {str(e)[:160]}"
-            finally:
-                model = step = None
-                gc.collect()  # hooks make reference cycles: free the last method's model before the next
-                if DEV.type == "cuda":
-                    torch.cuda.empty_cache()
-        rows.append(row)
-    base = next((r for r in rows if r["method"] == "nonprivate" and "seconds" in r), None)
+    base_model, inputs, labels = build(cfg)
+    base_model = base_model.to(DEV)
+    inputs, labels = {k: v.to(DEV) for k, v in inputs.items()}, labels.to(DEV)
+    for precision, dtype in PRECISIONS:
+        for name, method, backend in METHODS:
+            row = {"method": name, "precision": precision}
+            model = step = None
+            if backend is not None and _available(backend):
+                row["error"] = f"skipped: {_available(backend)}"
+            elif method.startswith("opacus") and not _has_opacus():
+                row["error"] = "skipped: opacus is not installed"
+            else:
+                try:
+                    model = copy.deepcopy(base_model)  # the same initial weights for every method
+                    step, _ = make_step(method, model, inputs, labels, backend=backend or "auto", autocast=dtype)
+                    if DEV.type == "cuda":
+                        torch.cuda.reset_peak_memory_stats()
+                    row["seconds"] = _timed(step, steps, warmup)
+                    row["peak_mb"] = torch.cuda.max_memory_allocated() / 2**20 if DEV.type == "cuda" else None
+                    if profiles is not None and name in PROFILED:
+                        profiles.append(_profile(step, f"{name}, {precision}, {cfg.name}"))
+                except Exception as e:  # noqa: BLE001 - a method that cannot run is a result
+                    row["error"] = f"{type(e).__name__}: {str(e)[:160]}"
+                finally:
+                    model = step = None
+                    gc.collect()  # hooks make reference cycles: free the last method's model before the next
+                    if DEV.type == "cuda":
+                        torch.cuda.empty_cache()
+            rows.append(row)
+            _ratios(rows)
+            if checkpoint:
+                checkpoint(rows)
+    return rows
+
+
+def _ratios(rows: list[dict]) -> None:
     for r in rows:
+        base = next((b for b in rows if b["method"] == "nonprivate" and b["precision"] == r["precision"]
+                     and "seconds" in b), None)
         if base and "seconds" in r:
             r["time_ratio"] = r["seconds"] / base["seconds"]
             if r.get("peak_mb") and base.get("peak_mb"):
                 r["memory_ratio"] = r["peak_mb"] / base["peak_mb"]
-    return rows
 
 
 def _has_opacus() -> bool:
@@ -135,10 +170,33 @@ def kernel_rows(n: int, steps: int, warmup: int, norm_shape) -> list[dict]:
     _per_backend(rows, f"noise + Adam update, {{backend}}, {n} float32", update)
     B, T, d, pp = norm_shape
     A, G = torch.randn(B, T, d, device=DEV), torch.randn(B, T, pp, device=DEV)
-    shape = f"B={B} T={T} d={d} p={pp}"
-    rows.append({"kernel": f"per-sample norms, torch backend, {shape}", "seconds": _timed(LinearRecord(A, G).sq_norm, steps, warmup)})
-    _per_backend(rows, f"per-sample norms, {{backend}}, {shape}",
-                 lambda k: {"seconds": _timed(lambda: k.linear_sq_norms(A, G), steps, warmup)})
+    W = torch.randn(pp, d, device=DEV)
+    A2, G2 = A.reshape(B * T, d), G.reshape(B * T, pp)
+    shape = f"B={B} T={T} d={d} p={pp}, float32"
+    fwd = _timed(lambda: A2 @ W.t(), steps, warmup)
+    wgrad = _timed(lambda: G2.t() @ A2, steps, warmup)
+    rows.append({"kernel": f"layer forward GEMM x W^T, torch, {shape}", "seconds": fwd, "of_gemm": fwd / wgrad})
+    rows.append({"kernel": f"layer weight-gradient GEMM G^T A, torch, {shape}", "seconds": wgrad, "of_gemm": 1.0})
+    t = _timed(LinearRecord(A, G).sq_norm, steps, warmup)
+    rows.append({"kernel": f"per-sample norms, torch backend, {shape}", "seconds": t, "of_gemm": t / wgrad})
+
+    def norms(k):
+        t = _timed(lambda: k.linear_sq_norms(A, G), steps, warmup)
+        return {"seconds": t, "of_gemm": t / wgrad}
+
+    _per_backend(rows, f"per-sample norms, {{backend}}, {shape}", norms)
+    c = torch.rand(B, device=DEV)
+    Wm, Wv = torch.zeros_like(W), torch.zeros_like(W)
+    adam_row = torch.tensor(_adam_row(), dtype=torch.float32, device=DEV)
+
+    def gemm(k):
+        if not hasattr(k, "clipped_linear_update"):
+            return {"error": "skipped: no clipped GEMM kernel in this backend"}
+        t = _timed(lambda: k.clipped_linear_update(A, G, c, W, kind=U.ADAM, row=adam_row, key=key, m=Wm, v=Wv),
+                   steps, warmup)
+        return {"seconds": t, "of_gemm": t / wgrad}
+
+    _per_backend(rows, f"clipped GEMM + noise + Adam, {{backend}}, {shape}", gemm)
     return rows
 
 
@@ -159,15 +217,28 @@ def _fmt(v, spec):
 
 def markdown(result: dict) -> str:
     lines = [f"# GPU check — {result['device']}, {result['date']}", "", f"Step: {result['config']}", "",
-             "| method | s/step | x non-private | peak MB | x non-private mem | note |", "|---|---|---|---|---|---|"]
+             "| precision | method | s/step | x non-private | peak MB | x non-private mem | note |",
+             "|---|---|---|---|---|---|---|"]
     for r in result["steps"]:
-        lines.append(f"| {r['method']} | {_fmt(r.get('seconds'), '.4f')} | {_fmt(r.get('time_ratio'), '.2f')} | "
-                     f"{_fmt(r.get('peak_mb'), '.0f')} | {_fmt(r.get('memory_ratio'), '.2f')} | {r.get('error', '')} |")
-    lines += ["", "| kernel | seconds | GB/s | of copy bandwidth | note |", "|---|---|---|---|---|"]
-    for r in result["kernels"]:
+        lines.append(f"| {r['precision']} | {r['method']} | {_fmt(r.get('seconds'), '.4f')} | "
+                     f"{_fmt(r.get('time_ratio'), '.2f')} | {_fmt(r.get('peak_mb'), '.0f')} | "
+                     f"{_fmt(r.get('memory_ratio'), '.2f')} | {r.get('error', '')} |")
+    lines += ["", "| kernel | seconds | GB/s | of copy bandwidth | x weight-gradient GEMM | note |",
+              "|---|---|---|---|---|---|"]
+    for r in result.get("kernels", []):
         lines.append(f"| {r['kernel']} | {_fmt(r.get('seconds'), '.6f')} | {_fmt(r.get('GB/s'), '.1f')} | "
-                     f"{_fmt(r.get('of_copy'), '.2f')} | {r.get('error', '')} |")
+                     f"{_fmt(r.get('of_copy'), '.2f')} | {_fmt(r.get('of_gemm'), '.2f')} | {r.get('error', '')} |")
     return "\n".join(lines) + "\n"
+
+
+def _write(out: str, result: dict) -> str:
+    os.makedirs(out, exist_ok=True)
+    with open(os.path.join(out, "gpu-check.json"), "w") as f:
+        json.dump(result, f, indent=1)
+    md = markdown(result)
+    with open(os.path.join(out, "gpu-check.md"), "w") as f:
+        f.write(md)
+    return md
 
 
 def main(argv=None):
@@ -185,16 +256,27 @@ def main(argv=None):
     steps = args.steps or steps
     device = torch.cuda.get_device_name() if DEV.type == "cuda" else f"{platform.machine()} CPU (dry run)"
     result = {"device": device, "date": datetime.date.today().isoformat(), "torch": torch.__version__,
-              "config": f"{cfg.name}, AdamW, sigma 1, C 1", "dry_run": args.dry_run}
-    result["steps"] = step_rows(cfg, steps, warmup)
+              "config": f"{cfg.name}, AdamW, sigma 1, C 1", "dry_run": args.dry_run, "steps": []}
+    try:
+        import triton
+        result["triton"] = triton.__version__
+    except ImportError:
+        pass
+    profiles: list[str] = []
+    t0 = time.perf_counter()
     result["kernels"] = kernel_rows(n, steps, warmup, norm_shape)
-    os.makedirs(args.out, exist_ok=True)
-    with open(os.path.join(args.out, "gpu-check.json"), "w") as f:
-        json.dump(result, f, indent=1)
-    md = markdown(result)
-    with open(os.path.join(args.out, "gpu-check.md"), "w") as f:
-        f.write(md)
-    print(md)
+    _write(args.out, result)
+    print(f"kernels done in {time.perf_counter() - t0:.0f} s", flush=True)
+
+    def checkpoint(rows):
+        result["steps"] = rows
+        _write(args.out, result)
+        print(f"{time.perf_counter() - t0:6.0f} s  {rows[-1]}", flush=True)
+
+    step_rows(cfg, steps, warmup, checkpoint, profiles)
+    with open(os.path.join(args.out, "gpu-profile.txt"), "w") as f:
+        f.write("\n".join(profiles))
+    print(_write(args.out, result))
 
 
 if __name__ == "__main__":

@@ -8,9 +8,10 @@ Methods (same torch optimizer, AdamW, same data, in the same process):
   anadp           anadp, allocation="anadp"
 
 Opacus workaround (the smallest its docs need): Hugging Face BERT and GPT-2 build
-position_ids of batch 1 that are broadcast over the batch, which Opacus's
-per-sample hooks cannot split; every method is therefore given explicit
-position_ids expanded to the batch (the same input for all, harmless to anadp).
+position_ids (and BERT token_type_ids) of batch 1 that are broadcast over the batch,
+which Opacus's per-sample hooks cannot split, and its ghost clipping needs them
+contiguous; every method is therefore given explicit contiguous (B, T) tensors
+(the same input for all, harmless to anadp).
 """
 from __future__ import annotations
 
@@ -80,7 +81,7 @@ def build(cfg: Config, seed: int = 0):
     if cfg.kind == "layernorm":
         return _Head(nn.LayerNorm(d), d), {"x": torch.randn(B, T, d, generator=g)}, y
     ids = torch.randint(1, cfg.vocab, (B, T), generator=g)
-    pos = torch.arange(T)[None].expand(B, T)  # see the module docstring (Opacus workaround)
+    pos = torch.arange(T)[None].expand(B, T).contiguous()  # see the module docstring (Opacus workaround)
     heads = max(1, d // 64)
     if cfg.kind == "bert":
         from transformers import BertConfig, BertForSequenceClassification
@@ -98,7 +99,10 @@ def build(cfg: Config, seed: int = 0):
         m = LlamaForSequenceClassification(LlamaConfig(
             vocab_size=cfg.vocab, hidden_size=d, intermediate_size=int(2.75 * d), num_hidden_layers=cfg.layers,
             num_attention_heads=heads, num_key_value_heads=heads, pad_token_id=0, bos_token_id=0, eos_token_id=0))
-    return m, {"input_ids": ids, "position_ids": pos}, y
+    inputs = {"input_ids": ids, "position_ids": pos}
+    if cfg.kind == "bert":  # BERT's default token_type_ids are a broadcast buffer too
+        inputs["token_type_ids"] = torch.zeros(B, T, dtype=torch.long)
+    return m, inputs, y
 
 
 def _logits(out):
@@ -106,8 +110,10 @@ def _logits(out):
 
 
 def make_step(method: str, model: nn.Module, inputs: dict, labels: torch.Tensor, *, sigma: float = 1.0,
-              clip: float = 1.0, seed: int = 0, optimizer: str = "adamw", backend: str = "auto"):
-    """A closure doing one full training step (forward, backward, clip, noise, update)."""
+              clip: float = 1.0, seed: int = 0, optimizer: str = "adamw", backend: str = "auto",
+              autocast: torch.dtype | None = None):
+    """A closure doing one full training step (forward, backward, clip, noise, update);
+    ``autocast``: run the forward and the loss under torch.autocast with that dtype."""
     B = len(labels)
     opt = (torch.optim.AdamW(model.parameters(), lr=1e-4) if optimizer == "adamw"
            else torch.optim.SGD(model.parameters(), lr=1.0))
@@ -135,7 +141,8 @@ def make_step(method: str, model: nn.Module, inputs: dict, labels: torch.Tensor,
 
     def step():
         opt.zero_grad()
-        loss = criterion(_logits(call(model)), labels)
+        with torch.autocast(labels.device.type, dtype=autocast or torch.bfloat16, enabled=autocast is not None):
+            loss = criterion(_logits(call(model)), labels)
         loss.backward()
         opt.step()
 
