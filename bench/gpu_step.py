@@ -46,8 +46,17 @@ def _sync():
         torch.cuda.synchronize()
 
 
-def _timed(fn, steps: int, warmup: int) -> float:
-    for _ in range(warmup):
+def _timed(fn, steps: int, warmup: int, slow: float = 1.0) -> float:
+    """Median seconds of fn over ``steps`` calls after ``warmup``; a method whose first call
+    takes over ``slow`` seconds gets 1 warm-up and 3 timed calls (the torch backend on the GPU
+    took ~4 s a step: its full count cost the first H200 run its time limit)."""
+    _sync()
+    t = time.perf_counter()
+    fn()
+    _sync()
+    if time.perf_counter() - t > slow:
+        steps, warmup = min(steps, 3), 1
+    for _ in range(warmup - 1):
         fn()
     times = []
     for _ in range(steps):
