@@ -71,8 +71,9 @@ def embedding_sq_norms(idx: torch.Tensor, G: torch.Tensor, out: torch.Tensor | N
 
 def multi_tensor_update(params: list, grads: list, ms: list, vs: list, keys: list[int], rows: torch.Tensor, *,
                         kind: int, has_noise: bool = True, chunk: int = U.DEFAULT_CHUNK,
-                        sens: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                        sens: torch.Tensor | None = None, stat: str = "abs_p_grad") -> tuple[torch.Tensor, torch.Tensor]:
     """As anadp.kernels.multi_tensor_update."""
+    code = U.stat_code(stat)
     if not params:
         empty = torch.zeros(0, dtype=torch.float32)
         return empty, empty.to(torch.int32)
@@ -82,7 +83,7 @@ def multi_tensor_update(params: list, grads: list, ms: list, vs: list, keys: lis
     sens = torch.empty(n, dtype=torch.float32, device=params[0].device) if sens is None else sens
     if n:
         _ext().multi_tensor_update(*t, rows.to(device=params[0].device, dtype=torch.float32).contiguous(), sens,
-                                   dtype_code, kind, has_noise, chunk)
+                                   dtype_code, kind, has_noise, chunk, code)
     return sens, t.chunk_tensor
 
 

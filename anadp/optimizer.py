@@ -19,11 +19,13 @@ from . import backend as backends
 from . import philox
 from . import update_table as U
 from .accounting import Accountant
-from .allocation import AllocationConfig, NoiseAllocator
+from .allocation import AllocationConfig, NoiseAllocator, noise_groups
 from .engine import GradSampleEngine, PhysicalBatch
 from .records import LinearRecord
 
 _FOREACH = (torch.optim.SGD, torch.optim.Adam, torch.optim.AdamW)
+# noise stream of the share release (parameters' streams are their positions in the model)
+SHARE_STREAM = 2**32 - 1
 
 
 def _delegated(name: str) -> property:
@@ -56,6 +58,9 @@ class DPOptimizer(Optimizer):
             raise ValueError(f"max_grad_norm must be > 0, got {max_grad_norm}")
         if clipping not in ("whitened", "global"):
             raise ValueError(f"clipping must be 'whitened' or 'global', got {clipping!r}")
+        if clipping == "global" and allocation not in ("paper", "uniform"):
+            raise ValueError(f"clipping='global' is the paper's mechanism: use it with allocation='paper' or "
+                             f"'uniform', not {allocation!r} (whose statistics assume whitened clipping)")
         if nonfinite not in ("raise", "skip"):
             raise ValueError(f"nonfinite must be 'raise' or 'skip', got {nonfinite!r}")
         if loss_reduction not in ("mean", "sum"):
@@ -91,7 +96,8 @@ class DPOptimizer(Optimizer):
         self.clipping, self.loss_reduction, self.nonfinite = clipping, loss_reduction, nonfinite
         self.secure_mode, self.distributed = secure_mode, distributed
         self.seed = None if secure_mode else (seed if seed is not None else _random_seed())
-        self.allocator = NoiseAllocator([p.numel() for p in self.params], allocation, allocation_config)
+        groups, self.group_names = noise_groups([engine.names[p] for p in self.params], [p.shape for p in self.params])
+        self.allocator = NoiseAllocator([p.numel() for p in self.params], allocation, allocation_config, groups)
         self.accountant = Accountant(accountant)
         self.data_loader = data_loader
         self._init_backend(backend)
@@ -141,11 +147,28 @@ class DPOptimizer(Optimizer):
         """{parameter name: w_g} used by the next step (1.0 everywhere under uniform DP)."""
         return {self.engine.names[p]: float(w) for p, w in zip(self.params, self.allocator.scales)}
 
+    @property
+    def group_noise_scales(self) -> dict:
+        """{noise group (module) name: w_g}; the rest group (norms, lone biases) stays at 1."""
+        return dict(zip(self.group_names, self.allocator.group_scales.tolist()))
+
+    @property
+    def gradient_noise_multiplier(self) -> float:
+        """The gradient's noise multiplier: ``noise_multiplier`` itself, or a little more where the
+        allocation also releases its per-group statistic (the two together cost noise_multiplier)."""
+        return self.allocator.noise_multipliers(self.noise_multiplier)[0]
+
+    @property
+    def share_noise_multiplier(self) -> float:
+        """Noise multiplier of the per-group share release (0 when the allocation releases none)."""
+        return self.allocator.noise_multipliers(self.noise_multiplier)[1]
+
     def _reset_accumulation(self):
         self._summed: list[torch.Tensor | None] = [None] * len(self.params)
         # fused update: Linear weights of the last physical batch, (record, scaled clip factors),
         # whose clipped sum is formed inside the update kernel
         self._deferred: dict[int, tuple[LinearRecord, torch.Tensor]] = {}
+        self._share_sum = torch.zeros(self.allocator.n_groups + 1, dtype=torch.float64)
         self._logical_batches = 0
         self._chunks = 0
         self._last_ends_logical = True
@@ -181,6 +204,8 @@ class DPOptimizer(Optimizer):
             self.skipped_samples += int(bad.sum())
         c = (self.max_grad_norm / (norms + 1e-6)).clamp(max=1.0)
         c = torch.where(bad, 0, c)
+        if self.allocator.releases_shares:
+            self._add_shares(sq, c)
         self._materialize_deferred()
         for p, recs in batch.records.items():
             i = self.index.get(p)
@@ -194,6 +219,33 @@ class DPOptimizer(Optimizer):
         self._chunks += 1
         self._logical_batches += int(batch.ends_logical)
         self._last_ends_logical = batch.ends_logical
+
+    def _add_shares(self, sq: dict, c: torch.Tensor) -> None:
+        """Add each sample's clipped whitened energy per group, c_i^2 ||g_ig||^2 / (w_g^2 C^2)
+        (at most 1 in total per sample), to the sums that the step releases with noise."""
+        w2 = self.allocator.scales.pow(2)
+        per = torch.zeros(len(c), self.allocator.n_groups + 1, dtype=torch.float64, device=c.device)
+        for p, s in sq.items():
+            i = self.index.get(p)
+            if i is not None:
+                per[:, int(self.allocator._col[i])] += s.double() / float(w2[i])
+        r = per * (c.double() ** 2 / self.max_grad_norm ** 2)[:, None]
+        self._share_sum += torch.nan_to_num(r, nan=0.0).sum(0).cpu()  # dropped samples: c = 0, norm NaN
+
+    def _release_shares(self, seed: int) -> torch.Tensor | None:
+        """The share sums plus N(0, (sigma_b)^2) noise: the released statistic."""
+        if not self.allocator.releases_shares:
+            return None
+        shares = self._share_sum.clone()
+        if self.share_noise_multiplier > 0:
+            shares += self.share_noise_multiplier * philox.gaussian(seed, self.step_count, SHARE_STREAM,
+                                                                    shares.shape).double()
+        self.last_released_shares = shares
+        return shares
+
+    def _feed_scale(self, i: int) -> float:
+        """What the noisy gradient is multiplied by before the optimizer sees it."""
+        return 1.0 / float(self.allocator.scales[i]) if self.allocator.whitened_feed else 1.0
 
     def _add_to_sum(self, i: int, s: torch.Tensor) -> None:
         s = s.to(_sum_dtype(self.params[i]))  # autocast leaves 16-bit sums for float32 parameters
@@ -221,7 +273,7 @@ class DPOptimizer(Optimizer):
                                    "since the last step (call loss.backward() first)")
             k = 1  # an empty Poisson batch: a noise-only step, still a step
         seed = self._step_seed()
-        std = self.noise_multiplier * self.max_grad_norm
+        std = self.gradient_noise_multiplier * self.max_grad_norm
         denom = self.expected_batch_size * k if self.loss_reduction == "mean" else 1.0
         return k, seed, std, denom
 
@@ -242,7 +294,8 @@ class DPOptimizer(Optimizer):
             if std > 0:
                 z = philox.gaussian(seed, self.step_count, self.noise_ids[i], p.shape, device=p.device)
                 g = g + (std * float(self.allocator.scales[i])) * z.to(g.dtype)
-            grads.append(g / denom)
+            grads.append(g * (self._feed_scale(i) / denom))
+        self._released = (self._release_shares(seed), std / denom, denom)
         self._charge(k)
         return grads
 
@@ -251,8 +304,10 @@ class DPOptimizer(Optimizer):
         (a rank whose share of the Poisson batch is empty may have had no backward)."""
         import torch.distributed as dist
         summed = [torch.zeros_like(p, dtype=_sum_dtype(p)) if s is None else s for p, s in zip(self.params, self._summed)]
-        flat = torch.cat([s.flatten().to(torch.float64) for s in summed])
+        flat = torch.cat([s.flatten().to(torch.float64) for s in summed]
+                         + [self._share_sum.to(device=summed[0].device)])
         dist.all_reduce(flat)
+        self._share_sum = flat[-len(self._share_sum):].cpu()
         counts = torch.tensor([self._logical_batches, self._chunks], dtype=torch.int64, device=flat.device)
         dist.all_reduce(counts, op=dist.ReduceOp.MAX)
         self._logical_batches, self._chunks = int(counts[0]), int(counts[1])
@@ -311,15 +366,17 @@ class DPOptimizer(Optimizer):
         for i, p in enumerate(self.params):
             m, v, first = U.ensure_state(opt, p, groups[id(p)])
             states.append((m, v))
-            rows.append(U.hyper_row(opt, p, first, std * float(self.allocator.scales[i]), 1.0 / denom, groups[id(p)]))
+            rows.append(U.hyper_row(opt, p, first, std * float(self.allocator.scales[i]), self._feed_scale(i) / denom,
+                                    groups[id(p)]))
         rows = torch.tensor(rows, dtype=torch.float32, device=device)
         keys = [philox.group_key(seed, self.step_count, g) for g in self.noise_ids]
+        stat = self.allocator.statistic or "abs_p_grad"
         sens = torch.zeros(n, dtype=torch.float64, device=device)
         for i, (rec, c) in self._deferred.items():
             prior = self._summed[i].contiguous() if self._summed[i] is not None else None
             s = self.kernels.clipped_linear_update(rec.A, rec.G, c, self.params[i], kind=kind, row=rows[i],
                                                    key=keys[i], m=states[i][0], v=states[i][1], prior=prior,
-                                                   transposed=rec.transposed, has_noise=std > 0)
+                                                   transposed=rec.transposed, has_noise=std > 0, stat=stat)
             sens[i] = s.double().sum()
         rest = [i for i in range(n) if i not in self._deferred]
         for dtype in {self.params[i].dtype for i in rest}:
@@ -328,11 +385,12 @@ class DPOptimizer(Optimizer):
                      else torch.zeros(self.params[i].shape, dtype=torch.float32, device=device) for i in idx]
             s, owner = self.kernels.multi_tensor_update(
                 [self.params[i] for i in idx], grads, [states[i][0] for i in idx], [states[i][1] for i in idx],
-                [keys[i] for i in idx], rows[idx], kind=kind, has_noise=std > 0)
+                [keys[i] for i in idx], rows[idx], kind=kind, has_noise=std > 0, stat=stat)
             sens.index_add_(0, torch.tensor(idx, device=device)[owner.long()], s.double())
         U.finish_step(opt, self.params)
+        shares = self._release_shares(seed)
         self._charge(k)
-        self.allocator.update_importance(sens / self.allocator.sizes.to(device))
+        self._update_allocation(sens if self.allocator.statistic else None, shares, std / denom, denom)
         self.step_count += 1
         self._reset_accumulation()
 
@@ -341,10 +399,24 @@ class DPOptimizer(Optimizer):
         """Everything after privatization: it sees only the privatized gradients."""
         for p, g in zip(self.params, grads):
             p.grad = g.to(p.dtype)
-        self.allocator.update(self.params, [p.grad for p in self.params])
+        stat = self.allocator.statistic
+        sums = None
+        if stat == "abs_p_grad":  # p before the update
+            sums = torch.stack([(p.detach().float() * p.grad.float()).abs().sum().double() for p in self.params])
+        elif stat == "grad_sq":
+            sums = torch.stack([p.grad.double().pow(2).sum() for p in self.params])
         self.original_optimizer.step()
+        shares, noise_std, denom = getattr(self, "_released", (None, 0.0, 1.0))
+        self._update_allocation(sums, shares, noise_std, denom)
         self.step_count += 1
         self._reset_accumulation()
+
+    def _update_allocation(self, sums, shares, noise_std: float, denom: float) -> None:
+        """The allocation sees the released outputs only: per-tensor sums over the noisy gradient
+        the optimizer got, the noisy share release, and public constants."""
+        self.last_allocation_input = (None if sums is None else sums.detach().cpu(), shares)
+        self.allocator.update(None if sums is None else sums.detach().cpu(), shares, noise_std=noise_std,
+                              clip=self.max_grad_norm, denom=denom)
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         for p in self.params:

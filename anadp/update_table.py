@@ -19,6 +19,14 @@ SGD, ADAM = 0, 1
  ONE_MINUS_BETA1, ONE_MINUS_BETA2, DECAY) = range(14)
 N_COLS = 14
 DEFAULT_CHUNK = 1 << 16
+# what the kernels sum over the privatized gradient for the allocation, per chunk or tile
+STATS = ("abs_p_grad", "grad_sq")  # sum |p * grad| (p before the update), sum grad^2
+
+
+def stat_code(stat: str) -> int:
+    if stat not in STATS:
+        raise ValueError(f"stat must be one of {STATS}, got {stat!r}")
+    return STATS.index(stat)
 
 
 def kind_of(optimizer: torch.optim.Optimizer) -> int | None:

@@ -21,7 +21,7 @@ void ok(cudaError_t e) { TORCH_CHECK(e == cudaSuccess, "anadp CUDA kernel launch
 void multi_tensor_update(torch::Tensor chunk_tensor, torch::Tensor chunk_start, torch::Tensor p_addr,
                          torch::Tensor g_addr, torch::Tensor m_addr, torch::Tensor v_addr, torch::Tensor numel,
                          torch::Tensor keys, torch::Tensor rows, torch::Tensor sens, int64_t dtype, int64_t kind,
-                         bool noise, int64_t chunk) {
+                         bool noise, int64_t chunk, int64_t stat) {
   check(chunk_tensor, "chunk_tensor", torch::kInt32);
   for (auto* t : {&chunk_start, &p_addr, &g_addr, &m_addr, &v_addr, &numel, &keys}) check(*t, "table", torch::kInt64);
   check(rows, "rows", torch::kFloat32);
@@ -29,9 +29,10 @@ void multi_tensor_update(torch::Tensor chunk_tensor, torch::Tensor chunk_start, 
   TORCH_CHECK(chunk_start.numel() == chunk_tensor.numel() && sens.numel() == chunk_tensor.numel(),
               "chunk tables and sens must have one entry per chunk");
   TORCH_CHECK(chunk > 0, "chunk must be > 0");
+  TORCH_CHECK(stat == 0 || stat == 1, "stat must be 0 (|p * grad|) or 1 (grad^2)");
   const c10::cuda::CUDAGuard guard(sens.device());
   ok(anadp::launch_multi_tensor_update(
-      static_cast<int>(dtype), static_cast<int>(kind), noise, chunk_tensor.numel(), chunk,
+      static_cast<int>(dtype), static_cast<int>(kind), noise, static_cast<int>(stat), chunk_tensor.numel(), chunk,
       chunk_tensor.data_ptr<int32_t>(), chunk_start.data_ptr<int64_t>(), p_addr.data_ptr<int64_t>(),
       g_addr.data_ptr<int64_t>(), m_addr.data_ptr<int64_t>(), v_addr.data_ptr<int64_t>(), numel.data_ptr<int64_t>(),
       keys.data_ptr<int64_t>(), rows.data_ptr<float>(), sens.data_ptr<float>(), c10::cuda::getCurrentCUDAStream()));

@@ -9,7 +9,8 @@ namespace anadp {
 constexpr int kThreads = 256;
 
 // dtype: 0 float32, 1 bfloat16, 2 float16 (parameters; grads and state are float32). kind: 0 SGD, 1 Adam.
-cudaError_t launch_multi_tensor_update(int dtype, int kind, bool noise, int64_t n_chunks, int64_t chunk,
+// stat: what sens sums over the privatized gradient, 0 |p * grad| (p before the update), 1 grad^2.
+cudaError_t launch_multi_tensor_update(int dtype, int kind, bool noise, int stat, int64_t n_chunks, int64_t chunk,
                                        const int32_t* chunk_tensor, const int64_t* chunk_start,
                                        const int64_t* p_addr, const int64_t* g_addr, const int64_t* m_addr,
                                        const int64_t* v_addr, const int64_t* numel, const int64_t* keys,

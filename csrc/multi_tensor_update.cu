@@ -13,7 +13,7 @@ __global__ void multi_tensor_update_kernel(int64_t chunk, const int32_t* __restr
                                            const int64_t* __restrict__ chunk_start, const int64_t* p_addr,
                                            const int64_t* g_addr, const int64_t* m_addr, const int64_t* v_addr,
                                            const int64_t* numel, const int64_t* keys, const float* rows,
-                                           float* sens) {
+                                           bool stat_sq, float* sens) {
   const int t = chunk_tensor[blockIdx.x];
   const int64_t start = chunk_start[blockIdx.x];
   const int64_t end = min(start + chunk, numel[t]);
@@ -29,7 +29,7 @@ __global__ void multi_tensor_update_kernel(int64_t chunk, const int32_t* __restr
     if (NOISE) grad += row[NOISE_STD] * randn(key, static_cast<uint64_t>(e));
     grad *= row[INV_DENOM];
     float w = to_float(p[e]);
-    local += fabsf(w * grad);
+    local += stat_sq ? grad * grad : fabsf(w * grad);
     if (KIND == SGD) {
       float unused = 0.0f;
       w = sgd(w, grad, row[BETA1] != 0.0f ? m + e : &unused, row);
@@ -43,35 +43,37 @@ __global__ void multi_tensor_update_kernel(int64_t chunk, const int32_t* __restr
 }
 
 template <typename P>
-static cudaError_t launch_typed(int kind, bool noise, int64_t n_chunks, int64_t chunk, const int32_t* ct,
+static cudaError_t launch_typed(int kind, bool noise, bool stat_sq, int64_t n_chunks, int64_t chunk, const int32_t* ct,
                                 const int64_t* cs, const int64_t* pa, const int64_t* ga, const int64_t* ma,
                                 const int64_t* va, const int64_t* numel, const int64_t* keys, const float* rows,
                                 float* sens, cudaStream_t stream) {
   const dim3 grid(static_cast<unsigned>(n_chunks)), block(kThreads);
   if (kind == SGD && noise)
-    multi_tensor_update_kernel<P, SGD, true><<<grid, block, 0, stream>>>(chunk, ct, cs, pa, ga, ma, va, numel, keys, rows, sens);
+    multi_tensor_update_kernel<P, SGD, true><<<grid, block, 0, stream>>>(chunk, ct, cs, pa, ga, ma, va, numel, keys, rows, stat_sq, sens);
   else if (kind == SGD)
-    multi_tensor_update_kernel<P, SGD, false><<<grid, block, 0, stream>>>(chunk, ct, cs, pa, ga, ma, va, numel, keys, rows, sens);
+    multi_tensor_update_kernel<P, SGD, false><<<grid, block, 0, stream>>>(chunk, ct, cs, pa, ga, ma, va, numel, keys, rows, stat_sq, sens);
   else if (noise)
-    multi_tensor_update_kernel<P, ADAM, true><<<grid, block, 0, stream>>>(chunk, ct, cs, pa, ga, ma, va, numel, keys, rows, sens);
+    multi_tensor_update_kernel<P, ADAM, true><<<grid, block, 0, stream>>>(chunk, ct, cs, pa, ga, ma, va, numel, keys, rows, stat_sq, sens);
   else
-    multi_tensor_update_kernel<P, ADAM, false><<<grid, block, 0, stream>>>(chunk, ct, cs, pa, ga, ma, va, numel, keys, rows, sens);
+    multi_tensor_update_kernel<P, ADAM, false><<<grid, block, 0, stream>>>(chunk, ct, cs, pa, ga, ma, va, numel, keys, rows, stat_sq, sens);
   return cudaGetLastError();
 }
 
-cudaError_t launch_multi_tensor_update(int dtype, int kind, bool noise, int64_t n_chunks, int64_t chunk,
+cudaError_t launch_multi_tensor_update(int dtype, int kind, bool noise, int stat, int64_t n_chunks, int64_t chunk,
                                        const int32_t* chunk_tensor, const int64_t* chunk_start,
                                        const int64_t* p_addr, const int64_t* g_addr, const int64_t* m_addr,
                                        const int64_t* v_addr, const int64_t* numel, const int64_t* keys,
                                        const float* rows, float* sens, cudaStream_t stream) {
   if (n_chunks == 0) return cudaSuccess;
   if (kind != SGD && kind != ADAM) return cudaErrorInvalidValue;
+  if (stat != 0 && stat != 1) return cudaErrorInvalidValue;
+  const bool sq = stat == 1;
   switch (dtype) {
-    case 0: return launch_typed<float>(kind, noise, n_chunks, chunk, chunk_tensor, chunk_start, p_addr, g_addr,
+    case 0: return launch_typed<float>(kind, noise, sq, n_chunks, chunk, chunk_tensor, chunk_start, p_addr, g_addr,
                                        m_addr, v_addr, numel, keys, rows, sens, stream);
-    case 1: return launch_typed<__nv_bfloat16>(kind, noise, n_chunks, chunk, chunk_tensor, chunk_start, p_addr,
+    case 1: return launch_typed<__nv_bfloat16>(kind, noise, sq, n_chunks, chunk, chunk_tensor, chunk_start, p_addr,
                                                g_addr, m_addr, v_addr, numel, keys, rows, sens, stream);
-    case 2: return launch_typed<__half>(kind, noise, n_chunks, chunk, chunk_tensor, chunk_start, p_addr, g_addr,
+    case 2: return launch_typed<__half>(kind, noise, sq, n_chunks, chunk, chunk_tensor, chunk_start, p_addr, g_addr,
                                         m_addr, v_addr, numel, keys, rows, sens, stream);
     default: return cudaErrorInvalidValue;
   }

@@ -36,27 +36,27 @@ def variants(everything: bool = False):
         if everything or dt == "fp32":
             yield sig(norms._instantiated_norm_kernel, p, {"BP": 64, "BD": 64, "BT": 32})
     yield sig(norms._embedding_norm_kernel, {"IDX": "*i64", "G": "*fp32", "OUT": "*fp32"}, {"BT": 32, "BK": 64})
-    gemm = [("fp32", 0, False, True), ("fp32", 1, True, True), ("bf16", 1, False, False), ("fp16", 0, True, False),
-            ("bf16", 0, True, True)]
-    for dt, kind, prior, noise in (itertools.product(("fp32", "bf16", "fp16"), (0, 1), (False, True), (False, True))
-                                   if everything else gemm):
+    gemm = [("fp32", 0, False, True, 0), ("fp32", 1, True, True, 1), ("bf16", 1, False, False, 0),
+            ("fp16", 0, True, False, 1), ("bf16", 0, True, True, 1)]
+    for dt, kind, prior, noise, stat in (itertools.product(("fp32", "bf16", "fp16"), (0, 1), (False, True),
+                                                           (False, True), (0, 1)) if everything else gemm):
         p = {"A": "*fp32", "G": "*fp32", "C": "*fp32", "W": f"*{dt}", "M": "*fp32", "V": "*fp32", "PRIOR": "*fp32",
              "KEYS": "*i64", "ROW": "*fp32", "SENS": "*fp32"}
         yield sig(fused_linear._clipped_linear_update_kernel, p,
-                  {"KIND": kind, "HAS_PRIOR": prior, "HAS_NOISE": noise, "BP": 64, "BD": 64, "BK": 32})
+                  {"KIND": kind, "HAS_PRIOR": prior, "HAS_NOISE": noise, "STAT": stat, "BP": 64, "BD": 64, "BK": 32})
     tables = {"CHUNK_TENSOR": "*i32", "CHUNK_START": "*i64", "P_ADDR": "*i64", "G_ADDR": "*i64", "M_ADDR": "*i64",
               "V_ADDR": "*i64", "NUMEL": "*i64", "KEYS": "*i64", "ROWS": "*fp32", "SENS": "*fp32"}
-    multi = [(tl.float32, 0, True), (tl.float32, 1, False), (tl.bfloat16, 1, True), (tl.float16, 0, False)]
-    for dt, kind, noise in (itertools.product((tl.float32, tl.bfloat16, tl.float16), (0, 1), (False, True))
-                            if everything else multi):
+    multi = [(tl.float32, 0, True, 0), (tl.float32, 1, False, 1), (tl.bfloat16, 1, True, 1), (tl.float16, 0, False, 0)]
+    for dt, kind, noise, stat in (itertools.product((tl.float32, tl.bfloat16, tl.float16), (0, 1), (False, True), (0, 1))
+                                  if everything else multi):
         yield sig(multi_tensor._multi_tensor_update_kernel, tables,
-                  {"P_DTYPE": dt, "KIND": kind, "HAS_NOISE": noise, "CHUNK": 1 << 16, "BLOCK": 1024})
+                  {"P_DTYPE": dt, "KIND": kind, "HAS_NOISE": noise, "STAT": stat, "CHUNK": 1 << 16, "BLOCK": 1024})
 
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--arch", type=int, nargs="+", default=[80, 90], help="compute capabilities")
-    ap.add_argument("--all", action="store_true", help="every variant (82 for two archs, ~2 min on 2 cores)")
+    ap.add_argument("--all", action="store_true", help="every variant (every constexpr combination; a few minutes on 2 cores)")
     args = ap.parse_args(argv)
     if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
         sys.exit("unset TRITON_INTERPRET: the interpreter does not compile")

@@ -26,7 +26,7 @@ from .launch import block_size, rows_contiguous
 def _clipped_linear_update_kernel(
         A, G, C, W, M, V, PRIOR, KEYS, ROW, SENS,
         R, T, d, p, stride_ar, stride_gr, stride_wp, stride_wd,
-        KIND: tl.constexpr, HAS_PRIOR: tl.constexpr, HAS_NOISE: tl.constexpr,
+        KIND: tl.constexpr, HAS_PRIOR: tl.constexpr, HAS_NOISE: tl.constexpr, STAT: tl.constexpr,
         BP: tl.constexpr, BD: tl.constexpr, BK: tl.constexpr):
     pid_p = tl.program_id(0)
     pid_d = tl.program_id(1)
@@ -48,7 +48,7 @@ def _clipped_linear_update_kernel(
     if HAS_PRIOR:
         acc += tl.load(PRIOR + offs, mask=mask, other=0.0)
     grad = update.privatize(acc, tl.load(KEYS), offs, ROW, HAS_NOISE)
-    sens = update.apply(W, M, V, offs, mask, grad, ROW, KIND)
+    sens = update.apply(W, M, V, offs, mask, grad, ROW, KIND, STAT)
     tl.store(SENS + pid_p * tl.num_programs(1) + pid_d, tl.sum(sens))
 
 
@@ -65,11 +65,13 @@ def n_tiles(p: int, d: int) -> int:
 def clipped_linear_update(A: torch.Tensor, G: torch.Tensor, c: torch.Tensor, W: torch.Tensor, *, kind: int,
                           row: torch.Tensor, key: int, m: torch.Tensor | None = None, v: torch.Tensor | None = None,
                           prior: torch.Tensor | None = None, transposed: bool = False, has_noise: bool = True,
-                          sens: torch.Tensor | None = None) -> torch.Tensor:
+                          sens: torch.Tensor | None = None, stat: str = "abs_p_grad") -> torch.Tensor:
     """Update W (and m, v) in place from A (B, T, d), G (B, T, p) and clip factors c (B,)
     (loss-reduction scale included). ``row``: this tensor's float32 hyperparameters
     (``anadp.update_table``); ``prior``: clipped sum of earlier physical batches, float32, W's layout.
-    Returns the (tiles,) partial sums of |w * grad| (grad privatized, w before the update)."""
+    Returns the (tiles,) partial sums of ``stat`` (update_table.STATS: |w * grad| with w before the
+    update, or grad^2; grad privatized)."""
+    code = U.stat_code(stat)
     if W.dtype not in (torch.float32, torch.bfloat16, torch.float16):
         raise TypeError(f"fused update: weights must be float32, bfloat16 or float16, got {W.dtype}")
     if not W.is_contiguous():
@@ -98,5 +100,5 @@ def clipped_linear_update(A: torch.Tensor, G: torch.Tensor, c: torch.Tensor, W: 
         A2, G2, c.to(torch.float32).contiguous(), W, unused if m is None else m, unused if v is None else v,
         unused if prior is None else prior, keys, row, sens,
         B * T, T, d, p, A2.stride(0), G2.stride(0), stride_wp, stride_wd,
-        KIND=kind, HAS_PRIOR=prior is not None, HAS_NOISE=has_noise, BP=BP, BD=BD, BK=BK)
+        KIND=kind, HAS_PRIOR=prior is not None, HAS_NOISE=has_noise, STAT=code, BP=BP, BD=BD, BK=BK)
     return sens

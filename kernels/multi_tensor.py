@@ -3,11 +3,11 @@
 apex's multi_tensor_apply idea: a table of addresses (parameter, clipped sum,
 state) per tensor and one program per chunk of one tensor. Each program adds the
 group's Philox noise to its chunk of the clipped sum, scales it, writes the
-partial sum of |p * grad| (the ANADP sensitivity, from the privatized gradient)
-and updates the parameter and its state in place.
+partial sum of the allocation's statistic over the privatized gradient
+(|p * grad| or grad^2) and updates the parameter and its state in place.
 
-Torch reference: ``DPOptimizer.privatize`` + ``NoiseAllocator.update``'s
-sensitivity + the wrapped torch optimizer's foreach step.
+Torch reference: ``DPOptimizer.privatize`` + the statistic of ``DPOptimizer.apply``
++ the wrapped torch optimizer's foreach step.
 """
 from __future__ import annotations
 
@@ -25,7 +25,7 @@ _TL_DTYPE = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float
 @triton.jit
 def _multi_tensor_update_kernel(CHUNK_TENSOR, CHUNK_START, P_ADDR, G_ADDR, M_ADDR, V_ADDR, NUMEL, KEYS, ROWS, SENS,  # U.Tables order
                                 P_DTYPE: tl.constexpr, KIND: tl.constexpr, HAS_NOISE: tl.constexpr,
-                                CHUNK: tl.constexpr, BLOCK: tl.constexpr):
+                                STAT: tl.constexpr, CHUNK: tl.constexpr, BLOCK: tl.constexpr):
     pid = tl.program_id(0)
     t = tl.load(CHUNK_TENSOR + pid)
     start = tl.load(CHUNK_START + pid)
@@ -41,16 +41,17 @@ def _multi_tensor_update_kernel(CHUNK_TENSOR, CHUNK_START, P_ADDR, G_ADDR, M_ADD
         offs = start + b0 + tl.arange(0, BLOCK)
         mask = offs < n
         grad = update.privatize(tl.load(G + offs, mask=mask, other=0.0), key, offs, row, HAS_NOISE)
-        sens += update.apply(P, M, V, offs, mask, grad, row, KIND)
+        sens += update.apply(P, M, V, offs, mask, grad, row, KIND, STAT)
     tl.store(SENS + pid, tl.sum(sens))
 
 
 def multi_tensor_update(params: list, grads: list, ms: list, vs: list, keys: list[int], rows: torch.Tensor, *,
                         kind: int, has_noise: bool = True, chunk: int = U.DEFAULT_CHUNK,
-                        sens: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                        sens: torch.Tensor | None = None, stat: str = "abs_p_grad") -> tuple[torch.Tensor, torch.Tensor]:
     """One launch for all ``params`` (one dtype, one device). grads: float32 clipped sums;
     ms / vs: float32 state or None (SGD without momentum); rows: (n, N_COLS) float32.
-    Returns (per-chunk partial sums of |p * grad|, the chunk's tensor index)."""
+    Returns (per-chunk partial sums of ``stat`` (update_table.STATS), the chunk's tensor index)."""
+    code = U.stat_code(stat)
     if not params:
         empty = torch.zeros(0, dtype=torch.float32)
         return empty, empty.to(torch.int32)
@@ -62,6 +63,6 @@ def multi_tensor_update(params: list, grads: list, ms: list, vs: list, keys: lis
         return sens, t.chunk_tensor
     _multi_tensor_update_kernel[(n,)](
         *t, rows.to(device=params[0].device, dtype=torch.float32).contiguous(), sens,
-        P_DTYPE=_TL_DTYPE[params[0].dtype], KIND=kind, HAS_NOISE=has_noise, CHUNK=chunk,
+        P_DTYPE=_TL_DTYPE[params[0].dtype], KIND=kind, HAS_NOISE=has_noise, STAT=code, CHUNK=chunk,
         BLOCK=min(chunk, 1024))
     return sens, t.chunk_tensor

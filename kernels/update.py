@@ -62,12 +62,15 @@ def adam(p, g, m, v, row):
 
 
 @triton.jit
-def apply(P, M, V, offs, mask, grad, row, KIND: tl.constexpr):
+def apply(P, M, V, offs, mask, grad, row, KIND: tl.constexpr, STAT: tl.constexpr):
     """Update the elements ``offs`` of parameter P and its state M, V (float32) in place
-    (KIND 0: SGD, M the momentum buffer; 1: Adam / AdamW). Returns |p * grad| with p
-    before the update, zero outside ``mask``: the ANADP sensitivity."""
+    (KIND 0: SGD, M the momentum buffer; 1: Adam / AdamW). Returns the allocation's
+    statistic, zero outside ``mask``: |p * grad| with p before the update (STAT 0) or grad^2 (1)."""
     p = tl.load(P + offs, mask=mask, other=0.0).to(tl.float32)
-    sens = tl.where(mask, tl.abs(p * grad), 0.0)
+    if STAT == 1:
+        sens = tl.where(mask, grad * grad, 0.0)
+    else:
+        sens = tl.where(mask, tl.abs(p * grad), 0.0)
     if KIND == 0:
         if tl.load(row + BETA1) != 0.0:
             m = tl.load(M + offs, mask=mask, other=0.0)

@@ -1,92 +1,253 @@
-"""ANADP importance and allocation on hand-made gradients."""
+"""Noise allocations: groups, formulas, normalization and bounds on hand-made statistics;
+what reaches the allocation in a training run; what the share release costs."""
+import math
+
 import pytest
 import torch
 import torch.nn.functional as F
 
 import anadp
-from anadp.allocation import AllocationConfig, NoiseAllocator, normalize_scales
+from anadp.accounting import Accountant
+from anadp.allocation import ALLOCATIONS, AllocationConfig, NoiseAllocator, _normalize, noise_groups, normalize_scales
 from models import make_setup
 
-
-def _params(*vals):
-    return [torch.full((n,), v) for n, v in vals]
+WIDE = dict(w_min=1e-3, w_max=1e3)  # bounds that do not bind, so that formulas are visible
 
 
-def test_important_group_gets_less_noise():
-    # wide bounds so that no scale sits at a bound and the order is visible
-    a = NoiseAllocator([4, 4, 4], config=AllocationConfig(warmup_steps=0, w_min=0.01, w_max=100))
-    params = _params((4, 1.0), (4, 1.0), (4, 1.0))
+def test_groups_are_matrices_and_their_biases():
+    names = ["enc.0.q.lora_A.default.weight", "enc.0.q.lora_B.default.weight", "enc.0.norm.weight",
+             "enc.0.norm.bias", "head.weight", "head.bias", "emb.weight", "lone_bias"]
+    shapes = [torch.Size(s) for s in ([8, 16], [16, 8], [16], [16], [2, 16], [2], [100, 16], [3])]
+    groups, group_names = noise_groups(names, shapes)
+    assert group_names == ["enc.0.q.lora_A.default", "enc.0.q.lora_B.default", "head", "emb"]
+    assert groups == [0, 1, -1, -1, 2, 2, 3, -1]  # LoRA factors apart, bias with its matrix, norms in the rest
+
+
+def test_scales_are_per_group_and_the_rest_stays_at_one():
+    a = NoiseAllocator([4, 2, 3, 5], mode="anadp", groups=[0, 0, -1, 1])
+    a.group_scales = torch.tensor([0.5, 2.0], dtype=torch.float64)
+    assert a.scales.tolist() == [0.5, 0.5, 1.0, 2.0]
+    assert a.per_group(torch.tensor([1.0, 2.0, 3.0, 4.0])).tolist() == [3.0, 4.0, 3.0]  # groups, then the rest
+
+
+def test_paper_important_group_gets_less_noise():
+    a = NoiseAllocator([4, 4, 4], mode="paper", config=AllocationConfig(warmup_steps=0, **WIDE))
     g = torch.Generator().manual_seed(0)
-    for t in range(8):  # group 0: large |p*g| that moves (uncertainty); group 2 small
-        grads = [torch.full((4,), 5.0 + torch.rand(1, generator=g).item() * 5),
-                 torch.full((4,), 1.0 + torch.rand(1, generator=g).item()),
-                 torch.full((4,), 0.1 + torch.rand(1, generator=g).item() * 0.1)]
-        a.update(params, grads)
+    for _ in range(8):  # group 0: large |p*g| that moves (uncertainty); group 2 small
+        a.update(4 * torch.stack([5 + 5 * torch.rand(1, generator=g), 1 + torch.rand(1, generator=g),
+                                  0.1 + 0.1 * torch.rand(1, generator=g)]).flatten())
     w = a.scales
     assert w[0] < w[1] < w[2]
+    assert abs(float((a.sizes * w ** 2).sum() / a.sizes.sum()) - 1) < 1e-12  # noise energy of uniform DP
 
 
 def test_normalization_is_exact_and_bounded():
     g = torch.Generator().manual_seed(1)
     sizes = torch.randint(1, 1000, (50,), generator=g)
     u = torch.exp(torch.randn(50, generator=g, dtype=torch.float64) * 3)  # wide spread: bounds bind
-    w = normalize_scales(u, sizes, 0.3, 3.0)
-    d = sizes.double()
+    for exponent in (2.0, -2.0):
+        w = _normalize(u, sizes, exponent, 0.3, 3.0)
+        d = sizes.double()
+        assert abs(float((d * w ** exponent).sum() / d.sum()) - 1) < 1e-12, exponent
+        assert float(w.min()) >= 0.3 and float(w.max()) <= 3.0
+        assert (w == 0.3).any() and (w == 3.0).any()  # both bounds were active
+        order = torch.argsort(u)  # monotone in u
+        assert (w[order].diff() >= 0).all()
+    assert torch.equal(normalize_scales(u, sizes, 0.3, 3.0), _normalize(u, sizes, 2.0, 0.3, 3.0))
+
+
+def _feed(a: NoiseAllocator, coherent, share, steps=30, noise_std=0.01, clip=1.0, denom=100.0, seed=0):
+    """Statistics of a run whose groups have this coherent (whitened) gradient energy and
+    per-sample share, with the noise and the per-sample diagonal that a real release holds."""
+    g = torch.Generator().manual_seed(seed)
+    d = a.sizes
+    for _ in range(steps):
+        grad_sq = (torch.tensor(coherent, dtype=torch.float64) + d * noise_std ** 2
+                   + clip ** 2 * torch.tensor(share[:-1], dtype=torch.float64) / denom ** 2)
+        shares = torch.tensor(share, dtype=torch.float64) * (1 + 0.01 * torch.randn(len(share), generator=g,
+                                                                                    dtype=torch.float64))
+        a.update(grad_sq, shares, noise_std=noise_std, clip=clip, denom=denom)
+
+
+def test_anadp_gives_coherent_groups_less_noise_at_the_optimum_of_its_objective():
+    """w_g ~ share_g / a_g (power 1): the group whose per-sample energy is mostly coherent signal
+    gets the smallest w; sum_g e_g / w_g^2 = sum_g e_g with e_g = w_g^2 share_g of the step before."""
+    a = NoiseAllocator([100, 100, 100], mode="anadp", config=AllocationConfig(warmup_steps=0, **WIDE))
+    coherent, share = [0.04, 0.01, 0.002], [40.0, 40.0, 10.0, 0.0]
+    _feed(a, coherent, share, steps=29)
+    w_prev = a.group_scales.clone()
+    _feed(a, coherent, share, steps=1, seed=1)
+    w = a.group_scales
+    ratio = torch.tensor(share[:3], dtype=torch.float64) / torch.tensor(coherent, dtype=torch.float64)
+    assert w[0] < w[1] < w[2]
+    assert float((w / ratio).std() / (w / ratio).mean()) < 0.02  # proportional, up to the EMA of noisy shares
+    e = w_prev ** 2 * a.share_bar  # raw per-sample energy as the last update saw it
+    assert float((e / w ** 2).sum() / e.sum()) == pytest.approx(1.0, abs=1e-12)
+
+
+def test_clip_allocation_is_the_minimum_of_F():
+    """w_g^2 ~ G_g / sqrt(d_g) minimizes F(w) = (sum G^2/w^2)(sum d w^2): check against random w."""
+    sizes = [10, 1000, 300]
+    a = NoiseAllocator(sizes, mode="clip", config=AllocationConfig(warmup_steps=0, stats_beta=0.0, **WIDE))
+    G2 = torch.tensor([5.0, 1.0, 20.0], dtype=torch.float64)  # per-sample energy (raw = whitened at w = 1)
+    a.update(None, torch.cat([G2, torch.zeros(1, dtype=torch.float64)]))
+    w, d = a.group_scales, a.sizes
+
+    def F_(w):
+        return float((G2 / w ** 2).sum() * (d * w ** 2).sum())
+
+    best = F_(w)
+    assert best <= F_(torch.ones(3, dtype=torch.float64)) + 1e-9
+    g = torch.Generator().manual_seed(0)
+    for _ in range(200):
+        assert best <= F_(w * torch.exp(0.3 * torch.randn(3, generator=g, dtype=torch.float64))) + 1e-9
     assert abs(float((d * w ** 2).sum() / d.sum()) - 1) < 1e-12
-    assert float(w.min()) >= 0.3 and float(w.max()) <= 3.0
-    assert (w == 0.3).any() and (w == 3.0).any()  # both bounds were active
-    order = torch.argsort(u)  # monotone in u
-    assert (w[order].diff() >= 0).all()
+
+
+@pytest.mark.parametrize("mode", ALLOCATIONS)
+def test_every_allocation_stays_in_its_bounds_on_random_statistics(mode):
+    g = torch.Generator().manual_seed(3)
+    cfg = AllocationConfig(warmup_steps=2)
+    a = NoiseAllocator([50, 7, 300, 2, 90], mode=mode, config=cfg, groups=[0, 1, 2, -1, 3])
+    for _ in range(20):
+        stat = torch.rand(5, generator=g, dtype=torch.float64) * 10 ** (3 * torch.rand(5, generator=g))
+        shares = torch.randn(5, generator=g, dtype=torch.float64) * 5 + 10  # noisy: some negative
+        a.update(stat, shares, noise_std=0.05, clip=1.0, denom=64)
+        w = a.scales
+        assert torch.isfinite(w).all() and (w >= cfg.w_min).all() and (w <= cfg.w_max).all()
+        assert w[3] == 1.0  # the rest group
+    assert (a.group_scales != 1).any() or mode == "uniform"
 
 
 def test_warmup_keeps_uniform():
-    a = NoiseAllocator([3, 3], config=AllocationConfig(warmup_steps=4))
-    params = _params((3, 1.0), (3, 1.0))
+    a = NoiseAllocator([3, 3], mode="paper", config=AllocationConfig(warmup_steps=4))
     for t in range(3):
-        a.update(params, [torch.full((3,), 10.0 * (t + 1)), torch.full((3,), 0.1)])
+        a.update(torch.tensor([30.0 * (t + 1), 0.3]))
         assert torch.equal(a.scales, torch.ones(2, dtype=torch.float64)), t
-    a.update(params, [torch.full((3,), 40.0), torch.full((3,), 0.1)])
+    a.update(torch.tensor([120.0, 0.3]))
     assert not torch.equal(a.scales, torch.ones(2, dtype=torch.float64))
 
 
 def test_uniform_mode_never_moves():
     a = NoiseAllocator([3, 3], mode="uniform", config=AllocationConfig(warmup_steps=0))
     for _ in range(5):
-        a.update(_params((3, 1.0), (3, 1.0)), [torch.full((3,), 9.0), torch.full((3,), 0.1)])
+        a.update(torch.tensor([27.0, 0.3]), torch.tensor([5.0, 1.0, 0.0]))
     assert torch.equal(a.scales, torch.ones(2, dtype=torch.float64))
 
 
 def test_bad_config():
     with pytest.raises(ValueError, match="w_min"):
         AllocationConfig(w_min=1.5)
+    with pytest.raises(ValueError, match="share_noise"):
+        AllocationConfig(share_noise=1.0)
     with pytest.raises(ValueError, match="allocation"):
         NoiseAllocator([1], mode="adaptive")
+    m, o, l = make_setup("sgd")
+    with pytest.raises(ValueError, match="paper's mechanism"):
+        anadp.make_private(m, o, l, noise_multiplier=1.0, max_grad_norm=1.0, clipping="global", allocation="anadp")
 
 
-def test_allocation_reads_only_privatized_gradients():
-    """Tamper with the raw per-sample records and the clipped sums after privatization:
-    the noise scales do not change."""
-    results = []
-    for tamper in (False, True):
+def _run(mode, tamper=False, steps=None):
+    m, o, l = make_setup("sgd")
+    m, o, l = anadp.make_private(m, o, l, noise_multiplier=1.0, max_grad_norm=0.5, seed=4, allocation=mode,
+                                 allocation_config=AllocationConfig(warmup_steps=1))
+    inputs = []
+    for x, y in l:
+        o.zero_grad()
+        batch = None
+        if len(x):
+            F.cross_entropy(m(x), y).backward()
+            batch = o.engine.take()  # the raw per-sample material of this batch
+            o._accumulate(batch)
+        grads = o.privatize()
+        if tamper and batch is not None:
+            for recs in batch.records.values():
+                for r in recs:
+                    for attr in ("A", "G", "gs"):
+                        if hasattr(r, attr):
+                            setattr(r, attr, getattr(r, attr) * 1000)
+            o._summed = [None if s is None else s * 1000 for s in o._summed]
+            o._share_sum = o._share_sum * 1000
+        o.apply(grads)
+        inputs.append((o.last_allocation_input, o._released[1:]))
+    return o, inputs
+
+
+@pytest.mark.parametrize("mode", ["anadp", "paper", "clip"])
+def test_allocation_reads_only_released_outputs(mode):
+    """Tamper with the raw per-sample records, the clipped sums and the share sums after the
+    release: the scales do not change. Then replay the released statistics alone through a
+    fresh allocator: the same scales, so nothing else (no raw per-sample norm) reached it."""
+    o, inputs = _run(mode)
+    o_t, _ = _run(mode, tamper=True)
+    w = o.allocator.group_scales
+    assert not torch.equal(w, torch.ones_like(w))
+    assert torch.equal(w, o_t.allocator.group_scales)
+    fresh = NoiseAllocator(o.allocator.sizes.long().tolist(), mode, o.allocator.config, o.allocator.group_of.tolist())
+    for (sums, shares), (noise_std, denom) in inputs:
+        fresh.update(sums, shares, noise_std=noise_std, clip=o.max_grad_norm, denom=denom)
+    assert torch.equal(fresh.group_scales, w)
+
+
+def test_share_release_is_charged_out_of_sigma():
+    """The gradient gets sigma_g, the shares sigma_b = share_noise * sigma, with
+    sigma_g^-2 + sigma_b^-2 = sigma^-2: one Gaussian mechanism of multiplier sigma on the
+    concatenated (sensitivity-1, sensitivity-1) release. Epsilon equals Opacus's accountant on
+    that combined multiplier, the same as uniform DP-SGD's at sigma."""
+    sigma = 1.1
+    o, _ = _run("anadp")
+    o.noise_multiplier = sigma
+    sg, sb = o.gradient_noise_multiplier, o.share_noise_multiplier
+    assert sb == pytest.approx(o.allocator.config.share_noise * sigma) and sg > sigma
+    combined = (sg ** -2 + sb ** -2) ** -0.5
+    assert combined == pytest.approx(sigma, rel=1e-12)
+    assert o.accountant.history == [(1.0, o.sample_rate, o.accountant.steps)]  # charged sigma, as uniform
+    from opacus.accountants import PRVAccountant
+    ref = PRVAccountant()
+    ref.history = [(combined, o.sample_rate, 20)]
+    mine = Accountant("prv")
+    mine.history = [(sigma, o.sample_rate, 20)]
+    assert mine.get_epsilon(1e-5) == pytest.approx(float(ref.get_epsilon(1e-5)), rel=1e-9)
+
+
+def test_released_shares_carry_exactly_their_noise():
+    """released - exact share sums = sigma_b * z, z the share stream of that step: the noise that
+    the accountant assumes is the noise that was added (sigma_b = share_noise * sigma)."""
+    from anadp import philox
+    from anadp.optimizer import SHARE_STREAM
+    m, o, l = make_setup("sgd")
+    m, o, l = anadp.make_private(m, o, l, noise_multiplier=0.9, max_grad_norm=0.5, seed=7, poisson_sampling=False)
+    x, y = next(iter(l))
+    F.cross_entropy(m(x), y).backward()
+    o.engine.flush()
+    exact = o._share_sum.clone()
+    assert 0 < float(exact.sum()) <= len(x) + 1e-9  # each sample adds at most 1
+    o.step()
+    z = philox.gaussian(o.seed, 0, SHARE_STREAM, exact.shape).double()
+    assert torch.allclose(o.last_released_shares - exact, 0.9 * o.allocator.config.share_noise * z, atol=1e-12)
+
+
+def test_anadp_feeds_the_whitened_gradient():
+    """The optimizer gets (clipped sum + sigma_g C w z) / (B w): noise sigma_g C / B in every group."""
+    sigma, C = 1.3, 0.7
+    outs = []
+    for s in (0.0, sigma):
         m, o, l = make_setup("sgd")
-        m, o, l = anadp.make_private(m, o, l, noise_multiplier=1.0, max_grad_norm=0.5, seed=4,
-                                     allocation_config=AllocationConfig(warmup_steps=0))
-        for x, y in l:
-            o.zero_grad()
-            batch = None
-            if len(x):
-                F.cross_entropy(m(x), y).backward()
-                batch = o.engine.take()  # the raw per-sample material of this batch
-                o._accumulate(batch)
-            grads = o.privatize()
-            if tamper and batch is not None:
-                for recs in batch.records.values():
-                    for r in recs:
-                        for attr in ("A", "G", "gs"):
-                            if hasattr(r, attr):
-                                setattr(r, attr, getattr(r, attr) * 1000)
-                o._summed = [None if s is None else s * 1000 for s in o._summed]
-            o.apply(grads)
-        results.append(o.allocator.scales.clone())
-    assert not torch.equal(results[0], torch.ones_like(results[0]))
-    assert torch.equal(results[0], results[1])
+        with pytest.warns(UserWarning) if s == 0 else _nothing():
+            m, o, l = anadp.make_private(m, o, l, noise_multiplier=s, max_grad_norm=C, poisson_sampling=False, seed=3)
+        o.allocator.group_scales = torch.linspace(0.4, 2.5, o.allocator.n_groups, dtype=torch.float64)
+        x, y = next(iter(l))
+        F.cross_entropy(m(x), y).backward()
+        outs.append(o.privatize())
+    expect = o.gradient_noise_multiplier * C / o.expected_batch_size
+    noise = torch.cat([(noisy - clean).flatten() for clean, noisy in zip(*outs)])
+    n = noise.numel()
+    assert abs(float(noise.std()) - expect) < 3 * expect / math.sqrt(2 * (n - 1))
+
+
+class _nothing:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *a):
+        return False

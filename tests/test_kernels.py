@@ -108,12 +108,13 @@ def test_clipped_linear_update(kind, transposed, B, T, d, p):
         pri = prior if step == 1 else None
         grad = LinearRecord(A, G, transposed).clipped_sum(c) + (0 if pri is None else pri)
         grad = (grad + std * philox.gaussian(11, step, 4, W0.shape, device=DEV)) * inv
-        sens_ref = (ref.detach() * grad).abs().sum()
+        stat = U.STATS[step]  # each statistic once: |p * grad| (p before the update), then grad^2
+        sens_ref = (ref.detach() * grad).abs().sum() if stat == "abs_p_grad" else grad.pow(2).sum()
         ref.grad = grad
         opt_ref.step()
         m, v, row = _kernel_state(opt, out, std, inv)
         sens = clipped_linear_update(A, G, c, out.data, kind=U.kind_of(opt), row=row, key=key, m=m, v=v, prior=pri,
-                                     transposed=transposed, sens=nan(n_tiles(p, d)))
+                                     transposed=transposed, sens=nan(n_tiles(p, d)), stat=stat)
         U.finish_step(opt, [out])
         assert rel_err(sens.sum(), sens_ref) < 1e-5
         assert rel_err(out, ref) < 1e-5
@@ -156,16 +157,17 @@ def test_multi_tensor_update(k, kind, dtype):
     opt_ref, opt = _torch_optimizer(kind, refs), _torch_optimizer(kind, outs)
     for step in range(2):
         keys = [philox.group_key(9, step, i) for i in range(len(SIZES))]
+        stat = U.STATS[step]  # each statistic once
         sens_ref = []
         for i, (r, s) in enumerate(zip(refs, sums)):
             r.grad = (s + stds[i] * philox.gaussian(9, step, i, s.shape, device=DEV)) * inv
-            sens_ref.append((r.detach() * r.grad).abs().sum())
+            sens_ref.append((r.detach() * r.grad).abs().sum() if stat == "abs_p_grad" else r.grad.pow(2).sum())
         opt_ref.step()
         states = [_kernel_state(opt, o, stds[i], inv) for i, o in enumerate(outs)]
         n_chunks = sum(-(-o.numel() // 64) for o in outs)
         sens, owner = k.multi_tensor_update(outs, sums, [s[0] for s in states], [s[1] for s in states], keys,
                                           torch.stack([s[2] for s in states]), kind=U.kind_of(opt), chunk=64,
-                                          sens=nan(n_chunks))
+                                          sens=nan(n_chunks), stat=stat)
         U.finish_step(opt, outs)
         per_tensor = torch.zeros(len(outs), dtype=torch.float64, device=DEV).index_add_(0, owner.long(), sens.double())
         tol = 1e-5 if dtype == torch.float32 else 1e-2

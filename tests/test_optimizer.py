@@ -53,8 +53,16 @@ def test_uniform_matches_opacus(opt):
     assert (flat(m2) - start).abs().max() > 1e-3  # and training moved the parameters
 
 
+def _plant_scales(o, seed: int, lo: float = 0.3, span: float = 2.0) -> torch.Tensor:
+    """Random group scales; returns the per-tensor scales they give."""
+    g = torch.Generator().manual_seed(seed)
+    o.allocator.group_scales = torch.rand(o.allocator.n_groups, generator=g, dtype=torch.float64) * span + lo
+    return o.allocator.scales
+
+
 def test_noise_std_per_group():
-    """noisy - clean privatized gradients = sigma*C*w_g*z/B; per group the sample std
+    """The paper's allocation (no share release, the raw noisy gradient to the optimizer):
+    noisy - clean privatized gradients = sigma*C*w_g*z/B; per tensor the sample std
     of n = numel draws has standard error ~ std/sqrt(2n): |s - std| < 3 std/sqrt(2n)."""
     sigma, C = 1.3, 0.7
     outs = []
@@ -62,10 +70,9 @@ def test_noise_std_per_group():
         m, o, l = make_setup("sgd")
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            m, o, l = anadp.make_private(m, o, l, noise_multiplier=s, max_grad_norm=C, poisson_sampling=False, seed=3)
-        g = torch.Generator().manual_seed(1)
-        w = torch.rand(len(o.params), generator=g, dtype=torch.float64) * 2 + 0.3
-        o.allocator.scales = w
+            m, o, l = anadp.make_private(m, o, l, noise_multiplier=s, max_grad_norm=C, poisson_sampling=False, seed=3,
+                                         allocation="paper")
+        w = _plant_scales(o, 1)
         x, y = next(iter(l))
         F.cross_entropy(m(x), y).backward()
         outs.append(o.privatize())
@@ -85,8 +92,7 @@ def test_whitened_clipping_bound():
     m, o, l = make_setup("sgd")
     ref_model = copy.deepcopy(m)
     m, o, l = anadp.make_private(m, o, l, noise_multiplier=1.0, max_grad_norm=C, poisson_sampling=False, seed=0)
-    w = torch.rand(len(o.params), generator=torch.Generator().manual_seed(2), dtype=torch.float64) * 2.7 + 0.3
-    o.allocator.scales = w
+    w = _plant_scales(o, 2, 0.3, 2.7)
     x, y = next(iter(l))
     F.cross_entropy(m(x), y).backward()
     o.engine.flush()
@@ -102,9 +108,8 @@ def test_whitened_clipping_bound():
 def test_global_clipping_is_charged_min_w():
     m, o, l = make_setup("sgd")
     m, o, l = anadp.make_private(m, o, l, noise_multiplier=1.0, max_grad_norm=1.0, poisson_sampling=False,
-                                 clipping="global", seed=0)
-    o.allocator.scales = torch.tensor([0.5] + [1.2] * (len(o.params) - 1), dtype=torch.float64)
-    o.allocator.mode = "uniform"  # keep the planted scales for this step
+                                 clipping="global", seed=0, allocation="paper")
+    o.allocator.group_scales = torch.tensor([0.5] + [1.2] * (o.allocator.n_groups - 1), dtype=torch.float64)
     train(m, o, l, 1)
     assert o.accountant.history == [(0.5, 0.25, 1)]
 
