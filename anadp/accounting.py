@@ -6,6 +6,7 @@ the noise multiplier the step is charged: sigma under whitened clipping
 """
 from __future__ import annotations
 
+import functools
 import math
 import warnings
 
@@ -62,7 +63,15 @@ class Accountant:
 
 def noise_multiplier_for(target_epsilon: float, target_delta: float, sample_rate: float, *,
                          epochs: float | None = None, steps: int | None = None, accountant: str = "prv") -> float:
-    """The noise multiplier that Opacus's get_noise_multiplier finds for this budget."""
+    """The noise multiplier that Opacus's get_noise_multiplier finds for this budget
+    (remembered: the search takes seconds, and studies ask for the same budget many times)."""
+    return _noise_multiplier_for(float(target_epsilon), float(target_delta), float(sample_rate),
+                                 None if epochs is None else float(epochs), steps, accountant)
+
+
+@functools.lru_cache(maxsize=256)
+def _noise_multiplier_for(target_epsilon: float, target_delta: float, sample_rate: float, epochs: float | None,
+                          steps: int | None, accountant: str) -> float:
     _check(accountant)
     if target_epsilon <= 0 or not 0 < target_delta < 1:
         raise ValueError(f"need target_epsilon > 0 and 0 < target_delta < 1, got {target_epsilon}, {target_delta}")

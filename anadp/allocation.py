@@ -50,7 +50,10 @@ Where the statistics come from (``clip`` and ``anadp``):
   sigma_g^-2 + sigma_b^-2 = sigma^-2 (as Opacus's adaptive clipping splits its
   budget), so the step is charged exactly sigma.
 * a_g from the privatized (whitened) gradient with the known noise energy and the
-  per-sample diagonal subtracted: ||u_g||^2 - d_g (sigma_g C / B)^2 - C^2 R_g / B^2.
+  per-sample diagonal subtracted: ||u_g||^2 - d_g (sigma_g C / B)^2 - C^2 R_g / B^2;
+  where the optimizer keeps a first moment m (Adam, SGD with momentum), from ||m_g||^2
+  the same way, with the noise and diagonal terms scaled by sum_k a_k^2 and the result
+  divided by (sum_k a_k)^2 (m = sum_k a_k u_(t-k)): its noise is ~19x smaller at beta 0.9.
 * both as EMAs (``stats_beta``) over steps.
 """
 from __future__ import annotations
@@ -194,14 +197,17 @@ class NoiseAllocator:
     # --- one step ------------------------------------------------------------------------
     @torch.no_grad()
     def update(self, stat: torch.Tensor | None = None, shares: torch.Tensor | None = None, *,
-               noise_std: float = 0.0, clip: float = 1.0, denom: float = 1.0) -> None:
+               noise_std: float = 0.0, clip: float = 1.0, denom: float = 1.0, stat_noise: float = 1.0,
+               stat_signal: float = 1.0) -> None:
         """One step of the statistics, then the scales of the next step.
 
         ``stat``: per-tensor sums of ``self.statistic`` over the privatized gradient the
-        optimizer got; ``shares``: the released (noisy) per-group clipped energies,
-        (n_groups + 1,); ``noise_std``: the std of the gradient's noise per coordinate in
-        whitened units (sigma_g C / denom); ``clip``: C; ``denom``: what the clipped sum
-        was divided by. Nothing else reaches the allocation."""
+        optimizer got, or for "grad_sq" over an average m = sum_k a_k grad_(t-k) of them, whose
+        noise and per-sample energies are ``stat_noise`` = sum a_k^2 times one step's and whose
+        coherent energy is ``stat_signal`` = (sum a_k)^2 times one step's; ``shares``: the
+        released (noisy) per-group clipped energies, (n_groups + 1,); ``noise_std``: the std of
+        the gradient's noise per coordinate in whitened units (sigma_g C / denom); ``clip``: C;
+        ``denom``: what the clipped sum was divided by. Nothing else reaches the allocation."""
         self.updates += 1
         if self.mode == "uniform" or self.n_groups == 0:
             return
@@ -215,8 +221,8 @@ class NoiseAllocator:
             share = shares.double().cpu()[:self.n_groups]
             self.share_bar = c.stats_beta * self.share_bar + (1 - c.stats_beta) * share
             if self.mode == "anadp":
-                energy = (self.per_group(stat)[:self.n_groups] - self.group_sizes * noise_std ** 2
-                          - clip ** 2 * share / denom ** 2)
+                energy = (self.per_group(stat)[:self.n_groups] - stat_noise * (
+                    self.group_sizes * noise_std ** 2 + clip ** 2 * share / denom ** 2)) / stat_signal
                 self.energy_bar = c.stats_beta * self.energy_bar + (1 - c.stats_beta) * energy
             score = self.share_bar
         if not torch.isfinite(score).all() or not torch.isfinite(self.energy_bar).all():

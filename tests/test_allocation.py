@@ -184,8 +184,8 @@ def test_allocation_reads_only_released_outputs(mode):
     assert not torch.equal(w, torch.ones_like(w))
     assert torch.equal(w, o_t.allocator.group_scales)
     fresh = NoiseAllocator(o.allocator.sizes.long().tolist(), mode, o.allocator.config, o.allocator.group_of.tolist())
-    for (sums, shares), (noise_std, denom) in inputs:
-        fresh.update(sums, shares, noise_std=noise_std, clip=o.max_grad_norm, denom=denom)
+    for (sums, shares, factors), (noise_std, denom) in inputs:
+        fresh.update(sums, shares, noise_std=noise_std, clip=o.max_grad_norm, denom=denom, **factors)
     assert torch.equal(fresh.group_scales, w)
 
 
@@ -251,3 +251,31 @@ class _nothing:
 
     def __exit__(self, *a):
         return False
+
+
+def test_first_moment_energy_is_unbiased_and_less_noisy_than_one_step():
+    """Coherent energy from Adam's exp_avg (the factors of DPOptimizer._momentum_energy) against
+    the square of the last noisy step, over 40 runs of 30 steps of u_t = S + N(0, 1) in d = 2000
+    coordinates, ||S||^2 = 5: both unbiased (|mean - 5| < 4 standard errors), the first moment's
+    spread at least 3x smaller (theory: sqrt(2d) vs sqrt(2d / 19) noise-noise terms)."""
+    from types import SimpleNamespace
+
+    from anadp.optimizer import DPOptimizer
+    d, runs, steps = 2000, 40, 30
+    S = torch.full((d,), 0.05, dtype=torch.float64)
+    est_m, est_1 = [], []
+    for r in range(runs):
+        g = torch.Generator().manual_seed(r)
+        p = torch.nn.Parameter(torch.zeros(d, dtype=torch.float64))
+        opt = torch.optim.Adam([p], betas=(0.9, 0.999))
+        for t in range(steps):
+            p.grad = S + torch.randn(d, generator=g, dtype=torch.float64)
+            opt.step()
+        stub = SimpleNamespace(original_optimizer=opt, params=[p], allocator=SimpleNamespace(updates=steps - 1))
+        sums, noise, signal = DPOptimizer._momentum_energy(stub)
+        est_m.append(float((sums.sum() - noise * d) / signal))
+        est_1.append(float(p.grad.pow(2).sum() - d))
+    m, m1 = torch.tensor(est_m), torch.tensor(est_1)
+    assert abs(float(m.mean()) - 5) < 4 * float(m.std()) / runs ** 0.5
+    assert abs(float(m1.mean()) - 5) < 4 * float(m1.std()) / runs ** 0.5
+    assert float(m.std()) * 3 < float(m1.std())

@@ -1,0 +1,244 @@
+"""Allocation study: uniform DP against every noise allocation, on the fine-tuning benchmark.
+
+    python -m bench.allocation_study                      # full grid on the CPU (hours)
+    python -m bench.allocation_study --device cuda --workers 8   # the same on a GPU (minutes)
+    python -m bench.allocation_study --smoke --model DIR  # tiny, for CI
+
+Grid: LoRA and full fine-tuning x epsilon 1, 3, 8 x seeds 0, 1, 2 x methods uniform,
+anadp, clip, paper and paper-global (the paper's mechanism: one global clip, charged
+sigma * min_g w_g, so its epsilon ends above the target; the table shows what it spent),
+plus non-private per mode and seed. Runs are paired: a seed fixes the head's
+initialization, the Poisson batches and the noise stream of every method.
+
+Writes allocation-study-<date>.json (every run), .md (mean ± std per cell and the paired
+difference to uniform, mean ± standard error) and .png (accuracy vs epsilon, and the
+heat map of the default's noise scales) under --out, rewritten after every run.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import math
+import multiprocessing as mp
+import os
+import statistics
+import sys
+import time
+from dataclasses import asdict, replace
+
+import torch
+from torch.utils.data import TensorDataset
+
+from anadp.finetune import FinetuneConfig, heatmap, prepare, train_one
+
+METHODS = ["uniform", "anadp", "clip", "paper", "paper-global"]
+MODES = {"lora": dict(lora=True, dp_lr=1e-2), "full": dict(lora=False, dp_lr=5e-4)}
+
+_W: dict = {}  # per worker: the prepared data
+
+
+def _init(cfg: FinetuneConfig, data: dict, threads: int) -> None:
+    torch.set_num_threads(threads)
+    _W.update(cfg=cfg, data=data)
+
+
+def _run(job: tuple) -> dict:
+    mode, method, eps, seed = job
+    cfg = replace(_W["cfg"], **MODES[mode])
+    d = _W["data"]
+    try:
+        row = train_one(cfg, method, eps, seed, d["train"], d["test"], d["delta"], d["model_path"], progress=False)
+    except Exception as e:  # noqa: BLE001 - one failed cell is a result, not the end of the study
+        row = {"method": method, "target_epsilon": eps if method != "nonprivate" else None, "seed": seed,
+               "error": f"{type(e).__name__}: {e}"[:300]}
+    row["mode"] = mode
+    return row
+
+
+def jobs(modes, epsilons, seeds, methods) -> list[tuple]:
+    """Seed-major, so that a study stopped early holds whole seeds."""
+    out = []
+    for seed in seeds:
+        for mode in modes:
+            out.append((mode, "nonprivate", math.inf, seed))
+            out += [(mode, m, eps, seed) for eps in epsilons for m in methods]
+    return out
+
+
+def summary(rows: list[dict]) -> list[dict]:
+    """Per (mode, epsilon, method): mean ± std, and the paired difference to uniform."""
+    ok = [r for r in rows if "accuracy" in r]
+    cells: dict = {}
+    for r in ok:
+        cells.setdefault((r["mode"], r["target_epsilon"], r["method"]), []).append(r)
+    out = []
+    for (mode, eps, method), rs in sorted(cells.items(), key=lambda kv: (kv[0][0], kv[0][1] or 0, kv[0][2])):
+        accs = [r["accuracy"] for r in rs]
+        s = {"mode": mode, "target_epsilon": eps, "method": method, "seeds": len(rs),
+             "epsilon_spent": max((r["epsilon"] for r in rs if r.get("epsilon") is not None), default=None),
+             "mean": statistics.mean(accs), "std": statistics.stdev(accs) if len(accs) > 1 else 0.0}
+        base = {r["seed"]: r["accuracy"] for r in cells.get((mode, eps, "uniform"), [])}
+        diffs = [r["accuracy"] - base[r["seed"]] for r in rs if r["seed"] in base]
+        if method not in ("uniform", "nonprivate") and diffs:
+            s["diff"] = statistics.mean(diffs)
+            s["diff_se"] = statistics.stdev(diffs) / math.sqrt(len(diffs)) if len(diffs) > 1 else 0.0
+        out.append(s)
+    return out
+
+
+def markdown(result: dict) -> str:
+    summ = result["summary"]
+    methods = [m for m in METHODS if any(s["method"] == m for s in summ)]
+    lines = [f"# Allocation study, {result['date']}", "", result["description"], "",
+             "Accuracy (mean ± std over seeds); for each allocation, the paired difference to uniform DP in points "
+             "(mean ± standard error over seeds). paper-global's epsilon is what it spent.", "",
+             "| mode | epsilon | non-private | " + " | ".join(methods) + " |",
+             "|---|---|---|" + "---|" * len(methods)]
+    by = {(s["mode"], s["target_epsilon"], s["method"]): s for s in summ}
+    for mode in MODES:
+        nonpriv = by.get((mode, None, "nonprivate"))
+        for eps in sorted({s["target_epsilon"] for s in summ if s["mode"] == mode and s["target_epsilon"]}):
+            cells = []
+            for m in methods:
+                s = by.get((mode, eps, m))
+                if s is None:
+                    cells.append("")
+                elif m == "uniform":
+                    cells.append(f"{s['mean']:.4f} ± {s['std']:.4f}")
+                else:
+                    spent = f" (eps {s['epsilon_spent']:.1f})" if m == "paper-global" and s["epsilon_spent"] else ""
+                    cells.append(f"{100 * s.get('diff', float('nan')):+.2f} ± {100 * s.get('diff_se', 0):.2f}{spent}")
+            np_cell = f"{nonpriv['mean']:.4f} ± {nonpriv['std']:.4f}" if nonpriv else ""
+            lines.append(f"| {mode} | {eps:g} | {np_cell} | " + " | ".join(cells) + " |")
+    failed = [r for r in result["rows"] if "error" in r]
+    if failed:
+        lines += ["", f"{len(failed)} runs failed; first: {failed[0]['error']}"]
+    return "\n".join(lines) + "\n"
+
+
+def plot(result: dict, path: str) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    summ = result["summary"]
+    modes = [m for m in MODES if any(s["mode"] == m for s in summ)]
+    fig, axes = plt.subplots(2, max(len(modes), 1), figsize=(6.5 * max(len(modes), 1), 8.5), squeeze=False)
+    for j, mode in enumerate(modes):
+        ax = axes[0][j]
+        for m in ["nonprivate"] + METHODS:
+            ss = sorted((s for s in summ if s["mode"] == mode and s["method"] == m), key=lambda s: s["target_epsilon"] or 0)
+            if not ss:
+                continue
+            if m == "nonprivate":
+                ax.axhline(ss[0]["mean"], color="k", ls="--", label="non-private")
+                continue
+            ax.errorbar([s["target_epsilon"] for s in ss], [s["mean"] for s in ss], yerr=[s["std"] for s in ss],
+                        marker="o", capsize=3, label=m)
+        ax.set(xscale="log", xlabel="target epsilon", ylabel="test accuracy", title=f"{mode}: accuracy vs epsilon")
+        ax.legend(fontsize=8)
+        runs = [r for r in result["rows"] if r.get("mode") == mode and r["method"] == "anadp" and r.get("noise_scales")]
+        ax = axes[1][j]
+        if runs:
+            r = max(runs, key=lambda r: (r["target_epsilon"], -r["seed"]))
+            im = heatmap(ax, r["noise_scales"], f"{mode}: anadp w_g, eps {r['target_epsilon']:g}, seed {r['seed']} "
+                         f"(w = 1 for {r.get('warmup_steps', 10)} steps)")
+            if im is not None:
+                fig.colorbar(im, ax=ax)
+        else:
+            ax.axis("off")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    ap.add_argument("--out", default="bench/results", help="output directory")
+    ap.add_argument("--device", default="cpu", help="torch device of the runs")
+    ap.add_argument("--workers", type=int, default=1, help="runs in parallel (processes)")
+    ap.add_argument("--threads", type=int, default=None, help="torch threads per worker (default: cores / workers)")
+    ap.add_argument("--model", default=None, help="local model directory (default: the packaged MiniLM-L6)")
+    ap.add_argument("--modes", nargs="+", default=list(MODES), choices=list(MODES))
+    ap.add_argument("--epsilon", type=float, nargs="+", default=[1.0, 3.0, 8.0])
+    ap.add_argument("--seed", type=int, nargs="+", default=[0, 1, 2])
+    ap.add_argument("--methods", nargs="+", default=METHODS, choices=METHODS)
+    ap.add_argument("--budget-s", type=float, default=None, help="start no run after this many seconds")
+    ap.add_argument("--backend", default="auto", help="anadp backend (auto, torch, triton, cuda)")
+    ap.add_argument("--batch-size", type=int, default=FinetuneConfig.batch_size, help="expected logical batch")
+    ap.add_argument("--epochs", type=int, default=FinetuneConfig.epochs)
+    ap.add_argument("--tag", default="", help="appended to the output file names")
+    ap.add_argument("--physical-batch-size", type=int, default=FinetuneConfig.physical_batch_size,
+                    help="physical chunk of a logical batch (results do not depend on it beyond rounding)")
+    ap.add_argument("--save-prepared", help="write the tokenized data and delta to this file and stop")
+    ap.add_argument("--prepared", help="read the tokenized data from a --save-prepared file (a machine without "
+                                       "the data and tokenizer packages)")
+    ap.add_argument("--smoke", action="store_true", help="tiny sizes (CI): 2 steps a run")
+    args = ap.parse_args(argv)
+    cfg = FinetuneConfig(model=args.model, device=args.device, backend=args.backend, batch_size=args.batch_size,
+                         epochs=args.epochs, physical_batch_size=args.physical_batch_size)
+    if args.smoke:
+        cfg = replace(cfg, train_size=96, test_size=32, max_steps=2, batch_size=32, physical_batch_size=16)
+    if args.prepared:
+        data = torch.load(args.prepared)
+        data["model_path"] = args.model or data["model_path"]
+        data["train"], data["test"] = (TensorDataset(*(t.long() for t in data[k])) for k in ("train", "test"))
+    else:
+        data = prepare(cfg)
+    if args.save_prepared:
+        torch.save({k: ([t.to(torch.int32) for t in v.tensors] if k in ("train", "test") else v)
+                    for k, v in data.items()}, args.save_prepared)
+        return 0
+    todo = jobs(args.modes, args.epsilon, args.seed, args.methods)
+    date = datetime.date.today().isoformat()
+    stem = os.path.join(args.out, f"allocation-study-{date}{'-smoke' if args.smoke else ''}{args.tag}")
+    os.makedirs(args.out, exist_ok=True)
+    result = {"date": date, "device": args.device, "torch": torch.__version__, "config": asdict(cfg) | {
+        "model": data["model_path"], "train_size": len(data["train"]), "test_size": len(data["test"]),
+        "delta": data["delta"], "modes": MODES},
+        "description": (f"{data['source']}, {len(data['train'])} train / {len(data['test'])} test, model "
+                        f"{os.path.basename(data['model_path'].rstrip('/'))}; {cfg.epochs} epochs, expected batch "
+                        f"{cfg.batch_size}, AdamW, C = {cfg.max_grad_norm}; DP lr: "
+                        + ", ".join(f"{m} {v['dp_lr']:g}" for m, v in MODES.items()) + f"; device {args.device}."),
+        "rows": [], "summary": []}
+    threads = args.threads or max(1, (os.cpu_count() or 1) // args.workers)
+    t0 = time.time()
+
+    def record(row):
+        result["rows"].append(row)
+        result["summary"] = summary(result["rows"])
+        with open(stem + ".json", "w") as f:
+            json.dump(result, f, indent=1)
+        with open(stem + ".md", "w") as f:
+            f.write(markdown(result))
+        print(f"{time.time() - t0:7.0f} s  {len(result['rows'])}/{len(todo)}  {row.get('mode')} {row['method']} "
+              f"eps={row.get('target_epsilon')} seed={row['seed']} acc={row.get('accuracy', row.get('error'))}",
+              flush=True)
+
+    if args.workers == 1:
+        _init(cfg, data, threads)
+        for job in todo:
+            if args.budget_s and time.time() - t0 > args.budget_s:
+                break
+            record(_run(job))
+    else:
+        ctx = mp.get_context("spawn")
+        with ctx.Pool(args.workers, initializer=_init, initargs=(cfg, data, threads)) as pool:
+            pending = [pool.apply_async(_run, (job,)) for job in todo]
+            for p in pending:
+                if args.budget_s and time.time() - t0 > args.budget_s:
+                    pool.terminate()
+                    break
+                remaining = None if not args.budget_s else max(1.0, args.budget_s - (time.time() - t0))
+                try:
+                    record(p.get(timeout=remaining))
+                except mp.TimeoutError:
+                    pool.terminate()
+                    break
+    plot(result, stem + ".png")
+    print(markdown(result))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
