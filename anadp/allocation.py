@@ -29,17 +29,20 @@ Allocations (``allocation=``), w = 1 everywhere during the first ``warmup_steps`
              w_g^2 ~ G_g / sqrt(d_g) (<= uniform's F by Cauchy-Schwarz).
              w_g = (G_g / sqrt(d_g))^(power/2), power 1; sum_g d_g w_g^2 = sum_g d_g.
 
-``anadp``    (default) the same model for what the optimizer sees, with the
+``anadp``    (default) the gain of the next step as the optimizer sees it, with the
              optimizer fed the *whitened* noisy gradient (grad_g / w_g: noise of
-             std sigma C / B in every group, so Adam's second moment does not lag
-             when w moves, and SGD's noise cost does not depend on w). A step then
-             gains sum_g x_g a_g / N(x), x_g = 1/w_g, a_g = ||E grad_g||^2 the group's
+             std n = sigma C / B per coordinate in every group, so Adam's second
+             moment does not lag when w moves, and SGD's noise cost does not
+             depend on w). With x_g = 1/w_g, a_g = ||E grad_g||^2 the group's
              coherent gradient energy and N(x)^2 = sum_g x_g^2 G_g^2 the clipping
-             norm; by Cauchy-Schwarz the maximum is at x_g ~ a_g / G_g^2, the
-             group's gradient coherence:
-             w_g = (G_g^2 / a_g)^power, power 1; normalized so that the typical
-             whitened per-sample norm equals the raw one (sum_g e_g / w_g^2 =
-             sum_g e_g, e_g the raw per-sample energy), so C keeps its meaning.
+             norm, group g's signal per coordinate is s_g = x_g sqrt(a_g / d_g) / N(x)
+             and the step gains sum_g sqrt(a_g d_g) phi(s_g / n): phi(r) = r for SGD
+             (maximum at x_g ~ a_g / G_g^2 by Cauchy-Schwarz: the group's gradient
+             coherence), phi(r) = r / sqrt(1 + r^2) for Adam, whose step saturates once
+             a group's signal dominates its noise (a classifier head, early on): such
+             a group can take more noise, and its share of every sample's clipping
+             norm goes to the groups that are still noise-bound. Maximized numerically
+             over the groups (see ``_best_for_step``).
 
 Where the statistics come from (``clip`` and ``anadp``):
 
@@ -58,6 +61,7 @@ Where the statistics come from (``clip`` and ``anadp``):
 """
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass
 
 import torch
@@ -137,7 +141,7 @@ class NoiseAllocator:
     default one group per tensor. ``scales`` is per tensor."""
 
     def __init__(self, sizes: list[int], mode: str = "anadp", config: AllocationConfig | None = None,
-                 groups: list[int] | None = None):
+                 groups: list[int] | None = None, adaptive: bool = True):
         if mode not in ALLOCATIONS:
             raise ValueError(f"allocation must be one of {ALLOCATIONS}, got {mode!r}")
         self.mode, self.config = mode, config or AllocationConfig()
@@ -153,7 +157,9 @@ class NoiseAllocator:
         self.group_scales = torch.ones(self.n_groups, dtype=torch.float64)
         n = self.n_groups
         self.ipt_bar, self.unc_bar = torch.zeros(n, dtype=torch.float64), torch.zeros(n, dtype=torch.float64)
-        self.energy_bar, self.share_bar = torch.zeros(n, dtype=torch.float64), torch.zeros(n, dtype=torch.float64)
+        self.energy_bar, self.share_bar = torch.zeros(n, dtype=torch.float64), torch.zeros(n + 1, dtype=torch.float64)
+        self.adaptive = adaptive  # the optimizer normalizes each coordinate (Adam): anadp's gain saturates
+        self.noise_var = 0.0
         self.updates = 0
 
     # --- what the optimizer asks -------------------------------------------------------
@@ -197,8 +203,8 @@ class NoiseAllocator:
     # --- one step ------------------------------------------------------------------------
     @torch.no_grad()
     def update(self, stat: torch.Tensor | None = None, shares: torch.Tensor | None = None, *,
-               noise_std: float = 0.0, clip: float = 1.0, denom: float = 1.0, stat_noise: float = 1.0,
-               stat_signal: float = 1.0) -> None:
+               noise_std: float = 0.0, clip: float = 1.0, denom: float = 1.0, samples: float = 1.0,
+               stat_noise: float = 1.0, stat_signal: float = 1.0) -> None:
         """One step of the statistics, then the scales of the next step.
 
         ``stat``: per-tensor sums of ``self.statistic`` over the privatized gradient the
@@ -207,7 +213,8 @@ class NoiseAllocator:
         coherent energy is ``stat_signal`` = (sum a_k)^2 times one step's; ``shares``: the
         released (noisy) per-group clipped energies, (n_groups + 1,); ``noise_std``: the std of
         the gradient's noise per coordinate in whitened units (sigma_g C / denom); ``clip``: C;
-        ``denom``: what the clipped sum was divided by. Nothing else reaches the allocation."""
+        ``denom``: what the clipped sum was divided by; ``samples``: the expected number of samples
+        in it (public: q N times the logical batches). Nothing else reaches the allocation."""
         self.updates += 1
         if self.mode == "uniform" or self.n_groups == 0:
             return
@@ -218,12 +225,16 @@ class NoiseAllocator:
             self.unc_bar = c.beta2 * self.unc_bar + (1 - c.beta2) * (ipt - self.ipt_bar).abs()
             score = self.ipt_bar * self.unc_bar
         else:
-            share = shares.double().cpu()[:self.n_groups]
-            self.share_bar = c.stats_beta * self.share_bar + (1 - c.stats_beta) * share
+            # EMAs in raw units (whitened ones times w^2 of their step), so that steps measured
+            # under different w average to one quantity
+            w2 = torch.cat([self.group_scales, torch.ones(1, dtype=torch.float64)]) ** 2
+            shares = shares.double().cpu()
+            self.share_bar = c.stats_beta * self.share_bar + (1 - c.stats_beta) * shares * w2 / samples
+            self.noise_var = noise_std ** 2
             if self.mode == "anadp":
                 energy = (self.per_group(stat)[:self.n_groups] - stat_noise * (
-                    self.group_sizes * noise_std ** 2 + clip ** 2 * share / denom ** 2)) / stat_signal
-                self.energy_bar = c.stats_beta * self.energy_bar + (1 - c.stats_beta) * energy
+                    self.group_sizes * noise_std ** 2 + clip ** 2 * shares[:self.n_groups] / denom ** 2)) / stat_signal
+                self.energy_bar = c.stats_beta * self.energy_bar + (1 - c.stats_beta) * energy * w2[:-1]
             score = self.share_bar
         if not torch.isfinite(score).all() or not torch.isfinite(self.energy_bar).all():
             raise FloatingPointError("non-finite allocation statistic: a privatized gradient or parameter is "
@@ -241,27 +252,70 @@ class NoiseAllocator:
                 return w_old  # nothing to rank yet
             s = s.clamp_min(1e-12 * float(s.max()))  # a zero score (LoRA B at its zero init) gets w_max
             return normalize_scales(s.pow(-k), self.group_sizes, c.w_min, c.w_max)
-        share = self.share_bar
-        if share.max() <= 0:
+        raw = self.share_bar[:self.n_groups]  # per-sample energy of the raw gradient, up to one common factor
+        if raw.max() <= 0:
             return w_old
-        share = share.clamp_min(1e-3 * float(share.max()))  # noise can make a small share negative
-        raw = w_old ** 2 * share  # per-sample energy of the raw gradient, up to one common factor
+        raw = raw.clamp_min(1e-3 * float(raw.max()))  # noise can make a small share negative
         if self.mode == "clip":
             return normalize_scales((raw.sqrt() / self.group_sizes.sqrt()).pow(k / 2), self.group_sizes,
                                     c.w_min, c.w_max)
-        a = self.energy_bar
-        if a.max() <= 0:
+        if self.energy_bar.max() <= 0 or self.noise_var <= 0:
             return w_old
-        a = a.clamp_min(1e-3 * float(a.max()))
-        # G^2 / a in raw units: (w^2 share) / (w^2 a_white) = share / a_white
-        return _normalize((share / a).pow(k), raw, -2.0, c.w_min, c.w_max)
+        return self._best_for_step()
+
+    def _best_for_step(self, iterations: int = 300) -> torch.Tensor:
+        """anadp: the x = 1/w that maximizes the expected first-order gain of the next step,
+
+            gain(x) = sum_g sqrt(alpha_g d_g) phi(s_g(x) / n),
+            s_g(x)^2 = x_g^2 alpha_g / (d_g sum_h x_h^2 G_h^2)   (all samples clipped; C cancels),
+
+        alpha_g the group's raw coherent gradient energy, G_h^2 its raw per-sample energy (the
+        rest group at x = 1 included), n the noise per coordinate that the optimizer sees, s_g the
+        signal per coordinate. phi(r) = r for SGD (then the maximum is x_g ~ alpha_g / G_g^2,
+        Cauchy-Schwarz), r / sqrt(1 + r^2) for Adam-type optimizers: a group whose signal already
+        dominates its noise gains nothing from more, so its clipping budget is better spent on
+        the groups that are still noise-bound. The statistics are kept raw (measured whitened at
+        the w of their step: A_g = alpha_g / w_g^2 and shares r_h = G_h^2 / w_h^2, both up to that
+        step's common 1 / N^2, which cancels in s_g). Projected gradient ascent on log x,
+        warm-started at the current w, within [1/w_max, 1/w_min]."""
+        c = self.config
+        lo, hi = -math.log(c.w_max), -math.log(c.w_min)
+        log_x = (-self.group_scales.log()).clamp(lo, hi).requires_grad_(True)
+        gain = self.step_gain()
+        opt = torch.optim.Adam([log_x], lr=0.1)
+        with torch.enable_grad():
+            for i in range(iterations):
+                opt.param_groups[0]["lr"] = 0.1 * (1 - i / iterations) + 1e-3  # decays: settles at the maximum
+                loss = -gain(log_x)
+                opt.zero_grad()
+                loss.backward()
+                opt.step()
+                with torch.no_grad():
+                    log_x.clamp_(lo, hi)
+        return torch.exp(-log_x.detach()).clamp(c.w_min, c.w_max)
+
+    def step_gain(self):
+        """gain(log x) of ``_best_for_step``, from the statistics as they stand."""
+        G2 = self.share_bar.clamp_min(1e-3 * float(self.share_bar.max()))  # noise can make one negative
+        alpha = self.energy_bar.clamp_min(0)
+        d = self.group_sizes.clamp_min(1)
+        n = self.noise_var ** 0.5
+
+        def gain(log_x: torch.Tensor) -> torch.Tensor:
+            x2 = torch.exp(2 * log_x)
+            N2 = (x2 * G2[:-1]).sum() + G2[-1]
+            r = torch.sqrt(x2 * alpha / (d * N2) + 1e-300) / n
+            phi = r / torch.sqrt(1 + r * r) if self.adaptive else r
+            return (torch.sqrt(alpha * d) * phi).sum()
+
+        return gain
 
     # --- checkpoints ---------------------------------------------------------------------
     def state_dict(self) -> dict:
         return {"mode": self.mode, "config": asdict(self.config), "group_of": self.group_of.clone(),
                 "group_scales": self.group_scales.clone(), "ipt_bar": self.ipt_bar.clone(),
                 "unc_bar": self.unc_bar.clone(), "energy_bar": self.energy_bar.clone(),
-                "share_bar": self.share_bar.clone(), "updates": self.updates}
+                "share_bar": self.share_bar.clone(), "noise_var": self.noise_var, "updates": self.updates}
 
     def load_state_dict(self, state: dict) -> None:
         if "group_of" not in state or not torch.equal(state["group_of"], self.group_of):
@@ -269,4 +323,4 @@ class NoiseAllocator:
         self.mode, self.config = state["mode"], AllocationConfig(**state["config"])
         for k in ("group_scales", "ipt_bar", "unc_bar", "energy_bar", "share_bar"):
             setattr(self, k, state[k].clone())
-        self.updates = state["updates"]
+        self.noise_var, self.updates = state["noise_var"], state["updates"]

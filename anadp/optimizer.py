@@ -97,7 +97,8 @@ class DPOptimizer(Optimizer):
         self.secure_mode, self.distributed = secure_mode, distributed
         self.seed = None if secure_mode else (seed if seed is not None else _random_seed())
         groups, self.group_names = noise_groups([engine.names[p] for p in self.params], [p.shape for p in self.params])
-        self.allocator = NoiseAllocator([p.numel() for p in self.params], allocation, allocation_config, groups)
+        self.allocator = NoiseAllocator([p.numel() for p in self.params], allocation, allocation_config, groups,
+                                        adaptive=not isinstance(optimizer, torch.optim.SGD))
         self.accountant = Accountant(accountant)
         self.data_loader = data_loader
         self._init_backend(backend)
@@ -295,7 +296,7 @@ class DPOptimizer(Optimizer):
                 z = philox.gaussian(seed, self.step_count, self.noise_ids[i], p.shape, device=p.device)
                 g = g + (std * float(self.allocator.scales[i])) * z.to(g.dtype)
             grads.append(g * (self._feed_scale(i) / denom))
-        self._released = (self._release_shares(seed), std / denom, denom)
+        self._released = (self._release_shares(seed), std / denom, denom, self.expected_batch_size * k)
         self._charge(k)
         return grads
 
@@ -390,7 +391,8 @@ class DPOptimizer(Optimizer):
         U.finish_step(opt, self.params)
         shares = self._release_shares(seed)
         self._charge(k)
-        self._update_allocation(sens if self.allocator.statistic else None, shares, std / denom, denom)
+        self._update_allocation(sens if self.allocator.statistic else None, shares, std / denom, denom,
+                                self.expected_batch_size * k)
         self.step_count += 1
         self._reset_accumulation()
 
@@ -406,8 +408,8 @@ class DPOptimizer(Optimizer):
         elif stat == "grad_sq":
             sums = torch.stack([p.grad.double().pow(2).sum() for p in self.params])
         self.original_optimizer.step()
-        shares, noise_std, denom = getattr(self, "_released", (None, 0.0, 1.0))
-        self._update_allocation(sums, shares, noise_std, denom)
+        shares, noise_std, denom, samples = getattr(self, "_released", (None, 0.0, 1.0, 1.0))
+        self._update_allocation(sums, shares, noise_std, denom, samples)
         self.step_count += 1
         self._reset_accumulation()
 
@@ -435,7 +437,7 @@ class DPOptimizer(Optimizer):
         signal = (a * (1 - beta ** t) / (1 - beta)) ** 2
         return torch.stack([m.double().pow(2).sum() for m in ms]), noise, signal
 
-    def _update_allocation(self, sums, shares, noise_std: float, denom: float) -> None:
+    def _update_allocation(self, sums, shares, noise_std: float, denom: float, samples: float) -> None:
         """The allocation sees the released outputs only: per-tensor sums over the noisy gradient
         the optimizer got (or over its first moment, an average of them), the noisy share release,
         and public constants."""
@@ -446,7 +448,7 @@ class DPOptimizer(Optimizer):
                 sums, factors["stat_noise"], factors["stat_signal"] = momentum
         self.last_allocation_input = (None if sums is None else sums.detach().cpu(), shares, factors)
         self.allocator.update(None if sums is None else sums.detach().cpu(), shares, noise_std=noise_std,
-                              clip=self.max_grad_norm, denom=denom, **factors)
+                              clip=self.max_grad_norm, denom=denom, samples=samples, **factors)
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         for p in self.params:
