@@ -111,7 +111,7 @@ class DPDataLoader:
     def _mark(self, ends_logical: bool, empty: bool) -> None:
         self.last_batch_empty = empty
         if self.engine is not None:
-            self.engine.chunk_ends_logical = ends_logical
+            self.engine.begin_chunk(ends_logical)
 
     def __iter__(self):
         M = self.max_physical_batch_size
@@ -130,7 +130,9 @@ class DPDataLoader:
             for k, chunk in enumerate(chunks):
                 self._mark(k == len(chunks) - 1, False)
                 yield chunk
-        self._mark(True, False)
+        self.last_batch_empty = False
+        if self.engine is not None:
+            self.engine.chunk_ends_logical = True
         self._position, self._state = 0, self.generator.get_state()
 
     def state_dict(self) -> dict:

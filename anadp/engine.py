@@ -24,8 +24,9 @@ class BatchMismatchError(RuntimeError):
 class PhysicalBatch:
     """The records of one forward/backward, with the loss-reduction scale applied."""
 
-    def __init__(self, records: dict, batch_size: int, scale: float, ends_logical: bool):
+    def __init__(self, records: dict, batch_size: int, scale: float, ends_logical: bool, chunk_id: int | None = None):
         self.records, self.batch_size, self.scale, self.ends_logical = records, batch_size, scale, ends_logical
+        self.chunk_id = chunk_id  # which chunk of private data the forward ran on (None: not from the DP loader)
 
     def sq_norms(self, kernels=None) -> dict:
         """param -> (B,) per-sample squared norms of its gradient; with a kernel backend,
@@ -93,6 +94,9 @@ class GradSampleEngine:
             self.layers.append(cls(module, name, self))
         self.batch_size: Optional[int] = None
         self.chunk_ends_logical = True  # set by the DP data loader for split logical batches
+        self.chunk_id: Optional[int] = None  # the chunk of private data being used; see begin_chunk
+        self._chunk_id: Optional[int] = None
+        self._chunks_begun = 0
         self.on_batch: Optional[Callable[[PhysicalBatch], None]] = None
         self._records: dict = {}
         self._ends_logical = True
@@ -118,12 +122,21 @@ class GradSampleEngine:
                              "anadp needs them on one device")
 
     # --- forward / backward side -------------------------------------------------
+    def begin_chunk(self, ends_logical: bool = True) -> int:
+        """Called by whoever hands out private data (the DP data loader, DPTrainer's split of a
+        logical batch) before each chunk of distinct samples: the forward passes that follow run
+        on this chunk. The optimizer accepts one backward pass per chunk."""
+        self._chunks_begun += 1
+        self.chunk_id, self.chunk_ends_logical = self._chunks_begun, ends_logical
+        return self.chunk_id
+
     def _pre_forward(self, module, args, kwargs):
         self.flush()
         x = _first_tensor(args, kwargs)
         dim = 0 if self.batch_first else 1
         self.batch_size = x.shape[dim] if x is not None and x.dim() > dim else None
         self._ends_logical = self.chunk_ends_logical
+        self._chunk_id = self.chunk_id
 
     def to_batch_first(self, name: str, *ts):
         """Move the batch dim first and check it against the model's batch size."""
@@ -158,7 +171,7 @@ class GradSampleEngine:
             return None
         B = next(iter(self._records.values()))[0].batch_size
         scale = float(B) if self.loss_reduction == "mean" else 1.0
-        return PhysicalBatch(self._records, B, scale, self._ends_logical)
+        return PhysicalBatch(self._records, B, scale, self._ends_logical, self._chunk_id)
 
     def take(self) -> Optional[PhysicalBatch]:
         """The finished physical batch, or None if no backward ran since the last take."""

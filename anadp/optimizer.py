@@ -104,6 +104,7 @@ class DPOptimizer(Optimizer):
         self._init_backend(backend)
         self.step_count = 0
         self.skipped_samples = 0
+        self._last_chunk_id = 0
         self.last_per_sample_norms: torch.Tensor | None = None  # whitened norms of the last physical batch
         self.last_clip_factors: torch.Tensor | None = None
         self._reset_accumulation()
@@ -179,8 +180,26 @@ class DPOptimizer(Optimizer):
         return self._chunks > 0 and not self._last_ends_logical
 
     # --- per physical batch -------------------------------------------------------
+    def _check_chunk(self, batch: PhysicalBatch) -> None:
+        """One backward pass per chunk of private data, and only on private data: the accountant
+        charges each Poisson-sampled sample once per step at sensitivity C."""
+        if self.data_loader is None:
+            return  # built by hand (tests of the optimizer alone)
+        if batch.chunk_id is None:
+            raise RuntimeError(
+                "backward pass on data that did not come from the private data loader returned by make_private "
+                "(is the training loop still iterating the original DataLoader?): those batches are not "
+                "Poisson-sampled by anadp, so the epsilon it reports would not hold. Iterate the returned loader.")
+        if batch.chunk_id <= self._last_chunk_id:
+            raise RuntimeError(
+                f"a second backward pass on the same batch (chunk {batch.chunk_id} of the private data loader): its "
+                "samples would count twice in one step (sensitivity 2C) while the accountant charges them once. "
+                "Use one backward per batch (sum the losses first), or draw a new batch from the loader.")
+        self._last_chunk_id = batch.chunk_id
+
     @torch.no_grad()
     def _accumulate(self, batch: PhysicalBatch) -> None:
+        self._check_chunk(batch)
         sq = batch.sq_norms(self.kernels)
         w = self.allocator.scales
         dtype = torch.float64 if any(s.dtype == torch.float64 for s in sq.values()) else torch.float32

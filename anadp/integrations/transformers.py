@@ -77,7 +77,7 @@ class DPTrainer(Trainer):
         chunks = split_batch(inputs, self.physical_batch_size)  # empty batch: no forward, a noise-only step
         try:
             for k, chunk in enumerate(chunks):
-                engine.chunk_ends_logical = k == len(chunks) - 1
+                engine.begin_chunk(ends_logical=k == len(chunks) - 1)  # distinct samples: one backward each
                 loss = self.compute_loss(model, chunk)  # mean over the chunk: what the engine expects
                 self.accelerator.backward(loss)
                 total = total + loss.detach() * (batch_size_of(chunk) / B)
