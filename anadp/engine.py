@@ -92,6 +92,9 @@ class GradSampleEngine:
             if any(layer.module is module for layer in self.layers):
                 continue  # the same module reached under two names
             self.layers.append(cls(module, name, self))
+        # modules whose train-mode forward mixes the samples of a batch (batch statistics)
+        self._mixing = [(n, m) for n, m in model.named_modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+        self._check_mixing()
         self.batch_size: Optional[int] = None
         self.chunk_ends_logical = True  # set by the DP data loader for split logical batches
         self.chunk_id: Optional[int] = None  # the chunk of private data being used; see begin_chunk
@@ -115,6 +118,16 @@ class GradSampleEngine:
                                f"(new or unfrozen: {new[:3]}, frozen or removed: {gone[:3]}); "
                                "their per-sample gradients are not tracked: wrap the model again")
 
+    def _check_mixing(self) -> None:
+        for name, m in self._mixing:
+            if m.training:
+                raise UnsupportedModuleError(
+                    f"module '{name}' ({type(m).__name__}) is in train mode: it normalizes with the statistics of "
+                    "the whole batch, so one sample changes every other sample's gradient (clipping no longer "
+                    "bounds its influence), and its running_mean / running_var would enter the state_dict without "
+                    "noise. Put it in eval mode (call module.eval() after every model.train()), or use GroupNorm / "
+                    "LayerNorm instead. Freezing its parameters is not enough.")
+
     def _check_devices(self):
         devices = {p.device for p in self.params}
         if len(devices) > 1:
@@ -131,6 +144,8 @@ class GradSampleEngine:
         return self.chunk_id
 
     def _pre_forward(self, module, args, kwargs):
+        if module.training:  # model.train() puts batch norms back into train mode
+            self._check_mixing()
         self.flush()
         x = _first_tensor(args, kwargs)
         dim = 0 if self.batch_first else 1

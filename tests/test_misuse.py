@@ -55,3 +55,43 @@ def test_a_batch_reused_in_the_next_step_is_refused():
     F.cross_entropy(m(x), y).backward()  # the same batch again, without drawing a new one
     with pytest.raises(RuntimeError, match="second backward pass"):
         o.step()
+
+
+class _WithBatchNorm(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc, self.bn, self.head = nn.Linear(4, 8), nn.BatchNorm1d(8), nn.Linear(8, 2)
+        self.bn.requires_grad_(False)  # what the unsupported-layer error used to suggest
+
+    def forward(self, x):
+        return self.head(self.bn(self.fc(x)))
+
+
+def _bn_setup():
+    torch.manual_seed(0)
+    m = _WithBatchNorm()
+    data = TensorDataset(torch.randn(32, 4), torch.randint(0, 2, (32,)))
+    return m, torch.optim.SGD([p for p in m.parameters() if p.requires_grad], lr=0.1), DataLoader(data, batch_size=8)
+
+
+def test_a_frozen_batchnorm_in_train_mode_is_refused():
+    m, o, l = _bn_setup()
+    with pytest.raises(ValueError, match="'bn' .*train mode.*eval mode"):
+        anadp.make_private(m, o, l, noise_multiplier=1.0, max_grad_norm=1.0)
+
+
+def test_batchnorm_in_eval_mode_trains_and_train_mode_later_is_refused():
+    m, o, l = _bn_setup()
+    m.bn.eval()
+    m, o, l = anadp.make_private(m, o, l, noise_multiplier=1.0, max_grad_norm=1.0, seed=0)
+    stats = m.bn.running_mean.clone()
+    for x, y in l:
+        if len(x):
+            F.cross_entropy(m(x), y).backward()
+        o.step()
+        o.zero_grad()
+    assert torch.equal(m.bn.running_mean, stats)  # no batch statistics leaked into the buffers
+    m.train()  # an epoch loop's model.train() puts the batch norm back into train mode
+    x, y = next(iter(l))
+    with pytest.raises(ValueError, match="train mode"):
+        m(x)
