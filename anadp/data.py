@@ -98,7 +98,10 @@ class DPDataLoader:
                                                rank, world_size)
             self.loader = DataLoader(loader.dataset, batch_sampler=self.sampler, num_workers=loader.num_workers,
                                      collate_fn=_empty_batch_collate(loader.dataset, loader.collate_fn or default_collate),
-                                     pin_memory=loader.pin_memory)
+                                     pin_memory=loader.pin_memory,
+                                     # its own generator for the workers' base seed: iterating must not draw from
+                                     # torch's global RNG (dropout's), or a resumed run would diverge
+                                     generator=torch.Generator().manual_seed(int(generator.initial_seed()) ^ 0xD1))
         else:
             if world_size > 1:
                 raise ValueError("distributed training needs poisson_sampling=True (the sampler shards the batch)")

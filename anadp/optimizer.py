@@ -104,6 +104,7 @@ class DPOptimizer(Optimizer):
         self._init_backend(backend)
         self.step_count = 0
         self.skipped_samples = 0
+        self.stepped = False  # whether the last step() updated the parameters (see step)
         self._last_chunk_id = 0
         self.last_per_sample_norms: torch.Tensor | None = None  # whitened norms of the last physical batch
         self.last_clip_factors: torch.Tensor | None = None
@@ -144,14 +145,24 @@ class DPOptimizer(Optimizer):
         return (f"DPOptimizer(sigma={self.noise_multiplier}, C={self.max_grad_norm}, "
                 f"allocation={self.allocator.mode!r}, clipping={self.clipping!r}, wrapped={self.original_optimizer!r})")
 
+    def _warn_in_warmup(self) -> None:
+        a = self.allocator
+        if a.mode != "uniform" and a.updates < a.config.warmup_steps:
+            warnings.warn(f"allocation {a.mode!r} is still in its warm-up: w = 1 for the first "
+                          f"{a.config.warmup_steps} steps ({a.updates} taken), so far the same noise as uniform DP "
+                          "(AllocationConfig(warmup_steps=...) sets it)", stacklevel=3)
+
     @property
     def noise_scales(self) -> dict:
-        """{parameter name: w_g} used by the next step (1.0 everywhere under uniform DP)."""
+        """{parameter name: w_g} used by the next step (1.0 everywhere under uniform DP and
+        during the allocation's warm-up, with a warning)."""
+        self._warn_in_warmup()
         return {self.engine.names[p]: float(w) for p, w in zip(self.params, self.allocator.scales)}
 
     @property
     def group_noise_scales(self) -> dict:
         """{noise group (module) name: w_g}; the rest group (norms, lone biases) stays at 1."""
+        self._warn_in_warmup()
         return dict(zip(self.group_names, self.allocator.group_scales.tolist()))
 
     @property
@@ -358,16 +369,22 @@ class DPOptimizer(Optimizer):
             self.accountant.step(z / math.sqrt(k), self.sample_rate)
 
     def step(self, closure=None):
+        """Clip, add noise and update once per logical batch. With physical batches (a logical
+        batch split by max_physical_batch_size) the calls for the chunks before the last only
+        accumulate: ``self.stepped`` says whether this call updated the parameters (step an LR
+        scheduler only then)."""
         loss = None
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        before = self.step_count
         if self._fused_update:
             self._fused_step()
-            return loss
-        grads = self.privatize()
-        if grads is not None:  # None: more physical batches of this logical batch to come
-            self.apply(grads)
+        else:
+            grads = self.privatize()
+            if grads is not None:  # None: more physical batches of this logical batch to come
+                self.apply(grads)
+        self.stepped = self.step_count > before
         return loss
 
     @torch.no_grad()
@@ -485,12 +502,17 @@ class DPOptimizer(Optimizer):
 
     # --- checkpoints --------------------------------------------------------------------
     def state_dict(self) -> dict:
+        """Everything a resumed run needs to continue exactly: the wrapped optimizer, accountant,
+        allocation, noise seed and step, the Poisson sampler's RNG, and torch's global RNG states
+        (CPU and every CUDA device: dropout draws from them), restored by load_state_dict."""
         if self._chunks:
             raise RuntimeError("state_dict() in the middle of a logical batch: save after optimizer.step()")
         state = {"optimizer": self.original_optimizer.state_dict(), "allocator": self.allocator.state_dict(),
                  "accountant": self.accountant.state_dict(), "step_count": self.step_count, "seed": self.seed,
                  "noise_multiplier": self.noise_multiplier, "max_grad_norm": self.max_grad_norm,
-                 "skipped_samples": self.skipped_samples}
+                 "skipped_samples": self.skipped_samples,
+                 "rng": {"torch": torch.get_rng_state(),
+                         "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}}
         if hasattr(self.data_loader, "state_dict"):
             state["data_loader"] = self.data_loader.state_dict()
         return state
@@ -504,4 +526,8 @@ class DPOptimizer(Optimizer):
         self.noise_multiplier, self.max_grad_norm = state["noise_multiplier"], state["max_grad_norm"]
         if "data_loader" in state and hasattr(self.data_loader, "load_state_dict"):
             self.data_loader.load_state_dict(state["data_loader"])
+        if "rng" in state:
+            torch.set_rng_state(state["rng"]["torch"])
+            if state["rng"]["cuda"] and torch.cuda.is_available():
+                torch.cuda.set_rng_state_all(state["rng"]["cuda"])
         self._reset_accumulation()

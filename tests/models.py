@@ -7,8 +7,9 @@ from torch.utils.data import DataLoader, TensorDataset
 class TinyTransformerClassifier(nn.Module):
     """Embedding, LayerNorm, a sequence MLP and a linear head on mean pooling."""
 
-    def __init__(self, vocab=20, d=8, n_classes=3):
+    def __init__(self, vocab=20, d=8, n_classes=3, dropout=0.0):
         super().__init__()
+        self.drop = nn.Dropout(dropout)
         self.emb = nn.Embedding(vocab, d)
         self.ln = nn.LayerNorm(d)
         self.fc1 = nn.Linear(d, 12)
@@ -17,7 +18,7 @@ class TinyTransformerClassifier(nn.Module):
 
     def forward(self, idx):
         h = self.ln(self.emb(idx))
-        h = h + self.fc2(torch.tanh(self.fc1(h)))
+        h = h + self.fc2(self.drop(torch.tanh(self.fc1(h))))
         return self.head(h.mean(1))
 
 
@@ -28,9 +29,9 @@ def make_data(n=64, T=6, vocab=20, n_classes=3, seed=0):
     return TensorDataset(x, y)
 
 
-def make_setup(opt="sgd", seed=0, n=64, batch_size=16, lr=0.1):
+def make_setup(opt="sgd", seed=0, n=64, batch_size=16, lr=0.1, dropout=0.0):
     torch.manual_seed(seed)
-    model = TinyTransformerClassifier()
+    model = TinyTransformerClassifier(dropout=dropout)
     if opt == "sgd":
         optimizer = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9)
     elif opt == "adamw":

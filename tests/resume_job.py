@@ -17,9 +17,10 @@ p.add_argument("--out", required=True)
 p.add_argument("--steps", type=int, default=10)
 p.add_argument("--kill-after", type=int, default=-1)
 p.add_argument("--crash-in-save", type=int, default=-1)
+p.add_argument("--dropout", type=float, default=0.0)
 args = p.parse_args()
 
-m, o, l = make_setup("adamw")  # 64 samples, batch 16: 4 logical batches per epoch
+m, o, l = make_setup("adamw", dropout=args.dropout)  # 64 samples, batch 16: 4 logical batches per epoch
 m, o, l = anadp.make_private(m, o, l, noise_multiplier=1.0, max_grad_norm=0.5, seed=7, max_physical_batch_size=6,
                              allocation_config=anadp.AllocationConfig(warmup_steps=2))
 if os.path.exists(args.ckpt):
@@ -31,7 +32,7 @@ while o.step_count < args.steps:
         if len(x):
             F.cross_entropy(m(x), y).backward()
         o.step()
-        if o._chunks:  # more chunks of this logical batch to come
+        if not o.stepped:  # more chunks of this logical batch to come
             continue
         if o.step_count == args.crash_in_save:
             def torn_write(obj, f):  # the process dies half-way through the write

@@ -150,3 +150,31 @@ def test_help_describes_every_option_with_its_default(capsys):
     with pytest.raises(SystemExit):
         main(["demo", "--help"])
     assert "(default: 3)" in capsys.readouterr().out  # --epochs
+
+
+def test_stepped_says_which_step_calls_updated_with_physical_batches():
+    """Logical batches of ~16 in physical chunks of 4: step() runs per chunk, updates per
+    logical batch; a scheduler stepped on optimizer.stepped decays once per update."""
+    m, o, l, _ = _private(max_physical_batch_size=4)
+    sched = torch.optim.lr_scheduler.StepLR(o, step_size=1, gamma=0.5)
+    calls = 0
+    for x, y in l:
+        o.zero_grad()
+        if len(x):
+            F.cross_entropy(m(x), y).backward()
+        o.step()
+        calls += 1
+        if o.stepped:
+            sched.step()
+    assert o.step_count == len(l) == 4 and calls > o.step_count
+    assert o.original_optimizer.param_groups[0]["lr"] == pytest.approx(0.1 * 0.5 ** 4)
+
+
+def test_reading_the_scales_inside_the_warmup_warns():
+    m, o, l, _ = _private(allocation_config=anadp.AllocationConfig(warmup_steps=10))
+    x, y = next(iter(l))
+    F.cross_entropy(m(x), y).backward()
+    o.step()
+    with pytest.warns(UserWarning, match="warm-up: w = 1 for the first 10 steps \\(1 taken\\)"):
+        scales = o.noise_scales
+    assert set(scales.values()) == {1.0}

@@ -41,6 +41,15 @@ def test_killed_mid_epoch_resumes_bit_identical(tmp_path, reference):
     assert not torch.equal(reference["scales"], torch.ones_like(reference["scales"]))
 
 
+def test_killed_run_with_dropout_resumes_bit_identical(tmp_path):
+    """Dropout draws from torch's RNG: the checkpoint holds its state (and CUDA's)."""
+    _, out = run(tmp_path, "ref", "--dropout", "0.3")
+    reference = load(out)
+    run(tmp_path, "job", "--dropout", "0.3", "--kill-after", "6", expect=9)
+    _, out = run(tmp_path, "job", "--dropout", "0.3")
+    assert same(load(out), reference)
+
+
 def test_crash_while_writing_keeps_previous_checkpoint(tmp_path, reference):
     ckpt, _ = run(tmp_path, "job", "--crash-in-save", "5", expect=3)
     assert torch.load(ckpt, weights_only=True)["optimizer"]["step_count"] == 4  # the torn write never landed
