@@ -500,6 +500,15 @@ class DPOptimizer(Optimizer):
         """Epsilon spent so far at this delta (Opacus accountant)."""
         return self.accountant.get_epsilon(delta)
 
+    def projected_epsilon(self, delta: float, total_steps: int) -> float:
+        """Epsilon at this delta after ``total_steps`` steps in all, the rest at the current noise
+        multiplier and sample rate."""
+        acc = Accountant(self.accountant.name)
+        acc.history = list(self.accountant.history)
+        if total_steps > self.accountant.steps:
+            acc.history.append((self.noise_multiplier, self.sample_rate, total_steps - self.accountant.steps))
+        return acc.get_epsilon(delta)
+
     # --- checkpoints --------------------------------------------------------------------
     def state_dict(self) -> dict:
         """Everything a resumed run needs to continue exactly: the wrapped optimizer, accountant,

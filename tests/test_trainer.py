@@ -63,3 +63,41 @@ def test_trainer_equals_make_private_loop(tmp_path, per_device, accum):
     assert float((want - start).abs().max()) > 1e-3  # training moved the parameters
     assert trainer.dp_optimizer.step_count == 3 == trainer.state.global_step
     assert opt.accountant.history == trainer.dp_optimizer.accountant.history == [(1.0, 1 / len(loader), 3)]
+
+
+def _trainer(tmp_path, max_steps, **dp):
+    from transformers import TrainingArguments, default_data_collator
+
+    from anadp.integrations.transformers import DPTrainer
+    args = TrainingArguments(output_dir=str(tmp_path), per_device_train_batch_size=8, gradient_accumulation_steps=2,
+                             max_steps=max_steps, learning_rate=1e-2, lr_scheduler_type="constant", weight_decay=0.0,
+                             logging_steps=1, report_to=[], save_strategy="steps", save_steps=2, use_cpu=True,
+                             seed=0, disable_tqdm=True, optim="adamw_torch")
+    dp = {"noise_multiplier": 1.0} | dp
+    return DPTrainer(model=tiny_bert(), args=args, train_dataset=dataset(), data_collator=default_data_collator,
+                     dp_max_grad_norm=0.5, dp_seed=3, **dp)
+
+
+def _flat(model):
+    return torch.cat([p.detach().flatten() for p in model.parameters()])
+
+
+def test_trainer_resumes_from_a_checkpoint_with_its_defaults(tmp_path):
+    """resume_from_checkpoint with the Trainer's defaults (data skipping on): the run continues
+    exactly where the uninterrupted one went, mid-epoch (4 logical batches of 16 per epoch)."""
+    full = _trainer(tmp_path / "full", 6)
+    full.train()
+    part = _trainer(tmp_path / "part", 6)
+    part.train(resume_from_checkpoint=str(tmp_path / "full" / "checkpoint-2"))
+    assert part.dp_optimizer.step_count == 6 == part.state.global_step
+    assert torch.equal(_flat(part.model), _flat(full.model))
+    assert part.dp_optimizer.accountant.history == full.dp_optimizer.accountant.history
+    assert all(h.get("grad_norm", 1.0) != 0.0 for h in full.state.log_history)  # no made-up zero gradient norm
+
+
+def test_trainer_resume_with_more_steps_than_the_budget_was_calibrated_for(tmp_path):
+    first = _trainer(tmp_path, 2, noise_multiplier=None, target_epsilon=3.0, target_delta=1e-5)
+    first.train()
+    longer = _trainer(tmp_path, 40, noise_multiplier=None, target_epsilon=3.0, target_delta=1e-5)
+    with pytest.raises(ValueError, match="would spend epsilon .* above the target 3"):
+        longer.train(resume_from_checkpoint=str(tmp_path / "checkpoint-2"))

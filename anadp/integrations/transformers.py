@@ -41,6 +41,9 @@ class DPTrainer(Trainer):
         a.gradient_accumulation_steps = 1
         if a.max_grad_norm and a.max_grad_norm > 0:
             a.max_grad_norm = 0.0  # the DP clip replaces it (p.grad is only formed at the noisy step)
+        # on resume the DP loader continues from its own saved position (the sampler's RNG and the batch
+        # within the epoch, in the optimizer's state): the Trainer must not skip batches itself
+        a.ignore_data_skip = True
         self._dp = dict(noise_multiplier=noise_multiplier, target_epsilon=target_epsilon,
                         target_delta=self.target_delta if target_epsilon is not None else None,
                         max_grad_norm=dp_max_grad_norm, allocation=allocation, accountant=accountant,
@@ -85,7 +88,25 @@ class DPTrainer(Trainer):
             engine.chunk_ends_logical = True
         return total
 
+    def _load_optimizer_and_scheduler(self, checkpoint):
+        """Restore as the Trainer does; then, with a target epsilon, refuse a run whose remaining
+        steps at the restored noise multiplier would spend more than the target."""
+        super()._load_optimizer_and_scheduler(checkpoint)
+        target = self._dp["target_epsilon"]
+        if checkpoint is None or target is None or self.dp_optimizer is None:
+            return
+        total = (self.args.max_steps if self.args.max_steps and self.args.max_steps > 0
+                 else int(self.args.num_train_epochs * len(self._dp_loader.original)))
+        eps = self.dp_optimizer.projected_epsilon(self.target_delta, total)
+        if eps > target * (1 + 1e-3):
+            raise ValueError(
+                f"resuming to {total} steps at the checkpoint's noise multiplier "
+                f"{self.dp_optimizer.noise_multiplier:.4g} would spend epsilon {eps:.3f}, above the target "
+                f"{target:g} it was calibrated for ({self.dp_optimizer.step_count} steps taken). Keep the original "
+                "max_steps / num_train_epochs, or start a new run calibrated for the longer one.")
+
     def log(self, logs: dict, *args, **kwargs) -> None:
+        logs.pop("grad_norm", None)  # the Trainer's clip is off: its norm would be a made-up 0.0
         if self.dp_optimizer is not None:
             logs["epsilon"] = self.dp_optimizer.privacy_spent(self.target_delta)
         super().log(logs, *args, **kwargs)
