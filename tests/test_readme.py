@@ -1,0 +1,31 @@
+"""The README's examples run as written, and its two set-up commands are each correct on their own."""
+import os
+import re
+import subprocess
+import sys
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+README = open(os.path.join(ROOT, "README.md")).read()
+
+
+def test_the_python_example_runs_as_written(tmp_path):
+    block = re.search(r"```python\n(.*?)```", README, re.S).group(1)
+    run = subprocess.run([sys.executable, "-c", block], cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert re.search(r"epsilon [0-9.]+", run.stdout) and (tmp_path / "ckpt.pt").exists()
+    eps = float(re.search(r"epsilon ([0-9.]+)", run.stdout).group(1))
+    assert 2.5 < eps <= 3.0 + 1e-9  # calibrated to the target, never above it
+
+
+def test_the_two_setup_commands_do_not_share_an_environment():
+    """Each creates its own virtual environment, so neither silently runs in packages the other installed."""
+    setup = README[README.index("## Set-up"):README.index("## Use")]
+    commands = re.findall(r"```bash\n(.*?)\n```", setup, re.S)[:2]
+    assert len(commands) == 2
+    venvs = [re.search(r"python3 -m venv (\S+)", c).group(1) for c in commands]
+    assert venvs[0] != venvs[1]
+    for c, v in zip(commands, venvs):
+        assert f". {v}/bin/activate" in c and "pip install torch==2.13.0" in c
+    assert "python -m anadp demo" in commands[0] and "python -m pytest" in commands[1]
+    ci = open(os.path.join(ROOT, ".ci", "run")).read()
+    assert f"python3 -m venv {venvs[1]}" in ci  # CI runs the README's test command in the test environment
