@@ -92,6 +92,10 @@ def report() -> str:
     for name in BACKENDS:
         reason = why_unavailable(name)
         lines.append(f"backend {name:7s} {'available' if reason is None else 'unavailable: ' + reason}")
+    from . import cpu_ops
+    why = cpu_ops.why_unavailable()
+    lines.append(f"cpu noise kernel {'available (csrc/cpu, compiled and cached)' if why is None else 'unavailable: ' + why}"
+                 + ("" if why is None else "; the torch ops draw the noise"))
     device = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
     lines.append(f"auto on {device.type}: {resolve('auto', device)}"
                  + (f" (ANADP_BACKEND={os.environ['ANADP_BACKEND']} overrides)" if os.environ.get("ANADP_BACKEND") else ""))

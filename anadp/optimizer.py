@@ -323,8 +323,8 @@ class DPOptimizer(Optimizer):
             if g is None:
                 g = torch.zeros(p.shape, device=p.device, dtype=_sum_dtype(p))
             if std > 0:
-                z = philox.gaussian(seed, self.step_count, self.noise_ids[i], p.shape, device=p.device)
-                g = g + (std * float(self.allocator.scales[i])) * z.to(g.dtype)
+                g = philox.add_gaussian_(g.contiguous(), seed, self.step_count, self.noise_ids[i],
+                                         std * float(self.allocator.scales[i]))
             grads.append(g * (self._feed_scale(i) / denom))
         self._released = (self._release_shares(seed), std / denom, denom, self.expected_batch_size * k)
         self._charge(k)

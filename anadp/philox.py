@@ -127,3 +127,14 @@ def gaussian(seed: int, step: int, group: int, shape, device=None, chunk: int = 
         stop = min(n, start + chunk)
         out[start:stop] = randn(key, torch.arange(start, stop, device=device, dtype=torch.int64))
     return out.view(tuple(shape))
+
+
+def add_gaussian_(out: torch.Tensor, seed: int, step: int, group: int, std: float) -> torch.Tensor:
+    """out += std * gaussian(seed, step, group, out.shape), in place: in the compiled CPU kernel
+    (anadp.cpu_ops) where it runs, else with the torch ops above (the same numbers)."""
+    from . import cpu_ops
+    if std == 0:
+        return out
+    if not cpu_ops.add_gaussian_(out, group_key(seed, step, group), std):
+        out.add_(gaussian(seed, step, group, out.shape, device=out.device).to(out.dtype), alpha=std)
+    return out

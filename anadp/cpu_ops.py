@@ -1,0 +1,76 @@
+"""The cpu backend's kernel: Philox Gaussian noise in one fused C++ loop (csrc/cpu/noise.cpp),
+compiled on first use with torch's C++ extension loader (ninja, OpenMP) and cached.
+
+Where it cannot be built (no compiler, no ninja) the torch ops of :mod:`anadp.philox` draw the
+same numbers, ~10x slower, after one warning that says why; ``python -m anadp info`` shows it.
+"""
+from __future__ import annotations
+
+import os
+import warnings
+
+import torch
+
+_SOURCE = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "csrc", "cpu", "noise.cpp")
+_ext = None
+import_error: str | None = None
+_tried = False
+
+
+def _load():
+    global _ext, import_error, _tried
+    if _tried:
+        return _ext
+    _tried = True
+    if os.environ.get("ANADP_CPU_KERNEL", "1") == "0":
+        import_error = "disabled by ANADP_CPU_KERNEL=0"
+        return None
+    if not os.path.exists(_SOURCE):
+        import_error = f"its source {_SOURCE} is not there (an installed wheel without csrc/)"
+        return None
+    try:
+        from torch.utils.cpp_extension import load
+        # -fno-math-errno lets log / cos run in glibc's vector versions; no -ffast-math, which would
+        # reassociate the float roundings that define the stream (and flush denormals process-wide)
+        flags = ["-O3", "-march=native", "-fopenmp", "-fno-math-errno"]
+        ldflags = ["-fopenmp"] + (["-lmvec"] if _glibc() else [])
+        _ext = load(name="anadp_cpu_noise", sources=[_SOURCE], extra_cflags=flags, extra_ldflags=ldflags,
+                    verbose=False)
+    except Exception as e:  # noqa: BLE001 - any build failure means: fall back, and say why
+        import_error = f"{type(e).__name__}: {str(e).strip().splitlines()[-1] if str(e).strip() else e}"
+        warnings.warn(f"anadp: the CPU noise kernel could not be built ({import_error}); the noise is drawn with "
+                      "torch ops instead (same numbers, slower)")
+        _ext = None
+    return _ext
+
+
+def _glibc() -> bool:
+    import platform
+    return platform.system() == "Linux" and platform.libc_ver()[0] == "glibc"
+
+
+def why_unavailable() -> str | None:
+    """None when the compiled kernel loads (building it if needed), else the reason."""
+    return None if _load() is not None else import_error
+
+
+def available() -> bool:
+    return _load() is not None
+
+
+def add_gaussian_(out: torch.Tensor, key: int, std: float, offset0: int = 0) -> bool:
+    """out += std * z with z the Philox stream of ``key`` from element ``offset0`` on, in place, if
+    the kernel can do it (a contiguous float32 CPU tensor); returns whether it did."""
+    ext = _load()
+    if ext is None or out.device.type != "cpu" or out.dtype != torch.float32 or not out.is_contiguous():
+        return False
+    ext.add_gaussian_(out, key - 2**64 if key >= 2**63 else key, float(std), int(offset0))
+    return True
+
+
+def philox_words(key: int, offsets: torch.Tensor) -> torch.Tensor:
+    """(2, n) int64: the first two Philox words per offset, from the compiled kernel."""
+    ext = _load()
+    if ext is None:
+        raise RuntimeError(f"the CPU kernel is not available: {import_error}")
+    return ext.philox_words(key - 2**64 if key >= 2**63 else key, offsets.long().contiguous())

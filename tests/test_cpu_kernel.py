@@ -1,0 +1,85 @@
+"""The compiled CPU noise kernel (csrc/cpu/noise.cpp) against the torch Philox stream."""
+import shutil
+
+import pytest
+import torch
+
+from anadp import cpu_ops, philox
+
+KEYS = [philox.group_key(0, 0, 0), philox.group_key(3, 5, 7), philox.group_key(2**64 - 5, 2**40, 2**31), 2**64 - 1, 1]
+
+
+def test_kernel_is_built_where_a_compiler_is():
+    """No silent fall-back: with a C++ compiler here, the kernel must load."""
+    if shutil.which("c++") is None and shutil.which("g++") is None:
+        pytest.skip("no C++ compiler on this machine")
+    assert cpu_ops.why_unavailable() is None
+
+
+needs_kernel = pytest.mark.skipif(cpu_ops.why_unavailable() is not None, reason=f"CPU kernel: {cpu_ops.import_error}")
+
+
+@needs_kernel
+@pytest.mark.parametrize("key", KEYS)
+def test_words_are_bit_equal_to_the_torch_stream(key):
+    offsets = torch.cat([torch.arange(3000), 2**32 - 2 + torch.arange(5), 2**40 + torch.arange(7)])
+    words = cpu_ops.philox_words(key, offsets)
+    ref = philox.randint4x(key, offsets)
+    assert torch.equal(words[0], ref[0]) and torch.equal(words[1], ref[1])
+
+
+@needs_kernel
+@pytest.mark.parametrize("seed,step,group", [(0, 0, 0), (3, 5, 7), (2**64 - 5, 11, 2**31)])
+def test_floats_match_the_torch_stream(seed, step, group):
+    """|kernel - torch| <= 1e-6 max(1, |z|) over 2**20 draws (the kernel runs log and cos in double,
+    torch in float32: both are within an ulp or two of the exact value)."""
+    n = 1 << 20
+    out = torch.zeros(n)
+    assert cpu_ops.add_gaussian_(out, philox.group_key(seed, step, group), 1.0)
+    ref = philox.gaussian(seed, step, group, (n,))
+    assert torch.isfinite(out).all()
+    assert float(((out - ref).abs() / ref.abs().clamp_min(1)).max()) <= 1e-6
+
+
+@needs_kernel
+def test_offsets_past_2_32_and_chunked_calls_equal_one_call():
+    key = philox.group_key(9, 1, 2)
+    whole = torch.zeros(3000)
+    cpu_ops.add_gaussian_(whole, key, 1.0, offset0=2**32 - 1000)
+    parts = torch.zeros(3000)
+    cpu_ops.add_gaussian_(parts[:1700], key, 1.0, offset0=2**32 - 1000)
+    cpu_ops.add_gaussian_(parts[1700:], key, 1.0, offset0=2**32 + 700)
+    assert torch.equal(whole, parts)
+    ref = philox.randn(key, torch.arange(2**32 - 1000, 2**32 + 2000))
+    assert float((whole - ref).abs().max()) < 1e-5
+
+
+@needs_kernel
+def test_add_is_in_place_and_scaled():
+    g = torch.randn(1000, generator=torch.Generator().manual_seed(0))
+    before = g.clone()
+    philox.add_gaussian_(g, 1, 2, 3, 0.25)
+    assert torch.allclose(g, before + 0.25 * philox.gaussian(1, 2, 3, (1000,)), atol=1e-6)
+    assert not cpu_ops.add_gaussian_(torch.zeros(4, dtype=torch.float64), 1, 1.0)  # other dtypes: the torch path
+    assert float(torch.tensor(1e-40) * 1.0) != 0.0  # loading the kernel did not turn on flush-to-zero
+
+
+def test_without_a_compiler_the_torch_path_runs_after_one_warning(tmp_path):
+    """A failing build (here: CXX is /bin/false, an empty extensions cache) warns once, says why,
+    and the noise is still the stream."""
+    import os
+    import subprocess
+    import sys
+    code = ("import warnings, torch\n"
+            "from anadp import philox, cpu_ops\n"
+            "with warnings.catch_warnings(record=True) as w:\n"
+            "    warnings.simplefilter('always')\n"
+            "    a = philox.add_gaussian_(torch.zeros(100), 1, 2, 3, 1.0)\n"
+            "    b = philox.add_gaussian_(torch.zeros(100), 1, 2, 3, 1.0)\n"
+            "msgs = [str(x.message) for x in w if 'CPU noise kernel' in str(x.message)]\n"
+            "assert len(msgs) == 1 and 'could not be built' in msgs[0], msgs\n"
+            "assert cpu_ops.why_unavailable() is not None\n"
+            "assert torch.equal(a, philox.gaussian(1, 2, 3, (100,))) and torch.equal(a, b)\n")
+    env = dict(os.environ, CXX="/bin/false", TORCH_EXTENSIONS_DIR=str(tmp_path))
+    run = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-2000:]
