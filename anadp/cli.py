@@ -63,7 +63,7 @@ def _info(args) -> int:
     import torch
 
     from . import __version__
-    from .backend import report
+    from .backends import report
     print(f"anadp {__version__}, torch {torch.__version__}, python {sys.version.split()[0]}")
     cuda = (f"{torch.cuda.device_count()} x {torch.cuda.get_device_name()}" if torch.cuda.is_available()
             else f"none (torch CUDA build: {torch.version.cuda or 'no'})")

@@ -15,7 +15,7 @@ import warnings
 import torch
 from torch.optim import Optimizer
 
-from . import backend as backends
+from . import backends
 from . import philox
 from . import update_table as U
 from .accounting import Accountant
@@ -112,16 +112,16 @@ class DPOptimizer(Optimizer):
         engine.on_batch = self._accumulate
 
     def _init_backend(self, requested: str) -> None:
-        """Kernels for the norms, and the fused update when the wrapped optimizer allows it."""
+        """The backend (anadp.backends): its noise always; its norms and fused update where the
+        parameters and the wrapped optimizer allow them, else torch's (with a warning)."""
         device = self.params[0].device if self.params else torch.device("cpu")
         self.backend = backends.resolve(requested, device)
-        self.kernels = backends.kernels(self.backend)
-        why = None
-        if self.kernels is not None and any(p.dtype not in (torch.float32, torch.bfloat16, torch.float16)
-                                            for p in self.engine.params):
-            why = "parameters other than float32 / bfloat16 / float16"
-            self.kernels = None
-        elif self.kernels is not None:
+        self.impl = backends.get(self.backend)
+        kernels = self.impl.norms or self.impl.fused_update
+        why, self.norm_kernels = None, self.impl if self.impl.norms else None
+        if kernels and any(p.dtype not in (torch.float32, torch.bfloat16, torch.float16) for p in self.engine.params):
+            why, self.norm_kernels = "parameters other than float32 / bfloat16 / float16", None
+        elif self.impl.fused_update:
             why = U.unsupported_reason(self.original_optimizer)
             if why is None and any(not p.is_contiguous() for p in self.params):
                 why = "non-contiguous parameters"
@@ -129,12 +129,12 @@ class DPOptimizer(Optimizer):
                 why = "no trainable parameters in the optimizer"
             if why is None and self.distributed:
                 why = "distributed training (the all-reduce needs the clipped sums)"
-        self._fused_update = self.kernels is not None and why is None
+        self._fused_update = self.impl.fused_update and why is None
         # Linear weights in the clipped-GEMM kernel (triton); the cuda backend forms their sums with torch
-        self._fused_gemm = self._fused_update and hasattr(self.kernels, "clipped_linear_update")
-        if self.backend != "torch" and why is not None:
+        self._fused_gemm = self._fused_update and self.impl.fused_gemm
+        if kernels and why is not None:
             warnings.warn(f"backend {self.backend!r}: {why}: the update runs in torch"
-                          + ("" if self.kernels is not None else ", and so do the norms"))
+                          + ("" if self.norm_kernels is not None else ", and so do the norms"))
 
     # torch.optim.Optimizer surface, delegated to the wrapped optimizer (LR schedulers use it)
     param_groups = _delegated("param_groups")
@@ -211,7 +211,7 @@ class DPOptimizer(Optimizer):
     @torch.no_grad()
     def _accumulate(self, batch: PhysicalBatch) -> None:
         self._check_chunk(batch)
-        sq = batch.sq_norms(self.kernels)
+        sq = batch.sq_norms(self.norm_kernels)
         w = self.allocator.scales
         dtype = torch.float64 if any(s.dtype == torch.float64 for s in sq.values()) else torch.float32
         device = self.params[0].device if self.params else torch.device("cpu")
@@ -323,8 +323,9 @@ class DPOptimizer(Optimizer):
             if g is None:
                 g = torch.zeros(p.shape, device=p.device, dtype=_sum_dtype(p))
             if std > 0:
-                g = philox.add_gaussian_(g.contiguous(), seed, self.step_count, self.noise_ids[i],
-                                         std * float(self.allocator.scales[i]))
+                g = g.contiguous()
+                self.impl.add_noise_(g, philox.group_key(seed, self.step_count, self.noise_ids[i]),
+                                     std * float(self.allocator.scales[i]))
             grads.append(g * (self._feed_scale(i) / denom))
         self._released = (self._release_shares(seed), std / denom, denom, self.expected_batch_size * k)
         self._charge(k)
@@ -411,7 +412,7 @@ class DPOptimizer(Optimizer):
         sens = torch.zeros(n, dtype=torch.float64, device=device)
         for i, (rec, c) in self._deferred.items():
             prior = self._summed[i].contiguous() if self._summed[i] is not None else None
-            s = self.kernels.clipped_linear_update(rec.A, rec.G, c, self.params[i], kind=kind, row=rows[i],
+            s = self.impl.clipped_linear_update(rec.A, rec.G, c, self.params[i], kind=kind, row=rows[i],
                                                    key=keys[i], m=states[i][0], v=states[i][1], prior=prior,
                                                    transposed=rec.transposed, has_noise=std > 0, stat=stat)
             sens[i] = s.double().sum()
@@ -420,7 +421,7 @@ class DPOptimizer(Optimizer):
             idx = [i for i in rest if self.params[i].dtype == dtype]
             grads = [self._summed[i].contiguous() if self._summed[i] is not None
                      else torch.zeros(self.params[i].shape, dtype=torch.float32, device=device) for i in idx]
-            s, owner = self.kernels.multi_tensor_update(
+            s, owner = self.impl.multi_tensor_update(
                 [self.params[i] for i in idx], grads, [states[i][0] for i in idx], [states[i][1] for i in idx],
                 [keys[i] for i in idx], rows[idx], kind=kind, has_noise=std > 0, stat=stat)
             sens.index_add_(0, torch.tensor(idx, device=device)[owner.long()], s.double())

@@ -115,10 +115,13 @@ def randn(key: int, offsets: torch.Tensor) -> torch.Tensor:
 def gaussian(seed: int, step: int, group: int, shape, device=None, chunk: int = 1 << 16) -> torch.Tensor:
     """Standard normal float32 noise of ``shape`` for one (seed, step, group).
 
-    Element e (row-major) is ``randn(group_key(seed, step, group), e)``;
-    computed in chunks that keep the int64 temporaries in cache (2**16: ~5x faster than 2**22 on the CPU).
-    """
-    key = group_key(seed, step, group)
+    Element e (row-major) is ``randn(group_key(seed, step, group), e)``."""
+    return gaussian_of_key(group_key(seed, step, group), shape, device, chunk)
+
+
+def gaussian_of_key(key: int, shape, device=None, chunk: int = 1 << 16) -> torch.Tensor:
+    """The same for a key; computed in chunks that keep the int64 temporaries in cache (2**16:
+    ~5x faster than 2**22 on the CPU)."""
     n = 1
     for s in shape:
         n *= int(s)
@@ -127,14 +130,3 @@ def gaussian(seed: int, step: int, group: int, shape, device=None, chunk: int = 
         stop = min(n, start + chunk)
         out[start:stop] = randn(key, torch.arange(start, stop, device=device, dtype=torch.int64))
     return out.view(tuple(shape))
-
-
-def add_gaussian_(out: torch.Tensor, seed: int, step: int, group: int, std: float) -> torch.Tensor:
-    """out += std * gaussian(seed, step, group, out.shape), in place: in the compiled CPU kernel
-    (anadp.cpu_ops) where it runs, else with the torch ops above (the same numbers)."""
-    from . import cpu_ops
-    if std == 0:
-        return out
-    if not cpu_ops.add_gaussian_(out, group_key(seed, step, group), std):
-        out.add_(gaussian(seed, step, group, out.shape, device=out.device).to(out.dtype), alpha=std)
-    return out

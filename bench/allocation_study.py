@@ -164,7 +164,7 @@ def main(argv=None) -> int:
     ap.add_argument("--seed", type=int, nargs="+", default=[0, 1, 2])
     ap.add_argument("--methods", nargs="+", default=METHODS, choices=METHODS)
     ap.add_argument("--budget-s", type=float, default=None, help="start no run after this many seconds")
-    ap.add_argument("--backend", default="auto", help="anadp backend (auto, torch, triton, cuda)")
+    ap.add_argument("--backend", default="auto", help="anadp backend (auto, torch, cpu, triton, cuda)")
     ap.add_argument("--batch-size", type=int, default=FinetuneConfig.batch_size, help="expected logical batch")
     ap.add_argument("--epochs", type=int, default=FinetuneConfig.epochs)
     ap.add_argument("--tag", default="", help="appended to the output file names")

@@ -69,7 +69,7 @@ def _timed(fn, steps: int, warmup: int, slow: float = 1.0) -> float:
 
 
 def _available(backend: str) -> str | None:
-    from anadp.backend import why_unavailable
+    from anadp.backends import why_unavailable
     return why_unavailable(backend, DEV)
 
 
@@ -152,7 +152,7 @@ def _has_opacus() -> bool:
 
 def _per_backend(rows: list, name: str, timed) -> None:
     """One row per kernel backend: timed(kernels module) -> row fields, or why it is skipped."""
-    from anadp.backend import kernels
+    from anadp.backends import get as kernels
     for backend in ("triton", "cuda"):
         why = _available(backend)
         label = name.format(backend=backend)
@@ -199,7 +199,7 @@ def kernel_rows(n: int, steps: int, warmup: int, norm_shape) -> list[dict]:
     adam_row = torch.tensor(_adam_row(), dtype=torch.float32, device=DEV)
 
     def gemm(k):
-        if not hasattr(k, "clipped_linear_update"):
+        if not k.fused_gemm:
             return {"error": "skipped: no clipped GEMM kernel in this backend"}
         t = _timed(lambda: k.clipped_linear_update(A, G, c, W, kind=U.ADAM, row=adam_row, key=key, m=Wm, v=Wv),
                    steps, warmup)

@@ -4,22 +4,24 @@ one row of the table built by ``anadp.update_table``."""
 import triton
 import triton.language as tl
 
-# columns, as in anadp/update_table.py
-LR = tl.constexpr(0)
-WD = tl.constexpr(1)
-BETA1 = tl.constexpr(2)
-BETA2 = tl.constexpr(3)
-EPS = tl.constexpr(4)
-STEP_SIZE = tl.constexpr(5)
-BC2_SQRT = tl.constexpr(6)
-FLAG = tl.constexpr(7)
-FIRST = tl.constexpr(8)
-NOISE_STD = tl.constexpr(9)
-INV_DENOM = tl.constexpr(10)
-ONE_MINUS_BETA1 = tl.constexpr(11)
-ONE_MINUS_BETA2 = tl.constexpr(12)
-DECAY = tl.constexpr(13)
-N_COLS = tl.constexpr(14)
+from anadp import update_table as U
+
+# columns of the hyperparameter table: anadp/update_table.py is their one definition
+LR = tl.constexpr(U.LR)
+WD = tl.constexpr(U.WD)
+BETA1 = tl.constexpr(U.BETA1)
+BETA2 = tl.constexpr(U.BETA2)
+EPS = tl.constexpr(U.EPS)
+STEP_SIZE = tl.constexpr(U.STEP_SIZE)
+BC2_SQRT = tl.constexpr(U.BC2_SQRT)
+FLAG = tl.constexpr(U.FLAG)
+FIRST = tl.constexpr(U.FIRST)
+NOISE_STD = tl.constexpr(U.NOISE_STD)
+INV_DENOM = tl.constexpr(U.INV_DENOM)
+ONE_MINUS_BETA1 = tl.constexpr(U.ONE_MINUS_BETA1)
+ONE_MINUS_BETA2 = tl.constexpr(U.ONE_MINUS_BETA2)
+DECAY = tl.constexpr(U.DECAY)
+N_COLS = tl.constexpr(U.N_COLS)
 
 
 @triton.jit

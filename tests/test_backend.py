@@ -8,15 +8,15 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from anadp import make_private
 from anadp.allocation import AllocationConfig
-from anadp.backend import BackendUnavailableError, resolve, why_unavailable
+from anadp.backends import BackendUnavailableError, resolve, why_unavailable
 from helpers import rel_err
 
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
 
 
-def test_auto_is_torch_on_the_cpu_and_the_environment_wins(monkeypatch):
+def test_auto_on_the_cpu_is_the_compiled_kernel_and_the_environment_wins(monkeypatch):
     monkeypatch.delenv("ANADP_BACKEND", raising=False)
-    assert resolve("auto", torch.device("cpu")) == "torch"
+    assert resolve("auto", torch.device("cpu")) == ("cpu" if why_unavailable("cpu") is None else "torch")
     monkeypatch.setenv("ANADP_BACKEND", "torch")
     assert resolve("triton", torch.device("cpu")) == "torch"
 
@@ -86,7 +86,8 @@ def test_three_steps_on_triton_equal_torch(monkeypatch, make, optimizer):
     assert rel_err(out, ref) < 1e-5
     assert o.accountant.history == o_ref.accountant.history
     scales = torch.tensor(list(o.noise_scales.values()))
-    assert (scales != 1).any() and rel_err(scales, torch.tensor(list(o_ref.noise_scales.values()))) < 1e-5
+    # the scales come out of a numerical maximization, which magnifies the statistics' float rounding
+    assert (scales != 1).any() and rel_err(scales, torch.tensor(list(o_ref.noise_scales.values()))) < 1e-4
     # the torch optimizer's state is torch's own: a torch-backend step can continue from it
     assert all(float(o.original_optimizer.state[p]["step"]) == 3 for p in o.params) if optimizer == "adamw" else True
 
@@ -120,12 +121,12 @@ def test_optimizer_without_a_kernel_falls_back_with_a_warning(monkeypatch):
     with pytest.warns(UserWarning, match="RMSprop.*the update runs in torch"):
         _, opt, _ = make_private(model, torch.optim.RMSprop(model.parameters()), dl, max_grad_norm=1.0,
                                  noise_multiplier=1.0, backend="triton")
-    assert opt.kernels is not None and not opt._fused_update
+    assert opt.norm_kernels is not None and not opt._fused_update
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         _, opt, _ = make_private(model, torch.optim.Adam(model.parameters()), dl, max_grad_norm=1.0,
                                  noise_multiplier=1.0, backend="torch")
-    assert opt.kernels is None
+    assert opt.norm_kernels is None and not opt._fused_update
 
 
 @pytest.mark.parametrize("backend", ["torch", "triton"])
@@ -232,3 +233,18 @@ def test_info_lists_every_backend_and_why_not(capsys, monkeypatch):
         why = why_unavailable(name)
         assert f"backend {name:7s} " + ("available" if why is None else f"unavailable: {why}") in out
     assert f"auto on {'cuda' if torch.cuda.is_available() else 'cpu'}: " in out
+
+
+def test_every_backend_implements_what_it_claims():
+    """The registry's backends against the written interface: each capability it sets is a method
+    it overrides; names match the registry."""
+    from anadp import backends
+    base = backends.Backend
+    for name in backends.BACKENDS:
+        b = backends.get(name)
+        assert b.name == name and isinstance(b, base)
+        claimed = {"add_noise_": True, "linear_sq_norms": b.norms, "embedding_sq_norms": b.norms,
+                   "multi_tensor_update": b.fused_update, "clipped_linear_update": b.fused_gemm}
+        for method, claims in claimed.items():
+            overridden = getattr(type(b), method) is not getattr(base, method)
+            assert overridden or (method == "add_noise_" and b.fused_update) or not claims, (name, method)

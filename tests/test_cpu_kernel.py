@@ -4,7 +4,8 @@ import shutil
 import pytest
 import torch
 
-from anadp import cpu_ops, philox
+from anadp import philox
+from anadp.backends import cpu as cpu_ops, get
 
 KEYS = [philox.group_key(0, 0, 0), philox.group_key(3, 5, 7), philox.group_key(2**64 - 5, 2**40, 2**31), 2**64 - 1, 1]
 
@@ -58,7 +59,7 @@ def test_offsets_past_2_32_and_chunked_calls_equal_one_call():
 def test_add_is_in_place_and_scaled():
     g = torch.randn(1000, generator=torch.Generator().manual_seed(0))
     before = g.clone()
-    philox.add_gaussian_(g, 1, 2, 3, 0.25)
+    get("cpu").add_noise_(g, philox.group_key(1, 2, 3), 0.25)
     assert torch.allclose(g, before + 0.25 * philox.gaussian(1, 2, 3, (1000,)), atol=1e-6)
     assert not cpu_ops.add_gaussian_(torch.zeros(4, dtype=torch.float64), 1, 1.0)  # other dtypes: the torch path
     assert float(torch.tensor(1e-40) * 1.0) != 0.0  # loading the kernel did not turn on flush-to-zero
@@ -71,14 +72,16 @@ def test_without_a_compiler_the_torch_path_runs_after_one_warning(tmp_path):
     import subprocess
     import sys
     code = ("import warnings, torch\n"
-            "from anadp import philox, cpu_ops\n"
+            "from anadp import philox\n"
+            "from anadp.backends import cpu as cpu_ops, resolve\n"
             "with warnings.catch_warnings(record=True) as w:\n"
             "    warnings.simplefilter('always')\n"
-            "    a = philox.add_gaussian_(torch.zeros(100), 1, 2, 3, 1.0)\n"
-            "    b = philox.add_gaussian_(torch.zeros(100), 1, 2, 3, 1.0)\n"
+            "    backend = resolve('auto', torch.device('cpu'))\n"
+            "    a = torch.zeros(100); cpu_ops.CpuBackend().add_noise_(a, philox.group_key(1, 2, 3), 1.0)\n"
+            "    b = torch.zeros(100); cpu_ops.CpuBackend().add_noise_(b, philox.group_key(1, 2, 3), 1.0)\n"
             "msgs = [str(x.message) for x in w if 'CPU noise kernel' in str(x.message)]\n"
             "assert len(msgs) == 1 and 'could not be built' in msgs[0], msgs\n"
-            "assert cpu_ops.why_unavailable() is not None\n"
+            "assert cpu_ops.why_unavailable() is not None and backend == 'torch'\n"
             "assert torch.equal(a, philox.gaussian(1, 2, 3, (100,))) and torch.equal(a, b)\n")
     env = dict(os.environ, CXX="/bin/false", TORCH_EXTENSIONS_DIR=str(tmp_path))
     run = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)

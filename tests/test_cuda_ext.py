@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from anadp import philox
-from anadp.backend import why_unavailable
+from anadp.backends import why_unavailable
 from helpers import rel_err
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -36,7 +36,7 @@ def test_csrc_philox_built_for_the_host_equals_torch(tmp_path):
 
 @needs_cuda_backend
 def test_device_philox_words_bit_equal():
-    from anadp import cuda_ops
+    from anadp.backends import cuda as cuda_ops
     key = philox.group_key(2**64 - 1, 2**40, 3)
     offsets = torch.cat([torch.arange(5000), 2**32 + torch.arange(100)]).cuda()
     words = cuda_ops.philox_randint(key, offsets).cpu().long() % 2**32

@@ -1,7 +1,7 @@
 """Every kernel against its torch reference, on small awkward shapes (not
 multiples of any block size). The Triton kernels run under TRITON_INTERPRET=1 on
 CPU tensors without a GPU (see conftest.py), on CUDA with one; the CUDA
-extension's kernels (same functions, ``anadp.cuda_ops``) run where it is built
+extension's kernels (same interface, ``anadp.backends.cuda``) run where it is built
 and a GPU is there, and are skipped, with the reason, elsewhere.
 
 Outputs that are only written (norms, sensitivity partials) are filled with NaN
@@ -19,8 +19,8 @@ from anadp import philox  # noqa: E402
 from anadp import update_table as U  # noqa: E402
 from anadp.kernels.fused_linear import n_tiles  # noqa: E402
 from anadp.kernels import clipped_linear_update  # noqa: E402
-from anadp.backend import kernels as backend_kernels  # noqa: E402
-from anadp.backend import why_unavailable  # noqa: E402
+from anadp.backends import get as backend_kernels  # noqa: E402
+from anadp.backends import why_unavailable  # noqa: E402
 from anadp.records import EmbeddingRecord, LinearRecord  # noqa: E402
 
 DEV = "cuda" if torch.cuda.is_available() else "cpu"

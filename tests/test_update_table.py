@@ -8,7 +8,7 @@ import os
 import pytest
 import torch
 
-from anadp import cuda_ops
+from anadp.backends import cuda as cuda_ops
 from anadp import update_table as U
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -129,3 +129,20 @@ def test_setup_builds_the_extension_only_where_cuda_is_usable(monkeypatch):
         mod.cuda_extension()
     monkeypatch.setenv("ANADP_BUILD_CUDA", "0")
     assert mod.cuda_extension() == ([], {})
+
+
+def test_the_cuda_sources_mirror_the_table():
+    """csrc/update.cuh restates the columns, optimizer kinds and statistics of anadp.update_table
+    for the C++ side (the Triton side imports them): the same names in the same order."""
+    import os
+    import re
+    src = open(os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "csrc", "update.cuh")).read()
+    cols = re.search(r"enum Col \{([^}]*)\}", src).group(1).replace("\n", " ")
+    names = [c.strip() for c in cols.split(",") if c.strip()]
+    table = sorted((v, k) for k, v in vars(U).items() if isinstance(v, int) and k.isupper() and k not in
+                   ("SGD", "ADAM", "N_COLS", "DEFAULT_CHUNK"))
+    assert names == [k for _, k in table] + ["N_COLS"]
+    assert re.search(r"enum Kind \{ SGD = (\d), ADAM = (\d) \}", src).groups() == (str(U.SGD), str(U.ADAM))
+    mt = open(os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "csrc",
+                           "multi_tensor_update.cu")).read()
+    assert "const bool sq = stat == 1;" in mt and U.STATS.index("grad_sq") == 1

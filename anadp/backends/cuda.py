@@ -1,5 +1,5 @@
 """The cuda backend: the compiled csrc/ kernels (module ``anadp._cuda``, built by
-setup.py where CUDA is usable) behind the same functions as ``anadp.kernels``.
+setup.py where CUDA is usable) behind the interface of :class:`anadp.backends.Backend`.
 
 It has the norm kernels and the multi-tensor noise + update; Linear weights get
 their clipped sum from torch's GEMM and go through the multi-tensor kernel
@@ -10,11 +10,12 @@ from __future__ import annotations
 
 import torch
 
-from . import update_table as U
-from .records import ghost_is_cheaper
+from .. import update_table as U
+from ..records import ghost_is_cheaper
+from . import Backend
 
 try:
-    from . import _cuda
+    from .. import _cuda
     import_error = None
 except ImportError as e:
     _cuda = None
@@ -90,3 +91,26 @@ def multi_tensor_update(params: list, grads: list, ms: list, vs: list, keys: lis
 def philox_randint(key: int, offsets: torch.Tensor) -> torch.Tensor:
     """(2, n) int32: the first two words of tl.randint4x(key, offsets), from the CUDA Philox."""
     return _ext().philox_randint(U.as_signed64(key), offsets.long().contiguous())
+
+
+class CudaBackend(Backend):
+    name = "cuda"
+    norms = fused_update = True
+
+    def why_unavailable(self, device: torch.device | None) -> str | None:
+        if import_error is not None:
+            return import_error
+        if device is not None and device.type != "cuda":
+            return f"the cuda extension needs CUDA tensors, the parameters are on {device}"
+        if device is None and not torch.cuda.is_available():
+            return "no CUDA device"
+        return None
+
+    def linear_sq_norms(self, A, G):
+        return linear_sq_norms(A, G)
+
+    def embedding_sq_norms(self, idx, G):
+        return embedding_sq_norms(idx, G)
+
+    def multi_tensor_update(self, *args, **kw):
+        return multi_tensor_update(*args, **kw)

@@ -1,8 +1,9 @@
-"""The cpu backend's kernel: Philox Gaussian noise in one fused C++ loop (csrc/cpu/noise.cpp),
-compiled on first use with torch's C++ extension loader (ninja, OpenMP) and cached.
+"""The cpu backend: the torch backend with the noise drawn by a compiled kernel — the Philox
+stream in one fused C++ loop (csrc/cpu/noise.cpp, OpenMP threads and SIMD lanes), compiled on
+first use with torch's C++ extension loader (ninja) and cached.
 
-Where it cannot be built (no compiler, no ninja) the torch ops of :mod:`anadp.philox` draw the
-same numbers, ~10x slower, after one warning that says why; ``python -m anadp info`` shows it.
+Where it cannot be built (no compiler, no ninja) ``auto`` takes the torch backend, which draws
+the same numbers ~10x slower, after one warning that says why; ``python -m anadp info`` shows it.
 """
 from __future__ import annotations
 
@@ -11,7 +12,10 @@ import warnings
 
 import torch
 
-_SOURCE = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "csrc", "cpu", "noise.cpp")
+from .torch_ref import TorchBackend
+
+_SOURCE = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))), "csrc", "cpu",
+                       "noise.cpp")
 _ext = None
 import_error: str | None = None
 _tried = False
@@ -74,3 +78,16 @@ def philox_words(key: int, offsets: torch.Tensor) -> torch.Tensor:
     if ext is None:
         raise RuntimeError(f"the CPU kernel is not available: {import_error}")
     return ext.philox_words(key - 2**64 if key >= 2**63 else key, offsets.long().contiguous())
+
+
+class CpuBackend(TorchBackend):
+    name = "cpu"
+
+    def why_unavailable(self, device: torch.device | None) -> str | None:
+        if device is not None and device.type != "cpu":
+            return f"the CPU kernel runs on CPU tensors, the parameters are on {device}"
+        return why_unavailable()
+
+    def add_noise_(self, out: torch.Tensor, key: int, std: float) -> None:
+        if not add_gaussian_(out, key, std):  # not a contiguous float32 tensor: the torch ops
+            super().add_noise_(out, key, std)

@@ -1,0 +1,81 @@
+"""The triton backend: the Triton kernels of kernels/ (installed as ``anadp.kernels``) — per-sample
+norms, the clipped GEMM with noise and update in its epilogue, one multi-tensor launch for every
+other tensor. CUDA tensors; the CPU under TRITON_INTERPRET=1 (the tests)."""
+from __future__ import annotations
+
+import importlib.abc
+import importlib.util
+import os
+import sys
+
+import torch
+
+from . import Backend
+
+# first Triton seen (source read: 3.6; tested: 3.9) whose randint4x puts an int64 offset's
+# high word in the second counter word; older ones run Philox4x64 on int64 offsets
+MIN_TRITON = (3, 6)
+_SOURCE_KERNELS = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))), "kernels")
+
+
+class _SourceKernelsFinder(importlib.abc.MetaPathFinder):
+    """A source checkout used without pip install (the GPU check machine): kernels/, which setup
+    installs as anadp.kernels, sits beside anadp/. Consulted after the regular finders."""
+
+    def find_spec(self, name, path=None, target=None):
+        if name != "anadp.kernels" or not os.path.isfile(os.path.join(_SOURCE_KERNELS, "__init__.py")):
+            return None
+        return importlib.util.spec_from_file_location(name, os.path.join(_SOURCE_KERNELS, "__init__.py"),
+                                                      submodule_search_locations=[_SOURCE_KERNELS])
+
+
+if not any(isinstance(f, _SourceKernelsFinder) for f in sys.meta_path):
+    sys.meta_path.append(_SourceKernelsFinder())
+
+
+def _version(text: str) -> tuple:
+    parts = []
+    for piece in text.split("+")[0].split(".")[:2]:
+        digits = "".join(ch for ch in piece if ch.isdigit())
+        parts.append(int(digits or 0))
+    return tuple(parts)
+
+
+def interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+class TritonBackend(Backend):
+    name = "triton"
+    norms = fused_update = fused_gemm = True
+
+    def why_unavailable(self, device: torch.device | None) -> str | None:
+        try:
+            import triton
+        except ImportError as e:
+            return f"triton is not installed ({e}); pip install triton"
+        if _version(triton.__version__) < MIN_TRITON:
+            return (f"triton {triton.__version__} is older than {'.'.join(map(str, MIN_TRITON))}, whose tl.randn "
+                    "splits 64-bit offsets into the Philox counter the other backends use")
+        on_gpu = torch.cuda.is_available() if device is None else device.type == "cuda"
+        if not on_gpu and not interpreting():
+            return ("triton kernels need CUDA tensors" if device is not None else "no CUDA device") + \
+                " (or TRITON_INTERPRET=1 to interpret them on the CPU, slowly)"
+        return None
+
+    @property
+    def kernels(self):
+        from .. import kernels
+        return kernels
+
+    def linear_sq_norms(self, A, G):
+        return self.kernels.linear_sq_norms(A, G)
+
+    def embedding_sq_norms(self, idx, G):
+        return self.kernels.embedding_sq_norms(idx, G)
+
+    def multi_tensor_update(self, *args, **kw):
+        return self.kernels.multi_tensor_update(*args, **kw)
+
+    def clipped_linear_update(self, *args, **kw):
+        return self.kernels.clipped_linear_update(*args, **kw)
