@@ -442,8 +442,8 @@ class DPOptimizer(Optimizer):
         sums = None
         if stat == "abs_p_grad":  # p before the update
             sums = torch.stack([(p.detach().float() * p.grad.float()).abs().sum().double() for p in self.params])
-        elif stat == "grad_sq":
-            sums = torch.stack([p.grad.double().pow(2).sum() for p in self.params])
+        elif stat == "grad_sq":  # only needed where the optimizer keeps no first moment
+            sums = lambda: torch.stack([torch.linalg.vector_norm(p.grad).double() ** 2 for p in self.params])  # noqa: E731
         self.original_optimizer.step()
         shares, noise_std, denom, samples = getattr(self, "_released", (None, 0.0, 1.0, 1.0))
         self._update_allocation(sums, shares, noise_std, denom, samples)
@@ -472,7 +472,7 @@ class DPOptimizer(Optimizer):
         t = self.allocator.updates + 1
         noise = a * a * (1 - beta ** (2 * t)) / (1 - beta * beta)
         signal = (a * (1 - beta ** t) / (1 - beta)) ** 2
-        return torch.stack([m.double().pow(2).sum() for m in ms]), noise, signal
+        return torch.stack([torch.linalg.vector_norm(m).double() ** 2 for m in ms]), noise, signal
 
     def _update_allocation(self, sums, shares, noise_std: float, denom: float, samples: float) -> None:
         """The allocation sees the released outputs only: per-tensor sums over the noisy gradient
@@ -483,6 +483,8 @@ class DPOptimizer(Optimizer):
             momentum = self._momentum_energy()
             if momentum is not None:
                 sums, factors["stat_noise"], factors["stat_signal"] = momentum
+        if callable(sums):
+            sums = sums()
         self.last_allocation_input = (None if sums is None else sums.detach().cpu(), shares, factors)
         self.allocator.update(None if sums is None else sums.detach().cpu(), shares, noise_std=noise_std,
                               clip=self.max_grad_norm, denom=denom, samples=samples, **factors)

@@ -139,7 +139,10 @@ def make_step(method: str, model: nn.Module, inputs: dict, labels: torch.Tensor,
         elif method != "nonprivate":
             raise ValueError(method)
 
+    begin = getattr(getattr(opt, "engine", None), "begin_chunk", lambda: None)
+
     def step():
+        begin()  # anadp: the harness hands out the (same) batch as a fresh chunk of private data
         opt.zero_grad()
         with torch.autocast(labels.device.type, dtype=autocast or torch.bfloat16, enabled=autocast is not None):
             loss = criterion(_logits(call(model)), labels)
