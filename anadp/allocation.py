@@ -62,12 +62,13 @@ Where the statistics come from (``clip`` and ``anadp``):
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import asdict, dataclass
 
 import torch
 
 ALLOCATIONS = ("anadp", "uniform", "paper", "clip")
-DEFAULT_POWER = {"paper": 0.5, "clip": 1.0, "anadp": 1.0, "uniform": 0.0}
+DEFAULT_POWER = {"paper": 0.5, "clip": 1.0, "anadp": 0.5, "uniform": 0.0}
 
 
 @dataclass
@@ -79,6 +80,7 @@ class AllocationConfig:
     w_max: float = 3.0
     warmup_steps: int = 10
     stats_beta: float = 0.9     # clip, anadp: EMA of the released statistics
+    pooling: float = 0.75       # clip, anadp: weight of the mean over a group's kind (its matrix in every layer)
     share_noise: float = 5.0    # clip, anadp: noise of the share release, in units of sigma
 
     def __post_init__(self):
@@ -88,9 +90,17 @@ class AllocationConfig:
             raise ValueError(f"need 0 < w_min <= 1 <= w_max, got w_min={self.w_min}, w_max={self.w_max}")
         if (self.power is not None and self.power < 0) or self.warmup_steps < 0:
             raise ValueError("power and warmup_steps must be >= 0")
+        if not 0 <= self.pooling <= 1:
+            raise ValueError(f"pooling must be in [0, 1], got {self.pooling}")
         if not self.share_noise > 1:
             raise ValueError(f"share_noise must be > 1 (the share release takes 1/share_noise^2 of the budget), "
                              f"got {self.share_noise}")
+
+
+def kind_of(group_name: str) -> str:
+    """A group's kind: its name with the layer index masked (``layer.3.attention.self.query`` ->
+    ``layer.*.attention.self.query``): the same matrix in every layer."""
+    return re.sub(r"(?<=\.)\d+(?=\.)", "*", group_name)
 
 
 def noise_groups(names: list[str], shapes: list[torch.Size]) -> tuple[list[int], list[str]]:
@@ -141,7 +151,7 @@ class NoiseAllocator:
     default one group per tensor. ``scales`` is per tensor."""
 
     def __init__(self, sizes: list[int], mode: str = "anadp", config: AllocationConfig | None = None,
-                 groups: list[int] | None = None, adaptive: bool = True):
+                 groups: list[int] | None = None, adaptive: bool = True, kinds: list[str] | None = None):
         if mode not in ALLOCATIONS:
             raise ValueError(f"allocation must be one of {ALLOCATIONS}, got {mode!r}")
         self.mode, self.config = mode, config or AllocationConfig()
@@ -159,6 +169,12 @@ class NoiseAllocator:
         self.ipt_bar, self.unc_bar = torch.zeros(n, dtype=torch.float64), torch.zeros(n, dtype=torch.float64)
         self.energy_bar, self.share_bar = torch.zeros(n, dtype=torch.float64), torch.zeros(n + 1, dtype=torch.float64)
         self.adaptive = adaptive  # the optimizer normalizes each coordinate (Adam): anadp's gain saturates
+        # kind of each group (the same matrix in every layer): statistics are pooled over a kind
+        names = list(kinds) if kinds is not None else [str(g) for g in range(n)]
+        if len(names) != n:
+            raise ValueError(f"{len(names)} kinds for {n} groups")
+        index = {k: i for i, k in enumerate(dict.fromkeys(names))}
+        self.kind = torch.tensor([index[k] for k in names], dtype=torch.long)
         self.noise_var = 0.0
         self.updates = 0
 
@@ -252,7 +268,7 @@ class NoiseAllocator:
                 return w_old  # nothing to rank yet
             s = s.clamp_min(1e-12 * float(s.max()))  # a zero score (LoRA B at its zero init) gets w_max
             return normalize_scales(s.pow(-k), self.group_sizes, c.w_min, c.w_max)
-        raw = self.share_bar[:self.n_groups]  # per-sample energy of the raw gradient, up to one common factor
+        raw = self._pooled(self.share_bar[:self.n_groups])  # per-sample energy of the raw gradient, up to one factor
         if raw.max() <= 0:
             return w_old
         raw = raw.clamp_min(1e-3 * float(raw.max()))  # noise can make a small share negative
@@ -261,7 +277,10 @@ class NoiseAllocator:
                                     c.w_min, c.w_max)
         if self.energy_bar.max() <= 0 or self.noise_var <= 0:
             return w_old
-        return self._best_for_step()
+        best = self._best_for_step()
+        # tempered: w = (w* / its geometric mean)^power, so that noisy statistics move w only part-way
+        shape = best.log() - best.log().mean()
+        return torch.exp(k * shape).clamp(c.w_min, c.w_max)
 
     def _best_for_step(self, iterations: int = 300) -> torch.Tensor:
         """anadp: the x = 1/w that maximizes the expected first-order gain of the next step,
@@ -294,10 +313,20 @@ class NoiseAllocator:
                     log_x.clamp_(lo, hi)
         return torch.exp(-log_x.detach()).clamp(c.w_min, c.w_max)
 
+    def _pooled(self, per_group: torch.Tensor) -> torch.Tensor:
+        """(1 - pooling) * the group's own statistic + pooling * the mean over its kind: a single
+        matrix's statistic is mostly noise at DP batch sizes, its kind's mean over the layers less so."""
+        n_kinds = int(self.kind.max()) + 1 if self.n_groups else 0
+        sums = torch.zeros(n_kinds, dtype=torch.float64).index_add_(0, self.kind, per_group.double())
+        counts = torch.zeros(n_kinds, dtype=torch.float64).index_add_(0, self.kind, torch.ones_like(per_group.double()))
+        p = self.config.pooling
+        return (1 - p) * per_group + p * (sums / counts)[self.kind]
+
     def step_gain(self):
         """gain(log x) of ``_best_for_step``, from the statistics as they stand."""
-        G2 = self.share_bar.clamp_min(1e-3 * float(self.share_bar.max()))  # noise can make one negative
-        alpha = self.energy_bar.clamp_min(0)
+        G2 = torch.cat([self._pooled(self.share_bar[:-1]), self.share_bar[-1:]])
+        G2 = G2.clamp_min(1e-3 * float(G2.max()))  # noise can make one negative
+        alpha = self._pooled(self.energy_bar).clamp_min(0)
         d = self.group_sizes.clamp_min(1)
         n = self.noise_var ** 0.5
 

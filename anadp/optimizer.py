@@ -19,7 +19,7 @@ from . import backends
 from . import philox
 from . import update_table as U
 from .accounting import Accountant
-from .allocation import AllocationConfig, NoiseAllocator, noise_groups
+from .allocation import AllocationConfig, NoiseAllocator, kind_of, noise_groups
 from .engine import GradSampleEngine, PhysicalBatch
 from .records import LinearRecord
 
@@ -98,7 +98,8 @@ class DPOptimizer(Optimizer):
         self.seed = None if secure_mode else (seed if seed is not None else _random_seed())
         groups, self.group_names = noise_groups([engine.names[p] for p in self.params], [p.shape for p in self.params])
         self.allocator = NoiseAllocator([p.numel() for p in self.params], allocation, allocation_config, groups,
-                                        adaptive=not isinstance(optimizer, torch.optim.SGD))
+                                        adaptive=not isinstance(optimizer, torch.optim.SGD),
+                                        kinds=[kind_of(n) for n in self.group_names])
         self.accountant = Accountant(accountant)
         self.data_loader = data_loader
         self._init_backend(backend)
