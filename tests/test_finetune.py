@@ -74,3 +74,23 @@ def test_local_jsonl_and_datasets_directory(tmp_path):
     d = tmp_path / "hf"
     datasets.DatasetDict({"train": datasets.Dataset.from_dict({"text": ["a", "b"], "label": [0, 1]})}).save_to_disk(str(d))
     assert load_table(str(d)) == (["a", "b"], [0, 1])
+
+
+def test_finetune_reads_a_datasets_directory(tiny_model_dir, tmp_path):
+    """--data takes a CSV / TSV / JSONL file or a `datasets` directory: the help says so, and a
+    directory saved by datasets runs end to end."""
+    datasets = pytest.importorskip("datasets")
+    from anadp.cli import build_parser, main
+    d = tmp_path / "hf"
+    texts = [f"{'good' if i % 2 else 'bad'} film number {i}" for i in range(60)]
+    datasets.Dataset.from_dict({"sentence": texts, "y": [i % 2 for i in range(60)]}).save_to_disk(str(d))
+    out = tmp_path / "ft"
+    rc = main(["finetune", "--model", tiny_model_dir, "--data", str(d), "--text-field", "sentence", "--label-field", "y",
+               "--method", "uniform", "--epsilon", "8", "--seed", "0", "--epochs", "1", "--out", str(out),
+               "--no-progress"])
+    assert rc == 0
+    res = json.loads((out / "results.json").read_text())
+    assert res["config"]["data"] == str(d) and res["config"]["train_size"] == 48
+    ft = next(a for a in build_parser()._actions if a.dest == "command").choices["finetune"]
+    help_data = next(a.help for a in ft._actions if a.dest == "data")
+    assert "datasets directory" in help_data and "CSV" in help_data and "JSONL" in help_data
