@@ -49,7 +49,7 @@ class FinetuneConfig:
     methods: list = field(default_factory=lambda: ["nonprivate", "uniform", "anadp"])
     epsilons: list = field(default_factory=lambda: [3.0, 8.0])
     delta: float | None = None  # default 1 / N^1.1
-    epochs: int = 5
+    epochs: int = 3
     seeds: list = field(default_factory=lambda: [0, 1, 2])
     lora: bool = True
     lora_r: int = 8
@@ -57,7 +57,7 @@ class FinetuneConfig:
     train_size: int | None = None  # None: all of the training split
     test_size: int | None = None   # None: all of the test split (20% of the data)
     max_len: int = 64              # truncation; batches are padded only to their own longest sequence
-    batch_size: int = 256          # expected logical batch (DP); non-private uses physical_batch_size
+    batch_size: int = 128          # expected logical batch (DP); non-private uses physical_batch_size
     physical_batch_size: int = 64
     lr: float = 5e-4
     dp_lr: float = 1e-2

@@ -57,12 +57,14 @@ def _run(job: tuple) -> dict:
 
 
 def jobs(modes, epsilons, seeds, methods) -> list[tuple]:
-    """Seed-major, so that a study stopped early holds whole seeds."""
+    """Most telling first, so that a study stopped early holds complete paired cells: per mode,
+    non-private, then uniform and the default (the first two methods) at each epsilon in the
+    order given, then the other methods; seeds innermost."""
     out = []
-    for seed in seeds:
-        for mode in modes:
-            out.append((mode, "nonprivate", math.inf, seed))
-            out += [(mode, m, eps, seed) for eps in epsilons for m in methods]
+    for mode in modes:
+        out += [(mode, "nonprivate", math.inf, seed) for seed in seeds]
+        for tier in (methods[:2], methods[2:]):
+            out += [(mode, m, eps, seed) for eps in epsilons for m in tier for seed in seeds]
     return out
 
 
@@ -173,6 +175,7 @@ def main(argv=None) -> int:
     ap.add_argument("--save-prepared", help="write the tokenized data and delta to this file and stop")
     ap.add_argument("--prepared", help="read the tokenized data from a --save-prepared file (a machine without "
                                        "the data and tokenizer packages)")
+    ap.add_argument("--resume", help="a study JSON whose finished runs are kept and not run again")
     ap.add_argument("--smoke", action="store_true", help="tiny sizes (CI): 2 steps a run")
     args = ap.parse_args(argv)
     cfg = FinetuneConfig(model=args.model, device=args.device, backend=args.backend, batch_size=args.batch_size,
@@ -192,6 +195,12 @@ def main(argv=None) -> int:
     todo = jobs(args.modes, args.epsilon, args.seed, args.methods)
     date = datetime.date.today().isoformat()
     stem = os.path.join(args.out, f"allocation-study-{date}{'-smoke' if args.smoke else ''}{args.tag}")
+    done = []
+    if args.resume and os.path.exists(args.resume):  # runs already made: kept, not run again
+        with open(args.resume) as f:
+            done = [r for r in json.load(f)["rows"] if "accuracy" in r]
+        have = {(r["mode"], r["method"], r["target_epsilon"] or math.inf, r["seed"]) for r in done}
+        todo = [j for j in todo if j not in have]
     os.makedirs(args.out, exist_ok=True)
     result = {"date": date, "device": args.device, "torch": torch.__version__, "config": asdict(cfg) | {
         "model": data["model_path"], "train_size": len(data["train"]), "test_size": len(data["test"]),
@@ -201,6 +210,8 @@ def main(argv=None) -> int:
                         f"{cfg.batch_size}, AdamW, C = {cfg.max_grad_norm}; DP lr: "
                         + ", ".join(f"{m} {v['dp_lr']:g}" for m, v in MODES.items()) + f"; device {args.device}."),
         "rows": [], "summary": []}
+    for row in done:
+        result["rows"].append(row)
     threads = args.threads or max(1, (os.cpu_count() or 1) // args.workers)
     t0 = time.time()
 

@@ -109,6 +109,40 @@ def run(smoke: bool, rounds: int, isolate: bool, methods=METHODS, progress=True)
     return rows
 
 
+def noise_rows(n: int, rounds: int) -> list[dict]:
+    """Gaussian draws per second: the cpu backend's compiled Philox kernel, the same stream in
+    torch ops (the torch backend), and torch.randn (a different, non-counter-based stream)."""
+    from anadp import philox
+    from anadp.backends import get, why_unavailable
+    out = torch.zeros(n)
+    key = philox.group_key(0, 0, 0)
+    ways = [("cpu backend kernel (Philox stream)", lambda: get("cpu").add_noise_(out, key, 1.0), why_unavailable("cpu")),
+            ("torch backend ops (Philox stream)", lambda: get("torch").add_noise_(out, key, 1.0), None),
+            ("torch.randn (reference speed)", lambda: torch.randn(n, out=out), None)]
+    rows = []
+    for name, fn, why in ways:
+        if why is not None:
+            rows.append({"noise": name, "error": why})
+            continue
+        fn()
+        times = []
+        for _ in range(rounds):
+            t = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - t)
+        rows.append({"noise": name, "elements": n, "seconds": statistics.median(times),
+                     "M_per_s": n / statistics.median(times) / 1e6})
+    return rows
+
+
+def noise_table(rows) -> str:
+    lines = ["| noise | elements | seconds | M draws/s |", "|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r['noise']} | error: {r['error']} | | |" if "error" in r else
+                     f"| {r['noise']} | {r['elements']} | {r['seconds']:.4f} | {r['M_per_s']:.0f} |")
+    return "\n".join(lines)
+
+
 def table(rows) -> str:
     head = ("| config | method | s/step | x non-private | faster than Opacus hooks | faster than Opacus ghost "
             "| peak MB | mem x non-private |\n|---|---|---|---|---|---|---|---|")
@@ -177,6 +211,7 @@ def main(argv=None):
         return None
     rounds = args.rounds or (2 if args.smoke else 5)
     rows = run(args.smoke, rounds, isolate=not args.smoke)
+    noise = noise_rows(1 << (16 if args.smoke else 24), rounds)
     machine = f"{platform.machine()}-{os.cpu_count()}cpu" + ("-smoke" if args.smoke else "")
     stem = os.path.join(args.out, f"{machine}-{datetime.date.today().isoformat()}")
     os.makedirs(args.out, exist_ok=True)
@@ -184,12 +219,14 @@ def main(argv=None):
             "threads": torch.get_num_threads(), "rounds": rounds, "command": "python -m bench.run" +
             (" --smoke" if args.smoke else ""), "date": datetime.datetime.now().isoformat(timespec="seconds")}
     with open(stem + ".json", "w") as f:
-        json.dump({"meta": meta, "rows": rows}, f, indent=1)
+        json.dump({"meta": meta, "rows": rows, "noise": noise}, f, indent=1)
     md = f"# {meta['command']} — {meta['date']}, {meta['machine']}, torch {meta['torch']}, {meta['threads']} threads\n\n"
     with open(stem + ".md", "w") as f:
-        f.write(md + table(rows) + "\n")
+        f.write(md + table(rows) + "\n\n" + noise_table(noise) + "\n")
     plot(rows, stem + ".png")
     print(table(rows))
+    print()
+    print(noise_table(noise))
     print(f"\nwrote {stem}.json, .md, .png")
     return rows
 
