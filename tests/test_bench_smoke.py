@@ -31,9 +31,15 @@ def test_same_clipped_update(cfg):
 
 
 def test_same_noised_update_for_anadp_and_uniform():
-    """First step: ANADP is in warm-up (w = 1), so both draw the same Philox noise."""
-    upd = same_update(model_configs(True)[0], sigma=1.0)
-    assert torch.equal(upd["anadp"], upd["anadp_uniform"])
+    """First step: ANADP is in warm-up (w = 1), so both draw the same Philox noise z; ANADP's
+    gradient gets sigma_g = sigma / sqrt(1 - 1/share_noise^2) (its share release takes the rest)."""
+    from anadp.allocation import AllocationConfig
+    cfg = model_configs(True)[0]
+    clean, upd = same_update(cfg, sigma=0.0)["anadp_uniform"], same_update(cfg, sigma=1.0)
+    ratio = 1 / (1 - 1 / AllocationConfig().share_noise ** 2) ** 0.5
+    expect = clean + ratio * (upd["anadp_uniform"] - clean)
+    assert float((upd["anadp"] - expect).abs().max()) < 1e-6 * float(expect.abs().max())
+    assert not torch.equal(upd["anadp"], upd["anadp_uniform"])
 
 
 def test_noise_rows_time_every_way_of_drawing():
