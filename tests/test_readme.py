@@ -29,3 +29,11 @@ def test_the_two_setup_commands_do_not_share_an_environment():
     assert "python -m anadp demo" in commands[0] and "python -m pytest" in commands[1]
     ci = open(os.path.join(ROOT, ".ci", "run")).read()
     assert f"python3 -m venv {venvs[1]}" in ci  # CI runs the README's test command in the test environment
+
+
+def test_the_design_document_is_in_the_repository():
+    """A clone is complete: the README links the design document inside the repository."""
+    assert "(docs/design.md)" in README and "../shared" not in README
+    design = open(os.path.join(ROOT, "docs", "design.md")).read()
+    for topic in ("privacy argument", "Whitened clipping", "Backends", "Noise allocations"):
+        assert topic.lower() in design.lower(), topic
