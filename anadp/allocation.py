@@ -57,7 +57,11 @@ Where the statistics come from (``clip`` and ``anadp``):
   where the optimizer keeps a first moment m (Adam, SGD with momentum), from ||m_g||^2
   the same way, with the noise and diagonal terms scaled by sum_k a_k^2 and the result
   divided by (sum_k a_k)^2 (m = sum_k a_k u_(t-k)): its noise is ~19x smaller at beta 0.9.
-* both as EMAs (``stats_beta``) over steps.
+* both as EMAs (``stats_beta``) over steps; G_g^2 pooled with its kind (the same matrix in
+  every layer, weight ``pooling``), a_g / G_g^2 shrunk toward the common coherence by how well
+  it is measured (empirical Bayes, ``_coherence``), and the maximizer tempered,
+  w = (w* / geometric mean)^power (power 0.5): at DP batch sizes most single-matrix statistics
+  are noise, and maximizing noise picks bounds at random.
 """
 from __future__ import annotations
 
@@ -168,6 +172,7 @@ class NoiseAllocator:
         n = self.n_groups
         self.ipt_bar, self.unc_bar = torch.zeros(n, dtype=torch.float64), torch.zeros(n, dtype=torch.float64)
         self.energy_bar, self.share_bar = torch.zeros(n, dtype=torch.float64), torch.zeros(n + 1, dtype=torch.float64)
+        self.energy_var = torch.zeros(n, dtype=torch.float64)  # variance of energy_bar from the noise alone
         self.adaptive = adaptive  # the optimizer normalizes each coordinate (Adam): anadp's gain saturates
         # kind of each group (the same matrix in every layer): statistics are pooled over a kind
         names = list(kinds) if kinds is not None else [str(g) for g in range(n)]
@@ -251,6 +256,11 @@ class NoiseAllocator:
                 energy = (self.per_group(stat)[:self.n_groups] - stat_noise * (
                     self.group_sizes * noise_std ** 2 + clip ** 2 * shares[:self.n_groups] / denom ** 2)) / stat_signal
                 self.energy_bar = c.stats_beta * self.energy_bar + (1 - c.stats_beta) * energy * w2[:-1]
+                # the noise's share of one estimate: chi-square, var = 2 d (n^2 sum a_k^2)^2 / (sum a_k)^4; an
+                # EMA of estimates whose averages overlap (a first moment) shrinks it less than independent ones
+                one = 2 * self.group_sizes * (noise_std ** 2 * stat_noise / stat_signal) ** 2 * w2[:-1] ** 2
+                shrink = min(1.0, (1 - c.stats_beta) / (1 + c.stats_beta) / stat_noise)
+                self.energy_var = c.stats_beta * self.energy_var + (1 - c.stats_beta) * one * shrink
             score = self.share_bar
         if not torch.isfinite(score).all() or not torch.isfinite(self.energy_bar).all():
             raise FloatingPointError("non-finite allocation statistic: a privatized gradient or parameter is "
@@ -322,11 +332,28 @@ class NoiseAllocator:
         p = self.config.pooling
         return (1 - p) * per_group + p * (sums / counts)[self.kind]
 
+    def _coherence(self, G2: torch.Tensor) -> torch.Tensor:
+        """Each group's gradient coherence rho_g = a_g / G_g^2, shrunk toward the groups' common
+        value by how well it is measured (empirical Bayes): rho_hat = rho_bar + t^2 / (t^2 + se_g^2)
+        (rho_g - rho_bar), se_g the noise of the estimate, t^2 the spread of the true values that the
+        estimates show beyond their noise. A group whose signal is buried in noise gets rho_bar, so
+        it is treated as uniform DP treats it; only a measured difference moves its w."""
+        rho = self.energy_bar / G2
+        se2 = (self.energy_var / G2 ** 2).clamp_min(1e-300)
+        weights = 1 / se2
+        rho_bar = (weights * rho).sum() / weights.sum()
+        # DerSimonian-Laird: the spread beyond what the noise explains
+        q = (weights * (rho - rho_bar) ** 2).sum()
+        tau2 = (q - (len(rho) - 1)) / (weights.sum() - (weights ** 2).sum() / weights.sum())
+        if tau2 <= 0:
+            return rho_bar.clamp_min(0).expand_as(rho).clone()
+        return (rho_bar + tau2 / (tau2 + se2) * (rho - rho_bar)).clamp_min(0)
+
     def step_gain(self):
         """gain(log x) of ``_best_for_step``, from the statistics as they stand."""
         G2 = torch.cat([self._pooled(self.share_bar[:-1]), self.share_bar[-1:]])
         G2 = G2.clamp_min(1e-3 * float(G2.max()))  # noise can make one negative
-        alpha = self._pooled(self.energy_bar).clamp_min(0)
+        alpha = self._coherence(G2[:-1]) * G2[:-1]
         d = self.group_sizes.clamp_min(1)
         n = self.noise_var ** 0.5
 
@@ -344,12 +371,13 @@ class NoiseAllocator:
         return {"mode": self.mode, "config": asdict(self.config), "group_of": self.group_of.clone(),
                 "group_scales": self.group_scales.clone(), "ipt_bar": self.ipt_bar.clone(),
                 "unc_bar": self.unc_bar.clone(), "energy_bar": self.energy_bar.clone(),
+                "energy_var": self.energy_var.clone(),
                 "share_bar": self.share_bar.clone(), "noise_var": self.noise_var, "updates": self.updates}
 
     def load_state_dict(self, state: dict) -> None:
         if "group_of" not in state or not torch.equal(state["group_of"], self.group_of):
             raise ValueError("the allocation state was saved for other noise groups than this model's")
         self.mode, self.config = state["mode"], AllocationConfig(**state["config"])
-        for k in ("group_scales", "ipt_bar", "unc_bar", "energy_bar", "share_bar"):
+        for k in ("group_scales", "ipt_bar", "unc_bar", "energy_bar", "energy_var", "share_bar"):
             setattr(self, k, state[k].clone())
         self.noise_var, self.updates = state["noise_var"], state["updates"]

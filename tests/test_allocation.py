@@ -184,7 +184,8 @@ def test_bad_config():
 
 def _run(mode, tamper=False, steps=None):
     m, o, l = make_setup("sgd")
-    m, o, l = anadp.make_private(m, o, l, noise_multiplier=1.0, max_grad_norm=0.5, seed=4, allocation=mode,
+    # little noise: the tiny model's statistics must be measurable for anadp's scales to move
+    m, o, l = anadp.make_private(m, o, l, noise_multiplier=0.05, max_grad_norm=0.5, seed=4, allocation=mode,
                                  allocation_config=AllocationConfig(warmup_steps=1))
     inputs = []
     for x, y in l:
@@ -237,7 +238,7 @@ def test_share_release_is_charged_out_of_sigma():
     assert sb == pytest.approx(o.allocator.config.share_noise * sigma) and sg > sigma
     combined = (sg ** -2 + sb ** -2) ** -0.5
     assert combined == pytest.approx(sigma, rel=1e-12)
-    assert o.accountant.history == [(1.0, o.sample_rate, o.accountant.steps)]  # charged sigma, as uniform
+    assert o.accountant.history == [(0.05, o.sample_rate, o.accountant.steps)]  # charged sigma, as uniform
     from opacus.accountants import PRVAccountant
     ref = PRVAccountant()
     ref.history = [(combined, o.sample_rate, 20)]
@@ -327,3 +328,18 @@ def test_pooling_shrinks_a_group_toward_its_kind():
     from anadp.allocation import kind_of
     assert kind_of("bert.encoder.layer.11.attention.self.query.lora_A.default") == \
         "bert.encoder.layer.*.attention.self.query.lora_A.default"
+
+
+def test_coherence_is_shrunk_by_how_well_it_is_measured():
+    """Empirical Bayes: two precisely measured groups keep their coherence; a third whose estimate
+    is mostly noise is pulled to the precision-weighted common value; with nothing measurable,
+    every group gets the common value (and anadp's w stays uniform)."""
+    a = NoiseAllocator([10, 10, 10], mode="anadp")
+    G2 = torch.ones(3, dtype=torch.float64)
+    a.energy_bar = torch.tensor([1.0, 3.0, 10.0], dtype=torch.float64)
+    a.energy_var = torch.tensor([1e-6, 1e-6, 1e4], dtype=torch.float64)
+    rho = a._coherence(G2)
+    assert abs(float(rho[0]) - 1) < 1e-3 and abs(float(rho[1]) - 3) < 1e-3
+    assert abs(float(rho[2]) - 2) < 0.05  # (1 + 3) / 2: the noisy 10 barely counts
+    a.energy_var = torch.full((3,), 1e4, dtype=torch.float64)
+    assert torch.allclose(a._coherence(G2), torch.full((3,), float(a.energy_bar.mean()), dtype=torch.float64))
