@@ -85,7 +85,7 @@ class AllocationConfig:
     warmup_steps: int = 10
     stats_beta: float = 0.9     # clip, anadp: EMA of the released statistics
     pooling: float = 0.75       # clip, anadp: weight of the mean over a group's kind (its matrix in every layer)
-    share_noise: float = 5.0    # clip, anadp: noise of the share release, in units of sigma
+    share_noise: float = 10.0   # clip, anadp: noise of the share release, in units of sigma (gradient: +0.5%)
 
     def __post_init__(self):
         if not (0 <= self.beta1 < 1 and 0 <= self.beta2 < 1 and 0 <= self.stats_beta < 1):
