@@ -288,6 +288,8 @@ class NoiseAllocator:
         if self.energy_bar.max() <= 0 or self.noise_var <= 0:
             return w_old
         best = self._best_for_step()
+        if not torch.isfinite(best).all():
+            return w_old
         # tempered: w = (w* / its geometric mean)^power, so that noisy statistics move w only part-way
         shape = best.log() - best.log().mean()
         return torch.exp(k * shape).clamp(c.w_min, c.w_max)
@@ -339,12 +341,16 @@ class NoiseAllocator:
         estimates show beyond their noise. A group whose signal is buried in noise gets rho_bar, so
         it is treated as uniform DP treats it; only a measured difference moves its w."""
         rho = self.energy_bar / G2
-        se2 = (self.energy_var / G2 ** 2).clamp_min(1e-300)
+        se2 = self.energy_var / G2 ** 2
+        if len(rho) < 2 or not (se2 > 0).all():
+            return rho.clamp_min(0)  # one group, or no noise to shrink by (sigma = 0)
         weights = 1 / se2
+        weights = weights / weights.max()  # relative precisions (the scale cancels below)
         rho_bar = (weights * rho).sum() / weights.sum()
-        # DerSimonian-Laird: the spread beyond what the noise explains
-        q = (weights * (rho - rho_bar) ** 2).sum()
-        tau2 = (q - (len(rho) - 1)) / (weights.sum() - (weights ** 2).sum() / weights.sum())
+        # DerSimonian-Laird: the spread beyond what the noise explains (weights rescaled back)
+        q = (weights * (rho - rho_bar) ** 2).sum() / float(se2.min())
+        denom = (weights.sum() - (weights ** 2).sum() / weights.sum()) / float(se2.min())
+        tau2 = (q - (len(rho) - 1)) / denom if denom > 0 else torch.tensor(0.0, dtype=torch.float64)
         if tau2 <= 0:
             return rho_bar.clamp_min(0).expand_as(rho).clone()
         return (rho_bar + tau2 / (tau2 + se2) * (rho - rho_bar)).clamp_min(0)

@@ -217,8 +217,12 @@ def test_unsupported_module_is_named():
 
 
 def test_frozen_unsupported_module_is_fine():
-    m = nn.Sequential(nn.Linear(4, 4), nn.BatchNorm1d(4))
+    """A frozen module anadp cannot differentiate per sample is fine, unless it mixes samples in
+    train mode (tests/test_misuse.py): a frozen Conv1d, and a frozen batch norm in eval mode."""
+    m = nn.Sequential(nn.Linear(4, 4), nn.Conv1d(4, 4, 1), nn.BatchNorm1d(4))
     m[1].requires_grad_(False)
+    m[2].requires_grad_(False)
+    m[2].eval()
     e = GradSampleEngine(m)
     assert e.params == [m[0].weight, m[0].bias]
 

@@ -66,12 +66,13 @@ class Backend:
         self.multi_tensor_update([flat], [torch.zeros_like(flat)], [None], [None], [key], row, kind=U.SGD)
 
     # --- norms (optional) ---------------------------------------------------------------
-    def linear_sq_norms(self, A: torch.Tensor, G: torch.Tensor):
+    def linear_sq_norms(self, A: torch.Tensor, G: torch.Tensor, out=None, out_bias=None, ghost=None):
         """(weight, bias) per-sample squared norms, (B,) each, of a Linear with input A (B, T, d) and
-        output gradient G (B, T, p). Reference: anadp.records.LinearRecord.sq_norm."""
+        output gradient G (B, T, p), into ``out`` / ``out_bias`` if given; ``ghost`` forces the ghost
+        (True) or instantiated (False) computation. Reference: anadp.records.LinearRecord.sq_norm."""
         raise NotImplementedError
 
-    def embedding_sq_norms(self, idx: torch.Tensor, G: torch.Tensor) -> torch.Tensor:
+    def embedding_sq_norms(self, idx: torch.Tensor, G: torch.Tensor, out=None) -> torch.Tensor:
         """(B,) per-sample squared norms of an embedding's gradient. Reference: EmbeddingRecord.sq_norm."""
         raise NotImplementedError
 

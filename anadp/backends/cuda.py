@@ -106,11 +106,11 @@ class CudaBackend(Backend):
             return "no CUDA device"
         return None
 
-    def linear_sq_norms(self, A, G):
-        return linear_sq_norms(A, G)
+    def linear_sq_norms(self, *args, **kw):
+        return linear_sq_norms(*args, **kw)
 
-    def embedding_sq_norms(self, idx, G):
-        return embedding_sq_norms(idx, G)
+    def embedding_sq_norms(self, *args, **kw):
+        return embedding_sq_norms(*args, **kw)
 
     def multi_tensor_update(self, *args, **kw):
         return multi_tensor_update(*args, **kw)

@@ -68,11 +68,11 @@ class TritonBackend(Backend):
         from .. import kernels
         return kernels
 
-    def linear_sq_norms(self, A, G):
-        return self.kernels.linear_sq_norms(A, G)
+    def linear_sq_norms(self, *args, **kw):
+        return self.kernels.linear_sq_norms(*args, **kw)
 
-    def embedding_sq_norms(self, idx, G):
-        return self.kernels.embedding_sq_norms(idx, G)
+    def embedding_sq_norms(self, *args, **kw):
+        return self.kernels.embedding_sq_norms(*args, **kw)
 
     def multi_tensor_update(self, *args, **kw):
         return self.kernels.multi_tensor_update(*args, **kw)
