@@ -38,10 +38,11 @@ class PhysicalBatch:
                 out[p], bias_norms[id(r)] = kernels.linear_sq_norms(r.A, r.G)
             elif kernels is not None and len(recs) == 1 and isinstance(r, R.EmbeddingRecord):
                 out[p] = kernels.embedding_sq_norms(r.idx, r.G)
+        grams: dict = {}  # Gram matrices of shared inputs, for this batch only
         for p, recs in self.records.items():
             if p not in out:
                 src = getattr(recs[0], "source", None) if len(recs) == 1 else None
-                out[p] = bias_norms[id(src)] if id(src) in bias_norms else R.sq_norm(recs)
+                out[p] = bias_norms[id(src)] if id(src) in bias_norms else R.sq_norm(recs, grams)
         return {p: s * self.scale ** 2 for p, s in out.items()}
 
     def clipped_sum(self, p, c: torch.Tensor) -> torch.Tensor:

@@ -43,12 +43,20 @@ class LinearRecord:
     def use_ghost(self) -> bool:
         return ghost_is_cheaper(self.A.shape[1], self.A.shape[2], self.G.shape[2])
 
-    def sq_norm(self) -> torch.Tensor:
+    def sq_norm(self, grams: dict | None = None) -> torch.Tensor:
+        """``grams``: A A^T of inputs already seen in this batch (query, key and value read the same
+        hidden state: its Gram matrix is formed once)."""
         A, G = self.A, self.G
         if A.shape[1] == 1:
             return A.pow(2).sum((1, 2)) * G.pow(2).sum((1, 2))
         if self.use_ghost():
-            return (torch.bmm(A, A.transpose(1, 2)) * torch.bmm(G, G.transpose(1, 2))).sum((1, 2))
+            key = (A.data_ptr(), tuple(A.shape), tuple(A.stride()), A.dtype)
+            gram = grams.get(key) if grams is not None else None
+            if gram is None:
+                gram = torch.bmm(A, A.transpose(1, 2))
+                if grams is not None:
+                    grams[key] = gram
+            return (gram * torch.bmm(G, G.transpose(1, 2))).sum((1, 2))
         B, d, p = A.shape[0], A.shape[2], G.shape[2]
         step = max(1, _INSTANTIATE_CHUNK // (p * d))
         out = [torch.bmm(G[i:i + step].transpose(1, 2), A[i:i + step]).pow(2).sum((1, 2)) for i in range(0, B, step)]
@@ -153,11 +161,13 @@ def inner(r: object, s: object) -> torch.Tensor:
     return (r.dense() * s.dense()).flatten(1).sum(1)
 
 
-def sq_norm(records: list) -> torch.Tensor:
-    """Per-sample squared norm of the sum of several contributions."""
-    total = records[0].sq_norm()
+def sq_norm(records: list, grams: dict | None = None) -> torch.Tensor:
+    """Per-sample squared norm of the sum of several contributions (``grams``: see LinearRecord)."""
+    def one(r):
+        return r.sq_norm(grams) if isinstance(r, LinearRecord) else r.sq_norm()
+    total = one(records[0])
     for k in range(1, len(records)):
-        total = total + records[k].sq_norm()
+        total = total + one(records[k])
         for j in range(k):
             total = total + 2 * inner(records[j], records[k])
     return total
