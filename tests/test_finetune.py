@@ -94,3 +94,11 @@ def test_finetune_reads_a_datasets_directory(tiny_model_dir, tmp_path):
     ft = next(a for a in build_parser()._actions if a.dest == "command").choices["finetune"]
     help_data = next(a.help for a in ft._actions if a.dest == "data")
     assert "datasets directory" in help_data and "CSV" in help_data and "JSONL" in help_data
+
+
+def test_dp_learning_rate_follows_the_fine_tuning_mode():
+    # full fine-tuning at the LoRA rate (1e-2) diverges; the default follows --lora / --no-lora
+    from anadp.finetune import FinetuneConfig, dp_learning_rate
+    assert dp_learning_rate(FinetuneConfig(lora=True)) == pytest.approx(1e-2)
+    assert dp_learning_rate(FinetuneConfig(lora=False)) == pytest.approx(5e-4)
+    assert dp_learning_rate(FinetuneConfig(lora=False, dp_lr=3e-3)) == pytest.approx(3e-3)
