@@ -193,7 +193,7 @@ def main(argv=None) -> int:
         "model": data["model_path"], "train_size": len(data["train"]), "test_size": len(data["test"]),
         "delta": data["delta"], "modes": MODES},
         "description": (f"{data['source']}, {len(data['train'])} train / {len(data['test'])} test, model "
-                        f"{os.path.basename(data['model_path'].rstrip('/'))}; {cfg.epochs} epochs, expected batch "
+                        f"{'/'.join(data['model_path'].rstrip('/').split('/')[-2:])}; {cfg.epochs} epochs, expected batch "
                         f"{cfg.batch_size}, AdamW, C = {cfg.max_grad_norm}; DP lr: "
                         + ", ".join(f"{m} {v['dp_lr']:g}" for m, v in MODES.items()) + f"; device {args.device}."),
         "rows": [], "summary": []}

@@ -53,7 +53,7 @@ def test_linear_2d(dtype, bias):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("T", [7, 40])  # ghost (2T^2 < pd) and instantiated paths
+@pytest.mark.parametrize("T", [7, 40])  # ghost (T(p+d) < pd) and instantiated paths
 def test_linear_3d(dtype, T):
     torch.manual_seed(1)
     m = nn.Linear(19, 33).to(dtype)
