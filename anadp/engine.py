@@ -4,6 +4,8 @@ physical batch, from one backward pass.
 """
 from __future__ import annotations
 
+import collections
+
 from typing import Callable, Optional
 
 import torch
@@ -39,10 +41,12 @@ class PhysicalBatch:
             elif kernels is not None and len(recs) == 1 and isinstance(r, R.EmbeddingRecord):
                 out[p] = kernels.embedding_sq_norms(r.idx, r.G)
         grams: dict = {}  # Gram matrices of shared inputs, for this batch only
+        sharers = collections.Counter(R.gram_key(r.A) for p, recs in self.records.items() if p not in out
+                                      for r in recs if isinstance(r, R.LinearRecord))
         for p, recs in self.records.items():
             if p not in out:
                 src = getattr(recs[0], "source", None) if len(recs) == 1 else None
-                out[p] = bias_norms[id(src)] if id(src) in bias_norms else R.sq_norm(recs, grams)
+                out[p] = bias_norms[id(src)] if id(src) in bias_norms else R.sq_norm(recs, grams, sharers)
         return {p: s * self.scale ** 2 for p, s in out.items()}
 
     def clipped_sum(self, p, c: torch.Tensor) -> torch.Tensor:

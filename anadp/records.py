@@ -18,12 +18,19 @@ import torch
 _INSTANTIATE_CHUNK = 1 << 24
 
 
-def ghost_is_cheaper(T: int, d: int, p: int) -> bool:
+def ghost_is_cheaper(T: int, d: int, p: int, sharers: int = 1) -> bool:
     """Ghost norm costs ~2BT^2(p+d) (two Gram matrices), instantiation ~2BTpd (one per-sample
-    gradient, bounded in memory by chunking): ghost when T(p+d) < pd (the same rule for every
-    backend). Space-based rules (2T^2 < pd, mixed ghost clipping) pick ghost for T = 256 and
-    widths 256-1024, where it measured 1.2-1.6x slower on the CPU."""
-    return T * (p + d) < p * d
+    gradient, bounded in memory by chunking): ghost when T(p + d/sharers) < pd, the input's Gram
+    matrix being formed once for the ``sharers`` layers that read the same input (query, key and
+    value). The same rule for every backend (kernel backends: sharers = 1). Measured on the CPU:
+    the space-based rule (2T^2 < pd, mixed ghost clipping) picks ghost for T = 256 and widths
+    256-1024, where it was 1.2-1.6x slower than instantiation."""
+    return T * (p + d / sharers) < p * d
+
+
+def gram_key(A: torch.Tensor) -> tuple:
+    """Identifies an input tensor that several layers read (its Gram matrix is shared)."""
+    return (A.data_ptr(), tuple(A.shape), tuple(A.stride()), A.dtype)
 
 
 def _acc(t: torch.Tensor) -> torch.Tensor:
@@ -42,17 +49,18 @@ class LinearRecord:
     def batch_size(self) -> int:
         return self.A.shape[0]
 
-    def use_ghost(self) -> bool:
-        return ghost_is_cheaper(self.A.shape[1], self.A.shape[2], self.G.shape[2])
+    def use_ghost(self, sharers: int = 1) -> bool:
+        return ghost_is_cheaper(self.A.shape[1], self.A.shape[2], self.G.shape[2], sharers)
 
-    def sq_norm(self, grams: dict | None = None) -> torch.Tensor:
+    def sq_norm(self, grams: dict | None = None, sharers: dict | None = None) -> torch.Tensor:
         """``grams``: A A^T of inputs already seen in this batch (query, key and value read the same
-        hidden state: its Gram matrix is formed once)."""
+        hidden state: its Gram matrix is formed once); ``sharers``: gram_key -> how many layers read
+        that input."""
         A, G = self.A, self.G
         if A.shape[1] == 1:
             return A.pow(2).sum((1, 2)) * G.pow(2).sum((1, 2))
-        if self.use_ghost():
-            key = (A.data_ptr(), tuple(A.shape), tuple(A.stride()), A.dtype)
+        key = gram_key(A)
+        if self.use_ghost(sharers.get(key, 1) if sharers else 1):
             gram = grams.get(key) if grams is not None else None
             if gram is None:
                 gram = torch.bmm(A, A.transpose(1, 2))
@@ -163,10 +171,11 @@ def inner(r: object, s: object) -> torch.Tensor:
     return (r.dense() * s.dense()).flatten(1).sum(1)
 
 
-def sq_norm(records: list, grams: dict | None = None) -> torch.Tensor:
-    """Per-sample squared norm of the sum of several contributions (``grams``: see LinearRecord)."""
+def sq_norm(records: list, grams: dict | None = None, sharers: dict | None = None) -> torch.Tensor:
+    """Per-sample squared norm of the sum of several contributions (``grams``, ``sharers``: see
+    LinearRecord)."""
     def one(r):
-        return r.sq_norm(grams) if isinstance(r, LinearRecord) else r.sq_norm()
+        return r.sq_norm(grams, sharers) if isinstance(r, LinearRecord) else r.sq_norm()
     total = one(records[0])
     for k in range(1, len(records)):
         total = total + one(records[k])

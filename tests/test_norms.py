@@ -52,6 +52,31 @@ def test_linear_2d(dtype, bias):
     check_norms(m, torch.randn(5, 19, dtype=dtype), 5, dtype)
 
 
+class _QKV(nn.Module):
+    """Three projections of one input, as query, key and value."""
+
+    def __init__(self, d):
+        super().__init__()
+        self.q, self.k, self.v = nn.Linear(d, d), nn.Linear(d, d), nn.Linear(d, d)
+
+    def forward(self, x):
+        return self.q(x) * self.k(x).tanh() + self.v(x)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_layers_reading_one_input_share_its_gram_matrix(dtype, monkeypatch):
+    # T = 10, d = p = 16: alone, ghost costs T(p+d) = 320 > pd = 256 (instantiate); with the input's
+    # Gram matrix formed once for three layers, T(p + d/3) = 213 < 256 (ghost)
+    assert not LinearRecord(torch.zeros(1, 10, 16), torch.zeros(1, 10, 16)).use_ghost()
+    seen = []
+    original = LinearRecord.use_ghost
+    monkeypatch.setattr(LinearRecord, "use_ghost", lambda self, sharers=1: seen.append(sharers) or
+                        original(self, sharers))
+    torch.manual_seed(3)
+    check_norms(_QKV(16).to(dtype), torch.randn(3, 10, 16, dtype=dtype), 3, dtype)
+    assert seen == [3, 3, 3]
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("T", [7, 40])  # ghost (T(p+d) < pd) and instantiated paths
 def test_linear_3d(dtype, T):
