@@ -29,6 +29,7 @@ class PhysicalBatch:
     def __init__(self, records: dict, batch_size: int, scale: float, ends_logical: bool, chunk_id: int | None = None):
         self.records, self.batch_size, self.scale, self.ends_logical = records, batch_size, scale, ends_logical
         self.chunk_id = chunk_id  # which chunk of private data the forward ran on (None: not from the DP loader)
+        self.cache = R.BatchCache()
 
     def sq_norms(self, kernels=None) -> dict:
         """param -> (B,) per-sample squared norms of its gradient; with a kernel backend,
@@ -40,17 +41,17 @@ class PhysicalBatch:
                 out[p], bias_norms[id(r)] = kernels.linear_sq_norms(r.A, r.G)
             elif kernels is not None and len(recs) == 1 and isinstance(r, R.EmbeddingRecord):
                 out[p] = kernels.embedding_sq_norms(r.idx, r.G)
-        grams: dict = {}  # Gram matrices of shared inputs, for this batch only
-        sharers = collections.Counter(R.gram_key(r.A) for p, recs in self.records.items() if p not in out
-                                      for r in recs if isinstance(r, R.LinearRecord))
+        self.cache.sharers = collections.Counter(R.gram_key(r.A) for p, recs in self.records.items() if p not in out
+                                                 for r in recs if isinstance(r, R.LinearRecord))
         for p, recs in self.records.items():
             if p not in out:
                 src = getattr(recs[0], "source", None) if len(recs) == 1 else None
-                out[p] = bias_norms[id(src)] if id(src) in bias_norms else R.sq_norm(recs, grams, sharers)
+                out[p] = bias_norms[id(src)] if id(src) in bias_norms else R.sq_norm(recs, self.cache)
+        self.cache.grams = {}  # the shared Gram matrices are done with
         return {p: s * self.scale ** 2 for p, s in out.items()}
 
     def clipped_sum(self, p, c: torch.Tensor) -> torch.Tensor:
-        return R.clipped_sum(self.records[p], c) * self.scale
+        return R.clipped_sum(self.records[p], c * self.scale, self.cache)
 
     def drop(self, bad: torch.Tensor) -> None:
         """Zero the contributions of the samples marked in ``bad``."""
@@ -108,6 +109,10 @@ class GradSampleEngine:
         self.on_batch: Optional[Callable[[PhysicalBatch], None]] = None
         self._records: dict = {}
         self._ends_logical = True
+        # Linear layers form their per-sample gradients at backward time where that is cheaper
+        # (records.instantiate_at_backward); off when a kernel backend computes the norms from (A, G)
+        self.instantiate_linear = True
+        self._readers: collections.Counter = collections.Counter()  # input -> Linear calls reading it
         for layer in self.layers:
             layer.install()
         self._hook = model.register_forward_pre_hook(self._pre_forward, with_kwargs=True)
@@ -152,6 +157,7 @@ class GradSampleEngine:
         if module.training:  # model.train() puts batch norms back into train mode
             self._check_mixing()
         self.flush()
+        self._readers.clear()
         x = _first_tensor(args, kwargs)
         dim = 0 if self.batch_first else 1
         self.batch_size = x.shape[dim] if x is not None and x.dim() > dim else None
@@ -181,6 +187,14 @@ class GradSampleEngine:
         shape = list(idx.shape)
         shape[dim] = B
         return idx.expand(shape)
+
+    def count_reader(self, x: torch.Tensor) -> None:
+        """A Linear call of this forward reads ``x`` (forward side, for ``readers``)."""
+        self._readers[(x.data_ptr(), tuple(x.shape), x.dtype)] += 1
+
+    def readers(self, x: torch.Tensor) -> int:
+        """How many Linear calls of this forward read ``x``: their ghost norms share its Gram matrix."""
+        return max(1, self._readers[(x.data_ptr(), tuple(x.shape), x.dtype)])
 
     def record(self, param, rec) -> None:
         self._records.setdefault(param, []).append(rec)

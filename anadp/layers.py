@@ -1,7 +1,8 @@
 """Supported layers: each gets a forward that runs through a custom autograd
 Function whose backward returns the input gradient only and hands
 (activation, output gradient) to the engine. Autograd therefore never forms
-the weight gradient (no second GEMM); the engine forms the clipped sum later.
+the weight gradient; the engine forms the clipped sum later, from (A, G) or,
+where they are smaller, from per-sample gradients formed in the hook.
 
 Supported: nn.Linear, Hugging Face Conv1D, nn.Embedding, nn.LayerNorm,
 nn.RMSNorm and the Hugging Face Llama-style RMSNorm modules. PEFT LoRA layers
@@ -15,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .records import DenseRecord, EmbeddingRecord, LinearRecord
+from .records import DenseRecord, EmbeddingRecord, LinearRecord, instantiate_at_backward
 
 
 class _LinearFn(torch.autograd.Function):
@@ -105,17 +106,23 @@ class LinearLayer(Layer):
     def forward(self, module, x):
         if not torch.is_grad_enabled():
             return type(module).forward(module, x)
+        self.engine.count_reader(x)
         return _LinearFn.apply(x, module.weight, module.bias, self.transposed, self.on_backward)
 
     def on_backward(self, x, g):
+        readers = self.engine.readers(x)
         x, g = self.engine.to_batch_first(self.name, x, g)
         A, G = _tokens(x), _tokens(g)
         m = self.module
         weight = LinearRecord(A, G, self.transposed) if _trainable(m.weight) else None
+        if weight is not None and self.engine.instantiate_linear and instantiate_at_backward(
+                A.shape[1], A.shape[2], G.shape[2], readers):
+            with torch.no_grad():
+                weight = DenseRecord(weight.dense())  # A and G are not kept
         if weight is not None:
             self.engine.record(m.weight, weight)
         if _trainable(m.bias):  # source: a norm kernel gives the bias norm with the weight's
-            self.engine.record(m.bias, DenseRecord(G.sum(1), source=weight))
+            self.engine.record(m.bias, DenseRecord(G.sum(1), source=weight if isinstance(weight, LinearRecord) else None))
 
 
 class Conv1DLayer(LinearLayer):

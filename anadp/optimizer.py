@@ -130,6 +130,7 @@ class DPOptimizer(Optimizer):
                 why = "no trainable parameters in the optimizer"
             if why is None and self.distributed:
                 why = "distributed training (the all-reduce needs the clipped sums)"
+        self.engine.instantiate_linear = self.norm_kernels is None  # kernel norms read (A, G)
         self._fused_update = self.impl.fused_update and why is None
         # Linear weights in the clipped-GEMM kernel (triton); the cuda backend forms their sums with torch
         self._fused_gemm = self._fused_update and self.impl.fused_gemm

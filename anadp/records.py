@@ -1,7 +1,8 @@
 """What one layer call leaves behind for one parameter, and the per-sample
 algebra on it: squared norms, inner products between two calls (tied
-weights), and the clipped sum  sum_i c_i g_i  — all without keeping
-per-sample gradients.
+weights), and the clipped sum  sum_i c_i g_i  — keeping per-sample
+gradients only where they take less memory than the activation and output
+gradient they are formed from (``instantiate_at_backward``).
 
 A parameter used by several calls in one forward (GPT-2's ``wte`` and
 ``lm_head``, a module applied twice) has per-sample gradient
@@ -11,11 +12,13 @@ All tensors are batch first. Norm arithmetic runs in at least float32.
 """
 from __future__ import annotations
 
+import math
+
 import torch
 
 # Instantiating a (B, p, d) per-sample gradient is done in batch chunks of at
 # most this many elements, to bound the transient memory.
-_INSTANTIATE_CHUNK = 1 << 24
+_INSTANTIATE_CHUNK = 1 << 22
 
 
 def ghost_is_cheaper(T: int, d: int, p: int, sharers: int = 1) -> bool:
@@ -24,8 +27,23 @@ def ghost_is_cheaper(T: int, d: int, p: int, sharers: int = 1) -> bool:
     matrix being formed once for the ``sharers`` layers that read the same input (query, key and
     value). The same rule for every backend (kernel backends: sharers = 1). Measured on the CPU:
     the space-based rule (2T^2 < pd, mixed ghost clipping) picks ghost for T = 256 and widths
-    256-1024, where it was 1.2-1.6x slower than instantiation."""
+    256-1024, where it was 1.2-1.6x slower than instantiation.
+
+    It is also the memory rule of the torch engine (see ``instantiate_at_backward``): keeping A
+    and G for the ghost norm and the clipped-sum GEMM holds BT(p + d/sharers) numbers, the
+    per-sample gradient Bpd."""
     return T * (p + d / sharers) < p * d
+
+
+def instantiate_at_backward(T: int, d: int, p: int, sharers: int = 1) -> bool:
+    """Whether the torch engine forms a Linear's per-sample gradients in its backward hook and
+    keeps them instead of (A, G): where ghost is not cheaper, the per-sample gradient is one GEMM
+    either way, and keeping it (Bpd numbers) takes less memory than A and G (BT(p + d/sharers));
+    its norm and the clipped sum (a weighted sum over the batch) are then read off it, which saves
+    the clipped-sum GEMM that keeping (A, G) costs: on the CPU the DP step of GPT-2-like models
+    (T = 256, width 256, all layers instantiated) loses ~2BTpd per layer, about a fifth of a
+    non-private step. T = 1 (no token axis) keeps (A, G): its norm is ||a||^2 ||g||^2."""
+    return T > 1 and not ghost_is_cheaper(T, d, p, sharers)
 
 
 def gram_key(A: torch.Tensor) -> tuple:
@@ -36,6 +54,40 @@ def gram_key(A: torch.Tensor) -> tuple:
 def _acc(t: torch.Tensor) -> torch.Tensor:
     """Upcast half precision for accumulation."""
     return t.float() if t.dtype in (torch.float16, torch.bfloat16) else t
+
+
+def rowdot(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """(B,) per-sample <x_i, y_i> of two batch-first tensors, as one reduction (on the CPU 2x
+    faster than pow + sum, 10x faster than a batched GEMV)."""
+    def rows(t):
+        return t.reshape(t.shape[0], math.prod(t.shape[1:]))  # also for an empty batch
+    if x is y:
+        return torch.linalg.vector_norm(rows(x), dim=1).square()
+    return torch.linalg.vecdot(rows(x), rows(y))
+
+
+class BatchCache:
+    """What the records of one physical batch share while their norms and clipped sums are
+    formed: the Gram matrices of inputs that several layers read (query, key and value read one
+    hidden state: its Gram matrix is formed once), how many layers read each input, and scratch
+    buffers reused from layer to layer (on the CPU a fresh large temporary per layer costs page
+    faults, ~7% of a GPT-2-like step). Lives as long as the batch, so the buffers never add to
+    the forward/backward peak."""
+
+    def __init__(self, sharers: dict | None = None):
+        self.grams: dict = {}
+        self.sharers: dict = dict(sharers or {})
+        self._bufs: dict = {}
+
+    def scratch(self, slot: int, shape, like: torch.Tensor) -> torch.Tensor:
+        """An uninitialized tensor of ``shape`` in buffer ``slot``; valid until the slot's next use."""
+        n = 1
+        for s in shape:
+            n *= s
+        buf = self._bufs.get(slot)
+        if buf is None or buf.numel() < n or buf.dtype != like.dtype or buf.device != like.device:
+            buf = self._bufs[slot] = torch.empty(n, dtype=like.dtype, device=like.device)
+        return buf[:n].view(shape)
 
 
 class LinearRecord:
@@ -52,33 +104,47 @@ class LinearRecord:
     def use_ghost(self, sharers: int = 1) -> bool:
         return ghost_is_cheaper(self.A.shape[1], self.A.shape[2], self.G.shape[2], sharers)
 
-    def sq_norm(self, grams: dict | None = None, sharers: dict | None = None) -> torch.Tensor:
-        """``grams``: A A^T of inputs already seen in this batch (query, key and value read the same
-        hidden state: its Gram matrix is formed once); ``sharers``: gram_key -> how many layers read
-        that input."""
+    @torch.no_grad()
+    def sq_norm(self, cache: BatchCache | None = None) -> torch.Tensor:
+        """``cache``: the batch's shared Gram matrices, sharer counts and scratch (see BatchCache)."""
         A, G = self.A, self.G
-        if A.shape[1] == 1:
-            return A.pow(2).sum((1, 2)) * G.pow(2).sum((1, 2))
+        B, T, d, p = A.shape[0], A.shape[1], A.shape[2], G.shape[2]
+        if T == 1:
+            return rowdot(A, A) * rowdot(G, G)
+        cache = cache if cache is not None else BatchCache()
         key = gram_key(A)
-        if self.use_ghost(sharers.get(key, 1) if sharers else 1):
-            gram = grams.get(key) if grams is not None else None
+        sharers = cache.sharers.get(key, 1)
+        if self.use_ghost(sharers):
+            gram = cache.grams.get(key)
             if gram is None:
-                gram = torch.bmm(A, A.transpose(1, 2))
-                if grams is not None:
-                    grams[key] = gram
-            return (gram * torch.bmm(G, G.transpose(1, 2))).sum((1, 2))
-        B, d, p = A.shape[0], A.shape[2], G.shape[2]
-        step = max(1, _INSTANTIATE_CHUNK // (p * d))
-        out = [torch.bmm(G[i:i + step].transpose(1, 2), A[i:i + step]).pow(2).sum((1, 2)) for i in range(0, B, step)]
-        return torch.cat(out) if out else A.new_zeros(0)
+                gram = torch.bmm(A, A.transpose(1, 2), out=None if sharers > 1 else cache.scratch(1, (B, T, T), A))
+                if sharers > 1:
+                    cache.grams[key] = gram
+            return rowdot(gram, torch.bmm(G, G.transpose(1, 2), out=cache.scratch(0, (B, T, T), G)))
+        step = max(1, min(B, _INSTANTIATE_CHUNK // (p * d)))
+        out = A.new_empty(B)
+        for i in range(0, B, step):
+            n = min(step, B - i)
+            g = torch.bmm(G[i:i + n].transpose(1, 2), A[i:i + n], out=cache.scratch(0, (n, p, d), A))
+            out[i:i + n] = rowdot(g, g)
+        return out
 
     def dense(self) -> torch.Tensor:
-        g = torch.bmm(self.G.transpose(1, 2), self.A)  # (B, p, d)
-        return g.transpose(1, 2) if self.transposed else g
+        """The per-sample gradients (B, *weight.shape), contiguous."""
+        if self.transposed:  # Conv1D weight (d, p)
+            return torch.bmm(self.A.transpose(1, 2), self.G)
+        return torch.bmm(self.G.transpose(1, 2), self.A)  # (B, p, d)
 
-    def clipped_sum(self, c: torch.Tensor) -> torch.Tensor:
-        Gc = self.G * c.to(self.G.dtype)[:, None, None]
-        g = Gc.flatten(0, 1).t() @ self.A.flatten(0, 1)  # A^T diag(c) G as one GEMM
+    @torch.no_grad()
+    def clipped_sum(self, c: torch.Tensor, cache: BatchCache | None = None) -> torch.Tensor:
+        """A^T diag(c) G as one GEMM, c applied to the narrower of A and G."""
+        A, G = self.A, self.G
+        c = c.to(A.dtype)[:, None, None]
+        if A.shape[2] <= G.shape[2]:
+            A = torch.mul(A, c, out=None if cache is None else cache.scratch(0, A.shape, A))
+        else:
+            G = torch.mul(G, c, out=None if cache is None else cache.scratch(0, G.shape, G))
+        g = G.flatten(0, 1).t() @ A.flatten(0, 1)
         return g.t() if self.transposed else g
 
     def drop(self, bad: torch.Tensor) -> None:
@@ -127,7 +193,8 @@ class EmbeddingRecord:
 
 
 class DenseRecord:
-    """A per-sample gradient held as such (B, *shape): biases, norm weights."""
+    """A per-sample gradient held as such (B, *shape): biases, norm weights, and Linear weights
+    where that is smaller than their (A, G) (``instantiate_at_backward``)."""
 
     def __init__(self, grad_sample: torch.Tensor, source: LinearRecord | None = None):
         self.gs = _acc(grad_sample)
@@ -138,7 +205,7 @@ class DenseRecord:
         return self.gs.shape[0]
 
     def sq_norm(self) -> torch.Tensor:
-        return self.gs.flatten(1).pow(2).sum(1)
+        return rowdot(self.gs, self.gs)
 
     def dense(self) -> torch.Tensor:
         return self.gs
@@ -171,11 +238,10 @@ def inner(r: object, s: object) -> torch.Tensor:
     return (r.dense() * s.dense()).flatten(1).sum(1)
 
 
-def sq_norm(records: list, grams: dict | None = None, sharers: dict | None = None) -> torch.Tensor:
-    """Per-sample squared norm of the sum of several contributions (``grams``, ``sharers``: see
-    LinearRecord)."""
+def sq_norm(records: list, cache: BatchCache | None = None) -> torch.Tensor:
+    """Per-sample squared norm of the sum of several contributions (``cache``: see BatchCache)."""
     def one(r):
-        return r.sq_norm(grams, sharers) if isinstance(r, LinearRecord) else r.sq_norm()
+        return r.sq_norm(cache) if isinstance(r, LinearRecord) else r.sq_norm()
     total = one(records[0])
     for k in range(1, len(records)):
         total = total + one(records[k])
@@ -184,8 +250,10 @@ def sq_norm(records: list, grams: dict | None = None, sharers: dict | None = Non
     return total
 
 
-def clipped_sum(records: list, c: torch.Tensor) -> torch.Tensor:
-    total = records[0].clipped_sum(c)
+def clipped_sum(records: list, c: torch.Tensor, cache: BatchCache | None = None) -> torch.Tensor:
+    def one(r):
+        return r.clipped_sum(c, cache) if isinstance(r, LinearRecord) else r.clipped_sum(c)
+    total = one(records[0])
     for r in records[1:]:
-        total = total + r.clipped_sum(c)
+        total = total + one(r)
     return total

@@ -4,7 +4,7 @@ import torch
 from torch import nn
 
 from anadp.engine import GradSampleEngine, UnsupportedModuleError
-from anadp.records import LinearRecord
+from anadp.records import DenseRecord, LinearRecord
 
 from helpers import call, per_sample_grads, rel_err
 
@@ -309,3 +309,31 @@ def test_norms_before_backward_is_a_clear_error():
     e = GradSampleEngine(nn.Linear(3, 3))
     with pytest.raises(RuntimeError, match="no backward pass"):
         e.per_sample_sq_norms()
+
+
+@pytest.mark.parametrize("T", [7, 40])  # ghost (T(p+d) < pd): (A, G) kept; else the per-sample gradient
+@pytest.mark.parametrize("kernel_norms", [False, True])
+def test_linear_record_kept_and_its_clipped_sum(T, kernel_norms):
+    """The engine keeps a Linear's (A, G) where the ghost norm is cheaper, else forms the per-sample
+    gradient in the backward hook (fewer numbers than A and G) unless a kernel backend reads (A, G);
+    either way the norms and the clipped sum are the per-sample autograd ones."""
+    torch.manual_seed(4)
+    m = nn.Linear(19, 33).double()
+    x = torch.randn(3, T, 19, dtype=torch.float64)
+    R = torch.randn(3, T, 33, dtype=torch.float64)
+    ref = per_sample_grads(m, x, lambda out, i: (out * (R if i is None else R[i:i + 1])).sum(), 3)
+    engine = GradSampleEngine(m, loss_reduction="sum")
+    engine.instantiate_linear = not kernel_norms
+    (m(x) * R).sum().backward()
+    batch = engine.take()
+    rec = batch.records[m.weight][0]
+    instantiated = T == 40 and not kernel_norms
+    assert isinstance(rec, DenseRecord) == instantiated and isinstance(rec, LinearRecord) != instantiated
+    if instantiated:
+        assert rec.gs.numel() < 3 * T * (19 + 33)  # smaller than the A and G it replaces
+    sq = batch.sq_norms()
+    c = torch.rand(3, dtype=torch.float64)
+    for name, p in m.named_parameters():
+        assert rel_err(sq[p], ref[name].flatten(1).pow(2).sum(1)) < 1e-10
+        assert rel_err(batch.clipped_sum(p, c), torch.einsum("b,b...->...", c, ref[name])) < 1e-10
+    engine.remove()
