@@ -57,21 +57,27 @@ class _EmbeddingFn(torch.autograd.Function):
 
 
 class _AffineFn(torch.autograd.Function):
-    """y = xhat * w (+ b), the parameterized tail of LayerNorm / RMSNorm."""
+    """y = xhat * w (+ b), the parameterized tail of LayerNorm / RMSNorm. Saves the norm's input x,
+    which the normalization keeps for its own backward anyway, not xhat (one more activation-sized
+    tensor per norm layer): the hook gets xhat recomputed, under the forward's autocast state."""
 
     @staticmethod
-    def forward(ctx, xhat, weight, bias, on_backward):
-        ctx.save_for_backward(xhat, weight)
-        ctx.on_backward = on_backward
+    def forward(ctx, xhat, weight, bias, x, normalize, on_backward):
+        ctx.save_for_backward(x, weight)
+        ctx.normalize, ctx.on_backward, ctx.xhat_dtype = normalize, on_backward, xhat.dtype
+        kind = x.device.type
+        ctx.amp = (torch.is_autocast_enabled(kind), torch.get_autocast_dtype(kind))
         y = xhat * weight
         return y + bias if bias is not None else y
 
     @staticmethod
     def backward(ctx, g):
-        xhat, weight = ctx.saved_tensors
-        gx = (g * weight).to(xhat.dtype) if ctx.needs_input_grad[0] else None
+        x, weight = ctx.saved_tensors
+        gx = (g * weight).to(ctx.xhat_dtype) if ctx.needs_input_grad[0] else None
+        with torch.no_grad(), torch.autocast(x.device.type, dtype=ctx.amp[1], enabled=ctx.amp[0]):
+            xhat = ctx.normalize(x)
         ctx.on_backward(xhat, g)
-        return gx, None, None, None
+        return gx, None, None, None, None, None
 
 
 def _trainable(p) -> bool:
@@ -155,7 +161,8 @@ class NormLayer(Layer):
         if not torch.is_grad_enabled():
             return type(module).forward(module, x)
         xhat = self.normalize(module, x)
-        return _AffineFn.apply(xhat, module.weight, getattr(module, "bias", None), self.on_backward)
+        return _AffineFn.apply(xhat, module.weight, getattr(module, "bias", None), x,
+                               lambda t: self.normalize(module, t), self.on_backward)
 
     def on_backward(self, xhat, g):
         m = self.module

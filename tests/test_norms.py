@@ -337,3 +337,30 @@ def test_linear_record_kept_and_its_clipped_sum(T, kernel_norms):
         assert rel_err(sq[p], ref[name].flatten(1).pow(2).sum(1)) < 1e-10
         assert rel_err(batch.clipped_sum(p, c), torch.einsum("b,b...->...", c, ref[name])) < 1e-10
     engine.remove()
+
+
+@pytest.mark.parametrize("autocast", [False, True])
+def test_norm_layer_saves_no_extra_activation(autocast):
+    """The hooked LayerNorm's affine tail saves the norm's input (kept by the normalization anyway)
+    and its weight, not the normalized activation; the per-sample gradients it then recomputes
+    match those of a tail that kept xhat, also under bfloat16 autocast."""
+    torch.manual_seed(7)
+    m = nn.Sequential(nn.Linear(8, 8), nn.LayerNorm(8))
+    with torch.no_grad():
+        m[1].weight.normal_()
+        m[1].bias.normal_()
+    x = torch.randn(4, 5, 8)
+    engine = GradSampleEngine(m, loss_reduction="sum")
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+        h = m[0](x)
+        out = m[1](h)
+    saved = out.grad_fn.saved_tensors
+    assert len(saved) == 2 and saved[0].data_ptr() == h.data_ptr() and saved[1] is m[1].weight
+    R = torch.randn(out.shape)
+    (out.float() * R).sum().backward()
+    got = engine.take().records[m[1].weight][0].gs
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+        xhat = torch.nn.functional.layer_norm(h.detach(), (8,))
+    want = (R * xhat.float()).sum(1)
+    assert rel_err(got, want) < 1e-6
+    engine.remove()
