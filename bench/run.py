@@ -4,10 +4,16 @@
     python -m bench.run --smoke    # tiny sizes, checks rows and equal updates (CI)
 
 Timing: median over --rounds steps after one warm-up step, all methods in the
-same process. Memory (full run only): each (configuration, method) runs in a
-fresh subprocess and reports the growth of its peak RSS (ru_maxrss) from just
-before the first step to the end: optimizer state, activations, per-sample
-buffers and noise. On CUDA it is torch.cuda.max_memory_allocated instead.
+same process (--smoke); in the full run each (configuration, method) is timed in
+a fresh subprocess. Memory (full run only): a second fresh subprocess runs two
+steps and reports the growth of its peak RSS (ru_maxrss) from just before the
+first step to the end: optimizer state, activations, per-sample buffers and
+noise. It runs with MALLOC_MMAP_THRESHOLD_=65536, so that glibc maps every
+tensor of 64 KiB or more on its own and returns it when freed: the peak RSS is
+then the peak of live memory, as torch.cuda.max_memory_allocated is on CUDA,
+instead of depending on what the default heap happens to retain after a free
+(which moved one method's figure by 10-30% from run to run here). Timing runs
+with the default allocator.
 """
 from __future__ import annotations
 
@@ -42,22 +48,30 @@ def time_one(cfg, method, rounds):
     return statistics.median(times), peak_mb
 
 
+def _in_subprocess(cfg, method, rounds, env=None) -> dict:
+    code = ("import json,sys; from bench.suite import Config; from bench.run import time_one; "
+            f"cfg=Config(**{cfg.__dict__!r});\n"
+            f"try:\n t,m=time_one(cfg,{method!r},{rounds}); print(json.dumps({{'seconds':t,'peak_mb':m}}))\n"
+            "except Exception as e:\n print(json.dumps({'error': type(e).__name__+': '+str(e)[:160]}))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))), env={**os.environ, **(env or {})})
+    lines = [l for l in out.stdout.splitlines() if l.startswith("{")]
+    return json.loads(lines[-1]) if lines else {"error": out.stderr.strip().splitlines()[-1][:200]}
+
+
 def measure(cfg, method, rounds, isolate):
-    """{'seconds', 'peak_mb'} or {'error'}; in a subprocess when isolate (memory)."""
+    """{'seconds', 'peak_mb'} or {'error'}; each in a subprocess when isolate (see the module docstring)."""
     if not isolate:
         try:
             t, _ = time_one(cfg, method, rounds)
             return {"seconds": t, "peak_mb": None}
         except Exception as e:  # noqa: BLE001 - a method that cannot run this model is a result
             return {"error": f"{type(e).__name__}: {str(e)[:160]}"}
-    code = ("import json,sys; from bench.suite import Config; from bench.run import time_one; "
-            f"cfg=Config(**{cfg.__dict__!r});\n"
-            f"try:\n t,m=time_one(cfg,{method!r},{rounds}); print(json.dumps({{'seconds':t,'peak_mb':m}}))\n"
-            "except Exception as e:\n print(json.dumps({'error': type(e).__name__+': '+str(e)[:160]}))")
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                         cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    lines = [l for l in out.stdout.splitlines() if l.startswith("{")]
-    return json.loads(lines[-1]) if lines else {"error": out.stderr.strip().splitlines()[-1][:200]}
+    timed = _in_subprocess(cfg, method, rounds)
+    if "error" in timed:
+        return timed
+    mem = _in_subprocess(cfg, method, 1, {"MALLOC_MMAP_THRESHOLD_": "65536"})
+    return {"seconds": timed["seconds"], "peak_mb": mem.get("peak_mb")}
 
 
 def same_update(cfg, sigma):
