@@ -328,7 +328,7 @@ class DPOptimizer(Optimizer):
                 g = g.contiguous()
                 self.impl.add_noise_(g, philox.group_key(seed, self.step_count, self.noise_ids[i]),
                                      std * float(self.allocator.scales[i]))
-            grads.append(g * (self._feed_scale(i) / denom))
+            grads.append(g.mul_(self._feed_scale(i) / denom))  # the sum is ours (the noise went in in place too)
         self._released = (self._release_shares(seed), std / denom, denom, self.expected_batch_size * k)
         self._charge(k)
         return grads

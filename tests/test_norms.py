@@ -364,3 +364,18 @@ def test_norm_layer_saves_no_extra_activation(autocast):
     want = (R * xhat.float()).sum(1)
     assert rel_err(got, want) < 1e-6
     engine.remove()
+
+
+@pytest.mark.parametrize("T,blocks", [(64, 4), (67, 4), (130, 3), (50, 4)])
+def test_gram_strips_give_the_ghost_norm(T, blocks):
+    """The upper block strips of the two Gram matrices (T = 67, 130: blocks of unequal size; T = 50:
+    one strip) give the per-sample squared norm of sum_t g_t a_t^T."""
+    from anadp.records import gram_strips, strips_inner
+    g = torch.Generator().manual_seed(T)
+    A = torch.randn(3, T, 5, generator=g, dtype=torch.float64)
+    G = torch.randn(3, T, 7, generator=g, dtype=torch.float64)
+    SA, SG = gram_strips(A, blocks), gram_strips(G, blocks)
+    assert len(SA) == (blocks if T >= 64 else 1)
+    assert sum(s[0].numel() for s in SA) < T * T or T < 64  # less than the whole Gram matrix
+    want = torch.einsum("btp,btd->bpd", G, A).flatten(1).pow(2).sum(1)
+    assert rel_err(strips_inner(SA, SG), want) < 1e-12
