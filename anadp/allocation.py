@@ -67,7 +67,7 @@ from __future__ import annotations
 
 import math
 import re
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 
 import torch
 
@@ -383,7 +383,15 @@ class NoiseAllocator:
     def load_state_dict(self, state: dict) -> None:
         if "group_of" not in state or not torch.equal(state["group_of"], self.group_of):
             raise ValueError("the allocation state was saved for other noise groups than this model's")
+        tensors = ("group_scales", "ipt_bar", "unc_bar", "energy_bar", "energy_var", "share_bar")
+        missing = [k for k in ("mode", "config", "noise_var", "updates") + tensors if k not in state]
+        unknown = sorted(set(state.get("config", {})) - {f.name for f in fields(AllocationConfig)})
+        if missing or unknown:
+            raise ValueError(
+                f"the allocation state has {'no ' + ', '.join(missing) if missing else 'unknown settings ' + str(unknown)}: "
+                "it was saved by another version of anadp, whose allocation this one cannot continue exactly. Resume "
+                "with that version, or load only the model and the wrapped optimizer's state to restart the allocation")
         self.mode, self.config = state["mode"], AllocationConfig(**state["config"])
-        for k in ("group_scales", "ipt_bar", "unc_bar", "energy_bar", "energy_var", "share_bar"):
+        for k in tensors:
             setattr(self, k, state[k].clone())
         self.noise_var, self.updates = state["noise_var"], state["updates"]

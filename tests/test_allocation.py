@@ -343,3 +343,20 @@ def test_coherence_is_shrunk_by_how_well_it_is_measured():
     assert abs(float(rho[2]) - 2) < 0.05  # (1 + 3) / 2: the noisy 10 barely counts
     a.energy_var = torch.full((3,), 1e4, dtype=torch.float64)
     assert torch.allclose(a._coherence(G2), torch.full((3,), float(a.energy_bar.mean()), dtype=torch.float64))
+
+
+@pytest.mark.parametrize("change", ["drop energy_var", "unknown setting"])
+def test_allocation_state_from_another_version_is_a_clear_error(change):
+    """A state that lacks a field this version keeps (saved before it existed), or carries a setting
+    it does not know, cannot be continued exactly: refused with the reason, not a KeyError."""
+    a = NoiseAllocator([4, 2, 3], mode="anadp", groups=[0, 0, 1])
+    state = a.state_dict()
+    b = NoiseAllocator([4, 2, 3], mode="anadp", groups=[0, 0, 1])
+    b.load_state_dict(state)  # the same version round-trips
+    assert torch.equal(b.group_scales, a.group_scales) and b.updates == a.updates
+    if change == "drop energy_var":
+        del state["energy_var"]
+    else:
+        state["config"] = {**state["config"], "future_knob": 1.0}
+    with pytest.raises(ValueError, match="another version of anadp.*(energy_var|future_knob)|(energy_var|future_knob).*another"):
+        b.load_state_dict(state)
