@@ -55,13 +55,13 @@ def _run(job: tuple) -> dict:
     return row
 
 
-def jobs(modes, epsilons, seeds, methods) -> list[tuple]:
+def jobs(modes, epsilons, seeds, methods, nonprivate: bool = True) -> list[tuple]:
     """Most telling first, so that a study stopped early holds complete paired cells: per mode,
-    non-private, then uniform and the default (the first two methods) at each epsilon in the
-    order given, then the other methods; seeds innermost."""
+    non-private (unless ``nonprivate`` is False), then uniform and the default (the first two
+    methods) at each epsilon in the order given, then the other methods; seeds innermost."""
     out = []
     for mode in modes:
-        out += [(mode, "nonprivate", math.inf, seed) for seed in seeds]
+        out += [(mode, "nonprivate", math.inf, seed) for seed in seeds] if nonprivate else []
         for tier in (methods[:2], methods[2:]):
             out += [(mode, m, eps, seed) for eps in epsilons for m in tier for seed in seeds]
     return out
@@ -152,6 +152,8 @@ def main(argv=None) -> int:
     ap.add_argument("--epsilon", type=float, nargs="+", default=[1.0, 3.0, 8.0])
     ap.add_argument("--seed", type=int, nargs="+", default=[0, 1, 2])
     ap.add_argument("--methods", nargs="+", default=METHODS, choices=METHODS)
+    ap.add_argument("--no-nonprivate", action="store_true",
+                    help="skip the non-private runs (the paired differences do not need them)")
     ap.add_argument("--budget-s", type=float, default=None, help="start no run after this many seconds")
     ap.add_argument("--backend", default="auto", help="anadp backend (auto, torch, cpu, triton, cuda)")
     ap.add_argument("--batch-size", type=int, default=FinetuneConfig.batch_size, help="expected logical batch")
@@ -179,7 +181,7 @@ def main(argv=None) -> int:
         torch.save({k: ([t.to(torch.int32) for t in v.tensors] if k in ("train", "test") else v)
                     for k, v in data.items()}, args.save_prepared)
         return 0
-    todo = jobs(args.modes, args.epsilon, args.seed, args.methods)
+    todo = jobs(args.modes, args.epsilon, args.seed, args.methods, nonprivate=not args.no_nonprivate)
     date = datetime.date.today().isoformat()
     stem = os.path.join(args.out, f"allocation-study-{date}{'-smoke' if args.smoke else ''}{args.tag}")
     done = []

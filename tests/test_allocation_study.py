@@ -26,3 +26,13 @@ def test_study_smoke(tmp_path):
     md = stem.with_suffix(".md").read_text()
     assert "| lora | 8 |" in md and "| full | 8 |" in md and "(eps" in md  # paper-global shows what it spent
     assert stem.with_suffix(".png").stat().st_size > 10_000
+
+
+def test_jobs_order_and_skipping_the_baseline():
+    """Non-private first (unless skipped), then uniform and the default per epsilon, then the rest;
+    seeds innermost, so a study stopped early holds complete paired cells."""
+    from bench.allocation_study import jobs
+    full = jobs(["lora"], [3.0], [0, 1], ["uniform", "anadp", "clip"])
+    assert [(m, s) for _, m, _, s in full] == [("nonprivate", 0), ("nonprivate", 1), ("uniform", 0), ("uniform", 1),
+                                               ("anadp", 0), ("anadp", 1), ("clip", 0), ("clip", 1)]
+    assert jobs(["lora"], [3.0], [0, 1], ["uniform", "anadp", "clip"], nonprivate=False) == full[2:]
