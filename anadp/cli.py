@@ -146,7 +146,8 @@ def build_parser() -> argparse.ArgumentParser:
     ft.add_argument("--label-field", default=fd.label_field, help="label column of --data (two classes)")
     ft.add_argument("--train-size", type=_positive(int), default=fd.train_size, help="first N of the training split (None: all)")
     ft.add_argument("--test-size", type=_positive(int), default=fd.test_size, help="first N of the test split (None: all)")
-    ft.add_argument("--lr", type=_positive(float), default=fd.lr, help="non-private AdamW learning rate")
+    ft.add_argument("--lr", type=_positive(float), default=fd.lr,
+                    help="non-private AdamW learning rate (None: 5e-4 with LoRA, 5e-5 with --no-lora)")
     ft.add_argument("--dp-lr", type=_positive(float), default=fd.dp_lr,
                     help="DP AdamW learning rate (None: 1e-2 with LoRA, 5e-4 with --no-lora)")
     ft.add_argument("--batch-size", type=_positive(int), default=fd.batch_size, help="expected logical batch size of the DP runs")
