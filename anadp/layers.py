@@ -80,6 +80,43 @@ class _AffineFn(torch.autograd.Function):
         return gx, None, None, None, None, None
 
 
+class _LayerNormFn(torch.autograd.Function):
+    """y = LayerNorm(x) * w + b in torch's fused kernel: one output tensor, as without the hook
+    (the generic tail below allocates xhat, xhat * w and the sum). Saves x and w; the backward
+    recomputes the statistics, hands (xhat, g) to the hook and takes the input gradient from
+    torch's fused backward."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, shape, eps, on_backward):
+        y = F.layer_norm(x, shape, weight, bias, eps)  # autocast decides the dtype, as in the module
+        ctx.save_for_backward(x, weight)
+        ctx.shape, ctx.eps, ctx.on_backward, ctx.dtype = shape, eps, on_backward, y.dtype
+        return y
+
+    @staticmethod
+    def backward(ctx, g):
+        x, weight = ctx.saved_tensors
+        x = x.to(ctx.dtype)  # what the forward normalized (float32 under CUDA autocast)
+        xhat, mean, rstd = torch.native_layer_norm(_acc32(x), ctx.shape, None, None, ctx.eps)
+        gx = None
+        if ctx.needs_input_grad[0]:
+            stat = torch.promote_types(x.dtype, weight.dtype)  # the fused kernels' statistics dtype
+            gx = torch.ops.aten.native_layer_norm_backward(g, x, ctx.shape, mean.to(stat), rstd.to(stat), weight,
+                                                          None, [True, False, False])[0]
+        ctx.on_backward(xhat, g)
+        return gx, None, None, None, None, None
+
+
+def _acc32(t: torch.Tensor) -> torch.Tensor:
+    return t.float() if t.dtype in (torch.float16, torch.bfloat16) else t
+
+
+def _token_sum(t: torch.Tensor) -> torch.Tensor:
+    """(B, T, ...) -> (B, ...), summed in at least float32 (a bfloat16 sum over T tokens loses
+    ~log2(T) bits)."""
+    return t.sum(1, dtype=torch.float32 if t.dtype in (torch.float16, torch.bfloat16) else None)
+
+
 def _trainable(p) -> bool:
     return p is not None and p.requires_grad
 
@@ -128,7 +165,7 @@ class LinearLayer(Layer):
         if weight is not None:
             self.engine.record(m.weight, weight)
         if _trainable(m.bias):  # source: a norm kernel gives the bias norm with the weight's
-            self.engine.record(m.bias, DenseRecord(G.sum(1), source=weight if isinstance(weight, LinearRecord) else None))
+            self.engine.record(m.bias, DenseRecord(_token_sum(G), source=weight if isinstance(weight, LinearRecord) else None))
 
 
 class Conv1DLayer(LinearLayer):
@@ -152,7 +189,8 @@ class EmbeddingLayer(Layer):
 
 
 class NormLayer(Layer):
-    """LayerNorm / RMSNorm: normalization through autograd, affine tail hooked."""
+    """LayerNorm / RMSNorm: normalization through autograd, affine tail hooked (``_AffineFn``);
+    LayerNorm overrides the forward with one fused function."""
 
     def normalize(self, module, x):
         raise NotImplementedError
@@ -168,15 +206,21 @@ class NormLayer(Layer):
         m = self.module
         xhat, g = self.engine.to_batch_first(self.name, xhat, g)
         k = m.weight.dim()
-        if _trainable(m.weight):
-            self.engine.record(m.weight, DenseRecord(_tokens(g * xhat, k).sum(1)))
+        if _trainable(m.weight):  # xhat was recomputed for this hook: ours to overwrite
+            gx = xhat.mul_(g) if xhat.dtype == torch.result_type(xhat, g) else xhat * g
+            self.engine.record(m.weight, DenseRecord(_token_sum(_tokens(gx, k))))
         if _trainable(getattr(m, "bias", None)):
-            self.engine.record(m.bias, DenseRecord(_tokens(g, k).sum(1)))
+            self.engine.record(m.bias, DenseRecord(_token_sum(_tokens(g, k))))
 
 
 class LayerNormLayer(NormLayer):
-    def normalize(self, module, x):
-        return F.layer_norm(x, module.normalized_shape, None, None, module.eps)
+    """nn.LayerNorm, whole, through one fused function (``_LayerNormFn``)."""
+
+    def forward(self, module, x):
+        if not torch.is_grad_enabled():
+            return type(module).forward(module, x)
+        return _LayerNormFn.apply(x, module.weight, module.bias, module.normalized_shape, module.eps,
+                                  self.on_backward)
 
 
 class RMSNormLayer(NormLayer):

@@ -341,28 +341,35 @@ def test_linear_record_kept_and_its_clipped_sum(T, kernel_norms):
 
 @pytest.mark.parametrize("autocast", [False, True])
 def test_norm_layer_saves_no_extra_activation(autocast):
-    """The hooked LayerNorm's affine tail saves the norm's input (kept by the normalization anyway)
-    and its weight, not the normalized activation; the per-sample gradients it then recomputes
-    match those of a tail that kept xhat, also under bfloat16 autocast."""
+    """The hooked LayerNorm runs torch's fused layer norm (its output is the module's, bit for bit),
+    saves only its input and weight, not the normalized activation, and gives the input gradient of
+    the module and the per-sample gradients of its weight and bias (xhat recomputed in float32 from
+    the saved input), also under bfloat16 autocast."""
     torch.manual_seed(7)
     m = nn.Sequential(nn.Linear(8, 8), nn.LayerNorm(8))
     with torch.no_grad():
         m[1].weight.normal_()
         m[1].bias.normal_()
     x = torch.randn(4, 5, 8)
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+        h = m[0](x).detach().requires_grad_()
+        plain = m[1](h)
+    R = torch.randn(plain.shape)
+    (plain.float() * R).sum().backward()
+    want_gx, h.grad = h.grad, None
     engine = GradSampleEngine(m, loss_reduction="sum")
     with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
-        h = m[0](x)
         out = m[1](h)
+    assert torch.equal(out, plain) and out.dtype == plain.dtype
     saved = out.grad_fn.saved_tensors
     assert len(saved) == 2 and saved[0].data_ptr() == h.data_ptr() and saved[1] is m[1].weight
-    R = torch.randn(out.shape)
     (out.float() * R).sum().backward()
-    got = engine.take().records[m[1].weight][0].gs
-    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
-        xhat = torch.nn.functional.layer_norm(h.detach(), (8,))
-    want = (R * xhat.float()).sum(1)
-    assert rel_err(got, want) < 1e-6
+    assert rel_err(h.grad.float(), want_gx.float()) < 1e-6
+    recs = engine.take().records
+    xhat = torch.nn.functional.layer_norm(h.detach().float(), (8,))
+    gout = R.to(out.dtype).float()  # the output gradient reaches the layer in the output's dtype
+    assert rel_err(recs[m[1].weight][0].gs, (gout * xhat).sum(1)) < 1e-6
+    assert rel_err(recs[m[1].bias][0].gs, gout.sum(1)) < 1e-6
     engine.remove()
 
 
