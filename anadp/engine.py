@@ -41,8 +41,6 @@ class PhysicalBatch:
                 out[p], bias_norms[id(r)] = kernels.linear_sq_norms(r.A, r.G)
             elif kernels is not None and len(recs) == 1 and isinstance(r, R.EmbeddingRecord):
                 out[p] = kernels.embedding_sq_norms(r.idx, r.G)
-        self.cache.sharers = collections.Counter(R.gram_key(r.A) for p, recs in self.records.items() if p not in out
-                                                 for r in recs if isinstance(r, R.LinearRecord))
         for p, recs in self.records.items():
             if p not in out:
                 src = getattr(recs[0], "source", None) if len(recs) == 1 else None

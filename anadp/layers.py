@@ -157,7 +157,7 @@ class LinearLayer(Layer):
         x, g = self.engine.to_batch_first(self.name, x, g)
         A, G = _tokens(x), _tokens(g)
         m = self.module
-        weight = LinearRecord(A, G, self.transposed) if _trainable(m.weight) else None
+        weight = LinearRecord(A, G, self.transposed, readers) if _trainable(m.weight) else None
         if weight is not None and self.engine.instantiate_linear and instantiate_at_backward(
                 A.shape[1], A.shape[2], G.shape[2], readers):
             with torch.no_grad():

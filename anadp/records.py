@@ -92,14 +92,12 @@ def strips_inner(SA: list, SG: list) -> torch.Tensor:
 class BatchCache:
     """What the records of one physical batch share while their norms and clipped sums are
     formed: the Gram matrices of inputs that several layers read (query, key and value read one
-    hidden state: its Gram matrix is formed once), how many layers read each input, and scratch
-    buffers reused from layer to layer (on the CPU a fresh large temporary per layer costs page
-    faults, ~7% of a GPT-2-like step). Lives as long as the batch, so the buffers never add to
-    the forward/backward peak."""
+    hidden state: its Gram matrix is formed once) and scratch buffers reused from layer to layer
+    (on the CPU a fresh large temporary per layer costs page faults, ~7% of a GPT-2-like step).
+    Lives as long as the batch, so the buffers never add to the forward/backward peak."""
 
-    def __init__(self, sharers: dict | None = None):
+    def __init__(self):
         self.grams: dict = {}
-        self.sharers: dict = dict(sharers or {})
         self._bufs: dict = {}
         self._scaled = None
 
@@ -123,33 +121,34 @@ class BatchCache:
 
 class LinearRecord:
     """Weight of y_t = W a_t: per-sample gradient sum_t g_t a_t^T, shape (p, d);
-    ``transposed`` for Hugging Face Conv1D, whose weight is stored (d, p)."""
+    ``transposed`` for Hugging Face Conv1D, whose weight is stored (d, p); ``sharers``: how many
+    layer calls of the forward read the same input A (they share its Gram matrix)."""
 
-    def __init__(self, A: torch.Tensor, G: torch.Tensor, transposed: bool = False):
+    def __init__(self, A: torch.Tensor, G: torch.Tensor, transposed: bool = False, sharers: int = 1):
         self.A, self.G, self.transposed = _acc(A), _acc(G), transposed  # (B,T,d), (B,T,p)
+        self.sharers = sharers
 
     @property
     def batch_size(self) -> int:
         return self.A.shape[0]
 
-    def use_ghost(self, sharers: int = 1) -> bool:
-        return ghost_is_cheaper(self.A.shape[1], self.A.shape[2], self.G.shape[2], sharers)
+    def use_ghost(self) -> bool:
+        return ghost_is_cheaper(self.A.shape[1], self.A.shape[2], self.G.shape[2], self.sharers)
 
     @torch.no_grad()
     def sq_norm(self, cache: BatchCache | None = None) -> torch.Tensor:
-        """``cache``: the batch's shared Gram matrices, sharer counts and scratch (see BatchCache)."""
+        """``cache``: the batch's shared Gram matrices and scratch (see BatchCache)."""
         A, G = self.A, self.G
         B, T, d, p = A.shape[0], A.shape[1], A.shape[2], G.shape[2]
         if T == 1:
             return rowdot(A, A) * rowdot(G, G)
         cache = cache if cache is not None else BatchCache()
         key = gram_key(A)
-        sharers = cache.sharers.get(key, 1)
-        if self.use_ghost(sharers):
+        if self.use_ghost():
             strips = cache.grams.get(key)
             if strips is None:
                 strips = gram_strips(A)
-                if sharers > 1:
+                if self.sharers > 1:
                     cache.grams[key] = strips
             return strips_inner(strips, gram_strips(G))
         step = max(1, min(B, _INSTANTIATE_CHUNK // (p * d)))
