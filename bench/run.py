@@ -14,6 +14,12 @@ then the peak of live memory, as torch.cuda.max_memory_allocated is on CUDA,
 instead of depending on what the default heap happens to retain after a free
 (which moved one method's figure by 10-30% from run to run here). Timing runs
 with the default allocator.
+
+Whole-model rows are timed --repeats times (3), the methods interleaved (non-private,
+Opacus hooks, Opacus ghost, anadp uniform, anadp, then again), and each method keeps its
+fastest repeat: the shared machine's speed drifts by ~5% over minutes, and interleaving
+exposes every method to the same drift (one pass per method had ANADP / non-private move
+from 1.17 to 1.23 on an unchanged row between runs).
 """
 from __future__ import annotations
 
@@ -59,7 +65,7 @@ def _in_subprocess(cfg, method, rounds, env=None) -> dict:
     return json.loads(lines[-1]) if lines else {"error": out.stderr.strip().splitlines()[-1][:200]}
 
 
-def measure(cfg, method, rounds, isolate):
+def measure(cfg, method, rounds, isolate, memory=True):
     """{'seconds', 'peak_mb'} or {'error'}; each in a subprocess when isolate (see the module docstring)."""
     if not isolate:
         try:
@@ -70,6 +76,8 @@ def measure(cfg, method, rounds, isolate):
     timed = _in_subprocess(cfg, method, rounds)
     if "error" in timed:
         return timed
+    if not memory:
+        return {"seconds": timed["seconds"]}
     mem = _in_subprocess(cfg, method, 1, {"MALLOC_MMAP_THRESHOLD_": "65536"})
     return {"seconds": timed["seconds"], "peak_mb": mem.get("peak_mb")}
 
@@ -91,22 +99,32 @@ def same_update(cfg, sigma):
     return out
 
 
-def run(smoke: bool, rounds: int, isolate: bool, methods=METHODS, progress=True):
+def run(smoke: bool, rounds: int, isolate: bool, methods=METHODS, progress=True, repeats: int = 1):
+    """Every method on every configuration; whole-model rows ``repeats`` times, interleaved, each
+    method's fastest repeat kept (see the module docstring)."""
     rows = []
-    configs = layer_configs(smoke) + model_configs(smoke)
+    layers, models = layer_configs(smoke), model_configs(smoke)
+    plan = [(cfg, 1) for cfg in layers] + [(cfg, repeats) for cfg in models]
     try:
         from tqdm.auto import tqdm
-        bar = tqdm(total=len(configs) * len(methods), disable=not progress)
+        bar = tqdm(total=sum(n for _, n in plan) * len(methods), disable=not progress)
     except ImportError:
         bar = None
-    for cfg in configs:
-        for method in methods:
-            r = {"config": cfg.name, "kind": cfg.kind, "batch": cfg.batch, "seq": cfg.seq, "method": method}
-            r.update(measure(cfg, method, rounds, isolate))
-            rows.append(r)
-            if bar:
-                bar.set_postfix_str(f"{cfg.name} {method}")
-                bar.update(1)
+    for cfg, n in plan:
+        got = {m: {"config": cfg.name, "kind": cfg.kind, "batch": cfg.batch, "seq": cfg.seq, "method": m}
+               for m in methods}
+        for rep in range(n):
+            for method in methods:
+                r = got[method]
+                if "error" not in r:
+                    res = measure(cfg, method, rounds, isolate, memory=rep == 0)
+                    if "error" in res or res["seconds"] < r.get("seconds", float("inf")):
+                        r.update(res)
+                    r["repeats"] = rep + 1
+                if bar:
+                    bar.set_postfix_str(f"{cfg.name} {method}")
+                    bar.update(1)
+        rows += got.values()
     if bar:
         bar.close()
     base = {r["config"]: r for r in rows if r["method"] == "nonprivate"}
@@ -215,7 +233,10 @@ def plot(rows, path):
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--smoke", action="store_true")
-    p.add_argument("--rounds", type=int, default=None)
+    p.add_argument("--rounds", type=int, default=None, help="timed steps per measurement (median)")
+    p.add_argument("--repeats", type=int, default=None,
+                   help="interleaved timings of the whole-model rows, fastest kept (default 3; --smoke 1)")
+    p.add_argument("--tag", default="", help="appended to the output file names")
     p.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results"))
     p.add_argument("--replot", metavar="JSON", help="only redraw the plot of an earlier run")
     args = p.parse_args(argv)
@@ -224,14 +245,15 @@ def main(argv=None):
             plot(json.load(f)["rows"], args.replot[:-len(".json")] + ".png")
         return None
     rounds = args.rounds or (2 if args.smoke else 5)
-    rows = run(args.smoke, rounds, isolate=not args.smoke)
+    repeats = args.repeats or (1 if args.smoke else 3)
+    rows = run(args.smoke, rounds, isolate=not args.smoke, repeats=repeats)
     noise = noise_rows(1 << (16 if args.smoke else 24), rounds)
     machine = f"{platform.machine()}-{os.cpu_count()}cpu" + ("-smoke" if args.smoke else "")
-    stem = os.path.join(args.out, f"{machine}-{datetime.date.today().isoformat()}")
+    stem = os.path.join(args.out, f"{machine}-{datetime.date.today().isoformat()}{args.tag}")
     os.makedirs(args.out, exist_ok=True)
     meta = {"machine": platform.platform(), "cpus": os.cpu_count(), "torch": torch.__version__,
-            "threads": torch.get_num_threads(), "rounds": rounds, "command": "python -m bench.run" +
-            (" --smoke" if args.smoke else ""), "date": datetime.datetime.now().isoformat(timespec="seconds")}
+            "threads": torch.get_num_threads(), "rounds": rounds, "repeats": repeats,
+            "command": "python -m bench.run" + (" --smoke" if args.smoke else "") + (f" --tag={args.tag}" if args.tag else ""), "date": datetime.datetime.now().isoformat(timespec="seconds")}
     with open(stem + ".json", "w") as f:
         json.dump({"meta": meta, "rows": rows, "noise": noise}, f, indent=1)
     md = f"# {meta['command']} — {meta['date']}, {meta['machine']}, torch {meta['torch']}, {meta['threads']} threads\n\n"

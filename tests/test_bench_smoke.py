@@ -18,6 +18,29 @@ def test_every_row_is_produced():
     assert table(rows).count("\n") == len(rows) + 1
 
 
+def test_model_rows_keep_each_methods_fastest_interleaved_repeat(monkeypatch):
+    """Whole-model rows are timed ``repeats`` times with the methods interleaved; a method keeps
+    its fastest time, memory is measured once, layer rows once."""
+    import bench.run as br
+    calls = []
+
+    def fake(cfg, method, rounds, isolate, memory=True):
+        calls.append((cfg.name, method, memory))
+        k = sum(1 for c in calls if c[:2] == (cfg.name, method))  # this method's k-th timing here
+        out = {"seconds": {1: 3.0, 2: 1.0, 3: 2.0}[k] * (1 + METHODS.index(method))}
+        return out | ({"peak_mb": 10.0} if memory else {})
+
+    monkeypatch.setattr(br, "measure", fake)
+    rows = run(smoke=True, rounds=1, isolate=False, progress=False, repeats=3)
+    model = model_configs(True)[0].name
+    assert [c[1] for c in calls if c[0] == model] == METHODS * 3  # interleaved, not one method's three in a row
+    assert [c[2] for c in calls if c[0] == model] == [True] * len(METHODS) + [False] * 2 * len(METHODS)
+    assert all(sum(c[0] == cfg.name for c in calls) == len(METHODS) for cfg in layer_configs(True))
+    for r in rows:
+        fastest = 1.0 if r["config"] in {c.name for c in model_configs(True)} else 3.0
+        assert r["seconds"] == fastest * (1 + METHODS.index(r["method"])) and r["peak_mb"] == 10.0
+
+
 @pytest.mark.parametrize("cfg", layer_configs(True) + model_configs(True), ids=lambda c: c.name)
 def test_same_clipped_update(cfg):
     upd = same_update(cfg, sigma=0.0)
