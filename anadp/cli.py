@@ -149,8 +149,9 @@ def build_parser() -> argparse.ArgumentParser:
     ft.add_argument("--lr", type=_positive(float), default=fd.lr,
                     help="non-private AdamW learning rate (None: 5e-4 with LoRA, 5e-5 with --no-lora)")
     ft.add_argument("--dp-lr", type=_positive(float), default=fd.dp_lr,
-                    help="DP AdamW learning rate (None: 1e-2 with LoRA, 5e-4 with --no-lora)")
-    ft.add_argument("--batch-size", type=_positive(int), default=fd.batch_size, help="expected logical batch size of the DP runs")
+                    help="DP AdamW learning rate (None: 1e-2 with LoRA, 2e-3 with --no-lora)")
+    ft.add_argument("--batch-size", type=_positive(int), default=fd.batch_size,
+                    help="expected logical batch size of the DP runs (None: 128 with LoRA, 1024 with --no-lora)")
     ft.add_argument("--device", default=fd.device, help="torch device (cpu, cuda)")
     ft.add_argument("--out", default=fd.out, help="output directory (results.json, results.md, plots)")
     ft.add_argument("--no-progress", action="store_true", help="no progress bars")

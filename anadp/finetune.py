@@ -57,10 +57,10 @@ class FinetuneConfig:
     train_size: int | None = None  # None: all of the training split
     test_size: int | None = None   # None: all of the test split (20% of the data)
     max_len: int = 64              # truncation; batches are padded only to their own longest sequence
-    batch_size: int = 128          # expected logical batch (DP); non-private uses physical_batch_size
+    batch_size: int | None = None  # expected logical batch (DP); None: 128 with LoRA, 1024 full (see expected_batch)
     physical_batch_size: int = 64
     lr: float | None = None     # non-private; None: 5e-4 with LoRA, 5e-5 for full fine-tuning
-    dp_lr: float | None = None  # None: 1e-2 with LoRA, 5e-4 for full fine-tuning (the study's choices)
+    dp_lr: float | None = None  # None: 1e-2 with LoRA, 2e-3 for full fine-tuning (see learning_rate)
     max_grad_norm: float = 1.0
     device: str = "cpu"
     backend: str = "auto"
@@ -68,12 +68,21 @@ class FinetuneConfig:
 
 
 def learning_rate(cfg: FinetuneConfig, dp: bool) -> float:
-    """A run's AdamW learning rate: LoRA factors take ~10-20x the rate that full fine-tuning can
-    (non-private full fine-tuning at 5e-4 ended at 0.590 and 0.717 on two seeds, at 5e-5 at 0.838:
-    bench/results/allocation-2026-11-30/full-probes.md)."""
+    """A run's AdamW learning rate: LoRA factors take ~10x the rate that full fine-tuning can
+    (non-private full fine-tuning at 5e-4 ended at 0.590 and 0.717 on two seeds, at 5e-5 at 0.838);
+    DP full fine-tuning at its expected batch of 1024 learns at 2e-3, not at 5e-4
+    (bench/results/allocation-2026-11-30/full-probes.md)."""
     if dp:
-        return cfg.dp_lr if cfg.dp_lr is not None else (1e-2 if cfg.lora else 5e-4)
+        return cfg.dp_lr if cfg.dp_lr is not None else (1e-2 if cfg.lora else 2e-3)
     return cfg.lr if cfg.lr is not None else (5e-4 if cfg.lora else 5e-5)
+
+
+def expected_batch(cfg: FinetuneConfig) -> int:
+    """A DP run's expected logical batch: 128 with LoRA; 1024 for full fine-tuning, whose 22M
+    noisy coordinates drown the signal of a 128-sample batch (uniform DP at epsilon 3 ended at the
+    constant prediction at 128, learned at 1024: full-probes.md; Li et al. 2021 also advise large
+    batches)."""
+    return cfg.batch_size if cfg.batch_size is not None else (128 if cfg.lora else 1024)
 
 
 def default_model_path() -> str:
@@ -157,7 +166,7 @@ def train_one(cfg: FinetuneConfig, method: str, epsilon: float, seed: int, train
     g = torch.Generator().manual_seed(seed)
     if dp:
         allocation, clipping = method_setup(method)
-        loader = DataLoader(train, batch_size=cfg.batch_size, collate_fn=by_length)
+        loader = DataLoader(train, batch_size=expected_batch(cfg), collate_fn=by_length)
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message="clipping='global'")
             model, optimizer, loader = make_private(
@@ -354,6 +363,6 @@ def run_finetune(cfg: FinetuneConfig, progress: bool = True) -> dict:
     with open(os.path.join(cfg.out, "results.md"), "w") as f:
         f.write(f"Data: {d['source']}, {n} train / {n_test} test; model: {d['model_path']}; "
                 f"{'LoRA r=' + str(cfg.lora_r) if cfg.lora else 'full fine-tuning'}; {cfg.epochs} epochs, "
-                f"expected batch {cfg.batch_size}, lr {learning_rate(cfg, False):g}, DP lr {learning_rate(cfg, True):g}\n\n" + table(summary, delta) + "\n")
+                f"expected batch {expected_batch(cfg)}, lr {learning_rate(cfg, False):g}, DP lr {learning_rate(cfg, True):g}\n\n" + table(summary, delta) + "\n")
     result["plots"] = plots(rows, summary, cfg.out)
     return result

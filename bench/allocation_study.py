@@ -29,10 +29,10 @@ from dataclasses import asdict, replace
 import torch
 from torch.utils.data import TensorDataset
 
-from anadp.finetune import FinetuneConfig, heatmap, prepare, summarize, train_one
+from anadp.finetune import FinetuneConfig, expected_batch, heatmap, learning_rate, prepare, summarize, train_one
 
 METHODS = ["uniform", "anadp", "clip", "paper", "paper-global"]
-MODES = {"lora": dict(lora=True, dp_lr=1e-2), "full": dict(lora=False, dp_lr=5e-4)}
+MODES = {"lora": dict(lora=True), "full": dict(lora=False)}  # rates and batches: finetune's defaults per mode
 
 _W: dict = {}  # per worker: the prepared data
 
@@ -156,7 +156,8 @@ def main(argv=None) -> int:
                     help="skip the non-private runs (the paired differences do not need them)")
     ap.add_argument("--budget-s", type=float, default=None, help="start no run after this many seconds")
     ap.add_argument("--backend", default="auto", help="anadp backend (auto, torch, cpu, triton, cuda)")
-    ap.add_argument("--batch-size", type=int, default=FinetuneConfig.batch_size, help="expected logical batch")
+    ap.add_argument("--batch-size", type=int, default=None,
+                    help="expected logical batch (default per mode: finetune.expected_batch)")
     ap.add_argument("--epochs", type=int, default=FinetuneConfig.epochs)
     ap.add_argument("--tag", default="", help="appended to the output file names")
     ap.add_argument("--physical-batch-size", type=int, default=FinetuneConfig.physical_batch_size,
@@ -195,9 +196,11 @@ def main(argv=None) -> int:
         "model": data["model_path"], "train_size": len(data["train"]), "test_size": len(data["test"]),
         "delta": data["delta"], "modes": MODES},
         "description": (f"{data['source']}, {len(data['train'])} train / {len(data['test'])} test, model "
-                        f"{'/'.join(data['model_path'].rstrip('/').split('/')[-2:])}; {cfg.epochs} epochs, expected batch "
-                        f"{cfg.batch_size}, AdamW, C = {cfg.max_grad_norm}; DP lr: "
-                        + ", ".join(f"{m} {v['dp_lr']:g}" for m, v in MODES.items()) + f"; device {args.device}."),
+                        f"{'/'.join(data['model_path'].rstrip('/').split('/')[-2:])}; {cfg.epochs} epochs, AdamW, "
+                        f"C = {cfg.max_grad_norm}; expected batch and DP lr: "
+                        + ", ".join(f"{m} {expected_batch(c)}, {learning_rate(c, True):g}"
+                                    for m, c in ((m, replace(cfg, **v)) for m, v in MODES.items()))
+                        + f"; device {args.device}."),
         "rows": [], "summary": []}
     for row in done:
         result["rows"].append(row)

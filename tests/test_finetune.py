@@ -98,11 +98,14 @@ def test_finetune_reads_a_datasets_directory(tiny_model_dir, tmp_path):
 
 def test_learning_rates_follow_the_fine_tuning_mode():
     # full fine-tuning at the LoRA rates diverges (DP at 1e-2; non-private at 5e-4 was unstable):
-    # the defaults follow --lora / --no-lora, and a rate given explicitly wins
-    from anadp.finetune import FinetuneConfig, learning_rate
+    # the defaults follow --lora / --no-lora, and a value given explicitly wins
+    from anadp.finetune import FinetuneConfig, expected_batch, learning_rate
     assert learning_rate(FinetuneConfig(lora=True), dp=True) == pytest.approx(1e-2)
-    assert learning_rate(FinetuneConfig(lora=False), dp=True) == pytest.approx(5e-4)
+    assert learning_rate(FinetuneConfig(lora=False), dp=True) == pytest.approx(2e-3)
     assert learning_rate(FinetuneConfig(lora=False, dp_lr=3e-3), dp=True) == pytest.approx(3e-3)
     assert learning_rate(FinetuneConfig(lora=True), dp=False) == pytest.approx(5e-4)
     assert learning_rate(FinetuneConfig(lora=False), dp=False) == pytest.approx(5e-5)
     assert learning_rate(FinetuneConfig(lora=False, lr=2e-4), dp=False) == pytest.approx(2e-4)
+    # and so does the DP batch: full fine-tuning learns nothing under DP at 128 (full-probes.md)
+    assert [expected_batch(FinetuneConfig(lora=m)) for m in (True, False)] == [128, 1024]
+    assert expected_batch(FinetuneConfig(lora=False, batch_size=256)) == 256
