@@ -214,14 +214,15 @@ class DPOptimizer(Optimizer):
     def _accumulate(self, batch: PhysicalBatch) -> None:
         self._check_chunk(batch)
         sq = batch.sq_norms(self.norm_kernels)
-        w = self.allocator.scales
         dtype = torch.float64 if any(s.dtype == torch.float64 for s in sq.values()) else torch.float32
         device = self.params[0].device if self.params else torch.device("cpu")
-        total = torch.zeros(batch.batch_size, dtype=dtype, device=device)
-        for p, s in sq.items():
-            i = self.index.get(p)
-            whiten = 1.0 if (self.clipping == "global" or i is None) else float(w[i]) ** 2
-            total += s.to(dtype) / whiten
+        # one row per parameter, whitened in one product (per-tensor ops cost ~10 us each on a CPU)
+        S = torch.stack([s.to(dtype) for s in sq.values()]) if sq else torch.zeros(0, batch.batch_size, dtype=dtype,
+                                                                                     device=device)
+        w = self.allocator.scales.tolist()
+        whiten = [1.0 if (self.clipping == "global" or self.index.get(p) is None) else w[self.index[p]] ** -2
+                  for p in sq]
+        total = torch.tensor(whiten, dtype=dtype, device=device) @ S
         norms = total.sqrt()
         bad = ~torch.isfinite(norms)
         if bad.any():
@@ -238,7 +239,7 @@ class DPOptimizer(Optimizer):
         c = (self.max_grad_norm / (norms + 1e-6)).clamp(max=1.0)
         c = torch.where(bad, 0, c)
         if self.allocator.releases_shares:
-            self._add_shares(sq, c)
+            self._add_shares(list(sq), S, c)
         self._materialize_deferred()
         for p, recs in batch.records.items():
             i = self.index.get(p)
@@ -253,15 +254,17 @@ class DPOptimizer(Optimizer):
         self._logical_batches += int(batch.ends_logical)
         self._last_ends_logical = batch.ends_logical
 
-    def _add_shares(self, sq: dict, c: torch.Tensor) -> None:
+    def _add_shares(self, params: list, S: torch.Tensor, c: torch.Tensor) -> None:
         """Add each sample's clipped whitened energy per group, c_i^2 ||g_ig||^2 / (w_g^2 C^2)
-        (at most 1 in total per sample), to the sums that the step releases with noise."""
-        w2 = self.allocator.scales.pow(2)
-        per = torch.zeros(len(c), self.allocator.n_groups + 1, dtype=torch.float64, device=c.device)
-        for p, s in sq.items():
+        (at most 1 in total per sample), to the sums that the step releases with noise.
+        ``S``: (len(params), B) per-sample squared norms, one row per parameter."""
+        w2 = self.allocator.scales.pow(2).tolist()
+        to_group = torch.zeros(len(params), self.allocator.n_groups + 1, dtype=torch.float64)
+        for k, p in enumerate(params):
             i = self.index.get(p)
             if i is not None:
-                per[:, int(self.allocator._col[i])] += s.double() / float(w2[i])
+                to_group[k, int(self.allocator._col[i])] = 1.0 / w2[i]
+        per = S.double().t() @ to_group.to(S.device)  # (B, groups + rest)
         r = per * (c.double() ** 2 / self.max_grad_norm ** 2)[:, None]
         self._share_sum += torch.nan_to_num(r, nan=0.0).sum(0).cpu()  # dropped samples: c = 0, norm NaN
 
@@ -276,9 +279,10 @@ class DPOptimizer(Optimizer):
         self.last_released_shares = shares
         return shares
 
-    def _feed_scale(self, i: int) -> float:
-        """What the noisy gradient is multiplied by before the optimizer sees it."""
-        return 1.0 / float(self.allocator.scales[i]) if self.allocator.whitened_feed else 1.0
+    def _feed_scale(self, w: float) -> float:
+        """What the noisy gradient of a tensor of noise scale ``w`` is multiplied by before the
+        optimizer sees it."""
+        return 1.0 / w if self.allocator.whitened_feed else 1.0
 
     def _add_to_sum(self, i: int, s: torch.Tensor) -> None:
         s = s.to(_sum_dtype(self.params[i]))  # autocast leaves 16-bit sums for float32 parameters
@@ -319,16 +323,15 @@ class DPOptimizer(Optimizer):
             return None
         self._materialize_deferred()
         k, seed, std, denom = plan
-        grads = []
+        grads, w = [], self.allocator.scales.tolist()
         for i, p in enumerate(self.params):
             g = self._summed[i]
             if g is None:
                 g = torch.zeros(p.shape, device=p.device, dtype=_sum_dtype(p))
             if std > 0:
                 g = g.contiguous()
-                self.impl.add_noise_(g, philox.group_key(seed, self.step_count, self.noise_ids[i]),
-                                     std * float(self.allocator.scales[i]))
-            grads.append(g.mul_(self._feed_scale(i) / denom))  # the sum is ours (the noise went in in place too)
+                self.impl.add_noise_(g, philox.group_key(seed, self.step_count, self.noise_ids[i]), std * w[i])
+            grads.append(g.mul_(self._feed_scale(w[i]) / denom))  # the sum is ours (the noise went in in place too)
         self._released = (self._release_shares(seed), std / denom, denom, self.expected_batch_size * k)
         self._charge(k)
         return grads
@@ -402,12 +405,11 @@ class DPOptimizer(Optimizer):
         opt, n = self.original_optimizer, len(self.params)
         device = self.params[0].device
         kind = U.kind_of(opt)
-        states, rows, groups = [], [], U.group_of(opt)
+        states, rows, groups, w = [], [], U.group_of(opt), self.allocator.scales.tolist()
         for i, p in enumerate(self.params):
             m, v, first = U.ensure_state(opt, p, groups[id(p)])
             states.append((m, v))
-            rows.append(U.hyper_row(opt, p, first, std * float(self.allocator.scales[i]), self._feed_scale(i) / denom,
-                                    groups[id(p)]))
+            rows.append(U.hyper_row(opt, p, first, std * w[i], self._feed_scale(w[i]) / denom, groups[id(p)]))
         rows = torch.tensor(rows, dtype=torch.float32, device=device)
         keys = [philox.group_key(seed, self.step_count, g) for g in self.noise_ids]
         stat = self.allocator.statistic or "abs_p_grad"
@@ -474,7 +476,7 @@ class DPOptimizer(Optimizer):
         t = self.allocator.updates + 1
         noise = a * a * (1 - beta ** (2 * t)) / (1 - beta * beta)
         signal = (a * (1 - beta ** t) / (1 - beta)) ** 2
-        return torch.stack([torch.linalg.vector_norm(m).double() ** 2 for m in ms]), noise, signal
+        return torch.stack(torch._foreach_norm(ms)).double() ** 2, noise, signal
 
     def _update_allocation(self, sums, shares, noise_std: float, denom: float, samples: float) -> None:
         """The allocation sees the released outputs only: per-tensor sums over the noisy gradient
