@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .records import DenseRecord, EmbeddingRecord, LinearRecord, instantiate_at_backward
+from .records import DenseRecord, EmbeddingRecord, LinearRecord, _acc, instantiate_at_backward
 
 
 class _LinearFn(torch.autograd.Function):
@@ -97,7 +97,7 @@ class _LayerNormFn(torch.autograd.Function):
     def backward(ctx, g):
         x, weight = ctx.saved_tensors
         x = x.to(ctx.dtype)  # what the forward normalized (float32 under CUDA autocast)
-        xhat, mean, rstd = torch.native_layer_norm(_acc32(x), ctx.shape, None, None, ctx.eps)
+        xhat, mean, rstd = torch.native_layer_norm(_acc(x), ctx.shape, None, None, ctx.eps)
         gx = None
         if ctx.needs_input_grad[0]:
             stat = torch.promote_types(x.dtype, weight.dtype)  # the fused kernels' statistics dtype
@@ -105,10 +105,6 @@ class _LayerNormFn(torch.autograd.Function):
                                                           None, [True, False, False])[0]
         ctx.on_backward(xhat, g)
         return gx, None, None, None, None, None
-
-
-def _acc32(t: torch.Tensor) -> torch.Tensor:
-    return t.float() if t.dtype in (torch.float16, torch.bfloat16) else t
 
 
 def _token_sum(t: torch.Tensor) -> torch.Tensor:
