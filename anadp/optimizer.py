@@ -117,7 +117,7 @@ class DPOptimizer(Optimizer):
         parameters and the wrapped optimizer allow them, else torch's (with a warning)."""
         device = self.params[0].device if self.params else torch.device("cpu")
         self.backend = backends.resolve(requested, device)
-        self.impl = backends.get(self.backend)
+        self.impl, self._device = backends.get(self.backend), device
         kernels = self.impl.norms or self.impl.fused_update
         why, self.norm_kernels = None, self.impl if self.impl.norms else None
         if kernels and any(p.dtype not in (torch.float32, torch.bfloat16, torch.float16) for p in self.engine.params):
@@ -258,12 +258,10 @@ class DPOptimizer(Optimizer):
         """Add each sample's clipped whitened energy per group, c_i^2 ||g_ig||^2 / (w_g^2 C^2)
         (at most 1 in total per sample), to the sums that the step releases with noise.
         ``S``: (len(params), B) per-sample squared norms, one row per parameter."""
-        w2 = self.allocator.scales.pow(2).tolist()
+        rows = [k for k, p in enumerate(params) if p in self.index]
+        i = torch.tensor([self.index[params[k]] for k in rows], dtype=torch.long)
         to_group = torch.zeros(len(params), self.allocator.n_groups + 1, dtype=torch.float64)
-        for k, p in enumerate(params):
-            i = self.index.get(p)
-            if i is not None:
-                to_group[k, int(self.allocator._col[i])] = 1.0 / w2[i]
+        to_group[torch.tensor(rows, dtype=torch.long), self.allocator._col[i]] = self.allocator.scales[i].pow(-2)
         per = S.double().t() @ to_group.to(S.device)  # (B, groups + rest)
         r = per * (c.double() ** 2 / self.max_grad_norm ** 2)[:, None]
         self._share_sum += torch.nan_to_num(r, nan=0.0).sum(0).cpu()  # dropped samples: c = 0, norm NaN
@@ -273,9 +271,11 @@ class DPOptimizer(Optimizer):
         if not self.allocator.releases_shares:
             return None
         shares = self._share_sum.clone()
-        if self.share_noise_multiplier > 0:
-            shares += self.share_noise_multiplier * philox.gaussian(seed, self.step_count, SHARE_STREAM,
-                                                                    shares.shape).double()
+        if self.share_noise_multiplier > 0:  # from the backend, as the gradient's noise: the torch
+            # stream's ~100 small int64 ops per step crawl when another process holds a core
+            z = torch.zeros(shares.shape, dtype=torch.float32, device=self._device)
+            self.impl.add_noise_(z, philox.group_key(seed, self.step_count, SHARE_STREAM), 1.0)
+            shares += self.share_noise_multiplier * z.cpu().double()
         self.last_released_shares = shares
         return shares
 
