@@ -117,7 +117,10 @@ class DPOptimizer(Optimizer):
         parameters and the wrapped optimizer allow them, else torch's (with a warning)."""
         device = self.params[0].device if self.params else torch.device("cpu")
         self.backend = backends.resolve(requested, device)
-        self.impl, self._device = backends.get(self.backend), device
+        self.impl = backends.get(self.backend)
+        # the share sums live on the CPU: their noise is drawn there, not in a GPU launch
+        self.share_noise_backend = backends.get("cpu" if backends.why_unavailable("cpu", torch.device("cpu")) is None
+                                                else "torch")
         kernels = self.impl.norms or self.impl.fused_update
         why, self.norm_kernels = None, self.impl if self.impl.norms else None
         if kernels and any(p.dtype not in (torch.float32, torch.bfloat16, torch.float16) for p in self.engine.params):
@@ -271,11 +274,11 @@ class DPOptimizer(Optimizer):
         if not self.allocator.releases_shares:
             return None
         shares = self._share_sum.clone()
-        if self.share_noise_multiplier > 0:  # from the backend, as the gradient's noise: the torch
-            # stream's ~100 small int64 ops per step crawl when another process holds a core
-            z = torch.zeros(shares.shape, dtype=torch.float32, device=self._device)
-            self.impl.add_noise_(z, philox.group_key(seed, self.step_count, SHARE_STREAM), 1.0)
-            shares += self.share_noise_multiplier * z.cpu().double()
+        if self.share_noise_multiplier > 0:  # the compiled kernel where there is one: the torch stream's
+            # ~100 small int64 ops per step crawl when another process holds a core
+            z = torch.zeros(shares.shape, dtype=torch.float32)
+            self.share_noise_backend.add_noise_(z, philox.group_key(seed, self.step_count, SHARE_STREAM), 1.0)
+            shares += self.share_noise_multiplier * z.double()
         self.last_released_shares = shares
         return shares
 

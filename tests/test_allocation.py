@@ -250,7 +250,7 @@ def test_share_release_is_charged_out_of_sigma():
 def test_released_shares_carry_exactly_their_noise():
     """released - exact share sums = sigma_b * z, z the share stream of that step: the noise that
     the accountant assumes is the noise that was added (sigma_b = share_noise * sigma)."""
-    from anadp import philox
+    from anadp import backends, philox
     from anadp.optimizer import SHARE_STREAM
     m, o, l = make_setup("sgd")
     m, o, l = anadp.make_private(m, o, l, noise_multiplier=0.9, max_grad_norm=0.5, seed=7, poisson_sampling=False)
@@ -260,8 +260,9 @@ def test_released_shares_carry_exactly_their_noise():
     exact = o._share_sum.clone()
     assert 0 < float(exact.sum()) <= len(x) + 1e-9  # each sample adds at most 1
     o.step()
-    z = torch.zeros(exact.shape)  # drawn by the optimizer's backend (cpu: the compiled kernel)
-    o.impl.add_noise_(z, philox.group_key(o.seed, 0, SHARE_STREAM), 1.0)
+    assert o.share_noise_backend.name == ("cpu" if backends.why_unavailable("cpu") is None else "torch")
+    z = torch.zeros(exact.shape)  # the compiled CPU kernel where it is built
+    o.share_noise_backend.add_noise_(z, philox.group_key(o.seed, 0, SHARE_STREAM), 1.0)
     sigma_b = 0.9 * o.allocator.config.share_noise
     assert torch.allclose(o.last_released_shares - exact, sigma_b * z.double(), atol=1e-12)
     # the same numbers as the torch stream, to its float tolerance (tests/test_cpu_kernel.py)
