@@ -69,6 +69,7 @@ import math
 import re
 from dataclasses import asdict, dataclass, fields
 
+import numpy as np
 import torch
 
 ALLOCATIONS = ("anadp", "uniform", "paper", "clip")
@@ -311,19 +312,18 @@ class NoiseAllocator:
         warm-started at the current w, within [1/w_max, 1/w_min]."""
         c = self.config
         lo, hi = -math.log(c.w_max), -math.log(c.w_min)
-        log_x = (-self.group_scales.log()).clamp(lo, hi).requires_grad_(True)
-        gain = self.step_gain()
-        opt = torch.optim.Adam([log_x], lr=0.1)
-        with torch.enable_grad():
-            for i in range(iterations):
-                opt.param_groups[0]["lr"] = 0.1 * (1 - i / iterations) + 1e-3  # decays: settles at the maximum
-                loss = -gain(log_x)
-                opt.zero_grad()
-                loss.backward()
-                opt.step()
-                with torch.no_grad():
-                    log_x.clamp_(lo, hi)
-        return torch.exp(-log_x.detach()).clamp(c.w_min, c.w_max)
+        log_x = np.clip(-np.log(self.group_scales.numpy()), lo, hi)
+        grad_of = self.step_gain_grad()
+        m, v, (b1, b2, eps) = np.zeros_like(log_x), np.zeros_like(log_x), (0.9, 0.999, 1e-8)
+        for i in range(iterations):  # torch.optim.Adam's update, in numpy: ~10x faster than autograd here
+            lr = 0.1 * (1 - i / iterations) + 1e-3  # decays: settles at the maximum
+            g = -grad_of(log_x)
+            m = b1 * m + (1 - b1) * g
+            v = b2 * v + (1 - b2) * g * g
+            t = i + 1
+            log_x = log_x - lr / (1 - b1 ** t) * m / (np.sqrt(v) / math.sqrt(1 - b2 ** t) + eps)
+            np.clip(log_x, lo, hi, out=log_x)
+        return torch.from_numpy(np.exp(-log_x)).clamp(c.w_min, c.w_max)
 
     def _pooled(self, per_group: torch.Tensor) -> torch.Tensor:
         """(1 - pooling) * the group's own statistic + pooling * the mean over its kind: a single
@@ -355,13 +355,34 @@ class NoiseAllocator:
             return rho_bar.clamp_min(0).expand_as(rho).clone()
         return (rho_bar + tau2 / (tau2 + se2) * (rho - rho_bar)).clamp_min(0)
 
-    def step_gain(self):
-        """gain(log x) of ``_best_for_step``, from the statistics as they stand."""
+    def _gain_terms(self):
+        """(G2 with the rest group last, alpha, d, n) of ``_best_for_step``'s gain."""
         G2 = torch.cat([self._pooled(self.share_bar[:-1]), self.share_bar[-1:]])
         G2 = G2.clamp_min(1e-3 * float(G2.max()))  # noise can make one negative
         alpha = self._coherence(G2[:-1]) * G2[:-1]
-        d = self.group_sizes.clamp_min(1)
-        n = self.noise_var ** 0.5
+        return G2, alpha, self.group_sizes.clamp_min(1), float(self.noise_var) ** 0.5
+
+    def step_gain_grad(self):
+        """d gain / d log x, in closed form on numpy arrays. With r_g the signal-to-noise ratio of
+        ``step_gain``, dr_g / dlog x_k = r_g (delta_gk - x_k^2 G_k^2 / N^2), so with
+        c_g = sqrt(alpha_g d_g) phi'(r_g) r_g the gradient is c_k - x_k^2 G_k^2 / N^2 sum_g c_g."""
+        G2, alpha, d, n = (t.numpy() if torch.is_tensor(t) else t for t in self._gain_terms())
+        G2, G2_rest, root = G2[:-1], G2[-1], np.sqrt(alpha * d)
+
+        def grad(log_x: np.ndarray) -> np.ndarray:
+            x2 = np.exp(2 * log_x)
+            N2 = (x2 * G2).sum() + G2_rest
+            u = x2 * alpha / (d * N2)
+            r = np.sqrt(u + 1e-300) / n
+            dphi = (1 + r * r) ** -1.5 if self.adaptive else 1.0
+            c = root * dphi * (u / (n * np.sqrt(u + 1e-300)))  # = root phi'(r) r, exact at u = 0
+            return c - x2 * G2 / N2 * c.sum()
+
+        return grad
+
+    def step_gain(self):
+        """gain(log x) of ``_best_for_step``, from the statistics as they stand."""
+        G2, alpha, d, n = self._gain_terms()
 
         def gain(log_x: torch.Tensor) -> torch.Tensor:
             x2 = torch.exp(2 * log_x)

@@ -133,8 +133,10 @@ def make_step(method: str, model: nn.Module, inputs: dict, labels: torch.Tensor,
                 criterion = res[2]
         elif method.startswith("anadp"):
             import anadp
+            # no warm-up: the allocation runs in every timed step (by default it starts at step 10)
             model, opt, _ = anadp.make_private(model, opt, loader, noise_multiplier=sigma, max_grad_norm=clip,
                                                allocation="uniform" if method == "anadp_uniform" else "anadp",
+                                               allocation_config=anadp.AllocationConfig(warmup_steps=0),
                                                poisson_sampling=False, seed=seed, backend=backend)
         elif method != "nonprivate":
             raise ValueError(method)

@@ -107,6 +107,23 @@ def test_anadp_scales_maximize_the_step_gain(adaptive):
         assert float(gain(y)) <= best * (1 + 1e-3)  # the optimum is flat: within 0.1%
 
 
+@pytest.mark.parametrize("adaptive", [False, True])
+def test_step_gain_gradient_is_autograds(adaptive):
+    """The maximizer's closed-form gradient equals autograd's through step_gain, at random points
+    (one group at alpha = 0 included: its term and its gradient vanish)."""
+    a = NoiseAllocator([770, 3072, 3072, 3072], mode="anadp", config=AllocationConfig(warmup_steps=30),
+                       adaptive=adaptive)
+    _feed(a, [0.5, 0.002, 0.0005, 0.0], [96.0, 12.8, 12.8, 6.4, 0.0], steps=30, noise_std=0.004, denom=128)
+    gain, grad = a.step_gain(), a.step_gain_grad()
+    g = torch.Generator().manual_seed(1)
+    for _ in range(20):
+        y = (torch.rand(4, generator=g, dtype=torch.float64) * 2.3 - 1.1).requires_grad_(True)
+        ref, = torch.autograd.grad(gain(y), y)
+        got = torch.from_numpy(grad(y.detach().numpy()))
+        assert torch.isfinite(got).all()
+        assert float((got - ref).norm() / ref.norm()) < 1e-10
+
+
 def test_anadp_gives_a_saturated_group_more_noise_under_adam():
     """The same statistics: under SGD the coherent head gets the least noise; under Adam, whose
     step saturates once signal dominates noise, it gets more than the noise-bound groups."""
