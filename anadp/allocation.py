@@ -373,9 +373,10 @@ class NoiseAllocator:
             x2 = np.exp(2 * log_x)
             N2 = (x2 * G2).sum() + G2_rest
             u = x2 * alpha / (d * N2)
-            r = np.sqrt(u + 1e-300) / n
+            s = np.sqrt(u + 1e-300)
+            r = s / n
             dphi = (1 + r * r) ** -1.5 if self.adaptive else 1.0
-            c = root * dphi * (u / (n * np.sqrt(u + 1e-300)))  # = root phi'(r) r, exact at u = 0
+            c = root * dphi * (u / (n * s))  # = root phi'(r) r, exact at u = 0
             return c - x2 * G2 / N2 * c.sum()
 
         return grad

@@ -119,8 +119,7 @@ class DPOptimizer(Optimizer):
         self.backend = backends.resolve(requested, device)
         self.impl = backends.get(self.backend)
         # the share sums live on the CPU: their noise is drawn there, not in a GPU launch
-        self.share_noise_backend = backends.get("cpu" if backends.why_unavailable("cpu", torch.device("cpu")) is None
-                                                else "torch")
+        self.share_noise_backend = backends.get(backends.auto(torch.device("cpu")))
         kernels = self.impl.norms or self.impl.fused_update
         why, self.norm_kernels = None, self.impl if self.impl.norms else None
         if kernels and any(p.dtype not in (torch.float32, torch.bfloat16, torch.float16) for p in self.engine.params):

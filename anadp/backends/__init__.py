@@ -107,13 +107,18 @@ def why_unavailable(name: str, device: torch.device | None = None) -> str | None
     return get(name).why_unavailable(device)
 
 
+def auto(device: torch.device | None = None) -> str:
+    """What 'auto' picks for tensors on ``device``: triton for CUDA, else cpu, else torch."""
+    if device is not None and device.type == "cuda" and why_unavailable("triton", device) is None:
+        return "triton"
+    return "cpu" if why_unavailable("cpu", device) is None else "torch"
+
+
 def resolve(requested: str = "auto", device: torch.device | None = None) -> str:
     """The backend to use: ANADP_BACKEND if set, else ``requested``; 'auto' picks by device."""
     name = os.environ.get("ANADP_BACKEND") or requested
     if name == "auto":
-        if device is not None and device.type == "cuda" and why_unavailable("triton", device) is None:
-            return "triton"
-        return "cpu" if why_unavailable("cpu", device) is None else "torch"
+        return auto(device)
     reason = why_unavailable(name, device)
     if reason is not None:
         raise BackendUnavailableError(f"backend {name!r} is not available: {reason}")
