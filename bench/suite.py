@@ -112,8 +112,9 @@ def _logits(out):
 def make_step(method: str, model: nn.Module, inputs: dict, labels: torch.Tensor, *, sigma: float = 1.0,
               clip: float = 1.0, seed: int = 0, optimizer: str = "adamw", backend: str = "auto",
               autocast: torch.dtype | None = None):
-    """A closure doing one full training step (forward, backward, clip, noise, update);
-    ``autocast``: run the forward and the loss under torch.autocast with that dtype."""
+    """A closure doing one full training step (forward, backward, clip, noise, update), and the
+    (wrapped) model; the closure's ``optimizer`` is the optimizer it steps. ``autocast``: run the
+    forward and the loss under torch.autocast with that dtype."""
     B = len(labels)
     opt = (torch.optim.AdamW(model.parameters(), lr=1e-4) if optimizer == "adamw"
            else torch.optim.SGD(model.parameters(), lr=1.0))
@@ -151,6 +152,7 @@ def make_step(method: str, model: nn.Module, inputs: dict, labels: torch.Tensor,
         loss.backward()
         opt.step()
 
+    step.optimizer = opt
     return step, model
 
 

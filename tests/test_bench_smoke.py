@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from bench.run import noise_rows, run, same_update, table
-from bench.suite import METHODS, layer_configs, model_configs
+from bench.suite import METHODS, build, layer_configs, make_step, model_configs
 
 
 
@@ -39,6 +39,22 @@ def test_model_rows_keep_each_methods_fastest_interleaved_repeat(monkeypatch):
     for r in rows:
         fastest = 1.0 if r["config"] in {c.name for c in model_configs(True)} else 3.0
         assert r["seconds"] == fastest * (1 + METHODS.index(r["method"])) and r["peak_mb"] == 10.0
+
+
+@pytest.mark.parametrize("cfg", model_configs(True), ids=lambda c: c.name)
+def test_anadp_rows_time_the_allocation(cfg, monkeypatch):
+    """bench.run times steps 2, 3, ... of a fresh optimizer (step 1 is its warm-up); ANADP's allocation,
+    its maximizer included, must run in every one of them, or the row times uniform DP plus bookkeeping
+    (with the default warm-up of 10 steps it ran in none, until 2026-11-30)."""
+    from anadp.allocation import NoiseAllocator
+    ran, best = [], NoiseAllocator._best_for_step
+    monkeypatch.setattr(NoiseAllocator, "_best_for_step", lambda self, *a, **k: ran.append(self.updates) or best(self, *a, **k))
+    model, inputs, labels = build(cfg)
+    step, _ = make_step("anadp", model, inputs, labels)
+    for _ in range(4):
+        step()
+    assert step.optimizer.allocator.updates == 4
+    assert {2, 3, 4} <= set(ran), ran
 
 
 @pytest.mark.parametrize("cfg", layer_configs(True) + model_configs(True), ids=lambda c: c.name)
