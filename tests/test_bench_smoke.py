@@ -48,7 +48,12 @@ def test_anadp_rows_time_the_allocation(cfg, monkeypatch):
     (with the default warm-up of 10 steps it ran in none, until 2026-11-30)."""
     from anadp.allocation import NoiseAllocator
     ran, best = [], NoiseAllocator._best_for_step
-    monkeypatch.setattr(NoiseAllocator, "_best_for_step", lambda self, *a, **k: ran.append(self.updates) or best(self, *a, **k))
+
+    def recording(self, *args, **kwargs):
+        ran.append(self.updates)
+        return best(self, *args, **kwargs)
+
+    monkeypatch.setattr(NoiseAllocator, "_best_for_step", recording)
     model, inputs, labels = build(cfg)
     step, _ = make_step("anadp", model, inputs, labels)
     for _ in range(4):
