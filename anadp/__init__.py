@@ -2,7 +2,6 @@
 from .accounting import Accountant, noise_multiplier_for
 from .allocation import AllocationConfig, NoiseAllocator
 from .api import make_private
-from .backends import triton as _triton  # noqa: F401 - lets a source checkout import anadp.kernels
 from .checkpoint import load_checkpoint, save_checkpoint
 from .data import DPDataLoader, PoissonBatchSampler
 from .engine import BatchMismatchError, GradSampleEngine, UnsupportedModuleError

@@ -94,7 +94,9 @@ def _probability(text: str) -> float:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from . import __version__
     parser = argparse.ArgumentParser(prog="anadp", description="DP fine-tuning with adaptive noise allocation")
+    parser.add_argument("--version", action="version", version=f"anadp {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
     fmt = argparse.ArgumentDefaultsHelpFormatter
     d = sub.add_parser("demo", help="uniform DP vs ANADP at the same epsilon on a small transformer (no network)",

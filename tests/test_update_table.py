@@ -136,13 +136,13 @@ def test_the_cuda_sources_mirror_the_table():
     for the C++ side (the Triton side imports them): the same names in the same order."""
     import os
     import re
-    src = open(os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "csrc", "update.cuh")).read()
+    src = open(os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "anadp", "csrc", "update.cuh")).read()
     cols = re.search(r"enum Col \{([^}]*)\}", src).group(1).replace("\n", " ")
     names = [c.strip() for c in cols.split(",") if c.strip()]
     table = sorted((v, k) for k, v in vars(U).items() if isinstance(v, int) and k.isupper() and k not in
                    ("SGD", "ADAM", "N_COLS", "DEFAULT_CHUNK"))
     assert names == [k for _, k in table] + ["N_COLS"]
     assert re.search(r"enum Kind \{ SGD = (\d), ADAM = (\d) \}", src).groups() == (str(U.SGD), str(U.ADAM))
-    mt = open(os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "csrc",
+    mt = open(os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "anadp", "csrc",
                            "multi_tensor_update.cu")).read()
     assert "const bool sq = stat == 1;" in mt and U.STATS.index("grad_sq") == 1

@@ -1,24 +1,43 @@
 """The cpu backend: the torch backend with the noise drawn by a compiled kernel — the Philox
-stream in one fused C++ loop (csrc/cpu/noise.cpp, OpenMP threads and SIMD lanes), compiled on
-first use with torch's C++ extension loader (ninja) and cached.
+stream in one fused C++ loop (anadp/csrc/cpu/noise.cpp, shipped in the package; OpenMP threads
+and SIMD lanes), compiled on first use with torch's C++ extension loader (ninja) and cached per
+environment (``build_directory``).
 
 Where it cannot be built (no compiler, no ninja) ``auto`` takes the torch backend, which draws
-the same numbers ~10x slower, after one warning that says why; ``python -m anadp info`` shows it.
+the same numbers ~25x slower, after one warning that says why; ``python -m anadp info`` shows it.
 """
 from __future__ import annotations
 
 import os
+import sys
 import warnings
 
 import torch
 
 from .torch_ref import TorchBackend
 
-_SOURCE = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))), "csrc", "cpu",
-                       "noise.cpp")
+_SOURCE = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "csrc", "cpu", "noise.cpp")
+# -fno-math-errno lets log / cos run in glibc's vector versions; no -ffast-math, which would
+# reassociate the float roundings that define the stream (and flush denormals process-wide)
+_CFLAGS = ["-O3", "-march=native", "-fopenmp", "-fno-math-errno"]
 _ext = None
 import_error: str | None = None
 _tried = False
+
+
+def build_directory() -> str:
+    """Where this environment's build of the kernel lives: ANADP_CACHE_DIR (default
+    ~/.cache/anadp, or $XDG_CACHE_HOME/anadp), one folder per (environment, torch, source, flags),
+    so that two environments do not rebuild over each other's build."""
+    import hashlib
+    root = os.environ.get("ANADP_CACHE_DIR") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache"), "anadp")
+    with open(_SOURCE, "rb") as f:
+        source = f.read()
+    key = hashlib.sha256(b"\0".join([
+        source, sys.prefix.encode(), sys.version.encode(), torch.__version__.encode(), torch.__file__.encode(),
+        " ".join(_CFLAGS).encode()])).hexdigest()[:16]
+    return os.path.join(root, "cpu-noise", key)
 
 
 def _load():
@@ -29,23 +48,37 @@ def _load():
     if os.environ.get("ANADP_CPU_KERNEL", "1") == "0":
         import_error = "disabled by ANADP_CPU_KERNEL=0"
         return None
-    if not os.path.exists(_SOURCE):
-        import_error = f"its source {_SOURCE} is not there (an installed wheel without csrc/)"
-        return None
     try:
+        if not os.path.exists(_SOURCE):
+            raise FileNotFoundError(f"its source {_SOURCE} is not in the installed package")
         from torch.utils.cpp_extension import load
-        # -fno-math-errno lets log / cos run in glibc's vector versions; no -ffast-math, which would
-        # reassociate the float roundings that define the stream (and flush denormals process-wide)
-        flags = ["-O3", "-march=native", "-fopenmp", "-fno-math-errno"]
+        _put_ninja_on_path()
+        folder = build_directory()
+        os.makedirs(folder, exist_ok=True)
+        if not os.path.exists(os.path.join(folder, "anadp_cpu_noise.so")):
+            print(f"anadp: compiling the CPU noise kernel (once per environment, ~20 s) into {folder}",
+                  file=sys.stderr, flush=True)
         ldflags = ["-fopenmp"] + (["-lmvec"] if _glibc() else [])
-        _ext = load(name="anadp_cpu_noise", sources=[_SOURCE], extra_cflags=flags, extra_ldflags=ldflags,
-                    verbose=False)
+        _ext = load(name="anadp_cpu_noise", sources=[_SOURCE], extra_cflags=_CFLAGS, extra_ldflags=ldflags,
+                    build_directory=folder, verbose=False)
     except Exception as e:  # noqa: BLE001 - any build failure means: fall back, and say why
         import_error = f"{type(e).__name__}: {str(e).strip().splitlines()[-1] if str(e).strip() else e}"
         warnings.warn(f"anadp: the CPU noise kernel could not be built ({import_error}); the noise is drawn with "
-                      "torch ops instead (same numbers, slower)")
+                      "torch ops instead (same numbers, ~25x slower)")
         _ext = None
     return _ext
+
+
+def _put_ninja_on_path() -> None:
+    """torch's loader runs `ninja` from PATH; the ninja package's binary is not on it where the
+    environment is used without being activated (env/bin/python script.py)."""
+    import shutil
+    if shutil.which("ninja") is None:
+        try:
+            import ninja
+        except ImportError:
+            return
+        os.environ["PATH"] = ninja.BIN_DIR + os.pathsep + os.environ.get("PATH", "")
 
 
 def _glibc() -> bool:

@@ -1,12 +1,9 @@
-"""The triton backend: the Triton kernels of kernels/ (installed as ``anadp.kernels``) — per-sample
+"""The triton backend: the Triton kernels of ``anadp.kernels`` — per-sample
 norms, the clipped GEMM with noise and update in its epilogue, one multi-tensor launch for every
 other tensor. CUDA tensors; the CPU under TRITON_INTERPRET=1 (the tests)."""
 from __future__ import annotations
 
-import importlib.abc
-import importlib.util
 import os
-import sys
 
 import torch
 
@@ -15,22 +12,6 @@ from . import Backend
 # first Triton seen (source read: 3.6; tested: 3.9) whose randint4x puts an int64 offset's
 # high word in the second counter word; older ones run Philox4x64 on int64 offsets
 MIN_TRITON = (3, 6)
-_SOURCE_KERNELS = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))), "kernels")
-
-
-class _SourceKernelsFinder(importlib.abc.MetaPathFinder):
-    """A source checkout used without pip install (the GPU check machine): kernels/, which setup
-    installs as anadp.kernels, sits beside anadp/. Consulted after the regular finders."""
-
-    def find_spec(self, name, path=None, target=None):
-        if name != "anadp.kernels" or not os.path.isfile(os.path.join(_SOURCE_KERNELS, "__init__.py")):
-            return None
-        return importlib.util.spec_from_file_location(name, os.path.join(_SOURCE_KERNELS, "__init__.py"),
-                                                      submodule_search_locations=[_SOURCE_KERNELS])
-
-
-if not any(isinstance(f, _SourceKernelsFinder) for f in sys.meta_path):
-    sys.meta_path.append(_SourceKernelsFinder())
 
 
 def _version(text: str) -> tuple:

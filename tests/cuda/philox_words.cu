@@ -4,7 +4,7 @@
 #include <cstdio>
 #include <cstdlib>
 
-#include "../../csrc/philox.cuh"
+#include "../../anadp/csrc/philox.cuh"
 
 int main(int argc, char** argv) {
   if (argc != 4) {
