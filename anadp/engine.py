@@ -12,11 +12,17 @@ import torch
 from torch import nn
 
 from . import records as R
+from . import attention  # noqa: F401 - registers nn.MultiheadAttention's layer
 from .layers import layer_class
 
 
 class UnsupportedModuleError(ValueError):
     pass
+
+
+SUPPORTED = ("nn.Linear, nn.Embedding, nn.LayerNorm, nn.RMSNorm, nn.MultiheadAttention (and so "
+             "nn.TransformerEncoderLayer / TransformerDecoderLayer), Hugging Face's Conv1D (GPT-2's linear layer) "
+             "and Llama-style RMSNorm")
 
 
 class BatchMismatchError(RuntimeError):
@@ -31,9 +37,10 @@ class PhysicalBatch:
         self.chunk_id = chunk_id  # which chunk of private data the forward ran on (None: not from the DP loader)
         self.cache = R.BatchCache()
 
-    def sq_norms(self, kernels=None) -> dict:
+    def sq_norms(self, kernels=None, scaled: bool = True) -> dict:
         """param -> (B,) per-sample squared norms of its gradient; with a kernel backend,
-        a Linear weight and its bias come from one norm kernel, embeddings from another."""
+        a Linear weight and its bias come from one norm kernel, embeddings from another.
+        ``scaled=False``: without the loss-reduction scale (the caller applies scale^2 once)."""
         out, bias_norms = {}, {}
         for p, recs in self.records.items():
             r = recs[0]
@@ -46,7 +53,7 @@ class PhysicalBatch:
                 src = getattr(recs[0], "source", None) if len(recs) == 1 else None
                 out[p] = bias_norms[id(src)] if id(src) in bias_norms else R.sq_norm(recs, self.cache)
         self.cache.grams = {}  # the shared Gram matrices are done with
-        return {p: s * self.scale ** 2 for p, s in out.items()}
+        return {p: s * self.scale ** 2 for p, s in out.items()} if scaled else out
 
     def clipped_sum(self, p, c: torch.Tensor) -> torch.Tensor:
         return R.clipped_sum(self.records[p], c * self.scale, self.cache)
@@ -81,24 +88,37 @@ class GradSampleEngine:
         for n, p in model.named_parameters(remove_duplicate=False):
             self.names.setdefault(p, n)
         self._check_devices()
-        self.layers = []
+        self.layers, covered = [], set()
         for name, module in model.named_modules(remove_duplicate=False):
-            own = [n for n, p in module.named_parameters(recurse=False) if p.requires_grad]
-            if not own:
+            if module in covered:
                 continue
             cls = layer_class(module)
+            whole = cls is not None and cls.whole
+            own = [n for n, p in module.named_parameters(recurse=whole) if p.requires_grad]
+            if not own:
+                continue
+            what = f"module '{name or '<root>'}' of type {type(module).__module__}.{type(module).__qualname__}"
             if cls is None:
                 raise UnsupportedModuleError(
-                    f"module '{name or '<root>'}' of type {type(module).__module__}.{type(module).__qualname__} "
-                    f"has trainable parameters {own} and anadp cannot compute its per-sample gradients. "
-                    "Freeze them (p.requires_grad_(False)) or replace the module by a supported one "
-                    "(Linear, Conv1D, Embedding, LayerNorm, RMSNorm).")
+                    f"{what} has trainable parameters {own} and anadp cannot compute its per-sample gradients. "
+                    f"Freeze them (p.requires_grad_(False)) or replace the module by a supported one ({SUPPORTED})."
+                    + (" Convolutions are not supported (Hugging Face's Conv1D, which is, is a linear layer)."
+                       if isinstance(module, nn.modules.conv._ConvNd) else ""))
+            why = cls.refusal(module)
+            if why is not None:
+                raise UnsupportedModuleError(f"{what}: {why}")
+            if whole:
+                covered.update(module.modules())
             if any(layer.module is module for layer in self.layers):
                 continue  # the same module reached under two names
             self.layers.append(cls(module, name, self))
-        # modules whose train-mode forward mixes the samples of a batch (batch statistics)
-        self._mixing = [(n, m) for n, m in model.named_modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+        # modules whose train-mode forward mixes the samples of a batch (batch statistics) or writes
+        # running statistics of the private batch into buffers
+        self._mixing = [(n, m) for n, m in model.named_modules() if isinstance(m, nn.modules.batchnorm._NormBase)]
         self._check_mixing()
+        # every buffer, to see that a private forward/backward wrote none (in place or by replacement)
+        self._buffers = [(f"{n}.{b}" if n else b, m, b) for n, m in model.named_modules() for b in m._buffers]
+        self._buffer_state: list = []
         self.batch_size: Optional[int] = None
         self.chunk_ends_logical = True  # set by the DP data loader for split logical batches
         self.chunk_id: Optional[int] = None  # the chunk of private data being used; see begin_chunk
@@ -114,6 +134,21 @@ class GradSampleEngine:
         for layer in self.layers:
             layer.install()
         self._hook = model.register_forward_pre_hook(self._pre_forward, with_kwargs=True)
+        # the hooked layers return no gradient for their parameters: autograd delivering one means a
+        # use outside them, whose contribution the engine would never see
+        self._grad_hooks = [p.register_hook(self._untracked_use(p)) for p in self.params]
+
+    def _untracked_use(self, p):
+        def refuse(grad):
+            if grad is None:  # what the hooked layers return for their parameters
+                return None
+            raise RuntimeError(
+                f"parameter '{self.names[p]}' got a gradient from a use outside its module's forward (for example "
+                "F.linear(h, self.emb.weight) as a tied output head): anadp forms per-sample gradients only "
+                "through the hooked module, so this use's gradient would be dropped. Call the module, or for a "
+                "tied head use an nn.Linear sharing the Parameter (head.weight = emb.weight), which anadp "
+                "supports.")
+        return refuse
 
     def check_unchanged(self) -> None:
         """The trainable parameters must still be the ones hooked at wrap time."""
@@ -128,7 +163,13 @@ class GradSampleEngine:
 
     def _check_mixing(self) -> None:
         for name, m in self._mixing:
-            if m.training:
+            if m.training and isinstance(m, nn.modules.instancenorm._InstanceNorm) and m.track_running_stats:
+                raise UnsupportedModuleError(
+                    f"module '{name}' ({type(m).__name__}(track_running_stats=True)) is in train mode: it writes "
+                    "running_mean / running_var, averages of the private batch without noise, into the state_dict "
+                    "and every checkpoint. Use track_running_stats=False (it then normalizes each sample by its own "
+                    "statistics, in train and eval mode), or put it in eval mode.")
+            if m.training and isinstance(m, nn.modules.batchnorm._BatchNorm):
                 raise UnsupportedModuleError(
                     f"module '{name}' ({type(m).__name__}) is in train mode: it normalizes with the statistics of "
                     "the whole batch, so one sample changes every other sample's gradient (clipping no longer "
@@ -155,6 +196,7 @@ class GradSampleEngine:
         if module.training:  # model.train() puts batch norms back into train mode
             self._check_mixing()
         self.flush()
+        self._buffer_state = self._buffer_versions()
         self._readers.clear()
         x = _first_tensor(args, kwargs)
         dim = 0 if self.batch_first else 1
@@ -166,6 +208,10 @@ class GradSampleEngine:
         """Move the batch dim first and check it against the model's batch size."""
         if not self.batch_first:
             ts = tuple(t.movedim(1, 0) if t.dim() > 1 else t for t in ts)
+        return self.check_batch(name, *ts)
+
+    def check_batch(self, name: str, *ts):
+        """Check batch-first tensors against the model's batch size."""
         if self.batch_size is None:
             self.batch_size = ts[0].shape[0]
         if ts[0].shape[0] != self.batch_size:
@@ -205,8 +251,25 @@ class GradSampleEngine:
         scale = float(B) if self.loss_reduction == "mean" else 1.0
         return PhysicalBatch(self._records, B, scale, self._ends_logical, self._chunk_id)
 
+    def _buffer_versions(self) -> list:
+        return [(t, None if t is None else t._version) for t in (m._buffers.get(b) for _, m, b in self._buffers)]
+
+    def _check_buffers(self) -> None:
+        """No buffer may hold what a private forward/backward computed from the batch: it would reach the
+        state_dict and every checkpoint without noise."""
+        if not self._buffer_state:
+            return
+        for (name, _, _), (t, version), now in zip(self._buffers, self._buffer_state, self._buffer_versions()):
+            if now[0] is not t or now[1] != version:
+                raise RuntimeError(
+                    f"buffer '{name}' was written during a private forward/backward: it would carry the private "
+                    "batch into the state_dict and every checkpoint without noise. Put the module that writes it in "
+                    "eval mode, or make it compute the value without storing it.")
+
     def take(self) -> Optional[PhysicalBatch]:
         """The finished physical batch, or None if no backward ran since the last take."""
+        if self._records:
+            self._check_buffers()
         batch = self._pending()
         self._records = {}
         return batch
@@ -230,4 +293,6 @@ class GradSampleEngine:
         for layer in self.layers:
             layer.remove()
         self._hook.remove()
+        for h in self._grad_hooks:
+            h.remove()
         self._records = {}

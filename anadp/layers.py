@@ -5,8 +5,9 @@ the weight gradient; the engine forms the clipped sum later, from (A, G) or,
 where they are smaller, from per-sample gradients formed in the hook.
 
 Supported: nn.Linear, Hugging Face Conv1D, nn.Embedding, nn.LayerNorm,
-nn.RMSNorm and the Hugging Face Llama-style RMSNorm modules. PEFT LoRA layers
-are made of nn.Linear modules and need nothing more.
+nn.RMSNorm and the Hugging Face Llama-style RMSNorm modules (here), and
+nn.MultiheadAttention (attention.py). PEFT LoRA layers are made of nn.Linear
+modules and need nothing more.
 """
 from __future__ import annotations
 
@@ -123,20 +124,39 @@ def _tokens(t: torch.Tensor, feature_dims: int = 1) -> torch.Tensor:
     return t.unsqueeze(1) if k == 1 else t.flatten(1, k - 1)
 
 
+def record_linear(engine, weight, bias, A, G, transposed=False, readers=1):
+    """Record the weight (and bias) of y = A W^T + b from its input A (B, T, d) and output gradient
+    G (B, T, p): as (A, G), or as per-sample gradients where those are smaller."""
+    rec = LinearRecord(A, G, transposed, readers) if _trainable(weight) else None
+    if rec is not None and engine.instantiate_linear and instantiate_at_backward(A.shape[1], A.shape[2], G.shape[2],
+                                                                                 readers):
+        with torch.no_grad():
+            rec = DenseRecord(rec.dense())  # A and G are not kept
+    if rec is not None:
+        engine.record(weight, rec)
+    if _trainable(bias):  # source: a norm kernel gives the bias norm with the weight's
+        engine.record(bias, DenseRecord(_token_sum(G), source=rec if isinstance(rec, LinearRecord) else None))
+
+
 class Layer:
     """One hooked module: installs its forward and turns backward calls into records."""
 
     def __init__(self, module: nn.Module, name: str, engine):
         self.module, self.name, self.engine = module, name, engine
 
+    # True: the layer computes its submodules' per-sample gradients too (they are not hooked alone)
+    whole = False
+
+    @staticmethod
+    def refusal(module: nn.Module) -> str | None:
+        """Why this module cannot be trained privately as configured (checked at wrap time), or None."""
+        return None
+
     def install(self):
         self.module.forward = types.MethodType(self.forward, self.module)
 
     def remove(self):
         self.module.__dict__.pop("forward", None)
-
-    def params(self):
-        return [p for p in self.module.parameters(recurse=False) if p.requires_grad]
 
 
 class LinearLayer(Layer):
@@ -151,17 +171,8 @@ class LinearLayer(Layer):
     def on_backward(self, x, g):
         readers = self.engine.readers(x)
         x, g = self.engine.to_batch_first(self.name, x, g)
-        A, G = _tokens(x), _tokens(g)
-        m = self.module
-        weight = LinearRecord(A, G, self.transposed, readers) if _trainable(m.weight) else None
-        if weight is not None and self.engine.instantiate_linear and instantiate_at_backward(
-                A.shape[1], A.shape[2], G.shape[2], readers):
-            with torch.no_grad():
-                weight = DenseRecord(weight.dense())  # A and G are not kept
-        if weight is not None:
-            self.engine.record(m.weight, weight)
-        if _trainable(m.bias):  # source: a norm kernel gives the bias norm with the weight's
-            self.engine.record(m.bias, DenseRecord(_token_sum(G), source=weight if isinstance(weight, LinearRecord) else None))
+        record_linear(self.engine, self.module.weight, self.module.bias, _tokens(x), _tokens(g), self.transposed,
+                      readers)
 
 
 class Conv1DLayer(LinearLayer):
@@ -170,9 +181,18 @@ class Conv1DLayer(LinearLayer):
 
 
 class EmbeddingLayer(Layer):
-    def forward(self, module, idx):
+    @staticmethod
+    def refusal(module):
         if module.max_norm is not None:
-            raise NotImplementedError(f"{self.name}: nn.Embedding(max_norm=...) renormalizes weights in place; not supported")
+            return ("nn.Embedding(max_norm=...) renormalizes the looked-up rows in place at every forward, a write "
+                    "to the weights outside the noisy update; use max_norm=None")
+        if module.scale_grad_by_freq:
+            return ("nn.Embedding(scale_grad_by_freq=True) divides each row's gradient by its count in the whole "
+                    "batch, so one sample changes the others' gradients (clipping no longer bounds its influence); "
+                    "use scale_grad_by_freq=False")
+        return None
+
+    def forward(self, module, idx):
         if not torch.is_grad_enabled():
             return type(module).forward(module, idx)
         idx = self.engine.broadcast_indices(self.name, idx)
@@ -233,16 +253,23 @@ class HFRMSNormLayer(NormLayer):
         return h.to(x.dtype)
 
 
+REGISTRY: dict = {nn.Linear: LinearLayer, nn.Embedding: EmbeddingLayer, nn.LayerNorm: LayerNormLayer}
+if hasattr(nn, "RMSNorm"):
+    REGISTRY[nn.RMSNorm] = RMSNormLayer
+
+
+def register(module_type):
+    """Class decorator: the Layer that handles modules of exactly ``module_type``."""
+    def add(cls):
+        REGISTRY[module_type] = cls
+        return cls
+    return add
+
+
 def layer_class(module: nn.Module):
     """The Layer class that handles this module, or None."""
-    if type(module) is nn.Linear:
-        return LinearLayer
-    if type(module) is nn.Embedding:
-        return EmbeddingLayer
-    if type(module) is nn.LayerNorm:
-        return LayerNormLayer
-    if hasattr(nn, "RMSNorm") and type(module) is nn.RMSNorm:
-        return RMSNormLayer
+    if type(module) in REGISTRY:
+        return REGISTRY[type(module)]
     name = type(module).__name__
     if name == "Conv1D" and type(module).__module__.startswith("transformers"):
         return Conv1DLayer

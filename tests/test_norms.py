@@ -1,6 +1,7 @@
 """Per-sample gradient norms of the engine against per-sample autograd (a loop)."""
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from anadp.engine import GradSampleEngine, UnsupportedModuleError
@@ -240,6 +241,36 @@ def test_unsupported_module_is_named():
         GradSampleEngine(WithParam())
 
 
+def test_a_convolution_is_not_told_to_use_conv1d():
+    """nn.Conv1d is a convolution; Hugging Face's Conv1D, which anadp supports, is a linear layer."""
+    with pytest.raises(UnsupportedModuleError, match="Convolutions are not supported") as e:
+        GradSampleEngine(nn.Sequential(nn.Conv1d(4, 4, 1)))
+    assert "GPT-2's linear layer" in str(e.value)
+
+
+class _HandTiedHead(nn.Module):
+    """A tied output head written by hand: the embedding's weight used outside the embedding."""
+
+    def __init__(self):
+        super().__init__()
+        self.emb, self.fc = nn.Embedding(10, 4), nn.Linear(4, 4)
+
+    def forward(self, idx):
+        return F.linear(torch.tanh(self.fc(self.emb(idx))), self.emb.weight)
+
+
+def test_a_hooked_parameter_used_outside_its_module_is_refused_at_backward():
+    """Its per-sample gradient would miss that use (relative error 0.12 before this check)."""
+    torch.manual_seed(0)
+    m = _HandTiedHead()
+    engine = GradSampleEngine(m, loss_reduction="sum")
+    with pytest.raises(RuntimeError, match=r"parameter 'emb\.weight' got a gradient from a use outside its module"):
+        m(torch.randint(0, 10, (3, 5))).sum().backward()
+    engine.remove()
+    m(torch.randint(0, 10, (3, 5))).sum().backward()  # unhooked: plain autograd again
+    assert m.emb.weight.grad is not None
+
+
 def test_frozen_unsupported_module_is_fine():
     """A frozen module anadp cannot differentiate per sample is fine, unless it mixes samples in
     train mode (tests/test_misuse.py): a frozen Conv1d, and a frozen batch norm in eval mode."""
@@ -385,3 +416,102 @@ def test_gram_strips_give_the_ghost_norm(T, blocks):
     assert sum(s[0].numel() for s in SA) < T * T or T < 64  # less than the whole Gram matrix
     want = torch.einsum("btp,btd->bpd", G, A).flatten(1).pow(2).sum(1)
     assert rel_err(strips_inner(SA, SG), want) < 1e-12
+
+
+# --- torch's own attention: nn.MultiheadAttention and the Transformer layers --------------
+
+class _Attend(nn.Module):
+    """Batch-first input; the attention in its own layout and with its own masks; the output and,
+    with need_weights, the attention weights (so that their gradient path is checked too)."""
+
+    def __init__(self, mha, cross="", need_weights=False, causal=False, pad=False, **call):
+        super().__init__()
+        self.mha, self.cross, self.need_weights, self.causal, self.pad, self.call = mha, cross, need_weights, causal, \
+            pad, call
+        e = mha.embed_dim
+        if cross:  # a second (and third) input for cross-attention, trained too
+            self.kv = nn.Linear(e, mha.kdim)
+        if cross == "qkv":
+            self.v = nn.Linear(e, mha.vdim)
+
+    def forward(self, x):
+        q = k = v = x
+        if self.cross:
+            k = v = torch.tanh(self.kv(x))
+        if self.cross == "qkv":
+            v = torch.sin(self.v(x))
+        if not self.mha.batch_first:
+            q, k, v = (t.transpose(0, 1) for t in (q, k, v)) if self.cross else (x.transpose(0, 1),) * 3
+        B, T = x.shape[:2]
+        kw = dict(self.call)
+        if self.causal:
+            kw.update(attn_mask=torch.ones(T, T, dtype=torch.bool).triu(1), is_causal=True)
+        if self.pad:
+            kpm = torch.zeros(B, T, dtype=torch.bool)
+            kpm[:, -2:] = x[:, -2:, 0] > 0  # padding that depends on the sample alone (the reference is a loop)
+            kw["key_padding_mask"] = kpm
+        out, w = self.mha(q, k, v, need_weights=self.need_weights, **kw)
+        out = out if self.mha.batch_first else out.transpose(0, 1)
+        return out if w is None else torch.cat([out.flatten(1), w.flatten(1)], 1)
+
+
+MHA_CASES = {
+    "self": (dict(), dict()),
+    "self-seq-first-weights-pad": (dict(batch_first=False), dict(need_weights=True, pad=True)),
+    "self-causal-per-head-weights": (dict(), dict(need_weights=True, causal=True, average_attn_weights=False)),
+    "self-causal-sdpa-pad": (dict(), dict(causal=True, pad=True)),
+    "cross-kv": (dict(), dict(cross="kv", pad=True)),
+    "cross-qkv-no-bias": (dict(bias=False), dict(cross="qkv", need_weights=True)),
+    "kdim-vdim": (dict(kdim=6, vdim=5), dict(cross="qkv")),
+    "zero-attn": (dict(add_zero_attn=True), dict(cross="kv", need_weights=True, pad=True)),
+}
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("case", list(MHA_CASES))
+def test_multihead_attention(dtype, case):
+    make, call = MHA_CASES[case]
+    torch.manual_seed(11)
+    batch_first = make.pop("batch_first", True)
+    mha = nn.MultiheadAttention(8, 2, batch_first=batch_first, **make)
+    m = _Attend(mha, **call).to(dtype)
+    x = torch.randn(3, 5, 8, dtype=dtype)
+    with torch.no_grad():
+        want = m(x)  # torch's own forward (no hooks)
+    norms = check_norms(m, x, 3, dtype)
+    names = {n for n, p in m.named_parameters()}
+    assert "mha.out_proj.weight" in names and len(norms) == len(names)
+    engine = GradSampleEngine(m)  # the hooked forward computes what torch's does
+    with torch.enable_grad():
+        got = m(x)
+    assert rel_err(got, want) < TOL[dtype]
+    engine.remove()
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("norm_first", [False, True])
+def test_transformer_encoder_and_decoder_layers(dtype, norm_first):
+    class EncDec(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.enc = nn.TransformerEncoder(nn.TransformerEncoderLayer(8, 2, 12, dropout=0.0, batch_first=True,
+                                                                        norm_first=norm_first), 2,
+                                             enable_nested_tensor=False)
+            self.dec = nn.TransformerDecoderLayer(8, 2, 12, dropout=0.0, batch_first=True, norm_first=norm_first)
+
+        def forward(self, x):
+            T = x.shape[1]
+            pad = torch.zeros(x.shape[0], T, dtype=torch.bool)
+            pad[:, -1] = x[:, -1, 0] > 0  # depends on the sample alone (the reference is a loop)
+            mem = self.enc(x, src_key_padding_mask=pad)
+            causal = nn.Transformer.generate_square_subsequent_mask(T, dtype=x.dtype)
+            return self.dec(x, mem, tgt_mask=causal, tgt_is_causal=True, memory_key_padding_mask=pad)
+
+    torch.manual_seed(12)
+    m = EncDec().to(dtype)
+    check_norms(m, torch.randn(3, 6, 8, dtype=dtype), 3, dtype)
+
+
+def test_multihead_attention_with_bias_kv_is_refused_at_wrap_time():
+    with pytest.raises(UnsupportedModuleError, match=r"add_bias_kv=True.*use add_bias_kv=False"):
+        GradSampleEngine(nn.MultiheadAttention(8, 2, add_bias_kv=True))
