@@ -1,5 +1,5 @@
 """anadp: differentially private fine-tuning with adaptive noise allocation (ANADP)."""
-from .accounting import Accountant, noise_multiplier_for
+from .accounting import Accountant, BudgetExhaustedError, noise_multiplier_for
 from .allocation import AllocationConfig, NoiseAllocator
 from .api import make_private
 from .checkpoint import load_checkpoint, save_checkpoint
@@ -10,4 +10,4 @@ from .optimizer import DPOptimizer
 __version__ = "0.1.0"
 __all__ = ["make_private", "save_checkpoint", "load_checkpoint", "DPOptimizer", "GradSampleEngine", "DPDataLoader", "PoissonBatchSampler",
            "NoiseAllocator", "AllocationConfig", "Accountant", "noise_multiplier_for",
-           "UnsupportedModuleError", "BatchMismatchError"]
+           "UnsupportedModuleError", "BatchMismatchError", "BudgetExhaustedError"]

@@ -16,6 +16,17 @@ from opacus.accountants.utils import get_noise_multiplier
 ACCOUNTANTS = {"rdp": RDPAccountant, "prv": PRVAccountant}
 
 
+class BudgetExhaustedError(RuntimeError):
+    """A step past the number of steps the noise multiplier was calibrated for."""
+
+
+def calibrated_steps(epochs: float, sample_rate: float) -> int:
+    """The steps a budget of ``epochs`` passes at ``sample_rate`` means: epochs / sample_rate, rounded
+    where it is a whole number up to float rounding (Opacus's int() turns 4.9999999 into 4)."""
+    steps = epochs / sample_rate
+    return int(round(steps)) if abs(steps - round(steps)) <= 1e-9 * max(1.0, steps) else int(steps)
+
+
 def _check(name: str) -> None:
     if name not in ACCOUNTANTS:
         raise ValueError(f"accountant must be one of {sorted(ACCOUNTANTS)}, got {name!r}")

@@ -8,7 +8,7 @@ import torch.distributed as dist
 from torch import nn
 from torch.utils.data import DataLoader
 
-from .accounting import noise_multiplier_for
+from .accounting import calibrated_steps, noise_multiplier_for
 from .allocation import AllocationConfig
 from .data import DPDataLoader
 from .engine import GradSampleEngine
@@ -30,7 +30,8 @@ def make_private(model: nn.Module, optimizer: torch.optim.Optimizer, data_loader
     either ``noise_multiplier`` or ``target_epsilon`` + ``target_delta`` + ``epochs``.
     ``allocation="anadp"`` spreads the noise by importance, ``"uniform"`` is
     DP-SGD/DP-Adam; with ``clipping="whitened"`` (default) both are charged
-    exactly ``noise_multiplier``.
+    exactly ``noise_multiplier``. With ``target_epsilon``, the noise is calibrated for
+    ``epochs / sample_rate`` steps and no step past them is taken (``BudgetExhaustedError``).
 
     ``backend``: "auto" (triton kernels for CUDA tensors, torch otherwise), "torch", "triton"
     or "cuda"; the environment variable ANADP_BACKEND overrides it.
@@ -58,12 +59,14 @@ def make_private(model: nn.Module, optimizer: torch.optim.Optimizer, data_loader
     if max_physical_batch_size is not None and max_physical_batch_size < 1:
         raise ValueError("max_physical_batch_size must be >= 1")
     sample_rate = 1 / len(data_loader)
+    budget_steps = None
     if target_epsilon is not None:
         if target_delta is None or epochs is None:
             raise ValueError("target_epsilon needs target_delta and epochs")
         if not epochs > 0:
             raise ValueError(f"epochs must be > 0 to calibrate the noise to target_epsilon, got {epochs}")
-        noise_multiplier = noise_multiplier_for(target_epsilon, target_delta, sample_rate, epochs=epochs,
+        budget_steps = calibrated_steps(epochs, sample_rate)
+        noise_multiplier = noise_multiplier_for(target_epsilon, target_delta, sample_rate, steps=budget_steps,
                                                 accountant=accountant)
         if clipping == "global" and allocation == "anadp":
             warnings.warn("clipping='global' charges sigma * min_g w_g per step: once the allocation leaves "
@@ -97,5 +100,7 @@ def make_private(model: nn.Module, optimizer: torch.optim.Optimizer, data_loader
                                allocation=allocation, allocation_config=allocation_config, clipping=clipping,
                                accountant=accountant, loss_reduction=loss_reduction, seed=seed,
                                secure_mode=secure_mode, nonfinite=nonfinite, data_loader=loader,
-                               distributed=distributed, backend=backend)
+                               distributed=distributed, backend=backend, target_epsilon=target_epsilon,
+                               target_delta=target_delta if target_epsilon is not None else None,
+                               budget_steps=budget_steps)
     return model, dp_optimizer, loader

@@ -18,9 +18,12 @@ from torch.optim import Optimizer
 from . import backends
 from . import philox
 from . import update_table as U
-from .accounting import Accountant
+from dataclasses import asdict
+
+from .accounting import Accountant, BudgetExhaustedError
 from .allocation import AllocationConfig, NoiseAllocator, kind_of, noise_groups
 from .engine import GradSampleEngine, PhysicalBatch
+from . import records as R
 from .records import LinearRecord
 
 _FOREACH = (torch.optim.SGD, torch.optim.Adam, torch.optim.AdamW)
@@ -49,7 +52,9 @@ class DPOptimizer(Optimizer):
                  allocation: str = "anadp", allocation_config: AllocationConfig | None = None,
                  clipping: str = "whitened", accountant: str = "prv", loss_reduction: str = "mean",
                  seed: int | None = None, secure_mode: bool = False, nonfinite: str = "raise",
-                 data_loader=None, distributed: bool = False, backend: str = "auto"):
+                 data_loader=None, distributed: bool = False, backend: str = "auto",
+                 target_epsilon: float | None = None, target_delta: float | None = None,
+                 budget_steps: int | None = None):
         if noise_multiplier < 0 or not math.isfinite(noise_multiplier):
             raise ValueError(f"noise_multiplier must be >= 0, got {noise_multiplier}")
         if noise_multiplier == 0:
@@ -95,6 +100,8 @@ class DPOptimizer(Optimizer):
         self.expected_batch_size, self.sample_rate = expected_batch_size, sample_rate
         self.clipping, self.loss_reduction, self.nonfinite = clipping, loss_reduction, nonfinite
         self.secure_mode, self.distributed = secure_mode, distributed
+        # the budget the noise was calibrated for (None: noise_multiplier given, no budget to keep)
+        self.target_epsilon, self.target_delta, self.budget_steps = target_epsilon, target_delta, budget_steps
         self.seed = None if secure_mode else (seed if seed is not None else _random_seed())
         groups, self.group_names = noise_groups([engine.names[p] for p in self.params], [p.shape for p in self.params])
         self.allocator = NoiseAllocator([p.numel() for p in self.params], allocation, allocation_config, groups,
@@ -158,14 +165,9 @@ class DPOptimizer(Optimizer):
 
     @property
     def noise_scales(self) -> dict:
-        """{parameter name: w_g} used by the next step (1.0 everywhere under uniform DP and
-        during the allocation's warm-up, with a warning)."""
-        self._warn_in_warmup()
-        return {self.engine.names[p]: float(w) for p, w in zip(self.params, self.allocator.scales)}
-
-    @property
-    def group_noise_scales(self) -> dict:
-        """{noise group (module) name: w_g}; the rest group (norms, lone biases) stays at 1."""
+        """{noise group (the module holding a weight matrix): w_g} used by the next step (1.0 everywhere
+        under uniform DP and during the allocation's warm-up, with a warning). The other tensors (norm
+        weights, lone biases) form the rest group, whose w stays 1."""
         self._warn_in_warmup()
         return dict(zip(self.group_names, self.allocator.group_scales.tolist()))
 
@@ -186,6 +188,8 @@ class DPOptimizer(Optimizer):
         # whose clipped sum is formed inside the update kernel
         self._deferred: dict[int, tuple[LinearRecord, torch.Tensor]] = {}
         self._share_sum = torch.zeros(self.allocator.n_groups + 1, dtype=torch.float64)
+        self._energy: dict = {}  # chunk plan key -> per-row clipped energy, folded into _share_sum per step
+        self._plans: dict = {}  # see _chunk_plan; the scales change between steps
         self._logical_batches = 0
         self._chunks = 0
         self._last_ends_logical = True
@@ -215,19 +219,17 @@ class DPOptimizer(Optimizer):
     @torch.no_grad()
     def _accumulate(self, batch: PhysicalBatch) -> None:
         self._check_chunk(batch)
-        sq = batch.sq_norms(self.norm_kernels)
+        sq = batch.sq_norms(self.norm_kernels, scaled=False)  # the loss-reduction scale, once below
         dtype = torch.float64 if any(s.dtype == torch.float64 for s in sq.values()) else torch.float32
         device = self.params[0].device if self.params else torch.device("cpu")
         # one row per parameter, whitened in one product (per-tensor ops cost ~10 us each on a CPU)
         S = torch.stack([s.to(dtype) for s in sq.values()]) if sq else torch.zeros(0, batch.batch_size, dtype=dtype,
                                                                                      device=device)
-        w = self.allocator.scales.tolist()
-        whiten = [1.0 if (self.clipping == "global" or self.index.get(p) is None) else w[self.index[p]] ** -2
-                  for p in sq]
-        total = torch.tensor(whiten, dtype=dtype, device=device) @ S
-        norms = total.sqrt()
+        plan = self._chunk_plan(list(sq), dtype, device)
+        norms = (plan[0] @ S).sqrt() * batch.scale
         bad = ~torch.isfinite(norms)
-        if bad.any():
+        any_bad = bool(bad.any())
+        if any_bad:
             names = [self.engine.names[p] for p, s in sq.items() if not torch.isfinite(s).all()]
             msg = (f"non-finite per-sample gradient in {int(bad.sum())} of {batch.batch_size} samples "
                    f"(parameters: {names[:3]})")
@@ -239,39 +241,60 @@ class DPOptimizer(Optimizer):
             norms = torch.where(bad, 0, norms)
             self.skipped_samples += int(bad.sum())
         c = (self.max_grad_norm / (norms + 1e-6)).clamp(max=1.0)
-        c = torch.where(bad, 0, c)
+        if any_bad:
+            c = torch.where(bad, 0, c)
         if self.allocator.releases_shares:
-            self._add_shares(list(sq), S, c)
+            self._add_shares(plan, torch.where(bad[None], 0, S) if any_bad else S, c * batch.scale)
         self._materialize_deferred()
+        cs = c * batch.scale  # the clip factors of the records, which hold the scaled-down gradients
         for p, recs in batch.records.items():
             i = self.index.get(p)
             if i is None:
                 continue
             if self._fused_gemm and len(recs) == 1 and isinstance(recs[0], LinearRecord):
-                self._deferred[i] = (recs[0], c * batch.scale)
+                self._deferred[i] = (recs[0], cs)
                 continue
-            self._add_to_sum(i, batch.clipped_sum(p, c))
+            self._add_to_sum(i, R.clipped_sum(recs, cs, batch.cache))
         self.last_per_sample_norms, self.last_clip_factors = norms, c
         self._chunks += 1
         self._logical_batches += int(batch.ends_logical)
         self._last_ends_logical = batch.ends_logical
 
-    def _add_shares(self, params: list, S: torch.Tensor, c: torch.Tensor) -> None:
+    def _chunk_plan(self, params: list, dtype, device) -> tuple:
+        """(whitening weights 1 / w^2 per row of S, share matrix row -> group, its key) for the records of
+        ``params``: the scales are fixed within a step, so every physical chunk of it reuses them."""
+        key = (tuple(id(p) for p in params), dtype, device)
+        plan = self._plans.get(key)
+        if plan is None:
+            w = self.allocator.scales
+            i = [self.index.get(p) for p in params]
+            whiten = [1.0 if (self.clipping == "global" or k is None) else float(w[k]) ** -2 for k in i]
+            to_group = torch.zeros(len(params), self.allocator.n_groups + 1, dtype=torch.float64)
+            rows = [r for r, k in enumerate(i) if k is not None]
+            cols = [k for k in i if k is not None]
+            to_group[rows, self.allocator._col[cols]] = w[cols].pow(-2)
+            plan = self._plans[key] = (torch.tensor(whiten, dtype=dtype, device=device), to_group, key)
+        return plan
+
+    def _add_shares(self, plan: tuple, S: torch.Tensor, c: torch.Tensor) -> None:
         """Add each sample's clipped whitened energy per group, c_i^2 ||g_ig||^2 / (w_g^2 C^2)
-        (at most 1 in total per sample), to the sums that the step releases with noise.
-        ``S``: (len(params), B) per-sample squared norms, one row per parameter."""
-        rows = [k for k, p in enumerate(params) if p in self.index]
-        i = torch.tensor([self.index[params[k]] for k in rows], dtype=torch.long)
-        to_group = torch.zeros(len(params), self.allocator.n_groups + 1, dtype=torch.float64)
-        to_group[torch.tensor(rows, dtype=torch.long), self.allocator._col[i]] = self.allocator.scales[i].pow(-2)
-        per = S.double().t() @ to_group.to(S.device)  # (B, groups + rest)
-        r = per * (c.double() ** 2 / self.max_grad_norm ** 2)[:, None]
-        self._share_sum += torch.nan_to_num(r, nan=0.0).sum(0).cpu()  # dropped samples: c = 0, norm NaN
+        (at most 1 in total per sample), to the sums that the step releases with noise: per chunk
+        one product sum_i c_i^2 S[:, i] (``S``: (rows, B) squared norms, dropped samples zeroed),
+        mapped to the groups once per step (``_fold_shares``)."""
+        e = S.double() @ (c.double() ** 2)
+        key = plan[2]
+        self._energy[key] = e if key not in self._energy else self._energy[key] + e
+
+    def _fold_shares(self) -> None:
+        for key, e in self._energy.items():
+            self._share_sum += (e.cpu() @ self._plans[key][1]) / self.max_grad_norm ** 2
+        self._energy = {}
 
     def _release_shares(self, seed: int) -> torch.Tensor | None:
         """The share sums plus N(0, (sigma_b)^2) noise: the released statistic."""
         if not self.allocator.releases_shares:
             return None
+        self._fold_shares()
         shares = self._share_sum.clone()
         if self.share_noise_multiplier > 0:  # the compiled kernel where there is one: the torch stream's
             # ~100 small int64 ops per step crawl when another process holds a core
@@ -311,6 +334,7 @@ class DPOptimizer(Optimizer):
                 raise RuntimeError("optimizer.step() called without a backward pass through the private model "
                                    "since the last step (call loss.backward() first)")
             k = 1  # an empty Poisson batch: a noise-only step, still a step
+        self._check_budget(k)
         seed = self._step_seed()
         std = self.gradient_noise_multiplier * self.max_grad_norm
         denom = self.expected_batch_size * k if self.loss_reduction == "mean" else 1.0
@@ -342,6 +366,7 @@ class DPOptimizer(Optimizer):
         """Sum the ranks' clipped sums in one all-reduce; the counters take their maximum
         (a rank whose share of the Poisson batch is empty may have had no backward)."""
         import torch.distributed as dist
+        self._fold_shares()
         summed = [torch.zeros_like(p, dtype=_sum_dtype(p)) if s is None else s for p, s in zip(self.params, self._summed)]
         flat = torch.cat([s.flatten().to(torch.float64) for s in summed]
                          + [self._share_sum.to(device=summed[0].device)])
@@ -366,6 +391,34 @@ class DPOptimizer(Optimizer):
             dist.broadcast(t, src=0)
             seed = int(t)
         return seed
+
+    @property
+    def steps_left(self) -> int | None:
+        """Steps left in the budget the noise was calibrated for (None without target_epsilon)."""
+        return None if self.budget_steps is None else max(0, self.budget_steps - self.accountant.steps)
+
+    def _check_budget(self, k: int) -> None:
+        """No step past the steps the noise was calibrated for, nor past target_epsilon: k > 1 Poisson
+        batches under one draw are charged k releases at sigma / sqrt(k), more than k steps at sigma."""
+        if self.budget_steps is None:
+            return
+        steps = self.accountant.steps + k
+        spent = None
+        if steps <= self.budget_steps:
+            if k == 1 or self.clipping == "global":  # global: the paper's mechanism overspends by design (warned)
+                return
+            acc = Accountant(self.accountant.name)
+            acc.history = list(self.accountant.history) + [(self.noise_multiplier / math.sqrt(k), self.sample_rate, k)]
+            spent = acc.get_epsilon(self.target_delta)
+            if spent <= self.target_epsilon * (1 + 1e-3):
+                return
+        if spent is None:
+            spent = self.projected_epsilon(self.target_delta, steps)
+        raise BudgetExhaustedError(
+            f"this step would be step {steps} of a run whose noise multiplier {self.noise_multiplier:.4g} was "
+            f"calibrated for {self.budget_steps} steps (target epsilon {self.target_epsilon:g} at delta "
+            f"{self.target_delta:g}): it would spend epsilon {spent:.3f}. Stop training here "
+            "(optimizer.steps_left says how many are left), or call make_private again with the longer budget.")
 
     def _charge(self, k: int) -> None:
         """One accountant entry per logical batch. k > 1 full Poisson batches summed under
@@ -527,21 +580,47 @@ class DPOptimizer(Optimizer):
             raise RuntimeError("state_dict() in the middle of a logical batch: save after optimizer.step()")
         state = {"optimizer": self.original_optimizer.state_dict(), "allocator": self.allocator.state_dict(),
                  "accountant": self.accountant.state_dict(), "step_count": self.step_count, "seed": self.seed,
-                 "noise_multiplier": self.noise_multiplier, "max_grad_norm": self.max_grad_norm,
-                 "skipped_samples": self.skipped_samples,
+                 "privacy": self.privacy_settings(), "skipped_samples": self.skipped_samples,
                  "rng": {"torch": torch.get_rng_state(),
                          "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}}
         if hasattr(self.data_loader, "state_dict"):
             state["data_loader"] = self.data_loader.state_dict()
         return state
 
+    def privacy_settings(self) -> dict:
+        """What the privacy guarantee of a run depends on; a checkpoint holds them and loads only into an
+        optimizer made with the same ones."""
+        return {"noise_multiplier": self.noise_multiplier, "max_grad_norm": self.max_grad_norm,
+                "allocation": self.allocator.mode, "allocation_config": asdict(self.allocator.config),
+                "clipping": self.clipping, "accountant": self.accountant.name, "sample_rate": self.sample_rate,
+                "expected_batch_size": self.expected_batch_size, "loss_reduction": self.loss_reduction,
+                "secure_mode": self.secure_mode, "target_epsilon": self.target_epsilon,
+                "target_delta": self.target_delta, "budget_steps": self.budget_steps}
+
+    def _check_privacy_settings(self, state: dict) -> None:
+        saved = state.get("privacy") or {k: state[k] for k in ("noise_multiplier", "max_grad_norm") if k in state}
+        if "privacy" not in state and "allocator" in state:
+            saved["allocation"] = state["allocator"].get("mode")
+        mine = self.privacy_settings()
+
+        def same(a, b):
+            if isinstance(a, float) and isinstance(b, float):
+                return math.isclose(a, b, rel_tol=1e-12)
+            return a == b
+        differ = [f"{k}: checkpoint {saved[k]!r}, this optimizer {mine[k]!r}" for k in mine
+                  if k in saved and not same(saved[k], mine[k])]
+        if differ:
+            raise ValueError("the checkpoint was saved by a run with other privacy settings (" + "; ".join(differ)
+                             + "): continuing it here would change the noise or the accounting mid-run. Make the "
+                             "optimizer with the checkpoint's settings, or start a new run from the model alone.")
+
     def load_state_dict(self, state: dict) -> None:
+        self._check_privacy_settings(state)
         self.original_optimizer.load_state_dict(state["optimizer"])
         self.allocator.load_state_dict(state["allocator"])
         self.accountant.load_state_dict(state["accountant"])
         self.step_count, self.skipped_samples = state["step_count"], state["skipped_samples"]
         self.seed = None if self.secure_mode else state["seed"]
-        self.noise_multiplier, self.max_grad_norm = state["noise_multiplier"], state["max_grad_norm"]
         if "data_loader" in state and hasattr(self.data_loader, "load_state_dict"):
             self.data_loader.load_state_dict(state["data_loader"])
         if "rng" in state:

@@ -274,6 +274,7 @@ def test_released_shares_carry_exactly_their_noise():
     x, y = next(iter(l))
     F.cross_entropy(m(x), y).backward()
     o.engine.flush()
+    o._fold_shares()
     exact = o._share_sum.clone()
     assert 0 < float(exact.sum()) <= len(x) + 1e-9  # each sample adds at most 1
     o.step()

@@ -175,6 +175,141 @@ def test_reading_the_scales_inside_the_warmup_warns():
     x, y = next(iter(l))
     F.cross_entropy(m(x), y).backward()
     o.step()
-    with pytest.warns(UserWarning, match="warm-up: w = 1 for the first 10 steps \\(1 taken\\)"):
+    with pytest.warns(UserWarning, match="warm-up: w = 1 for the first 10 steps \\(1 taken\\)") as seen:
         scales = o.noise_scales
+    assert len(seen) == 1  # one read, one warning
     assert set(scales.values()) == {1.0}
+    assert list(scales) == ["emb", "fc1", "fc2", "head"]  # keyed by noise group: the modules holding a matrix
+
+
+def _embedding_setup(**emb):
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Embedding(10, 4, **emb), nn.Flatten(), nn.Linear(12, 2))
+    data = TensorDataset(torch.randint(0, 10, (32, 3)), torch.randint(0, 2, (32,)))
+    return m, torch.optim.SGD(m.parameters(), lr=0.1), DataLoader(data, batch_size=8)
+
+
+@pytest.mark.parametrize("option,why", [({"scale_grad_by_freq": True}, "count in the whole batch"),
+                                        ({"max_norm": 1.0}, "renormalizes the looked-up rows in place")])
+def test_embedding_options_that_break_per_sample_gradients_are_refused_at_wrap_time(option, why):
+    """scale_grad_by_freq was ignored (relative error 0.28); max_norm was refused only at the first forward."""
+    m, o, l = _embedding_setup(**option)
+    with pytest.raises(anadp.UnsupportedModuleError, match=f"module '0'.*{why}.*use "):
+        anadp.make_private(m, o, l, noise_multiplier=1.0, max_grad_norm=1.0)
+
+
+class _WithInstanceNorm(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.emb, self.norm, self.fc = nn.Embedding(10, 4), nn.InstanceNorm1d(4, track_running_stats=True), \
+            nn.Linear(12, 2)
+
+    def forward(self, idx):
+        return self.fc(self.norm(self.emb(idx).transpose(1, 2)).flatten(1))
+
+
+def test_running_statistics_of_private_batches_are_refused():
+    """InstanceNorm1d(track_running_stats=True) has no parameters: it wrote running_mean / running_var,
+    averages of the private batch without noise, into the state_dict."""
+    torch.manual_seed(0)
+    m = _WithInstanceNorm()
+    data = TensorDataset(torch.randint(0, 10, (32, 3)), torch.randint(0, 2, (32,)))
+    o, l = torch.optim.SGD(m.parameters(), lr=0.1), DataLoader(data, batch_size=8)
+    with pytest.raises(anadp.UnsupportedModuleError, match=r"'norm'.*track_running_stats=True.*running_mean"):
+        anadp.make_private(m, o, l, noise_multiplier=1.0, max_grad_norm=1.0)
+    m.norm.eval()  # normalizes with the (public, fixed) running statistics: nothing is written
+    m, o, l = anadp.make_private(m, o, l, noise_multiplier=1.0, max_grad_norm=1.0, seed=0)
+    before = {k: v.clone() for k, v in m.state_dict().items() if "running" in k}
+    x, y = next(iter(l))
+    F.cross_entropy(m(x), y).backward()
+    o.step()
+    assert all(torch.equal(m.state_dict()[k], v) for k, v in before.items())
+    m.train()
+    with pytest.raises(anadp.UnsupportedModuleError, match="track_running_stats"):
+        m(x)
+
+
+class _RunningAverage(nn.Module):
+    """A custom module that keeps a running average of its input in a buffer."""
+
+    def __init__(self, replace=False):
+        super().__init__()
+        self.emb, self.fc, self.replace = nn.Embedding(10, 4), nn.Linear(12, 2), replace
+        self.register_buffer("avg", torch.zeros(12))
+
+    def forward(self, idx):
+        h = self.emb(idx).flatten(1)
+        if self.training:
+            if self.replace:
+                self.avg = 0.9 * self.avg + 0.1 * h.detach().mean(0)
+            else:
+                self.avg.mul_(0.9).add_(h.detach().mean(0), alpha=0.1)
+        return self.fc(h)
+
+
+@pytest.mark.parametrize("replace", [False, True], ids=["in-place", "replaced"])
+def test_a_buffer_written_by_a_private_forward_is_refused_at_the_step(replace):
+    torch.manual_seed(0)
+    m = _RunningAverage(replace)
+    data = TensorDataset(torch.randint(0, 10, (32, 3)), torch.randint(0, 2, (32,)))
+    m, o, l = anadp.make_private(m, torch.optim.SGD(m.parameters(), lr=0.1), DataLoader(data, batch_size=8),
+                                 noise_multiplier=1.0, max_grad_norm=1.0, seed=0)
+    x, y = next(iter(l))
+    F.cross_entropy(m(x), y).backward()
+    with pytest.raises(RuntimeError, match="buffer 'avg' was written during a private forward"):
+        o.step()
+    m.eval()
+    o.zero_grad()
+    with torch.no_grad():
+        m(x)  # an evaluation forward may write (public use); nothing private was recorded
+
+
+def _budget_run(**kw):
+    m, o, l = make_setup("sgd", n=64, batch_size=16)  # 4 batches per epoch: 8 steps in 2 epochs
+    return anadp.make_private(m, o, l, target_epsilon=3.0, target_delta=1e-5, epochs=2, max_grad_norm=1.0, seed=0,
+                              **kw)
+
+
+def test_no_step_past_the_budget_the_noise_was_calibrated_for():
+    m, o, l = _budget_run()
+    assert o.budget_steps == 8 == o.steps_left
+    for epoch in range(2):
+        for x, y in l:
+            if len(x):
+                F.cross_entropy(m(x), y).backward()
+            o.step()
+            o.zero_grad()
+    assert o.steps_left == 0 and o.privacy_spent(1e-5) <= 3.0
+    x, y = next(iter(l))
+    F.cross_entropy(m(x), y).backward()
+    before = [p.detach().clone() for p in m.parameters()]
+    with pytest.raises(anadp.BudgetExhaustedError, match=r"step 9 of a run .* calibrated for 8 steps .*target "
+                                                         r"epsilon 3 .*spend epsilon 3\.\d+"):
+        o.step()
+    assert all(torch.equal(a, b) for a, b in zip(before, m.parameters())) and o.accountant.steps == 8
+
+
+def test_budget_steps_are_not_lost_to_float_rounding():
+    """Opacus's int(epochs / sample_rate) turns 4.999999 into 4: the last step of a run would be refused."""
+    from anadp.accounting import calibrated_steps
+    assert calibrated_steps(3 / 5, 1 / 5) == 3 and int((3 / 5) / (1 / 5)) == 2
+    assert calibrated_steps(2.5, 1 / 4) == 10 and calibrated_steps(2.6, 1 / 4) == 10
+
+
+@pytest.mark.parametrize("change", [{"allocation": "uniform"}, {"target_epsilon": 4.0}, {"max_grad_norm": 0.5}])
+def test_a_checkpoint_does_not_load_into_other_privacy_settings(tmp_path, change):
+    """load_checkpoint replaced the optimizer's settings by the checkpoint's (sigma 0.763 became 1.282)."""
+    m, o, l = _budget_run()
+    x, y = next(iter(l))
+    F.cross_entropy(m(x), y).backward()
+    o.step()
+    anadp.save_checkpoint(str(tmp_path / "c.pt"), m, o)
+    kw = {"target_epsilon": 3.0, "max_grad_norm": 1.0} | change
+    m2, o2, _ = make_setup("sgd", n=64, batch_size=16)
+    m2, o2, _ = anadp.make_private(m2, o2, _, target_delta=1e-5, epochs=2, seed=0, **kw)
+    key = next(iter(change)) if "target_epsilon" not in change else "noise_multiplier"
+    with pytest.raises(ValueError, match=f"other privacy settings.*{key}: checkpoint"):
+        anadp.load_checkpoint(str(tmp_path / "c.pt"), m2, o2)
+    m3, o3, _ = _budget_run()
+    anadp.load_checkpoint(str(tmp_path / "c.pt"), m3, o3)  # the same settings load
+    assert o3.step_count == 1

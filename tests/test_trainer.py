@@ -99,5 +99,19 @@ def test_trainer_resume_with_more_steps_than_the_budget_was_calibrated_for(tmp_p
     first = _trainer(tmp_path, 2, noise_multiplier=None, target_epsilon=3.0, target_delta=1e-5)
     first.train()
     longer = _trainer(tmp_path, 40, noise_multiplier=None, target_epsilon=3.0, target_delta=1e-5)
-    with pytest.raises(ValueError, match="would spend epsilon .* above the target 3"):
+    # calibrated for 40 steps, its noise differs from the checkpoint's: refused when the optimizer's state loads
+    with pytest.raises(ValueError, match=r"other privacy settings \(noise_multiplier: checkpoint 1\.06.*budget_steps: "
+                                         r"checkpoint 2, this optimizer 40"):
         longer.train(resume_from_checkpoint=str(tmp_path / "checkpoint-2"))
+
+
+def test_trainer_resume_of_a_finished_run_takes_no_step(tmp_path):
+    """It took one more noisy step (global_step 6 of max_steps 5) and reported epsilon 3.082 for a
+    target of 3.0."""
+    first = _trainer(tmp_path, 4, noise_multiplier=None, target_epsilon=3.0, target_delta=1e-5)
+    first.train()
+    assert first.dp_optimizer.steps_left == 0 and first.dp_optimizer.privacy_spent(1e-5) <= 3.0
+    again = _trainer(tmp_path, 4, noise_multiplier=None, target_epsilon=3.0, target_delta=1e-5)
+    with pytest.raises(ValueError, match="has taken all 4 steps of the run .*no step left"):
+        again.train(resume_from_checkpoint=True)
+    assert again.dp_optimizer.step_count == 4 and again.dp_optimizer.accountant.steps == 4

@@ -20,7 +20,11 @@ import warnings
 
 import torch
 from torch.utils.data import DataLoader
-from transformers import Trainer
+try:
+    from transformers import Trainer
+except ImportError as e:  # the hf extra is optional
+    raise ImportError(f"anadp.integrations.transformers needs Hugging Face transformers ({e}): "
+                      "pip install 'anadp[hf]'") from e
 
 from ..api import make_private
 from ..data import batch_size_of, split_batch
@@ -89,21 +93,16 @@ class DPTrainer(Trainer):
         return total
 
     def _load_optimizer_and_scheduler(self, checkpoint):
-        """Restore as the Trainer does; then, with a target epsilon, refuse a run whose remaining
-        steps at the restored noise multiplier would spend more than the target."""
+        """Restore as the Trainer does (the optimizer's state loads only into the same privacy settings:
+        the same budget); then refuse a finished run, where the Trainer would take one more step."""
         super()._load_optimizer_and_scheduler(checkpoint)
-        target = self._dp["target_epsilon"]
-        if checkpoint is None or target is None or self.dp_optimizer is None:
+        opt = self.dp_optimizer
+        if checkpoint is None or opt is None or opt.steps_left is None or opt.steps_left > 0:
             return
-        total = (self.args.max_steps if self.args.max_steps and self.args.max_steps > 0
-                 else int(self.args.num_train_epochs * len(self._dp_loader.original)))
-        eps = self.dp_optimizer.projected_epsilon(self.target_delta, total)
-        if eps > target * (1 + 1e-3):
-            raise ValueError(
-                f"resuming to {total} steps at the checkpoint's noise multiplier "
-                f"{self.dp_optimizer.noise_multiplier:.4g} would spend epsilon {eps:.3f}, above the target "
-                f"{target:g} it was calibrated for ({self.dp_optimizer.step_count} steps taken). Keep the original "
-                "max_steps / num_train_epochs, or start a new run calibrated for the longer one.")
+        raise ValueError(
+            f"the checkpoint has taken all {opt.budget_steps} steps of the run (epsilon "
+            f"{opt.privacy_spent(self.target_delta):.3f} of the target {opt.target_epsilon:g}): there is no step left "
+            "to resume, and one more would spend past the budget.")
 
     def log(self, logs: dict, *args, **kwargs) -> None:
         logs.pop("grad_norm", None)  # the Trainer's clip is off: its norm would be a made-up 0.0
