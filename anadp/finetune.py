@@ -210,7 +210,7 @@ def train_one(cfg: FinetuneConfig, method: str, epsilon: float, seed: int, train
            "delta": delta if dp else None, "accuracy": accuracy(model, test, cfg.device), "wall_seconds": wall}
     if dp:
         row["noise_multiplier"] = optimizer.noise_multiplier
-        row["noise_scales"] = optimizer.group_noise_scales
+        row["noise_scales"] = optimizer.noise_scales
         row["warmup_steps"] = optimizer.allocator.config.warmup_steps
     return row
 
