@@ -86,3 +86,13 @@ def test_without_a_compiler_the_torch_path_runs_after_one_warning(tmp_path):
     env = dict(os.environ, CXX="/bin/false", TORCH_EXTENSIONS_DIR=str(tmp_path))
     run = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stderr[-2000:]
+
+
+def test_each_environment_builds_into_its_own_folder(monkeypatch, tmp_path):
+    """Two environments sharing one folder rebuilt the kernel at every switch (~19 s, no message)."""
+    import sys
+    monkeypatch.setenv("ANADP_CACHE_DIR", str(tmp_path))
+    here = cpu_ops.build_directory()
+    monkeypatch.setattr(sys, "prefix", sys.prefix + "-other-env")
+    there = cpu_ops.build_directory()
+    assert here != there and here.startswith(str(tmp_path)) and there.startswith(str(tmp_path))

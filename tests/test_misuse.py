@@ -313,3 +313,13 @@ def test_a_checkpoint_does_not_load_into_other_privacy_settings(tmp_path, change
     m3, o3, _ = _budget_run()
     anadp.load_checkpoint(str(tmp_path / "c.pt"), m3, o3)  # the same settings load
     assert o3.step_count == 1
+
+
+def test_the_hf_integration_without_transformers_says_what_to_install():
+    import subprocess
+    import sys
+    code = ("import sys; sys.modules['transformers'] = None\n"
+            "try:\n    import anadp.integrations.transformers\n"
+            "except ImportError as e:\n    print(e)\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert "pip install 'anadp[hf]'" in out.stdout, out.stdout + out.stderr
