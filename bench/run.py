@@ -37,6 +37,7 @@ import time
 
 import torch
 
+from bench import host_overhead
 from bench.suite import METHODS, build, flat_params, layer_configs, make_step, model_configs
 
 
@@ -248,6 +249,8 @@ def main(argv=None):
     repeats = args.repeats or (1 if args.smoke else 3)
     rows = run(args.smoke, rounds, isolate=not args.smoke, repeats=repeats)
     noise = noise_rows(1 << (16 if args.smoke else 24), rounds)
+    host = host_overhead.rows(rounds=2 if args.smoke else 20,
+                              cfg=host_overhead.SMOKE_CONFIG if args.smoke else host_overhead.CONFIG)
     machine = f"{platform.machine()}-{os.cpu_count()}cpu" + ("-smoke" if args.smoke else "")
     stem = os.path.join(args.out, f"{machine}-{datetime.date.today().isoformat()}{args.tag}")
     os.makedirs(args.out, exist_ok=True)
@@ -255,14 +258,16 @@ def main(argv=None):
             "threads": torch.get_num_threads(), "rounds": rounds, "repeats": repeats,
             "command": "python -m bench.run" + (" --smoke" if args.smoke else "") + (f" --tag={args.tag}" if args.tag else ""), "date": datetime.datetime.now().isoformat(timespec="seconds")}
     with open(stem + ".json", "w") as f:
-        json.dump({"meta": meta, "rows": rows, "noise": noise}, f, indent=1)
+        json.dump({"meta": meta, "rows": rows, "noise": noise, "host_overhead": host}, f, indent=1)
     md = f"# {meta['command']} — {meta['date']}, {meta['machine']}, torch {meta['torch']}, {meta['threads']} threads\n\n"
     with open(stem + ".md", "w") as f:
-        f.write(md + table(rows) + "\n\n" + noise_table(noise) + "\n")
+        f.write(md + table(rows) + "\n\n" + noise_table(noise) + "\n\n" + host_overhead.table(host) + "\n")
     plot(rows, stem + ".png")
     print(table(rows))
     print()
     print(noise_table(noise))
+    print()
+    print(host_overhead.table(host))
     print(f"\nwrote {stem}.json, .md, .png")
     return rows
 

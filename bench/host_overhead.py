@@ -1,0 +1,86 @@
+"""Host overhead of a training step: a compute-free model of BERT-base's shape (12 layers, width
+16, B = 2, T = 8) on one thread, so that a step's time is op dispatch and Python. Reports each
+method's step time against non-private and the aten ops one step dispatches (deterministic: the
+count a GPU step would launch, less the ops that are views).
+
+    python -m bench.host_overhead          # table; bench.run writes it with its other rows
+"""
+from __future__ import annotations
+
+import collections
+import statistics
+import time
+import warnings
+
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from bench.suite import Config, build, make_step
+
+METHODS = ["nonprivate", "anadp_uniform", "anadp"]
+CONFIG = Config("bert-base shape, width 16, B=2 T=8", "bert", 2, 8, 16, 12, 100)
+SMOKE_CONFIG = Config("bert 2 layers, width 16, B=2 T=8", "bert", 2, 8, 16, 2, 100)
+
+
+class _CountOps(TorchDispatchMode):
+    """Counts the aten ops dispatched below autograd (what a device would run)."""
+
+    def __init__(self):
+        super().__init__()
+        self.ops: collections.Counter = collections.Counter()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.ops[func.overloadpacket.__name__] += 1
+        return func(*args, **(kwargs or {}))
+
+
+def op_counts(step) -> collections.Counter:
+    """aten ops of one call of ``step``, by name."""
+    with _CountOps() as mode:
+        step()
+    return mode.ops
+
+
+def rows(rounds: int = 20, cfg: Config = CONFIG) -> list[dict]:
+    """Each method's median host time of a step on one thread, the methods' steps interleaved
+    (the shared machine's speed drifts: each method sees the same drift), after 3 warm-up steps;
+    and the ops one step dispatches."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            steps = {}
+            for method in METHODS:
+                model, inputs, labels = build(cfg)
+                steps[method] = make_step(method, model, inputs, labels)[0]
+                for _ in range(3):
+                    steps[method]()
+            times = {m: [] for m in METHODS}
+            for _ in range(rounds):
+                for method, step in steps.items():
+                    t = time.perf_counter()
+                    step()
+                    times[method].append(time.perf_counter() - t)
+            ops = {m: op_counts(step) for m, step in steps.items()}
+    finally:
+        torch.set_num_threads(threads)
+    out = [{"config": cfg.name, "method": m, "seconds": statistics.median(times[m]), "ops": sum(ops[m].values()),
+            "top_ops": dict(ops[m].most_common(8))} for m in METHODS]
+    for r in out:
+        r["x_nonprivate"] = r["seconds"] / out[0]["seconds"]
+        r["ops_x_nonprivate"] = r["ops"] / out[0]["ops"]
+    return out
+
+
+def table(rows: list[dict]) -> str:
+    lines = ["| host overhead (compute-free) | method | ms/step | x non-private | aten ops | ops x non-private |",
+             "|---|---|---|---|---|---|"]
+    for k, r in enumerate(rows):
+        lines.append(f"| {r['config'] if k == 0 else ''} | {r['method']} | {r['seconds'] * 1e3:.1f} | "
+                     f"{r['x_nonprivate']:.2f} | {r['ops']} | {r['ops_x_nonprivate']:.2f} |")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    print(table(rows()))
