@@ -36,6 +36,15 @@ class PhysicalBatch:
         self.records, self.batch_size, self.scale, self.ends_logical = records, batch_size, scale, ends_logical
         self.chunk_id = chunk_id  # which chunk of private data the forward ran on (None: not from the DP loader)
         self.cache = R.BatchCache()
+        self._stacks = None  # see _dense_stacks
+
+    def _dense_stacks(self, exclude=()) -> list:
+        """The small per-sample gradients of one shape stacked (records.dense_stacks), formed once for
+        the norms and the clipped sums."""
+        if self._stacks is None:
+            self._stacks = R.dense_stacks({p: recs[0] for p, recs in self.records.items() if len(recs) == 1
+                                           and type(recs[0]) is R.DenseRecord and p not in exclude})
+        return self._stacks
 
     def sq_norms(self, kernels=None, scaled: bool = True) -> dict:
         """param -> (B,) per-sample squared norms of its gradient; with a kernel backend,
@@ -49,17 +58,38 @@ class PhysicalBatch:
             elif kernels is not None and len(recs) == 1 and isinstance(r, R.EmbeddingRecord):
                 out[p] = kernels.embedding_sq_norms(r.idx, r.G)
         for p, recs in self.records.items():
+            src = getattr(recs[0], "source", None) if len(recs) == 1 else None
+            if p not in out and id(src) in bias_norms:
+                out[p] = bias_norms[id(src)]
+        for keys, X in self._dense_stacks(exclude=out):
+            norms = torch.linalg.vector_norm(X, dim=2).square()
+            out.update(zip(keys, norms))
+        for p, recs in self.records.items():
             if p not in out:
-                src = getattr(recs[0], "source", None) if len(recs) == 1 else None
-                out[p] = bias_norms[id(src)] if id(src) in bias_norms else R.sq_norm(recs, self.cache)
+                out[p] = R.sq_norm(recs, self.cache)
         self.cache.grams = {}  # the shared Gram matrices are done with
+        out = {p: out[p] for p in self.records}  # in record order, whichever way each was formed
         return {p: s * self.scale ** 2 for p, s in out.items()} if scaled else out
 
     def clipped_sum(self, p, c: torch.Tensor) -> torch.Tensor:
         return R.clipped_sum(self.records[p], c * self.scale, self.cache)
 
+    def clipped_sums(self, c: torch.Tensor, params) -> dict:
+        """param -> sum_i c_i g_i for ``params``, ``c`` the clip factors of the records (scale included):
+        the stacked ones in one weighted sum per stack."""
+        want, out = set(params), {}
+        for keys, X in self._dense_stacks():
+            if any(k in want for k in keys):
+                sums = torch.matmul(c.to(X.dtype), X)  # (n, numbers per sample)
+                out.update((k, s.view(self.records[k][0].gs.shape[1:])) for k, s in zip(keys, sums) if k in want)
+        for p in params:
+            if p not in out:
+                out[p] = R.clipped_sum(self.records[p], c, self.cache)
+        return out
+
     def drop(self, bad: torch.Tensor) -> None:
         """Zero the contributions of the samples marked in ``bad``."""
+        self._stacks = None
         for recs in self.records.values():
             for r in recs:
                 r.drop(bad)

@@ -23,7 +23,6 @@ from dataclasses import asdict
 from .accounting import Accountant, BudgetExhaustedError
 from .allocation import AllocationConfig, NoiseAllocator, kind_of, noise_groups
 from .engine import GradSampleEngine, PhysicalBatch
-from . import records as R
 from .records import LinearRecord
 
 _FOREACH = (torch.optim.SGD, torch.optim.Adam, torch.optim.AdamW)
@@ -247,14 +246,17 @@ class DPOptimizer(Optimizer):
             self._add_shares(plan, torch.where(bad[None], 0, S) if any_bad else S, c * batch.scale)
         self._materialize_deferred()
         cs = c * batch.scale  # the clip factors of the records, which hold the scaled-down gradients
+        now = []
         for p, recs in batch.records.items():
             i = self.index.get(p)
             if i is None:
                 continue
             if self._fused_gemm and len(recs) == 1 and isinstance(recs[0], LinearRecord):
                 self._deferred[i] = (recs[0], cs)
-                continue
-            self._add_to_sum(i, R.clipped_sum(recs, cs, batch.cache))
+            else:
+                now.append(p)
+        for p, s in batch.clipped_sums(cs, now).items():
+            self._add_to_sum(self.index[p], s)
         self.last_per_sample_norms, self.last_clip_factors = norms, c
         self._chunks += 1
         self._logical_batches += int(batch.ends_logical)

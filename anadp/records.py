@@ -19,6 +19,10 @@ import torch
 # Instantiating a (B, p, d) per-sample gradient is done in batch chunks of at
 # most this many elements, to bound the transient memory.
 _INSTANTIATE_CHUNK = 1 << 22
+# Per-sample gradients of one shape are stacked (one norm reduction, one weighted sum for all of
+# them instead of one each: BERT-base has ~200 small tensors, biases and norm weights, whose per-tensor
+# ops are most of the host time of a step) while the stack holds at most this many numbers.
+_STACK_MAX = 1 << 20
 
 
 def ghost_is_cheaper(T: int, d: int, p: int, sharers: int = 1) -> bool:
@@ -245,6 +249,19 @@ class DenseRecord:
 
     def drop(self, bad: torch.Tensor) -> None:
         self.gs = torch.where(bad.view(-1, *[1] * (self.gs.dim() - 1)), 0, self.gs)
+
+
+def dense_stacks(records: dict) -> list:
+    """[(keys, X)]: the DenseRecords of ``records`` (key -> record) grouped by shape, dtype and device,
+    two or more and small (``_STACK_MAX``), each stacked as X (n, B, numbers per sample)."""
+    by: dict = {}
+    for key, r in records.items():
+        by.setdefault((tuple(r.gs.shape), r.gs.dtype, r.gs.device), []).append(key)
+    out = []
+    for (shape, _, _), keys in by.items():
+        if len(keys) >= 2 and math.prod(shape) * len(keys) <= _STACK_MAX:
+            out.append((keys, torch.stack([records[k].gs.reshape(shape[0], math.prod(shape[1:])) for k in keys])))
+    return out
 
 
 def inner(r: object, s: object) -> torch.Tensor:

@@ -515,3 +515,22 @@ def test_transformer_encoder_and_decoder_layers(dtype, norm_first):
 def test_multihead_attention_with_bias_kv_is_refused_at_wrap_time():
     with pytest.raises(UnsupportedModuleError, match=r"add_bias_kv=True.*use add_bias_kv=False"):
         GradSampleEngine(nn.MultiheadAttention(8, 2, add_bias_kv=True))
+
+
+def test_stacked_small_records_equal_the_per_record_algebra():
+    """Small per-sample gradients of one shape are stacked (one norm reduction, one weighted sum for
+    all): the same norms and clipped sums as each record's own."""
+    from anadp import records as R
+    torch.manual_seed(13)
+    m = nn.Sequential(*[nn.Sequential(nn.Linear(6, 6), nn.Tanh(), nn.LayerNorm(6)) for _ in range(4)]).double()
+    engine = GradSampleEngine(m, loss_reduction="sum")
+    m(torch.randn(5, 3, 6, dtype=torch.float64)).pow(2).sum().backward()
+    batch = engine.take()
+    stacks = batch._dense_stacks()
+    assert sum(len(keys) for keys, _ in stacks) == len(batch.records)  # every record here is small and shares a shape
+    norms, c = batch.sq_norms(), torch.rand(5, dtype=torch.float64)
+    sums = batch.clipped_sums(c, list(batch.records))
+    for p, recs in batch.records.items():
+        assert rel_err(norms[p], R.sq_norm(recs)) < 1e-12
+        assert rel_err(sums[p], R.clipped_sum(recs, c)) < 1e-12 and sums[p].shape == p.shape
+    engine.remove()
