@@ -175,6 +175,7 @@ class NoiseAllocator:
         self.energy_bar, self.share_bar = torch.zeros(n, dtype=torch.float64), torch.zeros(n + 1, dtype=torch.float64)
         self.energy_var = torch.zeros(n, dtype=torch.float64)  # variance of energy_bar from the noise alone
         self.adaptive = adaptive  # the optimizer normalizes each coordinate (Adam): anadp's gain saturates
+        self.compiled = True  # anadp's maximizer in the compiled CPU kernel where it is built (else numpy)
         # kind of each group (the same matrix in every layer): statistics are pooled over a kind
         names = list(kinds) if kinds is not None else [str(g) for g in range(n)]
         if len(names) != n:
@@ -313,6 +314,13 @@ class NoiseAllocator:
         c = self.config
         lo, hi = -math.log(c.w_max), -math.log(c.w_min)
         log_x = np.clip(-np.log(self.group_scales.numpy()), lo, hi)
+        if self.compiled:
+            from .backends import cpu
+            G2, alpha, d, n = self._gain_terms()
+            out = cpu.maximize_gain(torch.from_numpy(log_x), G2[:-1].contiguous(), float(G2[-1]), alpha.contiguous(),
+                                    d.double().contiguous(), n, self.adaptive, lo, hi, iterations)
+            if out is not None:  # the same loop compiled (csrc/cpu/gain.cpp); None: no kernel here
+                return torch.exp(-out).clamp(c.w_min, c.w_max)
         grad_of = self.step_gain_grad()
         m, v, (b1, b2, eps) = np.zeros_like(log_x), np.zeros_like(log_x), (0.9, 0.999, 1e-8)
         for i in range(iterations):  # torch.optim.Adam's update, in numpy: ~10x faster than autograd here

@@ -270,7 +270,8 @@ class DPOptimizer(Optimizer):
         if plan is None:
             w = self.allocator.scales
             i = [self.index.get(p) for p in params]
-            whiten = [1.0 if (self.clipping == "global" or k is None) else float(w[k]) ** -2 for k in i]
+            wl = w.tolist()
+            whiten = [1.0 if (self.clipping == "global" or k is None) else wl[k] ** -2 for k in i]
             to_group = torch.zeros(len(params), self.allocator.n_groups + 1, dtype=torch.float64)
             rows = [r for r, k in enumerate(i) if k is not None]
             cols = [k for k in i if k is not None]

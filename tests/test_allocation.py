@@ -9,6 +9,7 @@ import torch.nn.functional as F
 import anadp
 from anadp.accounting import Accountant
 from anadp.allocation import ALLOCATIONS, AllocationConfig, NoiseAllocator, _normalize, noise_groups, normalize_scales
+from helpers import rel_err
 from models import make_setup
 
 WIDE = dict(w_min=1e-3, w_max=1e3)  # bounds that do not bind, so that formulas are visible
@@ -383,3 +384,24 @@ def test_allocation_state_from_another_version_is_a_clear_error(change):
         state["config"] = {**state["config"], "future_knob": 1.0}
     with pytest.raises(ValueError, match="another version of anadp.*(energy_var|future_knob)|(energy_var|future_knob).*another"):
         b.load_state_dict(state)
+
+
+@pytest.mark.parametrize("adaptive", [True, False])
+def test_the_compiled_maximizer_equals_the_numpy_loop(adaptive):
+    """csrc/cpu/gain.cpp runs _best_for_step's loop (the same operations; sums in another order):
+    equal to rounding on random statistics, bounds hit included."""
+    from anadp.backends import cpu
+    if cpu.why_unavailable() is not None:
+        pytest.skip(f"CPU kernel: {cpu.import_error}")
+    g = torch.Generator().manual_seed(5)
+    a = NoiseAllocator([50, 200, 80, 10, 300, 7], "anadp", AllocationConfig(warmup_steps=0), [0, 1, 2, 3, 4, -1],
+                       adaptive=adaptive)
+    a.share_bar = torch.rand(a.n_groups + 1, generator=g, dtype=torch.float64) + 0.1
+    a.energy_bar = torch.rand(a.n_groups, generator=g, dtype=torch.float64) * 3
+    a.energy_var = torch.rand(a.n_groups, generator=g, dtype=torch.float64) * 1e-3
+    a.noise_var = 0.2
+    a.group_scales = torch.rand(a.n_groups, generator=g, dtype=torch.float64) + 0.5
+    compiled = a._best_for_step()
+    a.compiled = False
+    ref = a._best_for_step()
+    assert rel_err(compiled, ref) < 1e-10 and float(ref.max() / ref.min()) > 1.5  # the maximizer moved w

@@ -1,4 +1,4 @@
-"""The compiled CPU noise kernel (csrc/cpu/noise.cpp) against the torch Philox stream."""
+"""The compiled CPU kernels (anadp/csrc/cpu/): the noise against the torch Philox stream."""
 import shutil
 
 import pytest
@@ -66,7 +66,7 @@ def test_add_is_in_place_and_scaled():
 
 
 def test_without_a_compiler_the_torch_path_runs_after_one_warning(tmp_path):
-    """A failing build (here: CXX is /bin/false, an empty extensions cache) warns once, says why,
+    """A failing build (here: CXX is /bin/false, an empty kernel cache) warns once, says why,
     and the noise is still the stream."""
     import os
     import subprocess
@@ -79,11 +79,11 @@ def test_without_a_compiler_the_torch_path_runs_after_one_warning(tmp_path):
             "    backend = resolve('auto', torch.device('cpu'))\n"
             "    a = torch.zeros(100); cpu_ops.CpuBackend().add_noise_(a, philox.group_key(1, 2, 3), 1.0)\n"
             "    b = torch.zeros(100); cpu_ops.CpuBackend().add_noise_(b, philox.group_key(1, 2, 3), 1.0)\n"
-            "msgs = [str(x.message) for x in w if 'CPU noise kernel' in str(x.message)]\n"
+            "msgs = [str(x.message) for x in w if 'CPU kernels' in str(x.message)]\n"
             "assert len(msgs) == 1 and 'could not be built' in msgs[0], msgs\n"
             "assert cpu_ops.why_unavailable() is not None and backend == 'torch'\n"
             "assert torch.equal(a, philox.gaussian(1, 2, 3, (100,))) and torch.equal(a, b)\n")
-    env = dict(os.environ, CXX="/bin/false", TORCH_EXTENSIONS_DIR=str(tmp_path))
+    env = dict(os.environ, CXX="/bin/false", ANADP_CACHE_DIR=str(tmp_path))  # an empty cache: a build
     run = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stderr[-2000:]
 

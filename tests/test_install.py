@@ -34,7 +34,7 @@ STEP = textwrap.dedent("""
     assert opt.backend == "cpu", opt.backend
     assert cpu.why_unavailable() is None, cpu.import_error
     assert cpu._ext.__file__.startswith(os.environ["ANADP_CACHE_DIR"]), cpu._ext.__file__
-    assert cpu._SOURCE.startswith(os.environ["ENV_DIR"]), cpu._SOURCE
+    assert all(s.startswith(os.environ["ENV_DIR"]) for s in cpu._SOURCES), cpu._SOURCES
     assert all(not torch.equal(a, b) for a, b in zip(before, model.parameters()))
     print("step ok", opt.step_count)
 """)
@@ -81,7 +81,7 @@ def test_wheel_installed_elsewhere_imports_and_steps_with_the_compiled_kernel(wh
                                     if not p.startswith(sys.prefix)))  # not activated: no ninja on PATH
     run = subprocess.run([str(py), "-c", STEP], cwd=work, env=env, capture_output=True, text=True, timeout=600)
     assert run.returncode == 0 and "step ok 1" in run.stdout, run.stdout + run.stderr
-    assert "compiling the CPU noise kernel" in run.stderr  # a fresh cache: the compile is announced
+    assert "compiling the CPU kernels" in run.stderr  # a fresh cache: the compile is announced
     again = subprocess.run([str(py), "-c", STEP], cwd=work, env=env, capture_output=True, text=True, timeout=600)
     assert again.returncode == 0 and "compiling" not in again.stderr, again.stdout + again.stderr  # cached
     version = subprocess.run([str(env_dir / "bin" / "anadp"), "--version"], cwd=work, env=env, capture_output=True,

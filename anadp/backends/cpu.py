@@ -16,7 +16,8 @@ import torch
 
 from .torch_ref import TorchBackend
 
-_SOURCE = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "csrc", "cpu", "noise.cpp")
+_FOLDER = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "csrc", "cpu")
+_SOURCES = [os.path.join(_FOLDER, f) for f in ("noise.cpp", "gain.cpp", "bindings.cpp")]
 # -fno-math-errno lets log / cos run in glibc's vector versions; no -ffast-math, which would
 # reassociate the float roundings that define the stream (and flush denormals process-wide)
 _CFLAGS = ["-O3", "-march=native", "-fopenmp", "-fno-math-errno"]
@@ -32,10 +33,9 @@ def build_directory() -> str:
     import hashlib
     root = os.environ.get("ANADP_CACHE_DIR") or os.path.join(
         os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache"), "anadp")
-    with open(_SOURCE, "rb") as f:
-        source = f.read()
+    sources = b"".join(open(path, "rb").read() for path in _SOURCES)
     key = hashlib.sha256(b"\0".join([
-        source, sys.prefix.encode(), sys.version.encode(), torch.__version__.encode(), torch.__file__.encode(),
+        sources, sys.prefix.encode(), sys.version.encode(), torch.__version__.encode(), torch.__file__.encode(),
         " ".join(_CFLAGS).encode()])).hexdigest()[:16]
     return os.path.join(root, "cpu-noise", key)
 
@@ -49,22 +49,23 @@ def _load():
         import_error = "disabled by ANADP_CPU_KERNEL=0"
         return None
     try:
-        if not os.path.exists(_SOURCE):
-            raise FileNotFoundError(f"its source {_SOURCE} is not in the installed package")
+        missing = [path for path in _SOURCES if not os.path.exists(path)]
+        if missing:
+            raise FileNotFoundError(f"its sources {missing} are not in the installed package")
         from torch.utils.cpp_extension import load
         _put_ninja_on_path()
         folder = build_directory()
         os.makedirs(folder, exist_ok=True)
-        if not os.path.exists(os.path.join(folder, "anadp_cpu_noise.so")):
-            print(f"anadp: compiling the CPU noise kernel (once per environment, ~20 s) into {folder}",
+        if not os.path.exists(os.path.join(folder, "anadp_cpu.so")):
+            print(f"anadp: compiling the CPU kernels (once per environment, ~20 s) into {folder}",
                   file=sys.stderr, flush=True)
         ldflags = ["-fopenmp"] + (["-lmvec"] if _glibc() else [])
-        _ext = load(name="anadp_cpu_noise", sources=[_SOURCE], extra_cflags=_CFLAGS, extra_ldflags=ldflags,
+        _ext = load(name="anadp_cpu", sources=_SOURCES, extra_cflags=_CFLAGS, extra_ldflags=ldflags,
                     build_directory=folder, verbose=False)
     except Exception as e:  # noqa: BLE001 - any build failure means: fall back, and say why
         import_error = f"{type(e).__name__}: {str(e).strip().splitlines()[-1] if str(e).strip() else e}"
-        warnings.warn(f"anadp: the CPU noise kernel could not be built ({import_error}); the noise is drawn with "
-                      "torch ops instead (same numbers, ~25x slower)")
+        warnings.warn(f"anadp: the CPU kernels could not be built ({import_error}); the noise is drawn with torch "
+                      "ops instead (same numbers, ~25x slower), the allocation's maximizer runs in numpy")
         _ext = None
     return _ext
 
@@ -111,6 +112,17 @@ def philox_words(key: int, offsets: torch.Tensor) -> torch.Tensor:
     if ext is None:
         raise RuntimeError(f"the CPU kernel is not available: {import_error}")
     return ext.philox_words(key - 2**64 if key >= 2**63 else key, offsets.long().contiguous())
+
+
+def maximize_gain(log_x0, G2, G2_rest: float, alpha, d, n: float, adaptive: bool, lo: float, hi: float,
+                  iterations: int):
+    """anadp's step-gain maximizer compiled (NoiseAllocator._best_for_step's loop; float64 tensors),
+    or None where the kernel is not available (the caller runs its numpy loop)."""
+    ext = _load()
+    if ext is None:
+        return None
+    return ext.maximize_gain(log_x0, G2, float(G2_rest), alpha, d, float(n), bool(adaptive), float(lo), float(hi),
+                             int(iterations))
 
 
 class CpuBackend(TorchBackend):

@@ -1,7 +1,7 @@
 // CPU backend: the Philox Gaussian noise of anadp/philox.py, in one fused loop
 // (OpenMP threads, SIMD lanes). The same Philox source as the CUDA kernels
 // (csrc/philox.cuh); torch reference: anadp.philox.gaussian. Built on first use
-// by anadp/cpu_ops.py (torch.utils.cpp_extension.load, cached).
+// by anadp/backends/cpu.py (torch.utils.cpp_extension.load, cached); bound in bindings.cpp.
 #include <torch/extension.h>
 
 #include <algorithm>
@@ -53,6 +53,10 @@ void check(const torch::Tensor& t, const char* name) {
 }
 
 // out[i] += std * randn(key, offset0 + i), in place
+}  // namespace
+
+namespace anadp_cpu {
+
 void add_gaussian_(torch::Tensor out, int64_t key, double std, int64_t offset0) {
   check(out, "out");
   TORCH_CHECK(offset0 >= 0, "offset0 must be >= 0");
@@ -105,9 +109,4 @@ torch::Tensor philox_words(int64_t key, torch::Tensor offsets) {
   return out;
 }
 
-}  // namespace
-
-PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.def("add_gaussian_", &add_gaussian_, "out += std * randn(key, offset0 + i), in place");
-  m.def("philox_words", &philox_words, "the first two Philox 4x32-10 words per offset");
-}
+}  // namespace anadp_cpu
