@@ -352,15 +352,14 @@ class DPOptimizer(Optimizer):
             return None
         self._materialize_deferred()
         k, seed, std, denom = plan
-        grads, w = [], self.allocator.scales.tolist()
-        for i, p in enumerate(self.params):
-            g = self._summed[i]
-            if g is None:
-                g = torch.zeros(p.shape, device=p.device, dtype=_sum_dtype(p))
-            if std > 0:
-                g = g.contiguous()
-                self.impl.add_noise_(g, philox.group_key(seed, self.step_count, self.noise_ids[i]), std * w[i])
-            grads.append(g.mul_(self._feed_scale(w[i]) / denom))  # the sum is ours (the noise went in in place too)
+        w = self.allocator.scales.tolist()
+        grads = [torch.zeros(p.shape, device=p.device, dtype=_sum_dtype(p)) if g is None else g.contiguous()
+                 for p, g in zip(self.params, self._summed)]
+        if std > 0:  # in place: the sums are ours
+            self.impl.add_noise_multi_(grads, [philox.group_key(seed, self.step_count, g) for g in self.noise_ids],
+                                       [std * s for s in w])
+        if grads:
+            torch._foreach_mul_(grads, [self._feed_scale(s) / denom for s in w])
         self._released = (self._release_shares(seed), std / denom, denom, self.expected_batch_size * k)
         self._charge(k)
         return grads

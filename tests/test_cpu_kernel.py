@@ -96,3 +96,21 @@ def test_each_environment_builds_into_its_own_folder(monkeypatch, tmp_path):
     monkeypatch.setattr(sys, "prefix", sys.prefix + "-other-env")
     there = cpu_ops.build_directory()
     assert here != there and here.startswith(str(tmp_path)) and there.startswith(str(tmp_path))
+
+
+@pytest.mark.parametrize("mixed", [False, True], ids=["float32: one kernel call", "with float64: per tensor"])
+def test_one_call_for_many_tensors_draws_each_tensors_own_stream(mixed):
+    """add_noise_multi_ (one kernel call for a step's tensors) equals add_noise_ tensor by tensor, bit
+    for bit; a float64 tensor among them sends the list through the per-tensor path."""
+    backend = get("cpu")
+    shapes = [(3, 5), (17,), (4, 4, 4), (1,)]
+    dtypes = [torch.float32, torch.float32, torch.float64 if mixed else torch.float32, torch.float32]
+    keys, stds = [philox.group_key(9, 2, g) for g in range(4)], [0.5, 1.0, 2.0, 3.0]
+    g = torch.Generator().manual_seed(0)
+    start = [torch.randn(s, generator=g, dtype=d) for s, d in zip(shapes, dtypes)]
+    many = [t.clone() for t in start]
+    backend.add_noise_multi_(many, keys, stds)
+    for t, k, s, got in zip(start, keys, stds, many):
+        one = t.clone()
+        backend.add_noise_(one, k, s)
+        assert torch.equal(one, got) and not torch.equal(one, t)

@@ -65,6 +65,11 @@ class Backend:
         flat = out.view(-1)
         self.multi_tensor_update([flat], [torch.zeros_like(flat)], [None], [None], [key], row, kind=U.SGD)
 
+    def add_noise_multi_(self, outs: list, keys: list, stds: list) -> None:
+        """add_noise_ on every tensor of ``outs`` with its key and std; a backend may do it in one call."""
+        for out, key, std in zip(outs, keys, stds):
+            self.add_noise_(out, key, std)
+
     # --- norms (optional) ---------------------------------------------------------------
     def linear_sq_norms(self, A: torch.Tensor, G: torch.Tensor, out=None, out_bias=None, ghost=None):
         """(weight, bias) per-sample squared norms, (B,) each, of a Linear with input A (B, T, d) and

@@ -106,6 +106,16 @@ def add_gaussian_(out: torch.Tensor, key: int, std: float, offset0: int = 0) -> 
     return True
 
 
+def add_gaussian_multi_(outs: list, keys: list, stds: list) -> bool:
+    """add_gaussian_ on every tensor of ``outs`` (each from element 0) in one call, if the kernel can
+    take them all (contiguous float32 CPU tensors); returns whether it did."""
+    ext = _load()
+    if ext is None or not all(o.device.type == "cpu" and o.dtype == torch.float32 and o.is_contiguous() for o in outs):
+        return False
+    ext.add_gaussian_multi_(outs, [k - 2**64 if k >= 2**63 else k for k in keys], [float(s) for s in stds])
+    return True
+
+
 def philox_words(key: int, offsets: torch.Tensor) -> torch.Tensor:
     """(2, n) int64: the first two Philox words per offset, from the compiled kernel."""
     ext = _load()
@@ -136,3 +146,7 @@ class CpuBackend(TorchBackend):
     def add_noise_(self, out: torch.Tensor, key: int, std: float) -> None:
         if not add_gaussian_(out, key, std):  # not a contiguous float32 tensor: the torch ops
             super().add_noise_(out, key, std)
+
+    def add_noise_multi_(self, outs: list, keys: list, stds: list) -> None:
+        if not add_gaussian_multi_(outs, keys, stds):
+            super().add_noise_multi_(outs, keys, stds)
