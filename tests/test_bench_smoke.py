@@ -93,11 +93,11 @@ def test_noise_rows_time_every_way_of_drawing():
 
 
 def test_host_overhead_rows():
-    """The compute-free row: every method times a step and counts the ops it dispatches; the DP steps
-    dispatch the non-private step's ops and more (norms, clipping, noise)."""
+    """The compute-free row: every method times a step and counts the ops it dispatches; ANADP's step
+    dispatches uniform DP's ops and more (its statistics' release and allocation run in the row)."""
     from bench import host_overhead
     rows = host_overhead.rows(rounds=1, cfg=host_overhead.SMOKE_CONFIG)
     assert [r["method"] for r in rows] == host_overhead.METHODS
     assert all(r["seconds"] > 0 and r["ops"] > 0 for r in rows)
-    assert all(r["ops"] > rows[0]["ops"] for r in rows[1:])
+    assert rows[2]["ops"] > rows[1]["ops"]
     assert host_overhead.table(rows).count("\n") == len(rows) + 1
