@@ -11,6 +11,7 @@ from __future__ import annotations
 import math
 import os
 import warnings
+from dataclasses import asdict
 
 import torch
 from torch.optim import Optimizer
@@ -18,8 +19,6 @@ from torch.optim import Optimizer
 from . import backends
 from . import philox
 from . import update_table as U
-from dataclasses import asdict
-
 from .accounting import Accountant, BudgetExhaustedError
 from .allocation import AllocationConfig, NoiseAllocator, kind_of, noise_groups
 from .engine import GradSampleEngine, PhysicalBatch
@@ -242,10 +241,10 @@ class DPOptimizer(Optimizer):
         c = (self.max_grad_norm / (norms + 1e-6)).clamp(max=1.0)
         if any_bad:
             c = torch.where(bad, 0, c)
-        if self.allocator.releases_shares:
-            self._add_shares(plan, torch.where(bad[None], 0, S) if any_bad else S, c * batch.scale)
-        self._materialize_deferred()
         cs = c * batch.scale  # the clip factors of the records, which hold the scaled-down gradients
+        if self.allocator.releases_shares:
+            self._add_shares(plan, torch.where(bad[None], 0, S) if any_bad else S, cs)
+        self._materialize_deferred()
         now = []
         for p, recs in batch.records.items():
             i = self.index.get(p)

@@ -37,7 +37,7 @@ def build_directory() -> str:
     key = hashlib.sha256(b"\0".join([
         sources, sys.prefix.encode(), sys.version.encode(), torch.__version__.encode(), torch.__file__.encode(),
         " ".join(_CFLAGS).encode()])).hexdigest()[:16]
-    return os.path.join(root, "cpu-noise", key)
+    return os.path.join(root, "cpu-kernels", key)
 
 
 def _load():
