@@ -5,6 +5,7 @@ physical batch, from one backward pass.
 from __future__ import annotations
 
 import collections
+import operator
 
 from typing import Callable, Optional
 
@@ -37,6 +38,7 @@ class PhysicalBatch:
         self.chunk_id = chunk_id  # which chunk of private data the forward ran on (None: not from the DP loader)
         self.cache = R.BatchCache()
         self._stacks = None  # see _dense_stacks
+        self._linear_stacks = None
 
     def _dense_stacks(self, exclude=()) -> list:
         """The small per-sample gradients of one shape stacked (records.dense_stacks), formed once for
@@ -46,30 +48,65 @@ class PhysicalBatch:
                                            and type(recs[0]) is R.DenseRecord and p not in exclude})
         return self._stacks
 
-    def sq_norms(self, kernels=None, scaled: bool = True) -> dict:
-        """param -> (B,) per-sample squared norms of its gradient; with a kernel backend,
-        a Linear weight and its bias come from one norm kernel, embeddings from another.
-        ``scaled=False``: without the loss-reduction scale (the caller applies scale^2 once)."""
-        out, bias_norms = {}, {}
-        for p, recs in self.records.items():
-            r = recs[0]
-            if kernels is not None and len(recs) == 1 and isinstance(r, R.LinearRecord):
-                out[p], bias_norms[id(r)] = kernels.linear_sq_norms(r.A, r.G)
-            elif kernels is not None and len(recs) == 1 and isinstance(r, R.EmbeddingRecord):
-                out[p] = kernels.embedding_sq_norms(r.idx, r.G)
-        for p, recs in self.records.items():
-            src = getattr(recs[0], "source", None) if len(recs) == 1 else None
-            if p not in out and id(src) in bias_norms:
-                out[p] = bias_norms[id(src)]
-        for keys, X in self._dense_stacks(exclude=out):
-            norms = torch.linalg.vector_norm(X, dim=2).square()
-            out.update(zip(keys, norms))
-        for p, recs in self.records.items():
-            if p not in out:
-                out[p] = R.sq_norm(recs, self.cache)
+    def _small_linear_stacks(self) -> list:
+        """The small ghost-norm Linear weights of one shape stacked (records.linear_stacks); formed
+        by the torch norms (a kernel backend's norm kernel reads each (A, G) itself)."""
+        if self._linear_stacks is None:
+            self._linear_stacks = R.linear_stacks({p: recs[0] for p, recs in self.records.items() if len(recs) == 1
+                                                   and type(recs[0]) is R.LinearRecord})
+        return self._linear_stacks
+
+    def sq_rows(self, kernels=None) -> tuple[list, torch.Tensor]:
+        """(params, S): per-sample squared norms without the loss-reduction scale, S (len(params), B),
+        row k that of params[k], the stacked records' rows first (one product per stack, one
+        concatenation; the optimizer whitens them in one product). With a kernel backend a Linear
+        weight and its bias come from one norm kernel, embeddings from another."""
+        keys, parts, done = [], [], set()
+        if kernels is not None:
+            bias_norms, rows = {}, []
+            for p, recs in self.records.items():
+                r = recs[0]
+                if len(recs) == 1 and isinstance(r, R.LinearRecord):
+                    w, bias_norms[id(r)] = kernels.linear_sq_norms(r.A, r.G)
+                elif len(recs) == 1 and isinstance(r, R.EmbeddingRecord):
+                    w = kernels.embedding_sq_norms(r.idx, r.G)
+                else:
+                    continue
+                keys.append(p)
+                rows.append(w)
+            for p, recs in self.records.items():
+                src = getattr(recs[0], "source", None) if len(recs) == 1 else None
+                if src is not None and id(src) in bias_norms:
+                    keys.append(p)
+                    rows.append(bias_norms[id(src)])
+            done.update(keys)
+            if rows:
+                parts.append(torch.stack(rows))
+        else:
+            for st in self._small_linear_stacks():
+                keys.extend(st.keys)
+                parts.append(st.sq_norms())
+            done.update(keys)
+        for stack_keys, X in self._dense_stacks(exclude=done):
+            keys.extend(stack_keys)
+            parts.append(torch.linalg.vector_norm(X, dim=2).square())
+        done.update(keys)
+        singles = [p for p in self.records if p not in done]
+        if singles:
+            parts.append(torch.stack([R.sq_norm(self.records[p], self.cache) for p in singles]))
+            keys.extend(singles)
         self.cache.grams = {}  # the shared Gram matrices are done with
-        out = {p: out[p] for p in self.records}  # in record order, whichever way each was formed
-        return {p: s * self.scale ** 2 for p, s in out.items()} if scaled else out
+        S = torch.cat(parts) if parts else torch.zeros(0, self.batch_size)
+        return keys, S
+
+    def sq_norms(self, kernels=None, scaled: bool = True) -> dict:
+        """param -> (B,) per-sample squared norms of its gradient, in record order (see sq_rows);
+        ``scaled=False``: without the loss-reduction scale."""
+        keys, S = self.sq_rows(kernels)
+        if scaled:
+            S = S * self.scale ** 2
+        rows = dict(zip(keys, S.unbind(0)))
+        return {p: rows[p] for p in self.records}
 
     def clipped_sum(self, p, c: torch.Tensor) -> torch.Tensor:
         return R.clipped_sum(self.records[p], c * self.scale, self.cache)
@@ -81,15 +118,23 @@ class PhysicalBatch:
         for keys, X in self._dense_stacks():
             if any(k in want for k in keys):
                 sums = torch.matmul(c.to(X.dtype), X)  # (n, numbers per sample)
-                out.update((k, s.view(self.records[k][0].gs.shape[1:])) for k, s in zip(keys, sums) if k in want)
-        for p in params:
-            if p not in out:
-                out[p] = R.clipped_sum(self.records[p], c, self.cache)
+                shape = self.records[keys[0]][0].gs.shape[1:]
+                if len(shape) != 1:
+                    sums = sums.view(len(keys), *shape)
+                out.update(zip(keys, sums.unbind(0)))
+        for st in self._linear_stacks or ():  # formed by sq_rows where the torch norms ran
+            if any(k in want for k in st.keys):
+                out.update(zip(st.keys, st.clipped_sums(c).unbind(0)))
+        if len(out) != len(want) or any(k not in want for k in out):
+            out = {k: v for k, v in out.items() if k in want}
+            for p in params:
+                if p not in out:
+                    out[p] = R.clipped_sum(self.records[p], c, self.cache)
         return out
 
     def drop(self, bad: torch.Tensor) -> None:
         """Zero the contributions of the samples marked in ``bad``."""
-        self._stacks = None
+        self._stacks = self._linear_stacks = None
         for recs in self.records.values():
             for r in recs:
                 r.drop(bad)
@@ -149,6 +194,10 @@ class GradSampleEngine:
         # every buffer, to see that a private forward/backward wrote none (in place or by replacement)
         self._buffers = [(f"{n}.{b}" if n else b, m, b) for n, m in model.named_modules() for b in m._buffers]
         self._buffer_state: list = []
+        self._modules = list(model.modules())
+        self._snapshot = self._structure()
+        hooked = set(self.params)
+        self._frozen = [p for p in model.parameters() if p not in hooked]
         self.batch_size: Optional[int] = None
         self.chunk_ends_logical = True  # set by the DP data loader for split logical batches
         self.chunk_id: Optional[int] = None  # the chunk of private data being used; see begin_chunk
@@ -180,8 +229,26 @@ class GradSampleEngine:
                 "supports.")
         return refuse
 
+    def _structure(self) -> list:
+        """Every module with its children and parameters as they are now (what check_unchanged compares)."""
+        return [(m, tuple(m._modules.values()), tuple(m._parameters.values())) for m in self._modules]
+
+    def _structure_unchanged(self) -> bool:
+        """Whether no module gained, lost or replaced a child or a parameter since wrap time and the
+        hooked parameters are all still trainable: one pass over flat lists (walking the module tree
+        with model.parameters() each step cost ~1 ms of host time on BERT-base)."""
+        for m, children, params in self._snapshot:
+            if (len(m._modules) != len(children) or len(m._parameters) != len(params)
+                    or not all(map(operator.is_, m._modules.values(), children))
+                    or not all(map(operator.is_, m._parameters.values(), params))):
+                return False
+        return all(p.requires_grad for p in self.params) and not any(
+            p is not None and p.requires_grad for p in self._frozen)
+
     def check_unchanged(self) -> None:
         """The trainable parameters must still be the ones hooked at wrap time."""
+        if self._structure_unchanged():
+            return
         now = [p for p in self.model.parameters() if p.requires_grad]
         if len(now) != len(self.params) or any(a is not b for a, b in zip(now, self.params)):
             known = set(self.params)
@@ -190,6 +257,10 @@ class GradSampleEngine:
             raise RuntimeError("the model's trainable parameters changed after make_private "
                                f"(new or unfrozen: {new[:3]}, frozen or removed: {gone[:3]}); "
                                "their per-sample gradients are not tracked: wrap the model again")
+        self._modules = list(self.model.modules())  # changed, but the same trainable parameters: fast path again
+        self._snapshot = self._structure()
+        hooked = set(self.params)
+        self._frozen = [p for p in self.model.parameters() if p not in hooked]
 
     def _check_mixing(self) -> None:
         for name, m in self._mixing:

@@ -256,11 +256,65 @@ def dense_stacks(records: dict) -> list:
     two or more and small (``_STACK_MAX``), each stacked as X (n, B, numbers per sample)."""
     by: dict = {}
     for key, r in records.items():
-        by.setdefault((tuple(r.gs.shape), r.gs.dtype, r.gs.device), []).append(key)
+        gs = r.gs
+        by.setdefault((gs.shape, gs.dtype, gs.device), []).append(key)
     out = []
     for (shape, _, _), keys in by.items():
         if len(keys) >= 2 and math.prod(shape) * len(keys) <= _STACK_MAX:
-            out.append((keys, torch.stack([records[k].gs.reshape(shape[0], math.prod(shape[1:])) for k in keys])))
+            X = torch.stack([records[k].gs for k in keys])
+            out.append((keys, X if X.dim() == 3 else X.view(len(keys), shape[0], math.prod(shape[1:]))))
+    return out
+
+
+class LinearStack:
+    """Small ghost-norm Linear records of one shape, stacked: their per-sample norms in two batched
+    Gram products and their clipped sums in one batched GEMM, instead of ~5 ops each. Inputs that
+    several of them read (query, key and value) are stacked once."""
+
+    def __init__(self, keys: list, records: list):
+        self.keys, self.transposed = keys, records[0].transposed
+        uniq: dict = {}  # gram_key -> (position in the A stack, A)
+        index = [uniq.setdefault(gram_key(r.A), (len(uniq), r.A))[0] for r in records]
+        self.A = torch.stack([A for _, A in uniq.values()])  # (u, B, T, d)
+        self.G = torch.stack([r.G for r in records])  # (n, B, T, p)
+        self.index = None if len(uniq) == len(records) else torch.tensor(index, device=self.A.device)
+
+    def sq_norms(self) -> torch.Tensor:
+        """(n, B) per-sample squared norms: <A_i A_i^T, G_i G_i^T> per record and sample."""
+        u, B, T, d = self.A.shape
+        n, p = self.G.shape[0], self.G.shape[3]
+        A, G = self.A.view(u * B, T, d), self.G.view(n * B, T, p)
+        GA = torch.bmm(A, A.transpose(1, 2)).view(u, B, T * T)
+        if self.index is not None:
+            GA = GA.index_select(0, self.index)
+        GG = torch.bmm(G, G.transpose(1, 2)).view(n, B, T * T)
+        return torch.linalg.vecdot(GA, GG)
+
+    def clipped_sums(self, c: torch.Tensor) -> torch.Tensor:
+        """(n, *weight shape): sum_i c_i G_i^T A_i per record."""
+        u, B, T, d = self.A.shape
+        n, p = self.G.shape[0], self.G.shape[3]
+        A = self.A if self.index is None else self.A.index_select(0, self.index)
+        Gc = (self.G * c.to(self.G.dtype)[None, :, None, None]).view(n, B * T, p)
+        A = A.view(n, B * T, d)
+        if self.transposed:  # Conv1D weight (d, p)
+            return torch.bmm(A.transpose(1, 2), Gc)
+        return torch.bmm(Gc.transpose(1, 2), A)
+
+
+def linear_stacks(records: dict) -> list:
+    """[LinearStack]: the ghost-norm LinearRecords of ``records`` (key -> record) grouped by shapes,
+    dtype, device and layout, two or more and small (``_STACK_MAX`` numbers with their Gram
+    matrices: large layers keep their own, blocked, products)."""
+    by: dict = {}
+    for key, r in records.items():
+        if r.A.shape[1] > 1 and r.use_ghost():
+            by.setdefault((tuple(r.A.shape), tuple(r.G.shape), r.A.dtype, r.A.device, r.transposed), []).append(key)
+    out = []
+    for (a, g, _, _, _), keys in by.items():
+        B, T = a[0], a[1]
+        if len(keys) >= 2 and len(keys) * B * T * (a[2] + g[2] + 2 * T) <= _STACK_MAX:
+            out.append(LinearStack(keys, [records[k] for k in keys]))
     return out
 
 

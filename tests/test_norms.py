@@ -534,3 +534,25 @@ def test_stacked_small_records_equal_the_per_record_algebra():
         assert rel_err(norms[p], R.sq_norm(recs)) < 1e-12
         assert rel_err(sums[p], R.clipped_sum(recs, c)) < 1e-12 and sums[p].shape == p.shape
     engine.remove()
+
+
+def test_stacked_small_linear_records_equal_the_per_record_algebra():
+    """Small ghost-norm Linear records of one shape are stacked (two batched Gram products for their
+    norms, one batched GEMM for their clipped sums; query, key and value share one input): the same
+    norms and clipped sums as each record's own, for nn.Linear and the Conv1D layout."""
+    from anadp import records as R
+    torch.manual_seed(14)
+    B, T, d, p = 3, 4, 16, 16  # ghost: T (p + d / 3) < p d
+    A = torch.randn(B, T, d, dtype=torch.float64)
+    recs = [R.LinearRecord(A, torch.randn(B, T, p, dtype=torch.float64), sharers=3) for _ in range(3)]
+    recs += [R.LinearRecord(torch.randn(B, T, d, dtype=torch.float64), torch.randn(B, T, p, dtype=torch.float64),
+                            transposed=t, sharers=3) for t in (True, True)]
+    keys = [torch.nn.Parameter(torch.zeros(1)) for _ in recs]
+    stacks = R.linear_stacks(dict(zip(keys, recs)))
+    assert sorted(len(s.keys) for s in stacks) == [2, 3] and any(s.index is not None for s in stacks)
+    c = torch.rand(B, dtype=torch.float64)
+    for st in stacks:
+        for k, sq, s in zip(st.keys, st.sq_norms(), st.clipped_sums(c)):
+            r = recs[keys.index(k)]
+            assert rel_err(sq, r.sq_norm()) < 1e-12
+            assert rel_err(s, r.clipped_sum(c)) < 1e-12 and s.shape == r.clipped_sum(c).shape
