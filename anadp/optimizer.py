@@ -17,6 +17,7 @@ import torch
 from torch.optim import Optimizer
 
 from . import backends
+from .backends import cpu as cpu_kernels
 from . import philox
 from . import update_table as U
 from .accounting import Accountant, BudgetExhaustedError
@@ -90,6 +91,7 @@ class DPOptimizer(Optimizer):
                 if g.get("foreach") is None and not g.get("fused"):
                     g["foreach"] = True
         self.index = {p: i for i, p in enumerate(self.params)}
+        self._sum_dtypes = [_sum_dtype(p) for p in self.params]
         # noise stream of a group: keyed by the parameter's position in the model, so that
         # how an optimizer orders its param groups does not change the noise
         position = {p: k for k, p in enumerate(engine.params)}
@@ -114,6 +116,8 @@ class DPOptimizer(Optimizer):
         self._last_chunk_id = 0
         self.last_per_sample_norms: torch.Tensor | None = None  # whitened norms of the last physical batch
         self.last_clip_factors: torch.Tensor | None = None
+        self._layouts: dict = {}  # see _chunk_plan
+        self._state_cache = None  # see _fused_rows
         self._reset_accumulation()
         engine.on_batch = self._accumulate
 
@@ -141,7 +145,7 @@ class DPOptimizer(Optimizer):
         self._fused_update = self.impl.fused_update and why is None
         # Linear weights in the clipped-GEMM kernel (triton); the cuda backend forms their sums with torch
         self._fused_gemm = self._fused_update and self.impl.fused_gemm
-        if kernels and why is not None:
+        if kernels and why is not None and self.impl.warn_fallback:
             warnings.warn(f"backend {self.backend!r}: {why}: the update runs in torch"
                           + ("" if self.norm_kernels is not None else ", and so do the norms"))
 
@@ -217,18 +221,16 @@ class DPOptimizer(Optimizer):
     @torch.no_grad()
     def _accumulate(self, batch: PhysicalBatch) -> None:
         self._check_chunk(batch)
-        sq = batch.sq_norms(self.norm_kernels, scaled=False)  # the loss-reduction scale, once below
-        dtype = torch.float64 if any(s.dtype == torch.float64 for s in sq.values()) else torch.float32
-        device = self.params[0].device if self.params else torch.device("cpu")
-        # one row per parameter, whitened in one product (per-tensor ops cost ~10 us each on a CPU)
-        S = torch.stack([s.to(dtype) for s in sq.values()]) if sq else torch.zeros(0, batch.batch_size, dtype=dtype,
-                                                                                     device=device)
-        plan = self._chunk_plan(list(sq), dtype, device)
+        keys, S = batch.sq_rows(self.norm_kernels)  # the loss-reduction scale, once below
+        if S.dtype not in (torch.float32, torch.float64):
+            S = S.float()
+        dtype, device = S.dtype, S.device
+        plan = self._chunk_plan(keys, dtype, device)
         norms = (plan[0] @ S).sqrt() * batch.scale
         bad = ~torch.isfinite(norms)
         any_bad = bool(bad.any())
         if any_bad:
-            names = [self.engine.names[p] for p, s in sq.items() if not torch.isfinite(s).all()]
+            names = [self.engine.names[p] for p, s in zip(keys, S) if not torch.isfinite(s).all()]
             msg = (f"non-finite per-sample gradient in {int(bad.sum())} of {batch.batch_size} samples "
                    f"(parameters: {names[:3]})")
             if self.nonfinite == "raise":
@@ -245,17 +247,21 @@ class DPOptimizer(Optimizer):
         if self.allocator.releases_shares:
             self._add_shares(plan, torch.where(bad[None], 0, S) if any_bad else S, cs)
         self._materialize_deferred()
-        now = []
-        for p, recs in batch.records.items():
-            i = self.index.get(p)
-            if i is None:
-                continue
-            if self._fused_gemm and len(recs) == 1 and isinstance(recs[0], LinearRecord):
-                self._deferred[i] = (recs[0], cs)
-            else:
-                now.append(p)
+        index = self.index
+        if self._fused_gemm:
+            now = []
+            for p, recs in batch.records.items():
+                i = index.get(p)
+                if i is None:
+                    continue
+                if len(recs) == 1 and isinstance(recs[0], LinearRecord):
+                    self._deferred[i] = (recs[0], cs)
+                else:
+                    now.append(p)
+        else:
+            now = [p for p in batch.records if p in index]
         for p, s in batch.clipped_sums(cs, now).items():
-            self._add_to_sum(self.index[p], s)
+            self._add_to_sum(index[p], s)
         self.last_per_sample_norms, self.last_clip_factors = norms, c
         self._chunks += 1
         self._logical_batches += int(batch.ends_logical)
@@ -264,18 +270,23 @@ class DPOptimizer(Optimizer):
     def _chunk_plan(self, params: list, dtype, device) -> tuple:
         """(whitening weights 1 / w^2 per row of S, share matrix row -> group, its key) for the records of
         ``params``: the scales are fixed within a step, so every physical chunk of it reuses them."""
-        key = (tuple(id(p) for p in params), dtype, device)
+        key = (tuple(map(id, params)), dtype, device)
         plan = self._plans.get(key)
         if plan is None:
+            layout = self._layouts.get(key)  # which row is which tensor: the same from step to step
+            if layout is None:
+                i = [self.index.get(p) for p in params]
+                rows = torch.tensor([r for r, k in enumerate(i) if k is not None], dtype=torch.long)
+                cols = torch.tensor([k for k in i if k is not None], dtype=torch.long)
+                layout = self._layouts[key] = (rows, cols, len(rows) == len(params))
+            rows, cols, all_owned = layout
             w = self.allocator.scales
-            i = [self.index.get(p) for p in params]
-            wl = w.tolist()
-            whiten = [1.0 if (self.clipping == "global" or k is None) else wl[k] ** -2 for k in i]
+            whiten = torch.ones(len(params), dtype=torch.float64)
+            if self.clipping != "global":
+                whiten[rows] = w[cols].pow(-2)
             to_group = torch.zeros(len(params), self.allocator.n_groups + 1, dtype=torch.float64)
-            rows = [r for r, k in enumerate(i) if k is not None]
-            cols = [k for k in i if k is not None]
             to_group[rows, self.allocator._col[cols]] = w[cols].pow(-2)
-            plan = self._plans[key] = (torch.tensor(whiten, dtype=dtype, device=device), to_group, key)
+            plan = self._plans[key] = (whiten.to(dtype=dtype, device=device), to_group, key)
         return plan
 
     def _add_shares(self, plan: tuple, S: torch.Tensor, c: torch.Tensor) -> None:
@@ -312,8 +323,11 @@ class DPOptimizer(Optimizer):
         return 1.0 / w if self.allocator.whitened_feed else 1.0
 
     def _add_to_sum(self, i: int, s: torch.Tensor) -> None:
-        s = s.to(_sum_dtype(self.params[i]))  # autocast leaves 16-bit sums for float32 parameters
-        self._summed[i] = s if self._summed[i] is None else self._summed[i] + s
+        dtype = self._sum_dtypes[i]
+        if s.dtype != dtype:  # autocast leaves 16-bit sums for float32 parameters
+            s = s.to(dtype)
+        prior = self._summed[i]
+        self._summed[i] = s if prior is None else prior + s
 
     def _materialize_deferred(self) -> None:
         for i, (rec, c) in self._deferred.items():
@@ -355,7 +369,7 @@ class DPOptimizer(Optimizer):
         grads = [torch.zeros(p.shape, device=p.device, dtype=_sum_dtype(p)) if g is None else g.contiguous()
                  for p, g in zip(self.params, self._summed)]
         if std > 0:  # in place: the sums are ours
-            self.impl.add_noise_multi_(grads, [philox.group_key(seed, self.step_count, g) for g in self.noise_ids],
+            self.impl.add_noise_multi_(grads, cpu_kernels.group_keys(seed, self.step_count, self.noise_ids),
                                        [std * s for s in w])
         if grads:
             torch._foreach_mul_(grads, [self._feed_scale(s) / denom for s in w])
@@ -453,7 +467,8 @@ class DPOptimizer(Optimizer):
     def _fused_step(self) -> None:
         """privatize + apply in kernels: Linear weights in the clipped-GEMM kernel whose epilogue
         adds the noise and updates, everything else in one multi-tensor launch per dtype.
-        Same noise, same arithmetic as the torch path; p.grad is never formed."""
+        Same noise, same arithmetic as the torch path; p.grad is the privatized gradient where the
+        backend stores it (cpu), else never formed (the GPU kernels)."""
         plan = self._begin_step()
         if plan is None:
             return
@@ -461,13 +476,9 @@ class DPOptimizer(Optimizer):
         opt, n = self.original_optimizer, len(self.params)
         device = self.params[0].device
         kind = U.kind_of(opt)
-        states, rows, groups, w = [], [], U.group_of(opt), self.allocator.scales.tolist()
-        for i, p in enumerate(self.params):
-            m, v, first = U.ensure_state(opt, p, groups[id(p)])
-            states.append((m, v))
-            rows.append(U.hyper_row(opt, p, first, std * w[i], self._feed_scale(w[i]) / denom, groups[id(p)]))
-        rows = torch.tensor(rows, dtype=torch.float32, device=device)
-        keys = [philox.group_key(seed, self.step_count, g) for g in self.noise_ids]
+        states, rows = self._fused_rows(opt, kind, std, denom)
+        rows = rows.to(device)
+        keys = cpu_kernels.group_keys(seed, self.step_count, self.noise_ids)
         stat = self.allocator.statistic or "abs_p_grad"
         sens = torch.zeros(n, dtype=torch.float64, device=device)
         for i, (rec, c) in self._deferred.items():
@@ -477,21 +488,63 @@ class DPOptimizer(Optimizer):
                                                    transposed=rec.transposed, has_noise=std > 0, stat=stat)
             sens[i] = s.double().sum()
         rest = [i for i in range(n) if i not in self._deferred]
-        for dtype in {self.params[i].dtype for i in rest}:
-            idx = [i for i in rest if self.params[i].dtype == dtype]
+        by_dtype: dict = {}
+        for i in rest:
+            by_dtype.setdefault(self.params[i].dtype, []).append(i)
+        for idx in by_dtype.values():
             grads = [self._summed[i].contiguous() if self._summed[i] is not None
                      else torch.zeros(self.params[i].shape, dtype=torch.float32, device=device) for i in idx]
+            params = [self.params[i] for i in idx]
+            extra = {"store_grad": True} if self.impl.stores_grad else {}
             s, owner = self.impl.multi_tensor_update(
-                [self.params[i] for i in idx], grads, [states[i][0] for i in idx], [states[i][1] for i in idx],
-                [keys[i] for i in idx], rows[idx], kind=kind, has_noise=std > 0, stat=stat)
+                params, grads, [states[i][0] for i in idx], [states[i][1] for i in idx],
+                [keys[i] for i in idx], rows[idx], kind=kind, has_noise=std > 0, stat=stat, **extra)
             sens.index_add_(0, torch.tensor(idx, device=device)[owner.long()], s.double())
-        U.finish_step(opt, self.params)
+            if extra:
+                for p, g in zip(params, grads):
+                    p.grad = g if g.dtype == p.dtype else g.to(p.dtype)
+        U.finish_step(opt, self.params, self._step_tensors)
         shares = self._release_shares(seed)
         self._charge(k)
         self._update_allocation(sens if self.allocator.statistic else None, shares, std / denom, denom,
-                                self.expected_batch_size * k)
+                                self.expected_batch_size * k, first_moments=[m for m, _ in states])
         self.step_count += 1
         self._reset_accumulation()
+
+    def _fused_rows(self, opt, kind: int, std: float, denom: float) -> tuple[list, torch.Tensor]:
+        """(per tensor (first moment, second moment), the (tensors, N_COLS) float32 hyperparameter table)
+        of the coming fused step: one update_table.hyper_row per (param group, step, first step) and
+        the per-tensor noise columns as vectors, not a row of Python floats per tensor."""
+        groups = U.group_of(opt)
+        cached = self._state_cache
+        if cached is not None and cached[0] is opt.state and cached[1] == len(opt.state):
+            states, step_tensors = cached[2], cached[3]  # Adam's state, once created, is updated in place
+            firsts = [False] * len(self.params)
+        else:
+            states, firsts = [], []
+            for p in self.params:
+                m, v, first = U.ensure_state(opt, p, groups[id(p)])
+                states.append((m, v))
+                firsts.append(first)
+            step_tensors = [opt.state[p]["step"] for p in self.params] if kind == U.ADAM else None
+            if kind == U.ADAM:  # SGD's momentum buffers appear at the first step: ensure_state each time
+                self._state_cache = (opt.state, len(opt.state), states, step_tensors)
+        self._step_tensors = step_tensors
+        steps = (torch.stack(step_tensors).tolist() if step_tensors else [None] * len(self.params))
+        combos, which = {}, []
+        for p, step, first in zip(self.params, steps, firsts):
+            g = groups[id(p)]
+            key = (id(g), step, first)
+            if key not in combos:
+                combos[key] = (len(combos), U.hyper_row(opt, p, first, 0.0, 0.0, g))
+            which.append(combos[key][0])
+        base = torch.tensor([row for _, row in combos.values()], dtype=torch.float64).view(-1, U.N_COLS)
+        rows = base[torch.tensor(which, dtype=torch.long)]
+        w = self.allocator.scales.double()
+        feed = 1.0 / w if self.allocator.whitened_feed else torch.ones_like(w)
+        rows[:, U.NOISE_STD] = std * w
+        rows[:, U.INV_DENOM] = feed / denom
+        return states, rows.float()
 
     @torch.no_grad()
     def apply(self, grads: list[torch.Tensor]) -> None:
@@ -500,17 +553,18 @@ class DPOptimizer(Optimizer):
             p.grad = g.to(p.dtype)
         stat = self.allocator.statistic
         sums = None
-        if stat == "abs_p_grad":  # p before the update
-            sums = torch.stack([(p.detach().float() * p.grad.float()).abs().sum().double() for p in self.params])
+        if stat == "abs_p_grad":  # p before the update; multi-tensor: ~200 tensors on BERT-base
+            prods = torch._foreach_mul([p.detach().float() for p in self.params], [p.grad.float() for p in self.params])
+            sums = torch.stack(torch._foreach_norm(prods, 1)).double()
         elif stat == "grad_sq":  # only needed where the optimizer keeps no first moment
-            sums = lambda: torch.stack([torch.linalg.vector_norm(p.grad).double() ** 2 for p in self.params])  # noqa: E731
+            sums = lambda: torch.stack(torch._foreach_norm([p.grad for p in self.params])).double() ** 2  # noqa: E731
         self.original_optimizer.step()
         shares, noise_std, denom, samples = getattr(self, "_released", (None, 0.0, 1.0, 1.0))
         self._update_allocation(sums, shares, noise_std, denom, samples)
         self.step_count += 1
         self._reset_accumulation()
 
-    def _momentum_energy(self):
+    def _momentum_energy(self, first_moments: list | None = None):
         """(per-tensor sum of m^2, sum_k a_k^2, (sum_k a_k)^2) for the optimizer's first moment
         m = sum_k a_k grad_(t-k) after this step (Adam's exp_avg, SGD's momentum buffer): an average
         of the released gradients whose noise energy shrinks by sum a_k^2 / (sum a_k)^2 (1/19 at
@@ -526,7 +580,7 @@ class DPOptimizer(Optimizer):
         if len(betas) != 1 or next(iter(betas))[0] <= 0:
             return None
         beta, a = next(iter(betas))
-        ms = [opt.state[p].get("exp_avg", opt.state[p].get("momentum_buffer")) for p in self.params]
+        ms = first_moments or [opt.state[p].get("exp_avg", opt.state[p].get("momentum_buffer")) for p in self.params]
         if any(m is None for m in ms):
             return None
         t = self.allocator.updates + 1
@@ -534,13 +588,14 @@ class DPOptimizer(Optimizer):
         signal = (a * (1 - beta ** t) / (1 - beta)) ** 2
         return torch.stack(torch._foreach_norm(ms)).double() ** 2, noise, signal
 
-    def _update_allocation(self, sums, shares, noise_std: float, denom: float, samples: float) -> None:
+    def _update_allocation(self, sums, shares, noise_std: float, denom: float, samples: float,
+                           first_moments: list | None = None) -> None:
         """The allocation sees the released outputs only: per-tensor sums over the noisy gradient
         the optimizer got (or over its first moment, an average of them), the noisy share release,
-        and public constants."""
+        and public constants. ``first_moments``: the optimizer's first moments where the caller has them."""
         factors = {}
         if self.allocator.statistic == "grad_sq":
-            momentum = self._momentum_energy()
+            momentum = self._momentum_energy(first_moments)
             if momentum is not None:
                 sums, factors["stat_noise"], factors["stat_signal"] = momentum
         if callable(sums):
@@ -617,6 +672,7 @@ class DPOptimizer(Optimizer):
 
     def load_state_dict(self, state: dict) -> None:
         self._check_privacy_settings(state)
+        self._state_cache = None
         self.original_optimizer.load_state_dict(state["optimizer"])
         self.allocator.load_state_dict(state["allocator"])
         self.accountant.load_state_dict(state["accountant"])

@@ -109,11 +109,11 @@ def hyper_row(optimizer: torch.optim.Optimizer, p: torch.Tensor, first: bool, no
     return row
 
 
-def finish_step(optimizer: torch.optim.Optimizer, params) -> None:
-    """What torch's step does besides the arithmetic: advance Adam's step counters."""
-    if kind_of(optimizer) == ADAM:
-        for p in params:
-            optimizer.state[p]["step"] += 1
+def finish_step(optimizer: torch.optim.Optimizer, params, steps: list | None = None) -> None:
+    """What torch's step does besides the arithmetic: advance Adam's step counters (``steps``: the
+    parameters' step tensors, where the caller has them)."""
+    if kind_of(optimizer) == ADAM and params:
+        torch._foreach_add_(steps or [optimizer.state[p]["step"] for p in params], 1.0)
 
 
 DTYPE_CODES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}  # parameter dtypes of the kernels

@@ -54,7 +54,7 @@ def _gpt2():
         bos_token_id=1, eos_token_id=1))
 
 
-def _train(make, optimizer, steps=3, physical=None, autocast=False, allocation="anadp"):
+def _train(make, optimizer, steps=3, physical=None, autocast=False, allocation="anadp", keep_last_grad=False):
     torch.manual_seed(0)
     model = make().to(DEV)
     X, Y = torch.randint(1, 50, (40, 7)), torch.randint(0, 3, (40,))
@@ -71,7 +71,8 @@ def _train(make, optimizer, steps=3, physical=None, autocast=False, allocation="
             loss = torch.nn.functional.cross_entropy(model(x.to(DEV)).logits, y.to(DEV))
         loss.backward()
         opt.step()
-        opt.zero_grad()
+        if not (keep_last_grad and opt.step_count == steps):
+            opt.zero_grad()
     return torch.cat([p.detach().float().flatten() for p in model.parameters()]), opt
 
 
@@ -93,6 +94,28 @@ def test_three_steps_on_triton_equal_torch(monkeypatch, make, optimizer, allocat
     assert (scales != 1).any() and rel_err(scales, torch.tensor(list(o_ref.noise_scales.values()))) < 1e-4
     # the torch optimizer's state is torch's own: a torch-backend step can continue from it
     assert all(float(o.original_optimizer.state[p]["step"]) == 3 for p in o.params) if optimizer == "adamw" else True
+
+
+@pytest.mark.parametrize("make,optimizer,allocation", [(_bert, "adamw", "anadp"), (_gpt2, "adamw", "paper"),
+                                                       (_bert, "sgd", "anadp"), (_bert, "adamw", "uniform")])
+def test_three_steps_on_cpu_equal_torch(monkeypatch, make, optimizer, allocation):
+    """The cpu backend's compiled fused update (noise, scaling, statistic, optimizer in one call) is the
+    torch path's arithmetic: parameters, accountant, scales and p.grad (the privatized gradient) agree."""
+    if why_unavailable("cpu", torch.device("cpu")) is not None or DEV != "cpu":
+        pytest.skip("the cpu backend's kernel is not built here, or the tensors are on a GPU")
+    monkeypatch.setenv("ANADP_BACKEND", "torch")
+    ref, o_ref = _train(make, optimizer, allocation=allocation, keep_last_grad=True)
+    monkeypatch.setenv("ANADP_BACKEND", "cpu")
+    out, o = _train(make, optimizer, allocation=allocation, keep_last_grad=True)
+    assert o.backend == "cpu" and o._fused_update
+    assert rel_err(out, ref) < 1e-6
+    assert o.accountant.history == o_ref.accountant.history
+    scales = torch.tensor(list(o.noise_scales.values()))
+    assert rel_err(scales, torch.tensor(list(o_ref.noise_scales.values()))) < 1e-4
+    assert (scales != 1).any() == (allocation != "uniform")
+    grads = [p.grad for p in o.params]
+    assert all(g is not None for g in grads)
+    assert rel_err(torch.cat([g.flatten() for g in grads]), torch.cat([p.grad.flatten() for p in o_ref.params])) < 1e-5
 
 
 def test_bf16_autocast_on_triton_equals_torch(monkeypatch):

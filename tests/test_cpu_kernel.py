@@ -114,3 +114,16 @@ def test_one_call_for_many_tensors_draws_each_tensors_own_stream(mixed):
         one = t.clone()
         backend.add_noise_(one, k, s)
         assert torch.equal(one, got) and not torch.equal(one, t)
+
+
+def test_compiled_group_keys_equal_the_python_derivation():
+    from anadp import philox
+    from anadp.backends import cpu
+    if not cpu.available():
+        pytest.skip(f"cpu kernel: {cpu.why_unavailable()}")
+    groups = [0, 1, 7, 2**31, 2**32 - 1]
+    for seed in (0, 5, 2**63 + 11, 2**64 - 1):
+        for step in (0, 3, 2**33 + 1, 2**64 - 1):
+            assert cpu.group_keys(seed, step, groups) == philox.group_keys(seed, step, groups)
+    with pytest.raises(ValueError):
+        cpu.group_keys(2**64, 0, groups)

@@ -33,6 +33,17 @@ def k(request):
     if why is not None:
         pytest.skip(f"{request.param} backend: {why}")
     return backend_kernels(request.param)
+
+
+@pytest.fixture(params=["triton", "cuda", "cpu"])
+def u(request):
+    """The backends with a multi-tensor update (the cpu backend's is compiled C++, per tensor)."""
+    why = why_unavailable(request.param, torch.device(DEV))
+    if why is not None:
+        pytest.skip(f"{request.param} backend: {why}")
+    return backend_kernels(request.param)
+
+
 SHAPES = [(3, 7, 19, 33), (3, 1, 19, 33), (2, 40, 5, 6), (1, 3, 70, 3)]
 
 
@@ -146,7 +157,7 @@ SIZES = [(33,), (7, 19), (1,), (3, 100)]
 
 @pytest.mark.parametrize("kind", ["nesterov", "plain_sgd", "adam", "adamw"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
-def test_multi_tensor_update(k, kind, dtype):
+def test_multi_tensor_update(u, kind, dtype):
     """One launch over tensors of awkward sizes, chunks of 64 elements (tensors span several)."""
     g = torch.Generator().manual_seed(5)
     inits = [torch.randn(s, generator=g).to(DEV) for s in SIZES]
@@ -165,7 +176,7 @@ def test_multi_tensor_update(k, kind, dtype):
         opt_ref.step()
         states = [_kernel_state(opt, o, stds[i], inv) for i, o in enumerate(outs)]
         n_chunks = sum(-(-o.numel() // 64) for o in outs)
-        sens, owner = k.multi_tensor_update(outs, sums, [s[0] for s in states], [s[1] for s in states], keys,
+        sens, owner = u.multi_tensor_update(outs, sums, [s[0] for s in states], [s[1] for s in states], keys,
                                           torch.stack([s[2] for s in states]), kind=U.kind_of(opt), chunk=64,
                                           sens=nan(n_chunks), stat=stat)
         U.finish_step(opt, outs)
@@ -188,10 +199,29 @@ def _noise_through_multi_tensor(k, shape, chunk, seed, step, group):
     return -p
 
 
-def test_multi_tensor_noise_is_the_torch_stream_whatever_the_chunking(k):
+def test_multi_tensor_noise_is_the_torch_stream_whatever_the_chunking(u):
     ref = philox.gaussian(2**64 - 5, 3, 7, (37, 29), device=DEV)  # a key above 2**63 too
     for chunk in (64, 1024, 1 << 16):
-        assert (_noise_through_multi_tensor(k, (37, 29), chunk, 2**64 - 5, 3, 7) - ref).abs().max() < 1e-6
+        assert (_noise_through_multi_tensor(u, (37, 29), chunk, 2**64 - 5, 3, 7) - ref).abs().max() < 1e-6
+
+
+def test_cpu_multi_tensor_update_stores_the_privatized_gradient():
+    """store_grad: the grads hold (clipped sum + std z) * inv afterwards, what the torch path puts in p.grad."""
+    why = why_unavailable("cpu", torch.device("cpu"))
+    if why is not None:
+        pytest.skip(f"cpu backend: {why}")
+    g = torch.Generator().manual_seed(6)
+    sums = [torch.randn(s, generator=g) for s in SIZES]
+    params = [torch.randn(s, generator=g) for s in SIZES]
+    keys = [philox.group_key(4, 2, i) for i in range(len(SIZES))]
+    rows = torch.zeros(len(SIZES), U.N_COLS)
+    rows[:, U.LR], rows[:, U.NOISE_STD], rows[:, U.INV_DENOM] = 0.1, torch.tensor([0.3, 1.1, 2.0, 0.0]), 0.25
+    ref = [(s + float(rows[i, U.NOISE_STD]) * philox.gaussian_of_key(keys[i], s.shape)) * 0.25 for i, s in enumerate(sums)]
+    grads = [s.clone() for s in sums]
+    backend_kernels("cpu").multi_tensor_update(params, grads, [None] * 4, [None] * 4, keys, rows, kind=U.SGD,
+                                               store_grad=True)
+    for out, r in zip(grads, ref):
+        assert rel_err(out, r) < 1e-6
 
 
 def test_gemm_epilogue_noise_is_the_torch_stream():

@@ -132,11 +132,13 @@ def test_setup_builds_the_extension_only_where_cuda_is_usable(monkeypatch):
 
 
 def test_the_cuda_sources_mirror_the_table():
-    """csrc/update.cuh restates the columns, optimizer kinds and statistics of anadp.update_table
-    for the C++ side (the Triton side imports them): the same names in the same order."""
+    """csrc/update_math.h restates the columns, optimizer kinds and statistics of anadp.update_table
+    for the C++ side (the CUDA and CPU kernels; the Triton side imports them): the same names in the
+    same order."""
     import os
     import re
-    src = open(os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "anadp", "csrc", "update.cuh")).read()
+    src = open(os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "anadp", "csrc",
+                            "update_math.h")).read()
     cols = re.search(r"enum Col \{([^}]*)\}", src).group(1).replace("\n", " ")
     names = [c.strip() for c in cols.split(",") if c.strip()]
     table = sorted((v, k) for k, v in vars(U).items() if isinstance(v, int) and k.isupper() and k not in

@@ -43,6 +43,11 @@ class Backend:
     norms = False
     fused_update = False
     fused_gemm = False
+    # warn when a capability cannot run for this model or optimizer (False: a fallback that only costs time)
+    warn_fallback = True
+    # the fused update leaves the privatized gradient in p.grad (multi_tensor_update(store_grad=True));
+    # False: p.grad is never formed (the GPU kernels, where it would be one more model-sized buffer)
+    stores_grad = False
 
     def why_unavailable(self, device: torch.device | None) -> str | None:
         """None if this backend can run for tensors on ``device`` (any device if None), else why."""

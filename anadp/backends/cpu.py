@@ -14,10 +14,15 @@ import warnings
 
 import torch
 
+from .. import philox
+from .. import update_table as U
 from .torch_ref import TorchBackend
 
 _FOLDER = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "csrc", "cpu")
-_SOURCES = [os.path.join(_FOLDER, f) for f in ("noise.cpp", "gain.cpp", "bindings.cpp")]
+_SOURCES = [os.path.join(_FOLDER, f) for f in ("noise.cpp", "update.cpp", "gain.cpp", "bindings.cpp")]
+# headers: part of the build's key (build_directory), not compiled on their own
+_HEADERS = [os.path.join(_FOLDER, "gaussian.h"), os.path.join(os.path.dirname(_FOLDER), "philox.cuh"),
+            os.path.join(os.path.dirname(_FOLDER), "update_math.h")]
 # -fno-math-errno lets log / cos run in glibc's vector versions; no -ffast-math, which would
 # reassociate the float roundings that define the stream (and flush denormals process-wide)
 _CFLAGS = ["-O3", "-march=native", "-fopenmp", "-fno-math-errno"]
@@ -33,7 +38,7 @@ def build_directory() -> str:
     import hashlib
     root = os.environ.get("ANADP_CACHE_DIR") or os.path.join(
         os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache"), "anadp")
-    sources = b"".join(open(path, "rb").read() for path in _SOURCES)
+    sources = b"".join(open(path, "rb").read() for path in _SOURCES + _HEADERS)
     key = hashlib.sha256(b"\0".join([
         sources, sys.prefix.encode(), sys.version.encode(), torch.__version__.encode(), torch.__file__.encode(),
         " ".join(_CFLAGS).encode()])).hexdigest()[:16]
@@ -49,7 +54,7 @@ def _load():
         import_error = "disabled by ANADP_CPU_KERNEL=0"
         return None
     try:
-        missing = [path for path in _SOURCES if not os.path.exists(path)]
+        missing = [path for path in _SOURCES + _HEADERS if not os.path.exists(path)]
         if missing:
             raise FileNotFoundError(f"its sources {missing} are not in the installed package")
         from torch.utils.cpp_extension import load
@@ -124,6 +129,17 @@ def philox_words(key: int, offsets: torch.Tensor) -> torch.Tensor:
     return ext.philox_words(key - 2**64 if key >= 2**63 else key, offsets.long().contiguous())
 
 
+def group_keys(seed: int, step: int, groups: list) -> list:
+    """anadp.philox.group_keys, by the compiled kernel where it loads (~200 keys a step: the Python
+    Philox took ~2 ms of host time per BERT-base step)."""
+    ext = _load()
+    if ext is None or not (0 <= seed < 2**64 and 0 <= step < 2**64) or not all(0 <= g < 2**32 for g in groups):
+        return philox.group_keys(seed, step, groups)  # also raises on out-of-range arguments
+    signed = ext.group_keys(seed - 2**64 if seed >= 2**63 else seed, step - 2**64 if step >= 2**63 else step,
+                            list(groups), philox._DOMAIN)
+    return [k % 2**64 for k in signed]
+
+
 def maximize_gain(log_x0, G2, G2_rest: float, alpha, d, n: float, adaptive: bool, lo: float, hi: float,
                   iterations: int):
     """anadp's step-gain maximizer compiled (NoiseAllocator._best_for_step's loop; float64 tensors),
@@ -135,8 +151,30 @@ def maximize_gain(log_x0, G2, G2_rest: float, alpha, d, n: float, adaptive: bool
                              int(iterations))
 
 
+def multi_tensor_update(params: list, grads: list, ms: list, vs: list, keys: list[int], rows: torch.Tensor, *,
+                        kind: int, has_noise: bool = True, chunk: int | None = None, sens: torch.Tensor | None = None,
+                        stat: str = "abs_p_grad", store_grad: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """As anadp.kernels.multi_tensor_update, one call on the CPU; a chunk is a whole tensor (the
+    per-tensor sums, in float64 over blocks of 1024, are what the caller adds up anyway).
+    ``chunk`` and ``sens`` (a preallocated per-chunk buffer) do not apply: the per-tensor sums are returned.
+    ``store_grad``: each grad is overwritten by the privatized gradient (the optimizer sets p.grad to it)."""
+    code = U.stat_code(stat)
+    if not params:
+        empty = torch.zeros(0, dtype=torch.float32)
+        return empty, empty.to(torch.int32)
+    # the compiled function checks dtypes, sizes, contiguity and devices itself
+    out = _load().multi_tensor_update(params, grads, ms, vs, [U.as_signed64(k) for k in keys],
+                                      rows.to(dtype=torch.float32).contiguous(), kind, has_noise, code,
+                                      store_grad)
+    return out, torch.arange(len(params), dtype=torch.int32)
+
+
 class CpuBackend(TorchBackend):
+    """The torch backend's norms; the noise and the optimizer update in compiled loops."""
     name = "cpu"
+    fused_update = True
+    stores_grad = True  # its fused update leaves the privatized gradient in p.grad, as the torch path
+    warn_fallback = False  # other optimizers and dtypes take the torch path: the same numbers, slower
 
     def why_unavailable(self, device: torch.device | None) -> str | None:
         if device is not None and device.type != "cpu":
@@ -150,3 +188,6 @@ class CpuBackend(TorchBackend):
     def add_noise_multi_(self, outs: list, keys: list, stds: list) -> None:
         if not add_gaussian_multi_(outs, keys, stds):
             super().add_noise_multi_(outs, keys, stds)
+
+    def multi_tensor_update(self, *args, **kw):
+        return multi_tensor_update(*args, **kw)

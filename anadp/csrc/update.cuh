@@ -1,16 +1,12 @@
-// Optimizer arithmetic of the fused update: torch's foreach SGD / Adam / AdamW
-// in float32, hyperparameters from one row of anadp/update_table.py's table
-// (the same sequence as kernels/update.py).
+// The fused update's device side: dtype conversions and the block reduction; the
+// arithmetic and the table's columns are in update_math.h (shared with the CPU kernel).
 #pragma once
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 
-namespace anadp {
+#include "update_math.h"
 
-// columns of a row (anadp/update_table.py)
-enum Col { LR, WD, BETA1, BETA2, EPS, STEP_SIZE, BC2_SQRT, FLAG, FIRST, NOISE_STD, INV_DENOM,
-           ONE_MINUS_BETA1, ONE_MINUS_BETA2, DECAY, N_COLS };
-enum Kind { SGD = 0, ADAM = 1 };
+namespace anadp {
 
 __device__ inline float to_float(float x) { return x; }
 __device__ inline float to_float(__nv_bfloat16 x) { return __bfloat162float(x); }
@@ -19,32 +15,6 @@ template <typename T> __device__ inline T from_float(float x);
 template <> __device__ inline float from_float<float>(float x) { return x; }
 template <> __device__ inline __nv_bfloat16 from_float<__nv_bfloat16>(float x) { return __float2bfloat16_rn(x); }
 template <> __device__ inline __half from_float<__half>(float x) { return __float2half_rn(x); }
-
-// SGD with weight decay, momentum (dampening, nesterov); buf is read unless this is its first step
-__device__ inline float sgd(float p, float g, float* buf, const float* row) {
-  g += row[WD] * p;
-  const float momentum = row[BETA1];
-  if (momentum != 0.0f) {
-    const float b = row[FIRST] != 0.0f ? g : *buf * momentum + row[ONE_MINUS_BETA1] * g;
-    *buf = b;
-    g = row[FLAG] != 0.0f ? g + momentum * b : b;
-  }
-  return p - row[LR] * g;
-}
-
-// Adam (L2 weight decay) or AdamW (FLAG: decoupled), bias-corrected
-__device__ inline float adam(float p, float g, float* m, float* v, const float* row) {
-  if (row[FLAG] != 0.0f) {
-    p *= row[DECAY];
-  } else {
-    g += row[WD] * p;
-  }
-  const float mm = *m + row[ONE_MINUS_BETA1] * (g - *m);  // lerp, as torch
-  const float vv = *v * row[BETA2] + row[ONE_MINUS_BETA2] * (g * g);
-  *m = mm;
-  *v = vv;
-  return p - row[STEP_SIZE] * (mm / (sqrtf(vv) / row[BC2_SQRT] + row[EPS]));
-}
 
 // sum over the block, returned to every thread (blockDim.x a multiple of 32, at most 1024)
 __device__ inline float block_sum(float x) {

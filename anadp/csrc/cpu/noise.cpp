@@ -1,50 +1,12 @@
 // CPU backend: the Philox Gaussian noise of anadp/philox.py, in one fused loop
-// (OpenMP threads, SIMD lanes). The same Philox source as the CUDA kernels
-// (csrc/philox.cuh); torch reference: anadp.philox.gaussian. Built on first use
+// (OpenMP threads, SIMD lanes; the block generator in gaussian.h). The same Philox source as the
+// CUDA kernels (csrc/philox.cuh); torch reference: anadp.philox.gaussian. Built on first use
 // by anadp/backends/cpu.py (torch.utils.cpp_extension.load, cached); bound in bindings.cpp.
 #include <torch/extension.h>
 
-#include <algorithm>
-#include <cmath>
-#include <cstdint>
-
-#define __host__
-#define __device__
-#include "../philox.cuh"
-#undef __host__
-#undef __device__
-
-// glibc's vector logf / cosf (libmvec), without -ffast-math (whose reassociation would change the
-// float roundings the stream is defined by): declared SIMD-callable, used with -fno-math-errno
-#if defined(__x86_64__) && defined(__GLIBC__)
-extern "C" {
-__attribute__((simd("notinbranch"))) float logf(float);
-__attribute__((simd("notinbranch"))) float cosf(float);
-}
-#endif
+#include "gaussian.h"
 
 namespace {
-
-constexpr int64_t kBlock = 1024;  // elements per inner SIMD block (fits in L1 with its temporaries)
-constexpr int kLanes = 16;        // log / cos always run kLanes at a time (see add_gaussian_)
-
-inline void philox_lane(uint64_t ctr, uint32_t k0, uint32_t k1, uint32_t& w0, uint32_t& w1) {
-  uint32_t c0 = static_cast<uint32_t>(ctr), c1 = static_cast<uint32_t>(ctr >> 32), c2 = 0u, c3 = 0u;
-  for (int r = 0; r < 10; ++r) {
-    const uint64_t pb = static_cast<uint64_t>(anadp::kRoundB) * c2;
-    const uint64_t pa = static_cast<uint64_t>(anadp::kRoundA) * c0;
-    const uint32_t n0 = static_cast<uint32_t>(pb >> 32) ^ c1 ^ k0;
-    const uint32_t n2 = static_cast<uint32_t>(pa >> 32) ^ c3 ^ k1;
-    c1 = static_cast<uint32_t>(pb);
-    c3 = static_cast<uint32_t>(pa);
-    c0 = n0;
-    c2 = n2;
-    k0 += anadp::kKeyA;
-    k1 += anadp::kKeyB;
-  }
-  w0 = c0;
-  w1 = c1;
-}
 
 void check(const torch::Tensor& t, const char* name) {
   TORCH_CHECK(t.device().is_cpu(), name, " must be a CPU tensor");
@@ -52,11 +14,11 @@ void check(const torch::Tensor& t, const char* name) {
   TORCH_CHECK(t.is_contiguous(), name, " must be contiguous");
 }
 
-// out[i] += std * randn(key, offset0 + i), in place
 }  // namespace
 
 namespace anadp_cpu {
 
+// out[i] += std * randn(key, offset0 + i), in place
 void add_gaussian_(torch::Tensor out, int64_t key, double std, int64_t offset0) {
   check(out, "out");
   TORCH_CHECK(offset0 >= 0, "offset0 must be >= 0");
@@ -69,23 +31,8 @@ void add_gaussian_(torch::Tensor out, int64_t key, double std, int64_t offset0) 
 #pragma omp parallel for schedule(static) if (n > 4 * kBlock)
   for (int64_t b = 0; b < n; b += kBlock) {
     const int64_t m = std::min(kBlock, n - b);
-    const int64_t padded = (m + kLanes - 1) / kLanes * kLanes;  // the lanes past m are drawn and dropped
-    alignas(64) float u1[kBlock], th[kBlock], z[kBlock];
-#pragma omp simd
-    for (int64_t i = 0; i < padded; ++i) {
-      uint32_t w0, w1;
-      philox_lane(base + static_cast<uint64_t>(b + i), k0, k1, w0, w1);
-      u1[i] = std::max(anadp::uint_to_uniform(w0), 1.0e-7f);
-      th[i] = anadp::uint_to_uniform(w1) * 6.283185307179586f;
-    }
-    // log and cos in float, as the torch and Triton streams (libmvec is a few ulp off torch's SLEEF,
-    // <= 3.5e-7; in double 27% slower). Fixed groups of kLanes: every element goes through the same
-    // vector function (a scalar remainder loop would round differently), so a value depends on its
-    // offset only, not on where a call starts or ends
-    for (int64_t j = 0; j < padded; j += kLanes) {
-#pragma omp simd simdlen(kLanes)
-      for (int i = 0; i < kLanes; ++i) z[j + i] = sqrtf(-2.0f * logf(u1[j + i])) * cosf(th[j + i]);
-    }
+    alignas(64) float z[kBlock];
+    gaussian_block(k0, k1, base + static_cast<uint64_t>(b), m, z);
 #pragma omp simd
     for (int64_t i = 0; i < m; ++i) o[b + i] += s * z[i];
   }
@@ -96,6 +43,21 @@ void add_gaussian_(torch::Tensor out, int64_t key, double std, int64_t offset0) 
 void add_gaussian_multi_(std::vector<torch::Tensor> outs, std::vector<int64_t> keys, std::vector<double> stds) {
   TORCH_CHECK(outs.size() == keys.size() && outs.size() == stds.size(), "one key and one std per tensor");
   for (size_t i = 0; i < outs.size(); ++i) add_gaussian_(outs[i], keys[i], stds[i], 0);
+}
+
+// anadp.philox.group_key for each group of one (seed, step): Philox of counter (step_lo, step_hi,
+// group, domain) under key (seed_lo, seed_hi), words 0 | 1 << 32 (as int64 bits). The Python loop of
+// plain-int Philox took ~10 us a key, 2 ms a step for BERT-base's ~200 tensors
+std::vector<int64_t> group_keys(int64_t seed, int64_t step, std::vector<int64_t> groups, int64_t domain) {
+  const uint64_t s = static_cast<uint64_t>(seed), t = static_cast<uint64_t>(step);
+  std::vector<int64_t> out(groups.size());
+  for (size_t i = 0; i < groups.size(); ++i) {
+    uint32_t c[4] = {static_cast<uint32_t>(t), static_cast<uint32_t>(t >> 32), static_cast<uint32_t>(groups[i]),
+                     static_cast<uint32_t>(domain)};
+    anadp::philox4x32_10(c, static_cast<uint32_t>(s), static_cast<uint32_t>(s >> 32));
+    out[i] = static_cast<int64_t>(static_cast<uint64_t>(c[0]) | (static_cast<uint64_t>(c[1]) << 32));
+  }
+  return out;
 }
 
 // the first two Philox words per offset, as int64 in [0, 2**32): for the bit-equality tests

@@ -1,0 +1,117 @@
+// CPU backend: the fused update (noise + scale + statistic + SGD / Adam / AdamW) of a list of
+// tensors in one call, the contract of csrc/multi_tensor_update.cu and kernels/multi_tensor.py:
+// per element grad = (clipped sum + noise_std z) * inv_denom, the statistic summed over grad, then
+// the optimizer's arithmetic (update_math.h, shared with the CUDA kernels). One call replaces the
+// torch path's noise call, scaling, p.grad assignments and the wrapped optimizer's ~20 foreach
+// ops over every tensor. Torch reference: DPOptimizer.privatize + apply.
+#include <torch/extension.h>
+
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
+
+#include <vector>
+
+#include "../update_math.h"
+#include "gaussian.h"
+
+namespace {
+
+template <typename P>
+double update_block(P* p, float* g, float* m, float* v, int64_t b, int64_t n, const float* row, int kind,
+                    bool noise, bool stat_sq, bool store, uint32_t k0, uint32_t k1) {
+  alignas(64) float z[anadp_cpu::kBlock];
+  if (noise) anadp_cpu::gaussian_block(k0, k1, static_cast<uint64_t>(b), n, z);
+  const float std = row[anadp::NOISE_STD], inv = row[anadp::INV_DENOM];
+  float local = 0.0f;
+  for (int64_t i = 0; i < n; ++i) {
+    const int64_t e = b + i;
+    float grad = g[e];
+    if (noise) grad += std * z[i];
+    grad *= inv;
+    if (store) g[e] = grad;  // the privatized gradient, for p.grad
+    float w = static_cast<float>(p[e]);
+    local += stat_sq ? grad * grad : std::fabs(w * grad);
+    if (kind == anadp::SGD) {
+      float unused = 0.0f;
+      w = anadp::sgd(w, grad, row[anadp::BETA1] != 0.0f ? m + e : &unused, row);
+    } else {
+      w = anadp::adam(w, grad, m + e, v + e, row);
+    }
+    p[e] = static_cast<P>(w);  // c10::BFloat16 / Half round to nearest even, as __float2bfloat16_rn
+  }
+  return local;
+}
+
+}  // namespace
+
+namespace anadp_cpu {
+
+// returns (tensors,) float32: each tensor's sum of the statistic (grad^2 if stat == 1, else |p grad|);
+// store_grad: the privatized gradient overwrites the clipped sum in grads
+torch::Tensor multi_tensor_update(std::vector<torch::Tensor> params, std::vector<torch::Tensor> grads,
+                                  std::vector<c10::optional<torch::Tensor>> ms,
+                                  std::vector<c10::optional<torch::Tensor>> vs, std::vector<int64_t> keys,
+                                  torch::Tensor rows, int64_t kind, bool noise, int64_t stat, bool store_grad) {
+  const size_t n = params.size();
+  TORCH_CHECK(grads.size() == n && ms.size() == n && vs.size() == n && keys.size() == n, "one entry per tensor");
+  TORCH_CHECK(rows.device().is_cpu() && rows.scalar_type() == torch::kFloat32 && rows.is_contiguous() &&
+                  rows.dim() == 2 && rows.size(0) == static_cast<int64_t>(n) && rows.size(1) == anadp::N_COLS,
+              "rows must be a contiguous float32 CPU tensor of (tensors, N_COLS)");
+  TORCH_CHECK(kind == anadp::SGD || kind == anadp::ADAM, "kind must be SGD or ADAM");
+  // the work items: blocks of kBlock elements of every tensor, spread over the threads
+  std::vector<int64_t> item_tensor, item_start;
+  for (size_t t = 0; t < n; ++t) {
+    const auto& p = params[t];
+    TORCH_CHECK(p.device().is_cpu() && p.is_contiguous(), "parameters must be contiguous CPU tensors");
+    const auto d = p.scalar_type();
+    TORCH_CHECK(d == torch::kFloat32 || d == torch::kBFloat16 || d == torch::kHalf,
+                "parameters must be float32, bfloat16 or float16");
+    TORCH_CHECK(grads[t].scalar_type() == torch::kFloat32 && grads[t].is_contiguous() && grads[t].numel() == p.numel(),
+                "grads must be contiguous float32 tensors shaped as the parameters");
+    for (const auto* s : {&ms[t], &vs[t]}) {
+      TORCH_CHECK(!s->has_value() || ((*s)->scalar_type() == torch::kFloat32 && (*s)->is_contiguous() &&
+                                      (*s)->numel() == p.numel()),
+                  "optimizer state must be contiguous float32 tensors shaped as the parameters");
+    }
+    TORCH_CHECK(kind == anadp::SGD || (ms[t].has_value() && vs[t].has_value()), "Adam needs both moments");
+    for (int64_t b = 0; b < p.numel(); b += kBlock) {
+      item_tensor.push_back(static_cast<int64_t>(t));
+      item_start.push_back(b);
+    }
+  }
+  const int64_t items = static_cast<int64_t>(item_tensor.size());
+  std::vector<double> partial(items);
+  const float* row0 = rows.data_ptr<float>();
+#pragma omp parallel for schedule(static) if (items > 64)
+  for (int64_t it = 0; it < items; ++it) {
+    const int64_t t = item_tensor[it], b = item_start[it];
+    const auto& p = params[t];
+    const int64_t len = std::min(kBlock, p.numel() - b);
+    float* m = ms[t].has_value() ? ms[t]->data_ptr<float>() : nullptr;
+    float* v = vs[t].has_value() ? vs[t]->data_ptr<float>() : nullptr;
+    const uint64_t k = static_cast<uint64_t>(keys[t]);
+    const uint32_t k0 = static_cast<uint32_t>(k), k1 = static_cast<uint32_t>(k >> 32);
+    const float* row = row0 + t * anadp::N_COLS;
+    float* g = grads[t].data_ptr<float>();
+    const bool sq = stat == 1;
+    switch (p.scalar_type()) {
+      case torch::kFloat32:
+        partial[it] = update_block(p.data_ptr<float>(), g, m, v, b, len, row, kind, noise, sq, store_grad, k0, k1);
+        break;
+      case torch::kBFloat16:
+        partial[it] = update_block(p.data_ptr<c10::BFloat16>(), g, m, v, b, len, row, kind, noise, sq, store_grad, k0, k1);
+        break;
+      case torch::kHalf:
+        partial[it] = update_block(p.data_ptr<c10::Half>(), g, m, v, b, len, row, kind, noise, sq, store_grad, k0, k1);
+        break;
+      default:
+        break;  // refused before the loop
+    }
+  }
+  auto out = torch::zeros({static_cast<int64_t>(n)}, torch::kFloat64);
+  double* o = out.data_ptr<double>();
+  for (int64_t it = 0; it < items; ++it) o[item_tensor[it]] += partial[it];
+  return out.to(torch::kFloat32);
+}
+
+}  // namespace anadp_cpu

@@ -1,0 +1,47 @@
+// Optimizer arithmetic of the fused update: torch's foreach SGD / Adam / AdamW
+// in float32, hyperparameters from one row of anadp/update_table.py's table
+// (the same sequence as kernels/update.py). Host and device: the CUDA kernels
+// (update.cuh) and the CPU fused update (cpu/update.cpp) share it.
+#pragma once
+#include <cmath>
+
+#ifdef __CUDACC__
+#define ANADP_HD __host__ __device__
+#else
+#define ANADP_HD
+#endif
+
+namespace anadp {
+
+// columns of a row (anadp/update_table.py)
+enum Col { LR, WD, BETA1, BETA2, EPS, STEP_SIZE, BC2_SQRT, FLAG, FIRST, NOISE_STD, INV_DENOM,
+           ONE_MINUS_BETA1, ONE_MINUS_BETA2, DECAY, N_COLS };
+enum Kind { SGD = 0, ADAM = 1 };
+
+// SGD with weight decay, momentum (dampening, nesterov); buf is read unless this is its first step
+ANADP_HD inline float sgd(float p, float g, float* buf, const float* row) {
+  g += row[WD] * p;
+  const float momentum = row[BETA1];
+  if (momentum != 0.0f) {
+    const float b = row[FIRST] != 0.0f ? g : *buf * momentum + row[ONE_MINUS_BETA1] * g;
+    *buf = b;
+    g = row[FLAG] != 0.0f ? g + momentum * b : b;
+  }
+  return p - row[LR] * g;
+}
+
+// Adam (L2 weight decay) or AdamW (FLAG: decoupled), bias-corrected
+ANADP_HD inline float adam(float p, float g, float* m, float* v, const float* row) {
+  if (row[FLAG] != 0.0f) {
+    p *= row[DECAY];
+  } else {
+    g += row[WD] * p;
+  }
+  const float mm = *m + row[ONE_MINUS_BETA1] * (g - *m);  // lerp, as torch
+  const float vv = *v * row[BETA2] + row[ONE_MINUS_BETA2] * (g * g);
+  *m = mm;
+  *v = vv;
+  return p - row[STEP_SIZE] * (mm / (sqrtf(vv) / row[BC2_SQRT] + row[EPS]));
+}
+
+}  // namespace anadp
