@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .layers import Layer, _LinearFn, _token_sum, _trainable, record_linear, register
+from .layers import Layer, _linear, _token_sum, _trainable, record_linear, register
 from .records import DenseRecord
 
 
@@ -121,7 +121,7 @@ class MultiheadAttentionLayer(Layer):
         else:
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout, is_causal=is_causal)
         out = out.transpose(1, 2).reshape(B, L, E)
-        out = _LinearFn.apply(out, m.out_proj.weight, m.out_proj.bias, False, self.on_out_backward)
+        out = _linear(out, m.out_proj.weight, m.out_proj.bias, False, self.on_out_backward)
         return (out if m.batch_first else out.transpose(0, 1)), weights
 
     def on_in_backward(self, shared, xq, xk, xv, gq, gk, gv):

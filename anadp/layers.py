@@ -20,6 +20,22 @@ from torch import nn
 from .records import DenseRecord, EmbeddingRecord, LinearRecord, _acc, instantiate_at_backward
 
 
+def _direct_apply(fn: type):
+    """``fn.apply`` without autograd.Function.apply's Python wrapper (argument binding for
+    setup_context, functorch's dead-wrapper unwrapping: ~1/4 of a hooked Linear's forward host
+    time), which these functions need only under functorch transforms; there, and on a torch
+    without the C entry point, the wrapper."""
+    base = getattr(getattr(torch._C, "_FunctionBase", None), "__dict__", {}).get("apply")
+    if base is None or not hasattr(base, "__get__"):
+        return fn.apply
+    direct = base.__get__(None, fn)
+    active = torch._C._are_functorch_transforms_active
+
+    def apply(*args):
+        return fn.apply(*args) if active() else direct(*args)
+    return apply
+
+
 class _LinearFn(torch.autograd.Function):
     """y = x W^T + b (or x W + b for Conv1D); backward: input gradient only."""
 
@@ -108,6 +124,12 @@ class _LayerNormFn(torch.autograd.Function):
         return gx, None, None, None, None, None
 
 
+_linear = _direct_apply(_LinearFn)
+_embedding = _direct_apply(_EmbeddingFn)
+_affine = _direct_apply(_AffineFn)
+_layer_norm = _direct_apply(_LayerNormFn)
+
+
 def _token_sum(t: torch.Tensor) -> torch.Tensor:
     """(B, T, ...) -> (B, ...), summed in at least float32 (a bfloat16 sum over T tokens loses
     ~log2(T) bits)."""
@@ -166,7 +188,7 @@ class LinearLayer(Layer):
         if not torch.is_grad_enabled():
             return type(module).forward(module, x)
         self.engine.count_reader(x)
-        return _LinearFn.apply(x, module.weight, module.bias, self.transposed, self.on_backward)
+        return _linear(x, module.weight, module.bias, self.transposed, self.on_backward)
 
     def on_backward(self, x, g):
         readers = self.engine.readers(x)
@@ -196,7 +218,7 @@ class EmbeddingLayer(Layer):
         if not torch.is_grad_enabled():
             return type(module).forward(module, idx)
         idx = self.engine.broadcast_indices(self.name, idx)
-        return _EmbeddingFn.apply(idx, module.weight, module.padding_idx, self.on_backward)
+        return _embedding(idx, module.weight, module.padding_idx, self.on_backward)
 
     def on_backward(self, idx, g):
         idx, g = self.engine.to_batch_first(self.name, idx, g)
@@ -215,8 +237,8 @@ class NormLayer(Layer):
         if not torch.is_grad_enabled():
             return type(module).forward(module, x)
         xhat = self.normalize(module, x)
-        return _AffineFn.apply(xhat, module.weight, getattr(module, "bias", None), x,
-                               lambda t: self.normalize(module, t), self.on_backward)
+        return _affine(xhat, module.weight, getattr(module, "bias", None), x,
+                       lambda t: self.normalize(module, t), self.on_backward)
 
     def on_backward(self, xhat, g):
         m = self.module
@@ -235,8 +257,7 @@ class LayerNormLayer(NormLayer):
     def forward(self, module, x):
         if not torch.is_grad_enabled():
             return type(module).forward(module, x)
-        return _LayerNormFn.apply(x, module.weight, module.bias, module.normalized_shape, module.eps,
-                                  self.on_backward)
+        return _layer_norm(x, module.weight, module.bias, module.normalized_shape, module.eps, self.on_backward)
 
 
 class RMSNormLayer(NormLayer):

@@ -90,6 +90,11 @@ def group_key(seed: int, step: int, group: int) -> int:
     return w[0] | (w[1] << 32)
 
 
+def group_keys(seed: int, step: int, groups: list) -> list:
+    """group_key of each group of one (seed, step) (the compiled one: anadp.backends.cpu.group_keys)."""
+    return [group_key(seed, step, g) for g in groups]
+
+
 def randint4x(key: int, offsets: torch.Tensor):
     """triton.language.randint4x(key, offsets): four uint32 words (as int64) per offset."""
     offsets = offsets.to(torch.int64)
