@@ -45,7 +45,7 @@ class PhysicalBatch:
         the norms and the clipped sums."""
         if self._stacks is None:
             self._stacks = R.dense_stacks({p: recs[0] for p, recs in self.records.items() if len(recs) == 1
-                                           and type(recs[0]) is R.DenseRecord and p not in exclude})
+                                           and isinstance(recs[0], R.DenseRecord) and p not in exclude})
         return self._stacks
 
     def _small_linear_stacks(self) -> list:
@@ -83,7 +83,13 @@ class PhysicalBatch:
             if rows:
                 parts.append(torch.stack(rows))
         else:
-            for st in self._small_linear_stacks():
+            stacks = self._small_linear_stacks()
+            if stacks:  # their biases' token sums, one per stack
+                biases = {id(recs[0].source): recs[0] for recs in self.records.values()
+                          if len(recs) == 1 and type(recs[0]) is R.TokenSumRecord and recs[0]._gs is None}
+                for st in stacks:
+                    st.fill_token_sums(biases)
+            for st in stacks:
                 keys.extend(st.keys)
                 parts.append(st.sq_norms())
             done.update(keys)

@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .records import DenseRecord, EmbeddingRecord, LinearRecord, _acc, instantiate_at_backward
+from .records import DenseRecord, EmbeddingRecord, LinearRecord, TokenSumRecord, _acc, instantiate_at_backward
 
 
 def _direct_apply(fn: type):
@@ -143,6 +143,8 @@ def _trainable(p) -> bool:
 def _tokens(t: torch.Tensor, feature_dims: int = 1) -> torch.Tensor:
     """(B, ..., *features) -> (B, T, *features); also for B = 0 (empty Poisson batch)."""
     k = t.dim() - feature_dims
+    if k == 2:  # already (B, T, ...): no view op to dispatch
+        return t
     return t.unsqueeze(1) if k == 1 else t.flatten(1, k - 1)
 
 
@@ -157,7 +159,7 @@ def record_linear(engine, weight, bias, A, G, transposed=False, readers=1):
     if rec is not None:
         engine.record(weight, rec)
     if _trainable(bias):  # source: a norm kernel gives the bias norm with the weight's
-        engine.record(bias, DenseRecord(_token_sum(G), source=rec if isinstance(rec, LinearRecord) else None))
+        engine.record(bias, TokenSumRecord(rec) if isinstance(rec, LinearRecord) else DenseRecord(_token_sum(G)))
 
 
 class Layer:

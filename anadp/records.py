@@ -251,6 +251,25 @@ class DenseRecord:
         self.gs = torch.where(bad.view(-1, *[1] * (self.gs.dim() - 1)), 0, self.gs)
 
 
+class TokenSumRecord(DenseRecord):
+    """A Linear bias whose weight keeps (A, G): its per-sample gradient is the token sum of G, formed
+    when first read, so that the small Linear layers stacked together (LinearStack) form theirs in one
+    sum (``fill_token_sums``) instead of one per layer in the backward."""
+
+    def __init__(self, source: LinearRecord):
+        self.source, self._gs = source, None
+
+    @property
+    def gs(self) -> torch.Tensor:
+        if self._gs is None:
+            self._gs = self.source.G.sum(1)  # G is float32 or wider (LinearRecord)
+        return self._gs
+
+    @gs.setter
+    def gs(self, value: torch.Tensor) -> None:
+        self._gs = value
+
+
 def dense_stacks(records: dict) -> list:
     """[(keys, X)]: the DenseRecords of ``records`` (key -> record) grouped by shape, dtype and device,
     two or more and small (``_STACK_MAX``), each stacked as X (n, B, numbers per sample)."""
@@ -272,7 +291,7 @@ class LinearStack:
     several of them read (query, key and value) are stacked once."""
 
     def __init__(self, keys: list, records: list):
-        self.keys, self.transposed = keys, records[0].transposed
+        self.keys, self.records, self.transposed = keys, records, records[0].transposed
         uniq: dict = {}  # gram_key -> (position in the A stack, A)
         index = [uniq.setdefault(gram_key(r.A), (len(uniq), r.A))[0] for r in records]
         self.A = torch.stack([A for _, A in uniq.values()])  # (u, B, T, d)
@@ -289,6 +308,15 @@ class LinearStack:
             GA = GA.index_select(0, self.index)
         GG = torch.bmm(G, G.transpose(1, 2)).view(n, B, T * T)
         return torch.linalg.vecdot(GA, GG)
+
+    def fill_token_sums(self, biases: dict) -> None:
+        """Form the per-sample gradients of the TokenSumRecords in ``biases`` (id of a weight record ->
+        its bias's record) whose weights are in this stack, in one sum over the tokens."""
+        want = [(k, biases[id(r)]) for k, r in enumerate(self.records) if id(r) in biases]
+        if want:
+            sums = self.G.sum(2)  # (n, B, p)
+            for k, b in want:
+                b.gs = sums[k]
 
     def clipped_sums(self, c: torch.Tensor) -> torch.Tensor:
         """(n, *weight shape): sum_i c_i G_i^T A_i per record."""
