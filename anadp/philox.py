@@ -5,14 +5,17 @@ Every backend draws the same Gaussian noise for the same
 
 * the host derives one 64-bit key per (seed, step, group) with Philox itself
   (:func:`group_key`, plain Python integers);
-* element ``e`` of that group's noise is ``tl.randn(key, e)`` exactly as
-  ``triton/language/random.py`` defines it: Philox 4x32-10 with counter
-  ``(e_lo, e_hi, 0, 0)`` and key ``(key_lo, key_hi)``, the first two words
-  mapped to uniforms and through Box-Muller, first output kept.
+* elements ``4j .. 4j + 3`` of that group's noise are ``tl.randn4x(key, j)``
+  exactly as ``triton/language/random.py`` defines it: one Philox 4x32-10 call
+  with counter ``(j_lo, j_hi, 0, 0)`` and key ``(key_lo, key_hi)``, its four
+  words mapped to uniforms and through Box-Muller on both pairs (r cos, r sin
+  of the first pair, then of the second). Four Gaussians per call: the call is
+  most of a draw's cost (the stream of 2026-11 drew one per call, ``tl.randn``).
 
-So a Triton kernel calls ``tl.randn(key, offsets)`` with the group's key and
-the element offsets, whatever its block size or grid, and gets these numbers
-(bit-equal uint32s; floats equal up to the device's log/cos rounding).
+So a kernel computes ``tl.randn4x(key, e // 4)`` for its elements e and keeps
+component ``e % 4`` (contiguous blocks: interleaved, one call per four
+elements), whatever its block size or grid, and gets these numbers (bit-equal
+uint32s; floats equal up to the device's log/cos/sin rounding).
 
 torch has no usable uint32/uint64 arithmetic, so words are held in int64
 tensors with values in [0, 2**32) and the 32x32->64 products are split in
@@ -109,18 +112,39 @@ def uint_to_uniform(x: torch.Tensor) -> torch.Tensor:
     return x.to(torch.float32) * torch.tensor(UNIFORM_SCALE, dtype=torch.float32)
 
 
+def randn4x(key: int, counters: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """triton.language.randn4x(key, counters): four float32 N(0, 1) per counter, Box-Muller on the
+    word pairs (1, 2) and (3, 4)."""
+    i1, i2, i3, i4 = randint4x(key, counters)
+    two_pi = torch.tensor(TWO_PI, dtype=torch.float32)
+    out = []
+    for a, b in ((i1, i2), (i3, i4)):
+        u = uint_to_uniform(a).clamp_(min=1.0e-7)
+        th = two_pi * uint_to_uniform(b)
+        r = torch.sqrt(-2.0 * torch.log(u))
+        out += [r * torch.cos(th), r * torch.sin(th)]
+    return tuple(out)
+
+
 def randn(key: int, offsets: torch.Tensor) -> torch.Tensor:
-    """triton.language.randn(key, offsets): one float32 N(0, 1) per offset."""
-    i1, i2, _, _ = randint4x(key, offsets)
-    u1 = uint_to_uniform(i1).clamp_(min=1.0e-7)
-    th = uint_to_uniform(i2) * torch.tensor(TWO_PI, dtype=torch.float32)
-    return torch.sqrt(-2.0 * torch.log(u1)) * torch.cos(th)
+    """Element ``offsets`` of the stream of ``key``: component offset % 4 of randn4x(key, offset // 4)."""
+    offsets = offsets.to(torch.int64)
+    z = torch.stack(randn4x(key, offsets >> 2), dim=-1)
+    return z.gather(-1, (offsets & 3).unsqueeze(-1)).squeeze(-1)
+
+
+def _randn_range(key: int, start: int, stop: int, device=None) -> torch.Tensor:
+    """Elements start .. stop - 1 of the stream: one randn4x call per four elements."""
+    j0, j1 = start >> 2, (stop + 3) >> 2
+    z = torch.stack(randn4x(key, torch.arange(j0, j1, device=device, dtype=torch.int64)), dim=1).flatten()
+    return z[start - 4 * j0:stop - 4 * j0]
 
 
 def gaussian(seed: int, step: int, group: int, shape, device=None, chunk: int = 1 << 16) -> torch.Tensor:
     """Standard normal float32 noise of ``shape`` for one (seed, step, group).
 
-    Element e (row-major) is ``randn(group_key(seed, step, group), e)``."""
+    Element e (row-major) is ``randn(group_key(seed, step, group), e)``: component e % 4 of
+    ``randn4x(key, e // 4)``."""
     return gaussian_of_key(group_key(seed, step, group), shape, device, chunk)
 
 
@@ -133,5 +157,5 @@ def gaussian_of_key(key: int, shape, device=None, chunk: int = 1 << 16) -> torch
     out = torch.empty(n, dtype=torch.float32, device=device)
     for start in range(0, n, chunk):
         stop = min(n, start + chunk)
-        out[start:stop] = randn(key, torch.arange(start, stop, device=device, dtype=torch.int64))
+        out[start:stop] = _randn_range(key, start, stop, device)
     return out.view(tuple(shape))

@@ -170,8 +170,8 @@ def tables(params: list, grads: list, ms: list, vs: list, keys: list[int], chunk
 
 def chunk_table(sizes: list[int], chunk: int = DEFAULT_CHUNK) -> tuple[torch.Tensor, torch.Tensor]:
     """(tensor index (int32), start element (int64)) of every chunk, tensors in order."""
-    if chunk <= 0:
-        raise ValueError(f"chunk must be > 0, got {chunk}")
+    if chunk <= 0 or chunk % 4:
+        raise ValueError(f"chunk must be a positive multiple of 4 (four elements share one Philox call), got {chunk}")
     if any(n < 0 for n in sizes):
         raise ValueError("tensor sizes must be >= 0")
     counts = [math.ceil(n / chunk) for n in sizes]

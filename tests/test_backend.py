@@ -54,15 +54,16 @@ def _gpt2():
         bos_token_id=1, eos_token_id=1))
 
 
-def _train(make, optimizer, steps=3, physical=None, autocast=False, allocation="anadp", keep_last_grad=False):
+def _train(make, optimizer, steps=3, physical=None, autocast=False, allocation="anadp", keep_last_grad=False,
+           sigma=0.05):
     torch.manual_seed(0)
     model = make().to(DEV)
     X, Y = torch.randint(1, 50, (40, 7)), torch.randint(0, 3, (40,))
     dl = DataLoader(TensorDataset(X, Y), batch_size=10)
     opt = (torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.01) if optimizer == "adamw"
            else torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9))
-    # sigma 0.1: anadp's statistics measurable on these tiny models, so its scales move and are compared
-    model, opt, dl = make_private(model, opt, dl, max_grad_norm=0.5, noise_multiplier=0.1, seed=3, allocation=allocation,
+    # sigma 0.05: anadp's statistics measurable on these tiny models, so its scales move and are compared
+    model, opt, dl = make_private(model, opt, dl, max_grad_norm=0.5, noise_multiplier=sigma, seed=3, allocation=allocation,
                                   allocation_config=AllocationConfig(warmup_steps=1), max_physical_batch_size=physical)
     it = iter(dl)
     while opt.step_count < steps:

@@ -23,16 +23,16 @@ needs_kernel = pytest.mark.skipif(cpu_ops.why_unavailable() is not None, reason=
 @needs_kernel
 @pytest.mark.parametrize("key", KEYS)
 def test_words_are_bit_equal_to_the_torch_stream(key):
-    offsets = torch.cat([torch.arange(3000), 2**32 - 2 + torch.arange(5), 2**40 + torch.arange(7)])
-    words = cpu_ops.philox_words(key, offsets)
-    ref = philox.randint4x(key, offsets)
-    assert torch.equal(words[0], ref[0]) and torch.equal(words[1], ref[1])
+    counters = torch.cat([torch.arange(3000), 2**32 - 2 + torch.arange(5), 2**40 + torch.arange(7)])
+    words = cpu_ops.philox_words(key, counters)
+    ref = philox.randint4x(key, counters)
+    assert words.shape == (4, len(counters)) and all(torch.equal(words[k], ref[k]) for k in range(4))
 
 
 @needs_kernel
 @pytest.mark.parametrize("seed,step,group", [(0, 0, 0), (3, 5, 7), (2**64 - 5, 11, 2**31)])
 def test_floats_match_the_torch_stream(seed, step, group):
-    """|kernel - torch| <= 1e-6 max(1, |z|) over 2**20 draws (both run log and cos in float32, the
+    """|kernel - torch| <= 1e-6 max(1, |z|) over 2**20 draws (both run log, cos and sin in float32, the
     kernel with glibc's vector functions, torch with SLEEF: a few ulp apart, measured <= 3.5e-7)."""
     n = 1 << 20
     out = torch.zeros(n)
@@ -48,8 +48,8 @@ def test_offsets_past_2_32_and_chunked_calls_equal_one_call():
     whole = torch.zeros(3000)
     cpu_ops.add_gaussian_(whole, key, 1.0, offset0=2**32 - 1000)
     parts = torch.zeros(3000)
-    cpu_ops.add_gaussian_(parts[:1700], key, 1.0, offset0=2**32 - 1000)
-    cpu_ops.add_gaussian_(parts[1700:], key, 1.0, offset0=2**32 + 700)
+    cpu_ops.add_gaussian_(parts[:1701], key, 1.0, offset0=2**32 - 1000)  # the second part starts mid-counter
+    cpu_ops.add_gaussian_(parts[1701:], key, 1.0, offset0=2**32 + 701)
     assert torch.equal(whole, parts)
     ref = philox.randn(key, torch.arange(2**32 - 1000, 2**32 + 2000))
     assert float((whole - ref).abs().max()) < 1e-5

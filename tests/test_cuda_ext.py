@@ -25,13 +25,14 @@ def test_csrc_philox_built_for_the_host_equals_torch(tmp_path):
                    check=True, capture_output=True, timeout=300)
     for key, base in ((philox.group_key(123, 7, 5), 0), (2**64 - 5, 2**32 - 100)):
         out = subprocess.run([str(exe), str(key), str(base), "300"], check=True, capture_output=True, text=True).stdout
-        rows = [line.split() for line in out.splitlines()]
-        offsets = base + torch.arange(300)
-        w = philox.randint4x(key, offsets)
-        assert torch.equal(torch.tensor([int(r[0]) for r in rows]), w[0]), "first uint32 word differs"
-        assert torch.equal(torch.tensor([int(r[1]) for r in rows]), w[1]), "second uint32 word differs"
-        z = torch.tensor([float(r[2]) for r in rows])
-        assert (z - philox.randn(key, offsets)).abs().max() < 1e-6
+        rows = torch.tensor([[float(v) for v in line.split()] for line in out.splitlines()], dtype=torch.float64)
+        counters = base + torch.arange(300)
+        for k, word in enumerate(philox.randint4x(key, counters)):
+            assert torch.equal(rows[:, k].long(), word), f"uint32 word {k} differs"
+        z = torch.stack(philox.randn4x(key, counters), dim=1)
+        assert (rows[:, 4:8].float() - z).abs().max() < 1e-6
+        scattered = 4 * base + 1 + 5 * torch.arange(300)
+        assert (rows[:, 8].float() - philox.randn(key, scattered)).abs().max() < 1e-6
 
 
 @needs_cuda_backend

@@ -551,8 +551,9 @@ def test_stacked_small_linear_records_equal_the_per_record_algebra():
     stacks = R.linear_stacks(dict(zip(keys, recs)))
     assert sorted(len(s.keys) for s in stacks) == [2, 3] and any(s.index is not None for s in stacks)
     c = torch.rand(B, dtype=torch.float64)
+    of = {id(k): r for k, r in zip(keys, recs)}
     for st in stacks:
         for k, sq, s in zip(st.keys, st.sq_norms(), st.clipped_sums(c)):
-            r = recs[keys.index(k)]
+            r = of[id(k)]
             assert rel_err(sq, r.sq_norm()) < 1e-12
             assert rel_err(s, r.clipped_sum(c)) < 1e-12 and s.shape == r.clipped_sum(c).shape

@@ -121,12 +121,12 @@ def add_gaussian_multi_(outs: list, keys: list, stds: list) -> bool:
     return True
 
 
-def philox_words(key: int, offsets: torch.Tensor) -> torch.Tensor:
-    """(2, n) int64: the first two Philox words per offset, from the compiled kernel."""
+def philox_words(key: int, counters: torch.Tensor) -> torch.Tensor:
+    """(4, n) int64: the four Philox words per counter, from the compiled kernel."""
     ext = _load()
     if ext is None:
         raise RuntimeError(f"the CPU kernel is not available: {import_error}")
-    return ext.philox_words(key - 2**64 if key >= 2**63 else key, offsets.long().contiguous())
+    return ext.philox_words(key - 2**64 if key >= 2**63 else key, counters.long().contiguous())
 
 
 def group_keys(seed: int, step: int, groups: list) -> list:

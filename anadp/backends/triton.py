@@ -36,7 +36,7 @@ class TritonBackend(Backend):
         except ImportError as e:
             return f"triton is not installed ({e}); pip install triton"
         if _version(triton.__version__) < MIN_TRITON:
-            return (f"triton {triton.__version__} is older than {'.'.join(map(str, MIN_TRITON))}, whose tl.randn "
+            return (f"triton {triton.__version__} is older than {'.'.join(map(str, MIN_TRITON))}, whose tl.randn4x "
                     "splits 64-bit offsets into the Philox counter the other backends use")
         on_gpu = torch.cuda.is_available() if device is None else device.type == "cuda"
         if not on_gpu and not interpreting():

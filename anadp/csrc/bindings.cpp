@@ -28,7 +28,7 @@ void multi_tensor_update(torch::Tensor chunk_tensor, torch::Tensor chunk_start, 
   check(sens, "sens", torch::kFloat32);
   TORCH_CHECK(chunk_start.numel() == chunk_tensor.numel() && sens.numel() == chunk_tensor.numel(),
               "chunk tables and sens must have one entry per chunk");
-  TORCH_CHECK(chunk > 0, "chunk must be > 0");
+  TORCH_CHECK(chunk > 0 && chunk % 4 == 0, "chunk must be a positive multiple of 4 (four elements share a Philox call)");
   TORCH_CHECK(stat == 0 || stat == 1, "stat must be 0 (|p * grad|) or 1 (grad^2)");
   const c10::cuda::CUDAGuard guard(sens.device());
   ok(anadp::launch_multi_tensor_update(

@@ -24,19 +24,27 @@ __global__ void multi_tensor_update_kernel(int64_t chunk, const int32_t* __restr
   const uint64_t key = static_cast<uint64_t>(keys[t]);
   const float* row = rows + static_cast<int64_t>(t) * N_COLS;
   float local = 0.0f;
-  for (int64_t e = start + threadIdx.x; e < end; e += blockDim.x) {
-    float grad = g[e];
-    if (NOISE) grad += row[NOISE_STD] * randn(key, static_cast<uint64_t>(e));
-    grad *= row[INV_DENOM];
-    float w = to_float(p[e]);
-    local += stat_sq ? grad * grad : fabsf(w * grad);
-    if (KIND == SGD) {
-      float unused = 0.0f;
-      w = sgd(w, grad, row[BETA1] != 0.0f ? m + e : &unused, row);
-    } else {
-      w = adam(w, grad, m + e, v + e, row);
+  // each thread takes four consecutive elements: one Philox call gives their four Gaussians (randn4);
+  // chunks start at multiples of 4 (the launcher refuses other chunk sizes)
+  for (int64_t e0 = start + 4 * static_cast<int64_t>(threadIdx.x); e0 < end; e0 += 4 * static_cast<int64_t>(blockDim.x)) {
+    float z[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+    if (NOISE) randn4(key, static_cast<uint64_t>(e0) >> 2, z);
+    for (int q = 0; q < 4; ++q) {
+      const int64_t e = e0 + q;
+      if (e >= end) break;
+      float grad = g[e];
+      if (NOISE) grad += row[NOISE_STD] * z[q];
+      grad *= row[INV_DENOM];
+      float w = to_float(p[e]);
+      local += stat_sq ? grad * grad : fabsf(w * grad);
+      if (KIND == SGD) {
+        float unused = 0.0f;
+        w = sgd(w, grad, row[BETA1] != 0.0f ? m + e : &unused, row);
+      } else {
+        w = adam(w, grad, m + e, v + e, row);
+      }
+      p[e] = from_float<P>(w);
     }
-    p[e] = from_float<P>(w);
   }
   const float total = block_sum(local);
   if (threadIdx.x == 0) sens[blockIdx.x] = total;
@@ -66,6 +74,7 @@ cudaError_t launch_multi_tensor_update(int dtype, int kind, bool noise, int stat
                                        const float* rows, float* sens, cudaStream_t stream) {
   if (n_chunks == 0) return cudaSuccess;
   if (kind != SGD && kind != ADAM) return cudaErrorInvalidValue;
+  if (chunk % 4 != 0) return cudaErrorInvalidValue;  // a thread's four elements share one Philox counter
   if (stat != 0 && stat != 1) return cudaErrorInvalidValue;
   const bool sq = stat == 1;
   switch (dtype) {

@@ -1,6 +1,7 @@
-// Philox 4x32-10 and the Gaussian of triton.language.randn, bit for bit the
-// stream of anadp/philox.py and of the Triton kernels: element e of a noise
-// group with 64-bit key k is randn(k, e), counter (e_lo, e_hi, 0, 0).
+// Philox 4x32-10 and the Gaussians of triton.language.randn4x, bit for bit the
+// stream of anadp/philox.py and of the Triton kernels: elements 4j .. 4j + 3 of
+// a noise group with 64-bit key k are randn4x(k, j), counter (j_lo, j_hi, 0, 0),
+// Box-Muller on both word pairs.
 #pragma once
 #include <cmath>
 #include <cstdint>
@@ -42,12 +43,33 @@ __host__ __device__ inline float uint_to_uniform(uint32_t x) {
   return static_cast<float>(static_cast<int32_t>(folded)) * 4.6566127342e-10f;
 }
 
-__host__ __device__ inline float randn(uint64_t key, uint64_t offset) {
-  uint32_t w0, w1;
-  randint2(key, offset, w0, w1);
-  const float u1 = fmaxf(uint_to_uniform(w0), 1.0e-7f);
-  const float th = uint_to_uniform(w1) * 6.283185307179586f;
-  return sqrtf(-2.0f * logf(u1)) * cosf(th);
+// the four words of tl.randint4x(key, counter)
+__host__ __device__ inline void randint4(uint64_t key, uint64_t counter, uint32_t w[4]) {
+  w[0] = static_cast<uint32_t>(counter);
+  w[1] = static_cast<uint32_t>(counter >> 32);
+  w[2] = 0u;
+  w[3] = 0u;
+  philox4x32_10(w, static_cast<uint32_t>(key), static_cast<uint32_t>(key >> 32));
+}
+
+// tl.randn4x(key, counter): elements 4 counter .. 4 counter + 3 of the stream
+__host__ __device__ inline void randn4(uint64_t key, uint64_t counter, float z[4]) {
+  uint32_t w[4];
+  randint4(key, counter, w);
+  for (int pair = 0; pair < 2; ++pair) {
+    const float u = fmaxf(uint_to_uniform(w[2 * pair]), 1.0e-7f);
+    const float th = 6.283185307179586f * uint_to_uniform(w[2 * pair + 1]);
+    const float r = sqrtf(-2.0f * logf(u));
+    z[2 * pair] = r * cosf(th);
+    z[2 * pair + 1] = r * sinf(th);
+  }
+}
+
+// element e of the stream alone (four Gaussians drawn, one kept: for scattered elements)
+__host__ __device__ inline float randn(uint64_t key, uint64_t e) {
+  float z[4];
+  randn4(key, e >> 2, z);
+  return z[e & 3];
 }
 
 }  // namespace anadp

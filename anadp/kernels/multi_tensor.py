@@ -40,7 +40,7 @@ def _multi_tensor_update_kernel(CHUNK_TENSOR, CHUNK_START, P_ADDR, G_ADDR, M_ADD
     for b0 in range(0, tl.minimum(CHUNK, n - start), BLOCK):
         offs = start + b0 + tl.arange(0, BLOCK)
         mask = offs < n
-        grad = update.privatize(tl.load(G + offs, mask=mask, other=0.0), key, offs, row, HAS_NOISE)
+        grad = update.privatize_block(tl.load(G + offs, mask=mask, other=0.0), key, start + b0, row, HAS_NOISE, BLOCK)
         sens += update.apply(P, M, V, offs, mask, grad, row, KIND, STAT)
     tl.store(SENS + pid, tl.sum(sens))
 

@@ -25,11 +25,38 @@ N_COLS = tl.constexpr(U.N_COLS)
 
 
 @triton.jit
+def gaussian(key, offs):
+    """Elements ``offs`` (any layout) of the group's stream, anadp.philox.randn: component offs % 4 of
+    tl.randn4x(key, offs // 4) (four Gaussians drawn per element kept: for tiles whose rows do not
+    start at multiples of 4)."""
+    z0, z1, z2, z3 = tl.randn4x(key, offs >> 2)
+    q = offs & 3
+    return tl.where(q == 0, z0, tl.where(q == 1, z1, tl.where(q == 2, z2, z3)))
+
+
+@triton.jit
+def gaussian_block(key, start, BLOCK: tl.constexpr):
+    """Elements start .. start + BLOCK - 1 of the stream (start and BLOCK multiples of 4): one
+    tl.randn4x call per four elements, interleaved into element order."""
+    z0, z1, z2, z3 = tl.randn4x(key, (start >> 2) + tl.arange(0, BLOCK // 4))
+    return tl.interleave(tl.interleave(z0, z2), tl.interleave(z1, z3))
+
+
+@triton.jit
 def privatize(summed, key, offs, row, HAS_NOISE: tl.constexpr):
     """(clipped sum + noise_std * z) / expected batch size; z = the Philox stream of the group."""
     g = summed
     if HAS_NOISE:
-        g += tl.load(row + NOISE_STD) * tl.randn(key, offs)
+        g += tl.load(row + NOISE_STD) * gaussian(key, offs)
+    return g * tl.load(row + INV_DENOM)
+
+
+@triton.jit
+def privatize_block(summed, key, start, row, HAS_NOISE: tl.constexpr, BLOCK: tl.constexpr):
+    """privatize for the contiguous elements start .. start + BLOCK - 1 (see gaussian_block)."""
+    g = summed
+    if HAS_NOISE:
+        g += tl.load(row + NOISE_STD) * gaussian_block(key, start, BLOCK)
     return g * tl.load(row + INV_DENOM)
 
 

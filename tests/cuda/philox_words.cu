@@ -1,6 +1,7 @@
-// Host build of csrc/philox.cuh (no GPU needed): prints, for offsets base..base+n-1,
-// the first two uint32 words of the stream and the Gaussian. tests/test_cuda_ext.py
-// compares them with anadp/philox.py.
+// Host build of csrc/philox.cuh (no GPU needed): prints, for counters base..base+n-1, the four
+// uint32 words of Philox and the stream's four Gaussians (randn4), then randn of the scattered
+// elements 4 base + 1, 4 base + 6, ... (one of every five). tests/test_cuda_ext.py compares them
+// with anadp/philox.py.
 #include <cstdio>
 #include <cstdlib>
 
@@ -14,9 +15,12 @@ int main(int argc, char** argv) {
   const uint64_t key = std::strtoull(argv[1], nullptr, 10), base = std::strtoull(argv[2], nullptr, 10);
   const long n = std::strtol(argv[3], nullptr, 10);
   for (long i = 0; i < n; ++i) {
-    uint32_t w0, w1;
-    anadp::randint2(key, base + i, w0, w1);
-    std::printf("%u %u %.9g\n", w0, w1, anadp::randn(key, base + i));
+    uint32_t w[4];
+    float z[4];
+    anadp::randint4(key, base + i, w);
+    anadp::randn4(key, base + i, z);
+    const float scattered = anadp::randn(key, 4 * base + 1 + 5 * static_cast<uint64_t>(i));
+    std::printf("%u %u %u %u %.9g %.9g %.9g %.9g %.9g\n", w[0], w[1], w[2], w[3], z[0], z[1], z[2], z[3], scattered);
   }
   return 0;
 }

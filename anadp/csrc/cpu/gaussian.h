@@ -11,12 +11,13 @@
 #undef __host__
 #undef __device__
 
-// glibc's vector logf / cosf (libmvec), without -ffast-math (whose reassociation would change the
+// glibc's vector logf / cosf / sinf (libmvec), without -ffast-math (whose reassociation would change the
 // float roundings the stream is defined by): declared SIMD-callable, used with -fno-math-errno
 #if defined(__x86_64__) && defined(__GLIBC__)
 extern "C" {
 __attribute__((simd("notinbranch"))) float logf(float);
 __attribute__((simd("notinbranch"))) float cosf(float);
+__attribute__((simd("notinbranch"))) float sinf(float);
 }
 #endif
 
@@ -25,7 +26,8 @@ namespace anadp_cpu {
 constexpr int64_t kBlock = 1024;  // elements per inner SIMD block (fits in L1 with its temporaries)
 constexpr int kLanes = 16;        // log / cos always run kLanes at a time (see gaussian_block)
 
-inline void philox_lane(uint64_t ctr, uint32_t k0, uint32_t k1, uint32_t& w0, uint32_t& w1) {
+// Philox 4x32-10 of counter (ctr_lo, ctr_hi, 0, 0): the four words (one SIMD lane)
+inline void philox_lane(uint64_t ctr, uint32_t k0, uint32_t k1, uint32_t w[4]) {
   uint32_t c0 = static_cast<uint32_t>(ctr), c1 = static_cast<uint32_t>(ctr >> 32), c2 = 0u, c3 = 0u;
   for (int r = 0; r < 10; ++r) {
     const uint64_t pb = static_cast<uint64_t>(anadp::kRoundB) * c2;
@@ -39,29 +41,45 @@ inline void philox_lane(uint64_t ctr, uint32_t k0, uint32_t k1, uint32_t& w0, ui
     k0 += anadp::kKeyA;
     k1 += anadp::kKeyB;
   }
-  w0 = c0;
-  w1 = c1;
+  w[0] = c0;
+  w[1] = c1;
+  w[2] = c2;
+  w[3] = c3;
 }
 
-// z[i] = randn(key, base + i) for i < m (m <= kBlock; z holds kBlock floats, lanes past m are scratch)
+// z[i] = element base + i of the stream of key (k0, k1) for i < m, m <= kBlock: elements 4j .. 4j + 3
+// are randn4x(key, j) (csrc/philox.cuh), so one Philox call per four elements; z holds kBlock floats
 inline void gaussian_block(uint32_t k0, uint32_t k1, uint64_t base, int64_t m, float* z) {
-  const int64_t padded = (m + kLanes - 1) / kLanes * kLanes;  // the lanes past m are drawn and dropped
-  alignas(64) float u1[kBlock], th[kBlock];
+  constexpr int64_t kCounters = kBlock / 4 + 1;  // base need not be a multiple of 4: one counter more
+  const uint64_t j0 = base >> 2;
+  const int64_t skip = static_cast<int64_t>(base & 3);
+  const int64_t counters = (skip + m + 3) / 4;
+  const int64_t padded = (counters + kLanes - 1) / kLanes * kLanes;  // lanes past `counters`: drawn, dropped
+  alignas(64) float u[2][kCounters + kLanes], th[2][kCounters + kLanes], out[4 * (kCounters + kLanes)];
 #pragma omp simd
   for (int64_t i = 0; i < padded; ++i) {
-    uint32_t w0, w1;
-    philox_lane(base + static_cast<uint64_t>(i), k0, k1, w0, w1);
-    u1[i] = std::max(anadp::uint_to_uniform(w0), 1.0e-7f);
-    th[i] = anadp::uint_to_uniform(w1) * 6.283185307179586f;
+    uint32_t w[4];
+    philox_lane(j0 + static_cast<uint64_t>(i), k0, k1, w);
+    u[0][i] = std::max(anadp::uint_to_uniform(w[0]), 1.0e-7f);
+    th[0][i] = 6.283185307179586f * anadp::uint_to_uniform(w[1]);
+    u[1][i] = std::max(anadp::uint_to_uniform(w[2]), 1.0e-7f);
+    th[1][i] = 6.283185307179586f * anadp::uint_to_uniform(w[3]);
   }
-  // log and cos in float, as the torch and Triton streams (libmvec is a few ulp off torch's SLEEF,
-  // <= 3.5e-7; in double 27% slower). Fixed groups of kLanes: every element goes through the same
-  // vector function (a scalar remainder loop would round differently), so a value depends on its
-  // offset only, not on where a call starts or ends
-  for (int64_t j = 0; j < padded; j += kLanes) {
+  // log, cos and sin in float, as the torch and Triton streams (libmvec is a few ulp off torch's
+  // SLEEF, <= 3.5e-7; in double 27% slower). Fixed groups of kLanes: every element goes through the
+  // same vector function (a scalar remainder loop would round differently), so a value depends on
+  // its offset only, not on where a call starts or ends
+  for (int pair = 0; pair < 2; ++pair) {
+    for (int64_t j = 0; j < padded; j += kLanes) {
 #pragma omp simd simdlen(kLanes)
-    for (int i = 0; i < kLanes; ++i) z[j + i] = sqrtf(-2.0f * logf(u1[j + i])) * cosf(th[j + i]);
+      for (int i = 0; i < kLanes; ++i) {
+        const float r = sqrtf(-2.0f * logf(u[pair][j + i]));
+        out[4 * (j + i) + 2 * pair] = r * cosf(th[pair][j + i]);
+        out[4 * (j + i) + 2 * pair + 1] = r * sinf(th[pair][j + i]);
+      }
+    }
   }
+  for (int64_t i = 0; i < m; ++i) z[i] = out[skip + i];
 }
 
 }  // namespace anadp_cpu

@@ -60,20 +60,19 @@ std::vector<int64_t> group_keys(int64_t seed, int64_t step, std::vector<int64_t>
   return out;
 }
 
-// the first two Philox words per offset, as int64 in [0, 2**32): for the bit-equality tests
-torch::Tensor philox_words(int64_t key, torch::Tensor offsets) {
-  TORCH_CHECK(offsets.device().is_cpu() && offsets.scalar_type() == torch::kInt64 && offsets.is_contiguous(),
-              "offsets must be a contiguous CPU int64 tensor");
-  const int64_t n = offsets.numel();
-  auto out = torch::empty({2, n}, offsets.options());
-  const int64_t* off = offsets.data_ptr<int64_t>();
-  int64_t* w = out.data_ptr<int64_t>();
+// the four Philox words per counter, as int64 in [0, 2**32): for the bit-equality tests
+torch::Tensor philox_words(int64_t key, torch::Tensor counters) {
+  TORCH_CHECK(counters.device().is_cpu() && counters.scalar_type() == torch::kInt64 && counters.is_contiguous(),
+              "counters must be a contiguous CPU int64 tensor");
+  const int64_t n = counters.numel();
+  auto out = torch::empty({4, n}, counters.options());
+  const int64_t* ctr = counters.data_ptr<int64_t>();
+  int64_t* o = out.data_ptr<int64_t>();
   const uint64_t k = static_cast<uint64_t>(key);
   for (int64_t i = 0; i < n; ++i) {
-    uint32_t w0, w1;
-    philox_lane(static_cast<uint64_t>(off[i]), static_cast<uint32_t>(k), static_cast<uint32_t>(k >> 32), w0, w1);
-    w[i] = w0;
-    w[n + i] = w1;
+    uint32_t w[4];
+    philox_lane(static_cast<uint64_t>(ctr[i]), static_cast<uint32_t>(k), static_cast<uint32_t>(k >> 32), w);
+    for (int q = 0; q < 4; ++q) o[q * n + i] = w[q];
   }
   return out;
 }
