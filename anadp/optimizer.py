@@ -17,6 +17,7 @@ import torch
 from torch.optim import Optimizer
 
 from . import backends
+from . import kernel_choice
 from .backends import cpu as cpu_kernels
 from . import philox
 from . import update_table as U
@@ -130,7 +131,9 @@ class DPOptimizer(Optimizer):
         # the share sums live on the CPU: their noise is drawn there, not in a GPU launch
         self.share_noise_backend = backends.get(backends.auto(torch.device("cpu")))
         kernels = self.impl.norms or self.impl.fused_update
-        why, self.norm_kernels = None, self.impl if self.impl.norms else None
+        # the GEMM-shaped kernels where a GPU check measured them faster than cuBLAS (kernel_choice)
+        norms = self.impl.norms and kernel_choice.use_kernel("norms", self.backend)
+        why, self.norm_kernels = None, self.impl if norms else None
         if kernels and any(p.dtype not in (torch.float32, torch.bfloat16, torch.float16) for p in self.engine.params):
             why, self.norm_kernels = "parameters other than float32 / bfloat16 / float16", None
         elif self.impl.fused_update:
@@ -144,7 +147,8 @@ class DPOptimizer(Optimizer):
         self.engine.instantiate_linear = self.norm_kernels is None  # kernel norms read (A, G)
         self._fused_update = self.impl.fused_update and why is None
         # Linear weights in the clipped-GEMM kernel (triton); the cuda backend forms their sums with torch
-        self._fused_gemm = self._fused_update and self.impl.fused_gemm
+        self._fused_gemm = (self._fused_update and self.impl.fused_gemm
+                            and kernel_choice.use_kernel("clipped_gemm", self.backend))
         if kernels and why is not None and self.impl.warn_fallback:
             warnings.warn(f"backend {self.backend!r}: {why}: the update runs in torch"
                           + ("" if self.norm_kernels is not None else ", and so do the norms"))

@@ -40,6 +40,13 @@ def test_unavailable_backends_say_why(monkeypatch):
                          noise_multiplier=1.0)
 
 
+@pytest.fixture(autouse=True)
+def every_kernel(monkeypatch):
+    """These tests exercise each backend's kernels: all of them, whatever anadp.kernel_choice's measured
+    table picks for the step (tested in test_kernel_choice.py)."""
+    monkeypatch.setenv("ANADP_KERNELS", "all")
+
+
 def _bert():
     from transformers import BertConfig, BertForSequenceClassification
     return BertForSequenceClassification(BertConfig(
