@@ -60,6 +60,62 @@ def _acc(t: torch.Tensor) -> torch.Tensor:
     return t.float() if t.dtype in (torch.float16, torch.bfloat16) else t
 
 
+# Devices whose GEMMs take 16-bit inputs with float32 accumulation and output
+# (torch.bmm / torch.mm(out_dtype=torch.float32): cuBLAS). There a Linear's 16-bit input and output
+# gradient (autocast) are kept as they are and go into the GEMMs as they are; elsewhere they are
+# upcast when recorded, which is the same arithmetic: a product of two 16-bit values is exact in float32.
+NATIVE_16BIT_DEVICES = {"cuda"}
+
+
+def _native_16bit(t: torch.Tensor) -> bool:
+    return t.dtype in (torch.float16, torch.bfloat16) and t.device.type in NATIVE_16BIT_DEVICES
+
+
+def gemm32(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """x @ y (2-d or batched 3-d) in float32 arithmetic: 16-bit inputs on a native device go into the
+    GEMM as they are (float32 accumulation and output), other inputs are upcast first."""
+    global _OUT_DTYPE
+    mm = torch.bmm if x.dim() == 3 else torch.mm
+    if x.dtype == y.dtype and x.dtype in (torch.float16, torch.bfloat16):
+        if x.device.type == "cuda" and _OUT_DTYPE:
+            try:
+                return mm(x, y, out_dtype=torch.float32)
+            except (TypeError, RuntimeError, NotImplementedError):  # a torch without the dtype overloads
+                _OUT_DTYPE = False
+        return mm(x.float(), y.float())  # the same arithmetic, where no such GEMM exists (and in the tests)
+    return mm(_acc(x), _acc(y))
+
+
+_OUT_DTYPE = True  # whether torch.bmm / torch.mm take out_dtype here (False after the first refusal)
+
+
+def split16(x: torch.Tensor, dtype: torch.dtype) -> list:
+    """float32 x as three bfloat16 parts whose float32 sum is x within one float32 ulp (8 + 8 + 8
+    significant bits, the same exponent range): a GEMM of each part with a 16-bit operand, accumulated in float32, gives the
+    float32 GEMM's result. The clipped sum scales one operand by the clip factors: rounding c_i a_it
+    to 16 bits could move sample i's contribution past C (the rounding errors of its tokens need not
+    cancel as the tokens' gradients do), so the scaled operand keeps float32 precision this way."""
+    parts, rest = [], x
+    for _ in range(3):
+        p = rest.to(dtype)
+        parts.append(p)
+        rest = rest - p.float()
+    return parts
+
+
+def clipped_gemm(Gs: torch.Tensor, A: torch.Tensor) -> torch.Tensor:
+    """Gs^T A for the clipped sum (Gs (N, p) scaled by the clip factors, float32; A (N, d)): with a bfloat16 A
+    on a native device, three bfloat16 GEMMs of Gs's split16 parts (exact: bfloat16 has float32's
+    exponent range); else one float32 GEMM (float16's range would lose the small parts)."""
+    if _native_16bit(A) and A.dtype == torch.bfloat16:
+        out = None
+        for part in split16(Gs, A.dtype):
+            g = gemm32(part.t(), A)
+            out = g if out is None else out.add_(g)
+        return out
+    return _acc(Gs).t() @ _acc(A)
+
+
 def rowdot(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     """(B,) per-sample <x_i, y_i> of two batch-first tensors, as one reduction (on the CPU 2x
     faster than pow + sum, 10x faster than a batched GEMV)."""
@@ -78,7 +134,7 @@ def gram_strips(X: torch.Tensor, blocks: int = 4) -> list:
     T = X.shape[1]
     blocks = blocks if T >= 64 else 1
     edges = [T * a // blocks for a in range(blocks + 1)]
-    return [torch.bmm(X[:, edges[a]:edges[a + 1]], X[:, edges[a]:].transpose(1, 2)) for a in range(blocks)]
+    return [gemm32(X[:, edges[a]:edges[a + 1]], X[:, edges[a]:].transpose(1, 2)) for a in range(blocks)]
 
 
 def strips_inner(SA: list, SG: list) -> torch.Tensor:
@@ -129,7 +185,9 @@ class LinearRecord:
     layer calls of the forward read the same input A (they share its Gram matrix)."""
 
     def __init__(self, A: torch.Tensor, G: torch.Tensor, transposed: bool = False, sharers: int = 1):
-        self.A, self.G, self.transposed = _acc(A), _acc(G), transposed  # (B,T,d), (B,T,p)
+        if not (_native_16bit(A) and A.dtype == G.dtype):  # see NATIVE_16BIT_DEVICES
+            A, G = _acc(A), _acc(G)
+        self.A, self.G, self.transposed = A, G, transposed  # (B,T,d), (B,T,p)
         self.sharers = sharers
 
     @property
@@ -145,6 +203,7 @@ class LinearRecord:
         A, G = self.A, self.G
         B, T, d, p = A.shape[0], A.shape[1], A.shape[2], G.shape[2]
         if T == 1:
+            A, G = _acc(A), _acc(G)
             return rowdot(A, A) * rowdot(G, G)
         cache = cache if cache is not None else BatchCache()
         key = gram_key(A)
@@ -159,20 +218,31 @@ class LinearRecord:
         out = A.new_empty(B)
         for i in range(0, B, step):
             n = min(step, B - i)
-            g = torch.bmm(G[i:i + n].transpose(1, 2), A[i:i + n], out=cache.scratch(0, (n, p, d), A))
+            if _native_16bit(A):
+                g = gemm32(G[i:i + n].transpose(1, 2), A[i:i + n])
+            else:
+                g = torch.bmm(G[i:i + n].transpose(1, 2), A[i:i + n], out=cache.scratch(0, (n, p, d), A))
             out[i:i + n] = rowdot(g, g)
         return out
 
     def dense(self) -> torch.Tensor:
         """The per-sample gradients (B, *weight.shape), contiguous."""
         if self.transposed:  # Conv1D weight (d, p)
-            return torch.bmm(self.A.transpose(1, 2), self.G)
-        return torch.bmm(self.G.transpose(1, 2), self.A)  # (B, p, d)
+            return gemm32(self.A.transpose(1, 2), self.G)
+        return gemm32(self.G.transpose(1, 2), self.A)  # (B, p, d)
 
     @torch.no_grad()
     def clipped_sum(self, c: torch.Tensor, cache: BatchCache | None = None) -> torch.Tensor:
-        """A^T diag(c) G as one GEMM, c applied to the narrower of A and G."""
+        """A^T diag(c) G as one GEMM, c applied to the narrower of A and G (16-bit A and G: the scaled
+        one in float32, through clipped_gemm)."""
         A, G = self.A, self.G
+        if _native_16bit(A):
+            c32 = c.float()[:, None, None]
+            if A.shape[2] <= G.shape[2]:
+                g = clipped_gemm((A.float() * c32).flatten(0, 1), G.flatten(0, 1)).t()
+            else:
+                g = clipped_gemm((G.float() * c32).flatten(0, 1), A.flatten(0, 1))
+            return g.t() if self.transposed else g
         c = c.to(A.dtype)[:, None, None]
         if A.shape[2] <= G.shape[2]:
             A = A * c if cache is None else cache.scaled(A, c)
@@ -262,7 +332,8 @@ class TokenSumRecord(DenseRecord):
     @property
     def gs(self) -> torch.Tensor:
         if self._gs is None:
-            self._gs = self.source.G.sum(1)  # G is float32 or wider (LinearRecord)
+            self._gs = self.source.G.sum(1, dtype=torch.float32 if self.source.G.dtype in (
+                torch.float16, torch.bfloat16) else None)  # a 16-bit G (NATIVE_16BIT_DEVICES) summed in float32
         return self._gs
 
     @gs.setter
@@ -335,8 +406,8 @@ def linear_stacks(records: dict) -> list:
     dtype, device and layout, two or more and small (``_STACK_MAX`` numbers with their Gram
     matrices: large layers keep their own, blocked, products)."""
     by: dict = {}
-    for key, r in records.items():
-        if r.A.shape[1] > 1 and r.use_ghost():
+    for key, r in records.items():  # (16-bit records on a native device take their own GEMMs)
+        if r.A.shape[1] > 1 and r.use_ghost() and not _native_16bit(r.A):
             by.setdefault((tuple(r.A.shape), tuple(r.G.shape), r.A.dtype, r.A.device, r.transposed), []).append(key)
     out = []
     for (a, g, _, _, _), keys in by.items():
@@ -349,12 +420,12 @@ def linear_stacks(records: dict) -> list:
 def inner(r: object, s: object) -> torch.Tensor:
     """Per-sample <g_r, g_s> of two contributions to the same parameter, (B,)."""
     if isinstance(r, LinearRecord) and isinstance(s, LinearRecord) and r.transposed == s.transposed:
-        return (torch.bmm(r.A, s.A.transpose(1, 2)) * torch.bmm(r.G, s.G.transpose(1, 2))).sum((1, 2))
+        return (gemm32(r.A, s.A.transpose(1, 2)) * gemm32(r.G, s.G.transpose(1, 2))).sum((1, 2))
     if isinstance(r, LinearRecord) and isinstance(s, EmbeddingRecord):
         r, s = s, r
     if isinstance(r, EmbeddingRecord) and isinstance(s, LinearRecord) and not s.transposed:
         # tied embedding / output layer, W (V, d): sum_{t,u} G_lin[t, idx_u] (a_t . g_emb_u)
-        M = torch.bmm(s.A, r.G.transpose(1, 2))  # (B, T_lin, T_emb)
+        M = gemm32(s.A, r.G.transpose(1, 2))  # (B, T_lin, T_emb)
         Gsel = s.G.gather(2, r.idx[:, None, :].expand(-1, s.G.shape[1], -1))
         return (M * Gsel).sum((1, 2))
     if isinstance(r, EmbeddingRecord) and isinstance(s, EmbeddingRecord):

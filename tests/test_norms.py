@@ -557,3 +557,50 @@ def test_stacked_small_linear_records_equal_the_per_record_algebra():
             r = of[id(k)]
             assert rel_err(sq, r.sq_norm()) < 1e-12
             assert rel_err(s, r.clipped_sum(c)) < 1e-12 and s.shape == r.clipped_sum(c).shape
+
+
+def test_split16_parts_sum_to_the_float32_value_within_an_ulp():
+    from anadp import records as R
+    x = torch.randn(100000, generator=torch.Generator().manual_seed(15)) * torch.logspace(-30, 30, 100000)
+    parts = R.split16(x, torch.bfloat16)
+    assert all(p.dtype == torch.bfloat16 for p in parts)
+    s = parts[0].float() + parts[1].float() + parts[2].float()
+    assert float(((s - x).abs() / x.abs()).max()) <= 2.0 ** -23  # within one float32 ulp (2**-23 relative)
+
+
+@pytest.mark.parametrize("model_kind", ["gpt2_tied", "transformer"])
+def test_16bit_records_into_the_gemms_equal_the_upcast_records(monkeypatch, model_kind):
+    """Under bf16 autocast, on a device whose GEMMs take 16-bit inputs with float32 accumulation
+    (records.NATIVE_16BIT_DEVICES: CUDA; here the CPU stands in, its GEMMs emulated in float32 by
+    records.gemm32), Linear records keep their bf16 input and output gradient and the norms and
+    clipped sums equal the upcast records' to float32 rounding: the products of two bf16 values are
+    exact in float32 and the clip-scaled operand is split into three exact bf16 parts."""
+    from anadp import records as R
+    torch.manual_seed(16)
+    if model_kind == "gpt2_tied":  # embedding and output head sharing one weight (GPT-2's wte / lm_head)
+        emb, head = nn.Embedding(50, 64), nn.Linear(64, 50, bias=False)
+        head.weight = emb.weight
+        m = nn.Sequential(emb, nn.Linear(64, 64), nn.Tanh(), head)
+        x = torch.randint(0, 50, (4, 9))
+    else:
+        # width 64, T = 9: ghost norms (A and G kept), and an instantiated 64 -> 5 head
+        m = nn.Sequential(nn.Linear(64, 64), nn.GELU(), nn.Linear(64, 64), nn.LayerNorm(64), nn.Linear(64, 5))
+        x = torch.randn(4, 9, 64)
+    c = torch.rand(4, dtype=torch.float32)
+    out = {}
+    for native in (False, True):
+        monkeypatch.setattr(R, "NATIVE_16BIT_DEVICES", {"cuda", "cpu"} if native else {"cuda"})
+        engine = GradSampleEngine(m, loss_reduction="sum")
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            y = m(x)
+        (y.float() ** 2).sum().backward()
+        batch = engine.take()
+        kept = [r.A.dtype for recs in batch.records.values() for r in recs if isinstance(r, R.LinearRecord)]
+        # a record keeps bf16 where the layer's input is bf16 (a float32 input, cast inside the autocast
+        # GEMM, is kept in float32: the record's A and G are then both upcast)
+        assert (torch.bfloat16 in kept) == native and (native or set(kept) == {torch.float32})
+        out[native] = (batch.sq_norms(), batch.clipped_sums(c, list(batch.records)))
+        engine.remove()
+    for p in out[False][0]:
+        assert rel_err(out[True][0][p], out[False][0][p]) < 1e-6
+        assert rel_err(out[True][1][p], out[False][1][p]) < 1e-6
