@@ -4,7 +4,6 @@ physical batch, from one backward pass.
 """
 from __future__ import annotations
 
-import collections
 import operator
 
 from typing import Callable, Optional
@@ -215,7 +214,7 @@ class GradSampleEngine:
         # Linear layers form their per-sample gradients at backward time where that is cheaper
         # (records.instantiate_at_backward); off when a kernel backend computes the norms from (A, G)
         self.instantiate_linear = True
-        self._readers: collections.Counter = collections.Counter()  # input -> Linear calls reading it
+        self._readers: dict = {}  # input -> Linear calls reading it
         for layer in self.layers:
             layer.install()
         self._hook = model.register_forward_pre_hook(self._pre_forward, with_kwargs=True)
@@ -341,11 +340,13 @@ class GradSampleEngine:
 
     def count_reader(self, x: torch.Tensor) -> None:
         """A Linear call of this forward reads ``x`` (forward side, for ``readers``)."""
-        self._readers[(x.data_ptr(), tuple(x.shape), x.dtype)] += 1
+        key = (x.data_ptr(), x.shape, x.dtype)
+        readers = self._readers
+        readers[key] = readers.get(key, 0) + 1
 
     def readers(self, x: torch.Tensor) -> int:
         """How many Linear calls of this forward read ``x``: their ghost norms share its Gram matrix."""
-        return max(1, self._readers[(x.data_ptr(), tuple(x.shape), x.dtype)])
+        return max(1, self._readers.get((x.data_ptr(), x.shape, x.dtype), 0))
 
     def record(self, param, rec) -> None:
         self._records.setdefault(param, []).append(rec)

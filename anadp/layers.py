@@ -183,6 +183,15 @@ class Layer:
         self.module.__dict__.pop("forward", None)
 
 
+def _weight_and_bias(module: nn.Module) -> tuple:
+    """module.weight, module.bias, read from the parameter dict where they are there (nn.Module's
+    attribute fallback is a Python call per read: four per hooked Linear a step)."""
+    params = module._parameters
+    if "weight" in params and "bias" in params:
+        return params["weight"], params["bias"]
+    return module.weight, module.bias  # a parametrization or a property
+
+
 class LinearLayer(Layer):
     transposed = False
 
@@ -190,13 +199,15 @@ class LinearLayer(Layer):
         if not torch.is_grad_enabled():
             return type(module).forward(module, x)
         self.engine.count_reader(x)
-        return _linear(x, module.weight, module.bias, self.transposed, self.on_backward)
+        weight, bias = _weight_and_bias(module)
+        return _linear(x, weight, bias, self.transposed, self.on_backward)
 
     def on_backward(self, x, g):
-        readers = self.engine.readers(x)
-        x, g = self.engine.to_batch_first(self.name, x, g)
-        record_linear(self.engine, self.module.weight, self.module.bias, _tokens(x), _tokens(g), self.transposed,
-                      readers)
+        engine = self.engine
+        readers = engine.readers(x)
+        x, g = engine.to_batch_first(self.name, x, g)
+        weight, bias = _weight_and_bias(self.module)
+        record_linear(engine, weight, bias, _tokens(x), _tokens(g), self.transposed, readers)
 
 
 class Conv1DLayer(LinearLayer):

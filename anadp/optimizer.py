@@ -492,6 +492,7 @@ class DPOptimizer(Optimizer):
                                                    transposed=rec.transposed, has_noise=std > 0, stat=stat)
             sens[i] = s.double().sum()
         rest = [i for i in range(n) if i not in self._deferred]
+        moment_sq = None  # per tensor sum of m^2 after the update, where the kernel returns it
         by_dtype: dict = {}
         for i in rest:
             by_dtype.setdefault(self.params[i].dtype, []).append(i)
@@ -499,7 +500,9 @@ class DPOptimizer(Optimizer):
             grads = [self._summed[i].contiguous() if self._summed[i] is not None
                      else torch.zeros(self.params[i].shape, dtype=torch.float32, device=device) for i in idx]
             params = [self.params[i] for i in idx]
-            extra = {"store_grad": True} if self.impl.stores_grad else {}
+            extra = {}
+            if self.impl.stores_grad:  # the cpu kernel: p.grad, and the first moments' energy with it
+                extra = {"store_grad": True, "moment_sq": torch.zeros(len(idx), dtype=torch.float64)}
             s, owner = self.impl.multi_tensor_update(
                 params, grads, [states[i][0] for i in idx], [states[i][1] for i in idx],
                 [keys[i] for i in idx], rows[idx], kind=kind, has_noise=std > 0, stat=stat, **extra)
@@ -507,11 +510,14 @@ class DPOptimizer(Optimizer):
             if extra:
                 for p, g in zip(params, grads):
                     p.grad = g if g.dtype == p.dtype else g.to(p.dtype)
+                moment_sq = torch.zeros(n, dtype=torch.float64) if moment_sq is None else moment_sq
+                moment_sq[idx] = extra["moment_sq"]
         U.finish_step(opt, self.params, self._step_tensors)
         shares = self._release_shares(seed)
         self._charge(k)
         self._update_allocation(sens if self.allocator.statistic else None, shares, std / denom, denom,
-                                self.expected_batch_size * k, first_moments=[m for m, _ in states])
+                                self.expected_batch_size * k, first_moments=[m for m, _ in states],
+                                first_moment_sq=moment_sq if len(rest) == n else None)
         self.step_count += 1
         self._reset_accumulation()
 
@@ -568,7 +574,7 @@ class DPOptimizer(Optimizer):
         self.step_count += 1
         self._reset_accumulation()
 
-    def _momentum_energy(self, first_moments: list | None = None):
+    def _momentum_energy(self, first_moments: list | None = None, first_moment_sq: torch.Tensor | None = None):
         """(per-tensor sum of m^2, sum_k a_k^2, (sum_k a_k)^2) for the optimizer's first moment
         m = sum_k a_k grad_(t-k) after this step (Adam's exp_avg, SGD's momentum buffer): an average
         of the released gradients whose noise energy shrinks by sum a_k^2 / (sum a_k)^2 (1/19 at
@@ -590,16 +596,19 @@ class DPOptimizer(Optimizer):
         t = self.allocator.updates + 1
         noise = a * a * (1 - beta ** (2 * t)) / (1 - beta * beta)
         signal = (a * (1 - beta ** t) / (1 - beta)) ** 2
+        if first_moment_sq is not None:
+            return first_moment_sq, noise, signal
         return torch.stack(torch._foreach_norm(ms)).double() ** 2, noise, signal
 
     def _update_allocation(self, sums, shares, noise_std: float, denom: float, samples: float,
-                           first_moments: list | None = None) -> None:
+                           first_moments: list | None = None, first_moment_sq: torch.Tensor | None = None) -> None:
         """The allocation sees the released outputs only: per-tensor sums over the noisy gradient
         the optimizer got (or over its first moment, an average of them), the noisy share release,
-        and public constants. ``first_moments``: the optimizer's first moments where the caller has them."""
+        and public constants. ``first_moments``: the optimizer's first moments where the caller has them,
+        ``first_moment_sq``: their per-tensor sums of squares where the fused update formed them."""
         factors = {}
         if self.allocator.statistic == "grad_sq":
-            momentum = self._momentum_energy(first_moments)
+            momentum = self._momentum_energy(first_moments, first_moment_sq)
             if momentum is not None:
                 sums, factors["stat_noise"], factors["stat_signal"] = momentum
         if callable(sums):

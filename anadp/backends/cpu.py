@@ -153,11 +153,14 @@ def maximize_gain(log_x0, G2, G2_rest: float, alpha, d, n: float, adaptive: bool
 
 def multi_tensor_update(params: list, grads: list, ms: list, vs: list, keys: list[int], rows: torch.Tensor, *,
                         kind: int, has_noise: bool = True, chunk: int | None = None, sens: torch.Tensor | None = None,
-                        stat: str = "abs_p_grad", store_grad: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+                        stat: str = "abs_p_grad", store_grad: bool = False,
+                        moment_sq: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """As anadp.kernels.multi_tensor_update, one call on the CPU; a chunk is a whole tensor (the
     per-tensor sums, in float64 over blocks of 1024, are what the caller adds up anyway).
     ``chunk`` and ``sens`` (a preallocated per-chunk buffer) do not apply: the per-tensor sums are returned.
-    ``store_grad``: each grad is overwritten by the privatized gradient (the optimizer sets p.grad to it)."""
+    ``store_grad``: each grad is overwritten by the privatized gradient (the optimizer sets p.grad to it);
+    ``moment_sq``: a (tensors,) float64 buffer that gets each tensor's sum of squares of its first moment
+    after the update (what the allocation reads)."""
     code = U.stat_code(stat)
     if not params:
         empty = torch.zeros(0, dtype=torch.float32)
@@ -166,7 +169,9 @@ def multi_tensor_update(params: list, grads: list, ms: list, vs: list, keys: lis
     out = _load().multi_tensor_update(params, grads, ms, vs, [U.as_signed64(k) for k in keys],
                                       rows.to(dtype=torch.float32).contiguous(), kind, has_noise, code,
                                       store_grad)
-    return out, torch.arange(len(params), dtype=torch.int32)
+    if moment_sq is not None:  # each tensor's sum of m^2 after the update (0 without a first moment)
+        moment_sq.copy_(out[1])
+    return out[0].float(), torch.arange(len(params), dtype=torch.int32)
 
 
 class CpuBackend(TorchBackend):

@@ -27,7 +27,8 @@ constexpr int64_t kBlock = 1024;  // elements per inner SIMD block (fits in L1 w
 constexpr int kLanes = 16;        // log / cos always run kLanes at a time (see gaussian_block)
 
 // Philox 4x32-10 of counter (ctr_lo, ctr_hi, 0, 0): the four words (one SIMD lane)
-inline void philox_lane(uint64_t ctr, uint32_t k0, uint32_t k1, uint32_t w[4]) {
+inline void philox_lane(uint64_t ctr, uint32_t k0, uint32_t k1, uint32_t& w0, uint32_t& w1, uint32_t& w2,
+                        uint32_t& w3) {
   uint32_t c0 = static_cast<uint32_t>(ctr), c1 = static_cast<uint32_t>(ctr >> 32), c2 = 0u, c3 = 0u;
   for (int r = 0; r < 10; ++r) {
     const uint64_t pb = static_cast<uint64_t>(anadp::kRoundB) * c2;
@@ -41,45 +42,53 @@ inline void philox_lane(uint64_t ctr, uint32_t k0, uint32_t k1, uint32_t w[4]) {
     k0 += anadp::kKeyA;
     k1 += anadp::kKeyB;
   }
-  w[0] = c0;
-  w[1] = c1;
-  w[2] = c2;
-  w[3] = c3;
+  w0 = c0;
+  w1 = c1;
+  w2 = c2;
+  w3 = c3;
+}
+
+// c = r cos t, s = r sin t, r = sqrt(-2 log u), for n a multiple of kLanes. log, cos and sin in float, as
+// the torch and Triton streams (libmvec is a few ulp off torch's SLEEF, <= 3.5e-7; in double 27% slower).
+// Fixed groups of kLanes: every element goes through the same vector function (a scalar remainder loop
+// would round differently), so a value depends on its offset only, not on where a call starts or ends
+__attribute__((noinline)) inline void box_muller(const float* u, const float* t, float* c, float* s, int64_t n) {
+  for (int64_t j = 0; j < n; j += kLanes) {
+#pragma omp simd simdlen(kLanes)
+    for (int i = 0; i < kLanes; ++i) {
+      const float r = sqrtf(-2.0f * logf(u[j + i]));
+      c[j + i] = r * cosf(t[j + i]);
+      s[j + i] = r * sinf(t[j + i]);
+    }
+  }
 }
 
 // z[i] = element base + i of the stream of key (k0, k1) for i < m, m <= kBlock: elements 4j .. 4j + 3
 // are randn4x(key, j) (csrc/philox.cuh), so one Philox call per four elements; z holds kBlock floats
 inline void gaussian_block(uint32_t k0, uint32_t k1, uint64_t base, int64_t m, float* z) {
-  constexpr int64_t kCounters = kBlock / 4 + 1;  // base need not be a multiple of 4: one counter more
+  constexpr int64_t kCounters = kBlock / 4 + kLanes;  // base need not be a multiple of 4: one counter more
   const uint64_t j0 = base >> 2;
   const int64_t skip = static_cast<int64_t>(base & 3);
   const int64_t counters = (skip + m + 3) / 4;
   const int64_t padded = (counters + kLanes - 1) / kLanes * kLanes;  // lanes past `counters`: drawn, dropped
-  alignas(64) float u[2][kCounters + kLanes], th[2][kCounters + kLanes], out[4 * (kCounters + kLanes)];
+  // per counter: the two Box-Muller pairs' uniforms, then their outputs (r cos, r sin of each pair)
+  alignas(64) float u0[kCounters], t0[kCounters], u1[kCounters], t1[kCounters];
+  alignas(64) float c0[kCounters], s0[kCounters], c1[kCounters], s1[kCounters];
 #pragma omp simd
   for (int64_t i = 0; i < padded; ++i) {
-    uint32_t w[4];
-    philox_lane(j0 + static_cast<uint64_t>(i), k0, k1, w);
-    u[0][i] = std::max(anadp::uint_to_uniform(w[0]), 1.0e-7f);
-    th[0][i] = 6.283185307179586f * anadp::uint_to_uniform(w[1]);
-    u[1][i] = std::max(anadp::uint_to_uniform(w[2]), 1.0e-7f);
-    th[1][i] = 6.283185307179586f * anadp::uint_to_uniform(w[3]);
+    uint32_t w0, w1, w2, w3;
+    philox_lane(j0 + static_cast<uint64_t>(i), k0, k1, w0, w1, w2, w3);
+    u0[i] = std::max(anadp::uint_to_uniform(w0), 1.0e-7f);
+    t0[i] = 6.283185307179586f * anadp::uint_to_uniform(w1);
+    u1[i] = std::max(anadp::uint_to_uniform(w2), 1.0e-7f);
+    t1[i] = 6.283185307179586f * anadp::uint_to_uniform(w3);
   }
-  // log, cos and sin in float, as the torch and Triton streams (libmvec is a few ulp off torch's
-  // SLEEF, <= 3.5e-7; in double 27% slower). Fixed groups of kLanes: every element goes through the
-  // same vector function (a scalar remainder loop would round differently), so a value depends on
-  // its offset only, not on where a call starts or ends
-  for (int pair = 0; pair < 2; ++pair) {
-    for (int64_t j = 0; j < padded; j += kLanes) {
-#pragma omp simd simdlen(kLanes)
-      for (int i = 0; i < kLanes; ++i) {
-        const float r = sqrtf(-2.0f * logf(u[pair][j + i]));
-        out[4 * (j + i) + 2 * pair] = r * cosf(th[pair][j + i]);
-        out[4 * (j + i) + 2 * pair + 1] = r * sinf(th[pair][j + i]);
-      }
-    }
+  box_muller(u0, t0, c0, s0, padded);
+  box_muller(u1, t1, c1, s1, padded);
+  for (int64_t i = 0; i < m; ++i) {  // into element order: element 4j + q is component q of counter j
+    const int64_t e = skip + i, j = e >> 2, q = e & 3;
+    z[i] = q == 0 ? c0[j] : q == 1 ? s0[j] : q == 2 ? c1[j] : s1[j];
   }
-  for (int64_t i = 0; i < m; ++i) z[i] = out[skip + i];
 }
 
 }  // namespace anadp_cpu

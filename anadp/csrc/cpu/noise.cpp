@@ -70,9 +70,13 @@ torch::Tensor philox_words(int64_t key, torch::Tensor counters) {
   int64_t* o = out.data_ptr<int64_t>();
   const uint64_t k = static_cast<uint64_t>(key);
   for (int64_t i = 0; i < n; ++i) {
-    uint32_t w[4];
-    philox_lane(static_cast<uint64_t>(ctr[i]), static_cast<uint32_t>(k), static_cast<uint32_t>(k >> 32), w);
-    for (int q = 0; q < 4; ++q) o[q * n + i] = w[q];
+    uint32_t w0, w1, w2, w3;
+    philox_lane(static_cast<uint64_t>(ctr[i]), static_cast<uint32_t>(k), static_cast<uint32_t>(k >> 32), w0, w1, w2,
+                w3);
+    o[i] = w0;
+    o[n + i] = w1;
+    o[2 * n + i] = w2;
+    o[3 * n + i] = w3;
   }
   return out;
 }

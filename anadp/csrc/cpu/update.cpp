@@ -16,9 +16,11 @@
 
 namespace {
 
+// returns the block's sum of the statistic; adds the sum of the first moment's squares after the update
+// (Adam's m, SGD's momentum buffer) to *m_sq
 template <typename P>
 double update_block(P* p, float* g, float* m, float* v, int64_t b, int64_t n, const float* row, int kind,
-                    bool noise, bool stat_sq, bool store, uint32_t k0, uint32_t k1) {
+                    bool noise, bool stat_sq, bool store, uint32_t k0, uint32_t k1, double* m_sq) {
   alignas(64) float z[anadp_cpu::kBlock];
   if (noise) anadp_cpu::gaussian_block(k0, k1, static_cast<uint64_t>(b), n, z);
   const float std = row[anadp::NOISE_STD], inv = row[anadp::INV_DENOM];
@@ -39,6 +41,11 @@ double update_block(P* p, float* g, float* m, float* v, int64_t b, int64_t n, co
     }
     p[e] = static_cast<P>(w);  // c10::BFloat16 / Half round to nearest even, as __float2bfloat16_rn
   }
+  if (m != nullptr) {
+    float sq = 0.0f;
+    for (int64_t i = 0; i < n; ++i) sq += m[b + i] * m[b + i];
+    *m_sq += sq;
+  }
   return local;
 }
 
@@ -46,8 +53,10 @@ double update_block(P* p, float* g, float* m, float* v, int64_t b, int64_t n, co
 
 namespace anadp_cpu {
 
-// returns (tensors,) float32: each tensor's sum of the statistic (grad^2 if stat == 1, else |p grad|);
-// store_grad: the privatized gradient overwrites the clipped sum in grads
+// returns (2, tensors) float64: each tensor's sum of the statistic (grad^2 if stat == 1, else |p grad|);
+// store_grad: the privatized gradient overwrites the clipped sum in grads; the second row of the result
+// holds each tensor's sum of squares of its first moment after the update (0 without one: the allocation
+// reads it, torch._foreach_norm of the moments was ~5% of a BERT-base step's host time)
 torch::Tensor multi_tensor_update(std::vector<torch::Tensor> params, std::vector<torch::Tensor> grads,
                                   std::vector<c10::optional<torch::Tensor>> ms,
                                   std::vector<c10::optional<torch::Tensor>> vs, std::vector<int64_t> keys,
@@ -80,7 +89,7 @@ torch::Tensor multi_tensor_update(std::vector<torch::Tensor> params, std::vector
     }
   }
   const int64_t items = static_cast<int64_t>(item_tensor.size());
-  std::vector<double> partial(items);
+  std::vector<double> partial(items), moment(items, 0.0);
   const float* row0 = rows.data_ptr<float>();
 #pragma omp parallel for schedule(static) if (items > 64)
   for (int64_t it = 0; it < items; ++it) {
@@ -96,22 +105,25 @@ torch::Tensor multi_tensor_update(std::vector<torch::Tensor> params, std::vector
     const bool sq = stat == 1;
     switch (p.scalar_type()) {
       case torch::kFloat32:
-        partial[it] = update_block(p.data_ptr<float>(), g, m, v, b, len, row, kind, noise, sq, store_grad, k0, k1);
+        partial[it] = update_block(p.data_ptr<float>(), g, m, v, b, len, row, kind, noise, sq, store_grad, k0, k1, &moment[it]);
         break;
       case torch::kBFloat16:
-        partial[it] = update_block(p.data_ptr<c10::BFloat16>(), g, m, v, b, len, row, kind, noise, sq, store_grad, k0, k1);
+        partial[it] = update_block(p.data_ptr<c10::BFloat16>(), g, m, v, b, len, row, kind, noise, sq, store_grad, k0, k1, &moment[it]);
         break;
       case torch::kHalf:
-        partial[it] = update_block(p.data_ptr<c10::Half>(), g, m, v, b, len, row, kind, noise, sq, store_grad, k0, k1);
+        partial[it] = update_block(p.data_ptr<c10::Half>(), g, m, v, b, len, row, kind, noise, sq, store_grad, k0, k1, &moment[it]);
         break;
       default:
         break;  // refused before the loop
     }
   }
-  auto out = torch::zeros({static_cast<int64_t>(n)}, torch::kFloat64);
+  auto out = torch::zeros({2, static_cast<int64_t>(n)}, torch::kFloat64);
   double* o = out.data_ptr<double>();
-  for (int64_t it = 0; it < items; ++it) o[item_tensor[it]] += partial[it];
-  return out.to(torch::kFloat32);
+  for (int64_t it = 0; it < items; ++it) {
+    o[item_tensor[it]] += partial[it];
+    o[n + item_tensor[it]] += moment[it];
+  }
+  return out;
 }
 
 }  // namespace anadp_cpu
