@@ -182,6 +182,7 @@ class NoiseAllocator:
             raise ValueError(f"{len(names)} kinds for {n} groups")
         index = {k: i for i, k in enumerate(dict.fromkeys(names))}
         self.kind = torch.tensor([index[k] for k in names], dtype=torch.long)
+        self._kind_counts = None  # see _pooled
         self.noise_var = 0.0
         self.updates = 0
 
@@ -336,11 +337,13 @@ class NoiseAllocator:
     def _pooled(self, per_group: torch.Tensor) -> torch.Tensor:
         """(1 - pooling) * the group's own statistic + pooling * the mean over its kind: a single
         matrix's statistic is mostly noise at DP batch sizes, its kind's mean over the layers less so."""
-        n_kinds = int(self.kind.max()) + 1 if self.n_groups else 0
-        sums = torch.zeros(n_kinds, dtype=torch.float64).index_add_(0, self.kind, per_group.double())
-        counts = torch.zeros(n_kinds, dtype=torch.float64).index_add_(0, self.kind, torch.ones_like(per_group.double()))
+        if self._kind_counts is None:  # the kinds are fixed: their sizes once
+            n_kinds = int(self.kind.max()) + 1 if self.n_groups else 0
+            self._kind_counts = torch.zeros(n_kinds, dtype=torch.float64).index_add_(
+                0, self.kind, torch.ones(len(self.kind), dtype=torch.float64))
+        sums = torch.zeros_like(self._kind_counts).index_add_(0, self.kind, per_group.double())
         p = self.config.pooling
-        return (1 - p) * per_group + p * (sums / counts)[self.kind]
+        return (1 - p) * per_group + p * (sums / self._kind_counts)[self.kind]
 
     def _coherence(self, G2: torch.Tensor) -> torch.Tensor:
         """Each group's gradient coherence rho_g = a_g / G_g^2, shrunk toward the groups' common

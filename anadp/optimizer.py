@@ -77,6 +77,7 @@ class DPOptimizer(Optimizer):
 
         self.original_optimizer, self.engine = optimizer, engine
         self.params = [p for g in optimizer.param_groups for p in g["params"] if p.requires_grad]
+        self._n_wrapped = sum(len(g["params"]) for g in optimizer.param_groups)  # see _begin_step
         owned = set(engine.params)
         foreign = [i for i, p in enumerate(self.params) if p not in owned]
         if foreign:
@@ -344,6 +345,10 @@ class DPOptimizer(Optimizer):
         or None while a split logical batch is still incomplete."""
         self.engine.flush()
         self.engine.check_unchanged()
+        if sum(len(g["params"]) for g in self.original_optimizer.param_groups) != self._n_wrapped:
+            raise RuntimeError("the wrapped optimizer's parameters changed after make_private (add_param_group?): "
+                               "its step would update them with gradients that anadp neither clipped nor noised. "
+                               "Build the optimizer with all its parameters, then call make_private.")
         if self._mid_logical_batch:
             return None
         if self.distributed:
@@ -525,13 +530,12 @@ class DPOptimizer(Optimizer):
         """(per tensor (first moment, second moment), the (tensors, N_COLS) float32 hyperparameter table)
         of the coming fused step: one update_table.hyper_row per (param group, step, first step) and
         the per-tensor noise columns as vectors, not a row of Python floats per tensor."""
-        groups = U.group_of(opt)
         cached = self._state_cache
         if cached is not None and cached[0] is opt.state and cached[1] == len(opt.state):
             states, step_tensors = cached[2], cached[3]  # Adam's state, once created, is updated in place
             firsts = [False] * len(self.params)
         else:
-            states, firsts = [], []
+            states, firsts, groups = [], [], U.group_of(opt)
             for p in self.params:
                 m, v, first = U.ensure_state(opt, p, groups[id(p)])
                 states.append((m, v))
@@ -541,6 +545,12 @@ class DPOptimizer(Optimizer):
                 self._state_cache = (opt.state, len(opt.state), states, step_tensors)
         self._step_tensors = step_tensors
         steps = (torch.stack(step_tensors).tolist() if step_tensors else [None] * len(self.params))
+        if len(opt.param_groups) == 1 and not any(firsts) and len(set(steps)) <= 1 and self.params:
+            # the common case: one group, one step count, no first step: one row for every tensor
+            rows = torch.tensor(U.hyper_row(opt, self.params[0], False, 0.0, 0.0, opt.param_groups[0]),
+                                dtype=torch.float64).expand(len(self.params), U.N_COLS).clone()
+            return states, self._noise_columns(rows, std, denom)
+        groups = U.group_of(opt)
         combos, which = {}, []
         for p, step, first in zip(self.params, steps, firsts):
             g = groups[id(p)]
@@ -549,12 +559,15 @@ class DPOptimizer(Optimizer):
                 combos[key] = (len(combos), U.hyper_row(opt, p, first, 0.0, 0.0, g))
             which.append(combos[key][0])
         base = torch.tensor([row for _, row in combos.values()], dtype=torch.float64).view(-1, U.N_COLS)
-        rows = base[torch.tensor(which, dtype=torch.long)]
+        return states, self._noise_columns(base[torch.tensor(which, dtype=torch.long)], std, denom)
+
+    def _noise_columns(self, rows: torch.Tensor, std: float, denom: float) -> torch.Tensor:
+        """The table's per-tensor noise std and scale (float64 rows in), as float32."""
         w = self.allocator.scales.double()
         feed = 1.0 / w if self.allocator.whitened_feed else torch.ones_like(w)
         rows[:, U.NOISE_STD] = std * w
         rows[:, U.INV_DENOM] = feed / denom
-        return states, rows.float()
+        return rows.float()
 
     @torch.no_grad()
     def apply(self, grads: list[torch.Tensor]) -> None:

@@ -195,3 +195,18 @@ def test_half_precision_overflow_is_counted():
         o.step()
     assert o.skipped_samples == 1
     assert all(torch.isfinite(p).all() and p.dtype == torch.float16 for p in m.parameters())
+
+
+def test_a_parameter_group_added_after_wrapping_is_refused_at_the_step():
+    torch.manual_seed(0)
+    m = TinyTransformerClassifier()
+    o = torch.optim.SGD(m.parameters(), lr=0.1)
+    m, o, l = anadp.make_private(m, o, DataLoader(make_data(), batch_size=16), noise_multiplier=1.0,
+                                 max_grad_norm=1.0, poisson_sampling=False, seed=0)
+    extra = nn.Parameter(torch.zeros(3))
+    o.original_optimizer.add_param_group({"params": [extra]})
+    x, y = next(iter(l))
+    (F.cross_entropy(m(x), y) + extra.sum()).backward()
+    with pytest.raises(RuntimeError, match="add_param_group"):
+        o.step()
+    assert torch.equal(extra.detach(), torch.zeros(3))
