@@ -1,23 +1,26 @@
-"""GPU step benchmark and kernel bandwidth; bench/gpu_check.sh runs it.
+"""GPU step benchmark and kernel rows; bench/gpu_check.sh runs it.
 
     python -m bench.gpu_step [--dry-run] [--out DIR]
 
-Step (BERT-base-like: hidden 768, 12 layers, vocab 30522, B=32, T=256, AdamW,
-random weights, same data for all), in float32 and under bf16 autocast (float32
-weights): non-private; anadp uniform and ANADP on the torch, triton and cuda
-backends (cuda when the extension is built); Opacus hooks and ghost when opacus
-is installed. Median step time over --steps after warm-up steps, peak memory
-(torch.cuda.max_memory_allocated), ratios to non-private of the same precision,
-all in one run. TF32 stays off (torch's default), so float32 GEMMs are true float32.
+Workloads (random weights, the same data and initial weights for every method), each in one run:
+BERT-base full fine-tuning (hidden 768, 12 layers, B=32, T=256) in float32 and under bf16 autocast;
+BERT-base with LoRA (r = 8 on query and value, PEFT) in both precisions; a Llama-like decoder
+(hidden 2048, 16 layers, T = 1024, B = 4) under bf16 autocast with LoRA (r = 16 on q/k/v/o) and with
+full fine-tuning. Methods: non-private; anadp ANADP and uniform on the default backend (triton on a
+GPU: its multi-tensor noise + update, the norms and clipped sums in cuBLAS where kernel_choice says
+so); Opacus ghost clipping when opacus is installed; for BERT-base full also anadp ANADP on the cuda
+backend with every kernel (ANADP_KERNELS=all) and Opacus hooks. Median step time over --steps after
+warm-up steps, peak memory (torch.cuda.max_memory_allocated), ratios to non-private of the same
+workload and precision. TF32 stays off (torch's default), so float32 GEMMs are true float32.
 
-Kernels: the multi-tensor noise + Adam update over N float32 elements
-(28 bytes per element: p, grad, m, v read; p, m, v written) against a
-device-to-device copy (8 bytes per element); the per-sample norm kernels and the
-clipped GEMM + noise + Adam kernel against the torch backend's norms and against
-the layer's own GEMMs (forward x W^T and the weight gradient G^T A).
+Kernels: the multi-tensor noise + Adam update over N float32 elements (28 bytes per element: p, grad,
+m, v read; p, m, v written) against a device-to-device copy (8 bytes per element); the per-sample norms
+and the clipped GEMM against their cuBLAS formulations (torch.bmm Gram matrices; torch.mm of the
+clip-scaled output gradient, then the multi-tensor update) at BERT-base's widest layer, float32 and bf16:
+the rows kernel_choice's table is made from.
 
-Profile: one step of non-private and of anadp ANADP (triton) per precision under
-torch.profiler, the kernels that take the most GPU time (gpu-profile.txt).
+Profile: one step of non-private and of anadp ANADP (default backend) per precision on BERT-base full
+under torch.profiler, the kernels that take the most GPU time (gpu-profile.txt).
 
 --dry-run: tiny sizes on the CPU (Triton interpreter), so that CI keeps it working.
 Writes gpu-check.json and gpu-check.md under --out.
@@ -73,13 +76,44 @@ def _available(backend: str) -> str | None:
     return why_unavailable(backend, DEV)
 
 
-METHODS = [("nonprivate", "nonprivate", None),
-           ("anadp uniform, torch backend", "anadp_uniform", "torch"), ("anadp ANADP, torch backend", "anadp", "torch"),
-           ("anadp uniform, triton", "anadp_uniform", "triton"), ("anadp ANADP, triton", "anadp", "triton"),
-           ("anadp uniform, cuda", "anadp_uniform", "cuda"), ("anadp ANADP, cuda", "anadp", "cuda"),
-           ("opacus hooks", "opacus_hooks", None), ("opacus ghost", "opacus_ghost", None)]
-PRECISIONS = [("float32", None), ("bf16 autocast", torch.bfloat16)]
-PROFILED = ("nonprivate", "anadp ANADP, triton")
+# (label, bench.suite method, backend or None for the default, environment during the row)
+CORE = [("nonprivate", "nonprivate", None, {}), ("anadp ANADP", "anadp", None, {}),
+        ("anadp uniform", "anadp_uniform", None, {}), ("opacus ghost", "opacus_ghost", None, {})]
+EXTRA = [("anadp ANADP, cuda, every kernel", "anadp", "cuda", {"ANADP_KERNELS": "all"}),
+         ("anadp ANADP, triton, every kernel", "anadp", "triton", {"ANADP_KERNELS": "all"}),
+         ("opacus hooks", "opacus_hooks", None, {})]
+PRECISIONS = {"float32": None, "bf16 autocast": torch.bfloat16}
+PROFILED = ("nonprivate", "anadp ANADP")
+
+
+def workloads(dry_run: bool) -> list[dict]:
+    """The step table's workloads, most important first (rows are written as they finish)."""
+    if dry_run:
+        bert, llama = Config("bert-tiny", "bert", 4, 16, 32, 1, 200), Config("llama-tiny", "llama", 2, 16, 64, 1, 200)
+    else:
+        bert = Config("bert-base-like 768x12 B=32 T=256", "bert", 32, 256, 768, 12)
+        llama = Config("llama-like 2048x16 B=4 T=1024", "llama", 4, 1024, 2048, 16, 32000)
+    return [
+        {"name": f"{bert.name}, full", "cfg": bert, "lora": None, "precisions": ["bf16 autocast", "float32"],
+         "methods": CORE, "profile": True},
+        {"name": f"{bert.name}, LoRA r=8 q/v", "cfg": bert, "lora": (8, ["query", "value"]),
+         "precisions": ["bf16 autocast", "float32"], "methods": CORE},
+        {"name": f"{llama.name}, LoRA r=16 q/k/v/o", "cfg": llama, "lora": (16, ["q_proj", "k_proj", "v_proj", "o_proj"]),
+         "precisions": ["bf16 autocast"], "methods": CORE},
+        {"name": f"{llama.name}, full", "cfg": llama, "lora": None, "precisions": ["bf16 autocast"], "methods": CORE},
+        {"name": f"{bert.name}, full", "cfg": bert, "lora": None, "precisions": ["bf16 autocast", "float32"],
+         "methods": EXTRA},
+    ]
+
+
+def _with_lora(model, lora):
+    """PEFT LoRA on the target modules (the classifier head trained too, as PEFT's SEQ_CLS does)."""
+    if lora is None:
+        return model
+    from peft import LoraConfig, get_peft_model
+    r, targets = lora
+    return get_peft_model(model, LoraConfig(r=r, lora_alpha=2 * r, lora_dropout=0.0, target_modules=targets,
+                                            task_type="SEQ_CLS"))
 
 
 def _profile(step, title: str) -> str:
@@ -93,34 +127,48 @@ def _profile(step, title: str) -> str:
     return f"## {title}\n\n" + prof.key_averages().table(sort_by=key, row_limit=15, max_name_column_width=70) + "\n"
 
 
-def step_rows(cfg: Config, steps: int, warmup: int, checkpoint=None, profiles: list | None = None) -> list[dict]:
-    """Every method at every precision; ``checkpoint(rows)`` after each row (partial results survive a timeout)."""
+def step_rows(workload: dict, steps: int, warmup: int, rows: list, checkpoint=None,
+              profiles: list | None = None) -> list[dict]:
+    """Every method of one workload at each of its precisions, appended to ``rows``;
+    ``checkpoint(rows)`` after each row (partial results survive a timeout)."""
     import copy
-    rows = []
-    base_model, inputs, labels = build(cfg)
-    base_model = base_model.to(DEV)
+    try:
+        base_model, inputs, labels = build(workload["cfg"])
+        base_model = _with_lora(base_model, workload["lora"]).to(DEV)
+    except Exception as e:  # noqa: BLE001 - a workload that cannot be built (no peft) is a result
+        rows.append({"workload": workload["name"], "method": "all", "precision": "",
+                     "error": f"skipped: {type(e).__name__}: {str(e)[:160]}"})
+        return rows
     inputs, labels = {k: v.to(DEV) for k, v in inputs.items()}, labels.to(DEV)
-    for precision, dtype in PRECISIONS:
-        for name, method, backend in METHODS:
-            row = {"method": name, "precision": precision}
+    for precision in workload["precisions"]:
+        dtype = PRECISIONS[precision]
+        for name, method, backend, env in workload["methods"]:
+            row = {"workload": workload["name"], "method": name, "precision": precision}
             model = step = None
+            saved = {k: os.environ.get(k) for k in env}
             if backend is not None and _available(backend):
                 row["error"] = f"skipped: {_available(backend)}"
             elif method.startswith("opacus") and not _has_opacus():
                 row["error"] = "skipped: opacus is not installed"
             else:
                 try:
+                    os.environ.update(env)
                     model = copy.deepcopy(base_model)  # the same initial weights for every method
-                    step, _ = make_step(method, model, inputs, labels, backend=backend or "auto", autocast=dtype)
                     if DEV.type == "cuda":
                         torch.cuda.reset_peak_memory_stats()
+                    step, _ = make_step(method, model, inputs, labels, backend=backend or "auto", autocast=dtype)
                     row["seconds"] = _timed(step, steps, warmup)
                     row["peak_mb"] = torch.cuda.max_memory_allocated() / 2**20 if DEV.type == "cuda" else None
-                    if profiles is not None and name in PROFILED:
-                        profiles.append(_profile(step, f"{name}, {precision}, {cfg.name}"))
+                    if profiles is not None and workload.get("profile") and name in PROFILED:
+                        profiles.append(_profile(step, f"{name}, {precision}, {workload['name']}"))
                 except Exception as e:  # noqa: BLE001 - a method that cannot run is a result
                     row["error"] = f"{type(e).__name__}: {str(e)[:160]}"
                 finally:
+                    for k, v in saved.items():
+                        if v is None:
+                            os.environ.pop(k, None)
+                        else:
+                            os.environ[k] = v
                     model = step = None
                     gc.collect()  # hooks make reference cycles: free the last method's model before the next
                     if DEV.type == "cuda":
@@ -135,10 +183,10 @@ def step_rows(cfg: Config, steps: int, warmup: int, checkpoint=None, profiles: l
 def _ratios(rows: list[dict]) -> None:
     for r in rows:
         base = next((b for b in rows if b["method"] == "nonprivate" and b["precision"] == r["precision"]
-                     and "seconds" in b), None)
+                     and b["workload"] == r["workload"] and "seconds" in b), None)
         if base and "seconds" in r:
             r["time_ratio"] = r["seconds"] / base["seconds"]
-            if r.get("peak_mb") and base.get("peak_mb"):
+            if base.get("peak_mb") and r.get("peak_mb"):
                 r["memory_ratio"] = r["peak_mb"] / base["peak_mb"]
 
 
@@ -206,6 +254,32 @@ def kernel_rows(n: int, steps: int, warmup: int, norm_shape) -> list[dict]:
         return {"seconds": t, "of_gemm": t / wgrad}
 
     _per_backend(rows, f"clipped GEMM + noise + Adam, {{backend}}, {shape}", gemm)
+
+    def cublas_clipped(k):  # the formulation the step uses by default: torch.mm, then the multi-tensor update
+        def run():
+            rec.clipped_sum(c)
+            k.multi_tensor_update([W], [Wg], [Wm], [Wv], [key], adam_row[None], kind=U.ADAM)
+        t = _timed(run, steps, warmup)
+        return {"seconds": t, "of_gemm": t / wgrad}
+
+    rec, Wg = LinearRecord(A, G), torch.zeros_like(W)
+    _per_backend(rows, f"clipped sum (torch.mm) + {{backend}} noise + Adam, {shape}", cublas_clipped)
+    # bf16 (autocast) inputs: the torch backend's 16-bit GEMMs (records.gemm32) against the bf16 weight-gradient GEMM
+    A16, G16 = A.bfloat16(), G.bfloat16()
+    shape16 = shape.replace("float32", "bf16")
+    wgrad16 = _timed(lambda: G16.reshape(B * T, pp).t() @ A16.reshape(B * T, d), steps, warmup)
+    rows.append({"kernel": f"layer weight-gradient GEMM G^T A, torch, {shape16}", "seconds": wgrad16, "of_gemm": 1.0})
+    rec16 = LinearRecord(A16, G16)
+    for label, fn in (("per-sample norms, torch backend", rec16.sq_norm),
+                      ("clipped sum, torch backend (3 bf16 GEMMs)", lambda: rec16.clipped_sum(c))):
+        t = _timed(fn, steps, warmup)
+        rows.append({"kernel": f"{label}, {shape16}", "seconds": t, "of_gemm": t / wgrad16})
+
+    def norms16(k):
+        t = _timed(lambda: k.linear_sq_norms(A16, G16), steps, warmup)
+        return {"seconds": t, "of_gemm": t / wgrad16}
+
+    _per_backend(rows, f"per-sample norms, {{backend}}, {shape16}", norms16)
     return rows
 
 
@@ -226,10 +300,10 @@ def _fmt(v, spec):
 
 def markdown(result: dict) -> str:
     lines = [f"# GPU check — {result['device']}, {result['date']}", "", f"Step: {result['config']}", "",
-             "| precision | method | s/step | x non-private | peak MB | x non-private mem | note |",
-             "|---|---|---|---|---|---|---|"]
+             "| workload | precision | method | s/step | x non-private | peak MB | x non-private mem | note |",
+             "|---|---|---|---|---|---|---|---|"]
     for r in result["steps"]:
-        lines.append(f"| {r['precision']} | {r['method']} | {_fmt(r.get('seconds'), '.4f')} | "
+        lines.append(f"| {r.get('workload', '')} | {r['precision']} | {r['method']} | {_fmt(r.get('seconds'), '.4f')} | "
                      f"{_fmt(r.get('time_ratio'), '.2f')} | {_fmt(r.get('peak_mb'), '.0f')} | "
                      f"{_fmt(r.get('memory_ratio'), '.2f')} | {r.get('error', '')} |")
     lines += ["", "| kernel | seconds | GB/s | of copy bandwidth | x weight-gradient GEMM | note |",
@@ -258,14 +332,13 @@ def main(argv=None):
     args = ap.parse_args(argv)
     warnings.filterwarnings("ignore", message="Full backward hook")  # Opacus and HF models, every step
     if args.dry_run:
-        cfg, n, norm_shape, steps, warmup = Config("bert-tiny", "bert", 4, 16, 32, 1, 200), 4096, (2, 16, 32, 48), 2, 1
+        n, norm_shape, steps, warmup = 4096, (2, 16, 32, 48), 2, 1
     else:
-        cfg = Config("bert-base-like 768x12 B=32 T=256", "bert", 32, 256, 768, 12)
         n, norm_shape, steps, warmup = 1 << 26, (32, 256, 768, 3072), 10, 3
     steps = args.steps or steps
     device = torch.cuda.get_device_name() if DEV.type == "cuda" else f"{platform.machine()} CPU (dry run)"
     result = {"device": device, "date": datetime.date.today().isoformat(), "torch": torch.__version__,
-              "config": f"{cfg.name}, AdamW, sigma 1, C 1", "dry_run": args.dry_run, "steps": []}
+              "config": "AdamW, sigma 1, C 1, random weights", "dry_run": args.dry_run, "steps": []}
     try:
         import triton
         result["triton"] = triton.__version__
@@ -282,7 +355,9 @@ def main(argv=None):
         _write(args.out, result)
         print(f"{time.perf_counter() - t0:6.0f} s  {rows[-1]}", flush=True)
 
-    step_rows(cfg, steps, warmup, checkpoint, profiles)
+    rows: list = []
+    for workload in workloads(args.dry_run):
+        step_rows(workload, steps, warmup, rows, checkpoint, profiles)
     with open(os.path.join(args.out, "gpu-profile.txt"), "w") as f:
         f.write("\n".join(profiles))
     print(_write(args.out, result))

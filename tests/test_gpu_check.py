@@ -20,10 +20,16 @@ def test_gpu_check_dry_run(tmp_path):
                          text=True, timeout=600)
     assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-2000:]
     result = json.loads((tmp_path / "gpu-check.json").read_text())
-    steps = {r["method"]: r for r in result["steps"]}
-    for method in ("nonprivate", "anadp uniform, torch backend", "anadp uniform, triton", "anadp ANADP, triton"):
-        assert steps[method]["seconds"] > 0 and steps[method]["time_ratio"] > 0, steps[method]
+    steps = {(r["workload"], r["precision"], r["method"]): r for r in result["steps"]}
+    workloads = {r["workload"] for r in result["steps"]}
+    assert len(workloads) == 4  # BERT full and LoRA, Llama-like LoRA and full
+    for w in workloads:
+        for method in ("nonprivate", "anadp ANADP", "anadp uniform"):
+            row = steps[(w, "bf16 autocast", method)]
+            assert row["seconds"] > 0 and row["time_ratio"] > 0, row
+    assert steps[("bert-tiny, full", "float32", "anadp ANADP, triton, every kernel")]["seconds"] > 0
     kernels = {r["kernel"].split(",")[0] + "," + r["kernel"].split(",")[1]: r for r in result["kernels"]}
     assert kernels["noise + Adam update, triton"]["GB/s"] > 0
     assert "passed" in (tmp_path / "gpu-tests.log").read_text()
-    assert "| anadp ANADP, triton |" in (tmp_path / "gpu-check.md").read_text()
+    assert "| anadp ANADP |" in (tmp_path / "gpu-check.md").read_text()
+    assert any(k.startswith("clipped sum (torch.mm) + triton") for k in (r["kernel"] for r in result["kernels"]))
