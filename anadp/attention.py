@@ -18,8 +18,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .layers import Layer, _linear, _token_sum, _trainable, record_linear, register
-from .records import DenseRecord
+from .layers import Layer, _linear, _trainable, record_linear, register
+from .records import DenseRecord, token_sum
 
 
 class _InProjFn(torch.autograd.Function):
@@ -136,7 +136,7 @@ class MultiheadAttentionLayer(Layer):
         for w, x, g in zip((m.q_proj_weight, m.k_proj_weight, m.v_proj_weight), (xq, xk, xv), (gq, gk, gv)):
             record_linear(self.engine, w, None, x, g)
         if _trainable(m.in_proj_bias):
-            self.engine.record(m.in_proj_bias, DenseRecord(torch.cat([_token_sum(g) for g in (gq, gk, gv)], -1)))
+            self.engine.record(m.in_proj_bias, DenseRecord(torch.cat([token_sum(g) for g in (gq, gk, gv)], -1)))
 
     def on_out_backward(self, x, g):
         x, g = self.engine.check_batch(self.name, x, g)

@@ -216,11 +216,7 @@ class GradSampleEngine:
         # every buffer, to see that a private forward/backward wrote none (in place or by replacement)
         self._buffers = [(f"{n}.{b}" if n else b, m, b) for n, m in model.named_modules() for b in m._buffers]
         self._buffer_state: list = []
-        self._modules = list(model.modules())
-        self._snapshot = self._structure()
-        self._registrations_seen = _registrations
-        hooked = set(self.params)
-        self._frozen = [p for p in model.parameters() if p not in hooked]
+        self._take_snapshot()
         self.batch_size: Optional[int] = None
         self.chunk_ends_logical = True  # set by the DP data loader for split logical batches
         self.chunk_id: Optional[int] = None  # the chunk of private data being used; see begin_chunk
@@ -252,9 +248,13 @@ class GradSampleEngine:
                 "supports.")
         return refuse
 
-    def _structure(self) -> list:
-        """Every module with its children and parameters as they are now (what check_unchanged compares)."""
-        return [(m, tuple(m._modules.values()), tuple(m._parameters.values())) for m in self._modules]
+    def _take_snapshot(self) -> None:
+        """Every module with its children and parameters as they are now, and the parameters not hooked
+        (what check_unchanged compares)."""
+        self._snapshot = [(m, tuple(m._modules.values()), tuple(m._parameters.values())) for m in self.model.modules()]
+        self._registrations_seen = _registrations
+        hooked = set(self.params)
+        self._frozen = [p for p in self.model.parameters() if p not in hooked]
 
     def _structure_unchanged(self) -> bool:
         """Whether no module gained, lost or replaced a child or a parameter since wrap time and the
@@ -287,11 +287,7 @@ class GradSampleEngine:
             raise RuntimeError("the model's trainable parameters changed after make_private "
                                f"(new or unfrozen: {new[:3]}, frozen or removed: {gone[:3]}); "
                                "their per-sample gradients are not tracked: wrap the model again")
-        self._modules = list(self.model.modules())  # changed, but the same trainable parameters: fast path again
-        self._snapshot = self._structure()
-        self._registrations_seen = _registrations
-        hooked = set(self.params)
-        self._frozen = [p for p in self.model.parameters() if p not in hooked]
+        self._take_snapshot()  # changed, but the same trainable parameters: the fast path again
 
     def _check_mixing(self) -> None:
         for name, m in self._mixing:

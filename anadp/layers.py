@@ -17,7 +17,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .records import DenseRecord, EmbeddingRecord, LinearRecord, TokenSumRecord, _acc, instantiate_at_backward
+from .records import (DenseRecord, EmbeddingRecord, LinearRecord, TokenSumRecord, _acc, instantiate_at_backward,
+                      token_sum)
 
 
 def _direct_apply(fn: type):
@@ -130,12 +131,6 @@ _affine = _direct_apply(_AffineFn)
 _layer_norm = _direct_apply(_LayerNormFn)
 
 
-def _token_sum(t: torch.Tensor) -> torch.Tensor:
-    """(B, T, ...) -> (B, ...), summed in at least float32 (a bfloat16 sum over T tokens loses
-    ~log2(T) bits)."""
-    return t.sum(1, dtype=torch.float32 if t.dtype in (torch.float16, torch.bfloat16) else None)
-
-
 def _trainable(p) -> bool:
     return p is not None and p.requires_grad
 
@@ -159,7 +154,7 @@ def record_linear(engine, weight, bias, A, G, transposed=False, readers=1):
     if rec is not None:
         engine.record(weight, rec)
     if _trainable(bias):  # source: a norm kernel gives the bias norm with the weight's
-        engine.record(bias, TokenSumRecord(rec) if isinstance(rec, LinearRecord) else DenseRecord(_token_sum(G)))
+        engine.record(bias, TokenSumRecord(rec) if isinstance(rec, LinearRecord) else DenseRecord(token_sum(G)))
 
 
 class Layer:
@@ -259,9 +254,9 @@ class NormLayer(Layer):
         k = m.weight.dim()
         if _trainable(m.weight):  # xhat was recomputed for this hook: ours to overwrite
             gx = xhat.mul_(g) if xhat.dtype == torch.result_type(xhat, g) else xhat * g
-            self.engine.record(m.weight, DenseRecord(_token_sum(_tokens(gx, k))))
+            self.engine.record(m.weight, DenseRecord(token_sum(_tokens(gx, k))))
         if _trainable(getattr(m, "bias", None)):
-            self.engine.record(m.bias, DenseRecord(_token_sum(_tokens(g, k))))
+            self.engine.record(m.bias, DenseRecord(token_sum(_tokens(g, k))))
 
 
 class LayerNormLayer(NormLayer):

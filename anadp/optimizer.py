@@ -24,7 +24,7 @@ from . import update_table as U
 from .accounting import Accountant, BudgetExhaustedError
 from .allocation import AllocationConfig, NoiseAllocator, kind_of, noise_groups
 from .engine import GradSampleEngine, PhysicalBatch
-from .records import LinearRecord
+from .records import HALF, LinearRecord
 
 _FOREACH = (torch.optim.SGD, torch.optim.Adam, torch.optim.AdamW)
 # noise stream of the share release (parameters' streams are their positions in the model)
@@ -39,7 +39,7 @@ def _delegated(name: str) -> property:
 
 def _sum_dtype(p: torch.Tensor) -> torch.dtype:
     """The dtype a parameter's clipped sum and noisy gradient are kept in: float32 for 16-bit parameters."""
-    return torch.float32 if p.dtype in (torch.float16, torch.bfloat16) else p.dtype
+    return torch.float32 if p.dtype in HALF else p.dtype
 
 
 def _random_seed() -> int:
@@ -283,8 +283,8 @@ class DPOptimizer(Optimizer):
                 i = [self.index.get(p) for p in params]
                 rows = torch.tensor([r for r, k in enumerate(i) if k is not None], dtype=torch.long)
                 cols = torch.tensor([k for k in i if k is not None], dtype=torch.long)
-                layout = self._layouts[key] = (rows, cols, len(rows) == len(params))
-            rows, cols, all_owned = layout
+                layout = self._layouts[key] = (rows, cols)
+            rows, cols = layout
             w = self.allocator.scales
             whiten = torch.ones(len(params), dtype=torch.float64)
             if self.clipping != "global":

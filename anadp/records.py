@@ -55,9 +55,18 @@ def gram_key(A: torch.Tensor) -> tuple:
     return (A.data_ptr(), tuple(A.shape), tuple(A.stride()), A.dtype)
 
 
+HALF = (torch.float16, torch.bfloat16)
+
+
 def _acc(t: torch.Tensor) -> torch.Tensor:
     """Upcast half precision for accumulation."""
-    return t.float() if t.dtype in (torch.float16, torch.bfloat16) else t
+    return t.float() if t.dtype in HALF else t
+
+
+def token_sum(t: torch.Tensor) -> torch.Tensor:
+    """(B, T, ...) -> (B, ...), summed in at least float32 (a bfloat16 sum over T tokens loses
+    ~log2(T) bits)."""
+    return t.sum(1, dtype=torch.float32 if t.dtype in HALF else None)
 
 
 # Devices whose GEMMs take 16-bit inputs with float32 accumulation and output
@@ -68,7 +77,7 @@ NATIVE_16BIT_DEVICES = {"cuda"}
 
 
 def _native_16bit(t: torch.Tensor) -> bool:
-    return t.dtype in (torch.float16, torch.bfloat16) and t.device.type in NATIVE_16BIT_DEVICES
+    return t.dtype in HALF and t.device.type in NATIVE_16BIT_DEVICES
 
 
 def gemm32(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -76,7 +85,7 @@ def gemm32(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     GEMM as they are (float32 accumulation and output), other inputs are upcast first."""
     global _OUT_DTYPE
     mm = torch.bmm if x.dim() == 3 else torch.mm
-    if x.dtype == y.dtype and x.dtype in (torch.float16, torch.bfloat16):
+    if x.dtype == y.dtype and x.dtype in HALF:
         if x.device.type == "cuda" and _OUT_DTYPE:
             try:
                 return mm(x, y, out_dtype=torch.float32)
@@ -332,8 +341,7 @@ class TokenSumRecord(DenseRecord):
     @property
     def gs(self) -> torch.Tensor:
         if self._gs is None:
-            self._gs = self.source.G.sum(1, dtype=torch.float32 if self.source.G.dtype in (
-                torch.float16, torch.bfloat16) else None)  # a 16-bit G (NATIVE_16BIT_DEVICES) summed in float32
+            self._gs = token_sum(self.source.G)
         return self._gs
 
     @gs.setter

@@ -51,7 +51,8 @@ inline void philox_lane(uint64_t ctr, uint32_t k0, uint32_t k1, uint32_t& w0, ui
 // c = r cos t, s = r sin t, r = sqrt(-2 log u), for n a multiple of kLanes. log, cos and sin in float, as
 // the torch and Triton streams (libmvec is a few ulp off torch's SLEEF, <= 3.5e-7; in double 27% slower).
 // Fixed groups of kLanes: every element goes through the same vector function (a scalar remainder loop
-// would round differently), so a value depends on its offset only, not on where a call starts or ends
+// would round differently), so a value depends on its offset only, not on where a call starts or ends.
+// noinline: inlined into gaussian_block, GCC did not vectorize the calls (3.4x slower per element)
 __attribute__((noinline)) inline void box_muller(const float* u, const float* t, float* c, float* s, int64_t n) {
   for (int64_t j = 0; j < n; j += kLanes) {
 #pragma omp simd simdlen(kLanes)
