@@ -185,6 +185,8 @@ class NoiseAllocator:
         self._kind_counts = None  # see _pooled
         self.noise_var = 0.0
         self.updates = 0
+        # per-layer clipping: no share release; the optimizer passes the thresholds' public bound instead
+        self.per_layer = False
 
     # --- what the optimizer asks -------------------------------------------------------
     @property
@@ -199,7 +201,7 @@ class NoiseAllocator:
     @property
     def releases_shares(self) -> bool:
         """Whether each step also releases the per-group clipped energy (charged out of sigma)."""
-        return self.mode in ("clip", "anadp")
+        return self.mode in ("clip", "anadp") and not self.per_layer
 
     @property
     def whitened_feed(self) -> bool:

@@ -12,18 +12,21 @@ from .accounting import calibrated_steps, noise_multiplier_for
 from .allocation import AllocationConfig
 from .data import DPDataLoader
 from .engine import GradSampleEngine
+from .clipping import AdaptiveClipping
 from .optimizer import DPOptimizer, _random_seed
+from .per_layer import PerLayerDPOptimizer
 
 
 def make_private(model: nn.Module, optimizer: torch.optim.Optimizer, data_loader: DataLoader, *,
-                 max_grad_norm: float, noise_multiplier: float | None = None,
+                 max_grad_norm: float | list | dict, noise_multiplier: float | None = None,
                  target_epsilon: float | None = None, target_delta: float | None = None,
                  epochs: float | None = None, allocation: str = "anadp", accountant: str = "prv",
                  clipping: str = "whitened", poisson_sampling: bool = True, loss_reduction: str = "mean",
                  seed: int | None = None, secure_mode: bool = False,
                  allocation_config: AllocationConfig | None = None,
                  max_physical_batch_size: int | None = None, batch_first: bool = True,
-                 nonfinite: str = "raise", distributed: bool | None = None, backend: str = "auto"):
+                 nonfinite: str = "raise", distributed: bool | None = None, backend: str = "auto",
+                 adaptive_clipping: AdaptiveClipping | bool | None = None):
     """Wrap for DP training; returns ``(model, dp_optimizer, dp_data_loader)``.
 
     The model is hooked in place (same object, same state_dict keys). Give
@@ -32,6 +35,14 @@ def make_private(model: nn.Module, optimizer: torch.optim.Optimizer, data_loader
     DP-SGD/DP-Adam; with ``clipping="whitened"`` (default) both are charged
     exactly ``noise_multiplier``. With ``target_epsilon``, the noise is calibrated for
     ``epochs / sample_rate`` steps and no step past them is taken (``BudgetExhaustedError``).
+
+    ``clipping="per_layer"``: each noise group (a weight matrix with its biases; the norm weights and
+    lone biases together) is clipped to its own threshold inside the backward, where at the last chunk
+    its noise and update follow (the step still needs ``optimizer.step()``). ``max_grad_norm``: a float C
+    (equal thresholds C / sqrt(G)), a list (one per group, ``optimizer.group_names`` order, the rest
+    group last) or a dict {group name or "<rest>": C_g}; the noise std is sigma * sqrt(sum_g C_g^2), as
+    Opacus's per-layer clipping. ``adaptive_clipping=True`` (or an AdaptiveClipping) moves each C_g
+    towards a quantile of its per-sample norms from a noisy count, paid out of the same sigma.
 
     ``backend``: "auto" (triton kernels for CUDA tensors, torch otherwise), "torch", "triton"
     or "cuda"; the environment variable ANADP_BACKEND overrides it.
@@ -56,6 +67,15 @@ def make_private(model: nn.Module, optimizer: torch.optim.Optimizer, data_loader
                          "expected logical batch size as batch_size (the sample rate is batch_size / len(dataset))")
     if len(data_loader) == 0:
         raise ValueError("the data loader yields no batch")
+    if adaptive_clipping is True:
+        adaptive_clipping = AdaptiveClipping()
+    elif adaptive_clipping is False:
+        adaptive_clipping = None
+    if adaptive_clipping is not None and clipping != "per_layer":
+        raise ValueError("adaptive_clipping adapts the per-layer thresholds: use it with clipping='per_layer'")
+    if isinstance(max_grad_norm, (list, tuple, dict)) and clipping != "per_layer":
+        raise ValueError("a list or dict of max_grad_norm gives per-layer thresholds: use clipping='per_layer' "
+                         "(whitened clipping takes one float)")
     if max_physical_batch_size is not None and max_physical_batch_size < 1:
         raise ValueError("max_physical_batch_size must be >= 1")
     sample_rate = 1 / len(data_loader)
@@ -95,12 +115,16 @@ def make_private(model: nn.Module, optimizer: torch.optim.Optimizer, data_loader
     generator = torch.Generator().manual_seed(sampler_seed)
     loader = DPDataLoader(data_loader, poisson_sampling=poisson_sampling, generator=generator, engine=engine,
                           max_physical_batch_size=max_physical_batch_size, rank=rank, world_size=world_size)
-    dp_optimizer = DPOptimizer(optimizer, engine, noise_multiplier=noise_multiplier, max_grad_norm=max_grad_norm,
+    variant = {}
+    if clipping == "per_layer":
+        variant = {"cls": PerLayerDPOptimizer, "adaptive_clipping": adaptive_clipping}
+    cls = variant.pop("cls", DPOptimizer)
+    dp_optimizer = cls(optimizer, engine, noise_multiplier=noise_multiplier, max_grad_norm=max_grad_norm,
                                expected_batch_size=loader.expected_batch_size, sample_rate=sample_rate,
                                allocation=allocation, allocation_config=allocation_config, clipping=clipping,
                                accountant=accountant, loss_reduction=loss_reduction, seed=seed,
                                secure_mode=secure_mode, nonfinite=nonfinite, data_loader=loader,
                                distributed=distributed, backend=backend, target_epsilon=target_epsilon,
                                target_delta=target_delta if target_epsilon is not None else None,
-                               budget_steps=budget_steps)
+                               budget_steps=budget_steps, **variant)
     return model, dp_optimizer, loader

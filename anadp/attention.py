@@ -71,6 +71,7 @@ class MultiheadAttentionLayer(Layer):
         if not torch.is_grad_enabled():
             return type(module).forward(module, query, key, value, key_padding_mask, need_weights, attn_mask,
                                         average_attn_weights, is_causal)
+        self.engine.calls[self.slot] += 1
         if query.dim() != 3:
             raise ValueError(f"{self.name}: anadp trains nn.MultiheadAttention on batched inputs (3-D), got a "
                              f"{query.dim()}-D query: add the batch dimension")

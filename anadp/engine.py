@@ -208,7 +208,20 @@ class GradSampleEngine:
                 covered.update(module.modules())
             if any(layer.module is module for layer in self.layers):
                 continue  # the same module reached under two names
-            self.layers.append(cls(module, name, self))
+            layer = cls(module, name, self)
+            layer.slot = len(self.layers)
+            self.layers.append(layer)
+        # which layers record each parameter: every call of a layer records each of its trainable
+        # parameters once, so a backward is complete for p after sum_layers calls[layer] records
+        self.owners: dict = {}
+        for layer in self.layers:
+            for p in layer.module.parameters(recurse=layer.whole):
+                if p.requires_grad:
+                    self.owners.setdefault(p, []).append(layer.slot)
+        self.calls = [0] * len(self.layers)  # calls of each layer in this forward (with grad)
+        # per_layer clipping: called with each parameter as its record arrives (in the backward)
+        self.on_record: Optional[Callable] = None
+        self._seen_batch: Optional[int] = None  # batch size of a backward whose records were taken by on_record
         # modules whose train-mode forward mixes the samples of a batch (batch statistics) or writes
         # running statistics of the private batch into buffers
         self._mixing = [(n, m) for n, m in model.named_modules() if isinstance(m, nn.modules.batchnorm._NormBase)]
@@ -326,6 +339,7 @@ class GradSampleEngine:
         self.flush()
         self._buffer_state = self._buffer_versions()
         self._readers.clear()
+        self.calls = [0] * len(self.layers)
         x = _first_tensor(args, kwargs)
         dim = 0 if self.batch_first else 1
         self.batch_size = x.shape[dim] if x is not None and x.dim() > dim else None
@@ -372,12 +386,23 @@ class GradSampleEngine:
 
     def record(self, param, rec) -> None:
         self._records.setdefault(param, []).append(rec)
+        if self.on_record is not None:
+            self._seen_batch = rec.batch_size
+            self.on_record(param)
+
+    def expected_records(self, param) -> int:
+        """How many records ``param`` gets in this backward: one per call of each layer holding it."""
+        calls = self.calls
+        return sum(calls[k] for k in self.owners.get(param, ()))
 
     # --- after backward -------------------------------------------------------------
     def _pending(self) -> Optional[PhysicalBatch]:
         if not self._records:
-            return None
-        B = next(iter(self._records.values()))[0].batch_size
+            if self._seen_batch is None:
+                return None
+            B = self._seen_batch  # every record was taken in the backward (per_layer clipping)
+        else:
+            B = next(iter(self._records.values()))[0].batch_size
         scale = float(B) if self.loss_reduction == "mean" else 1.0
         return PhysicalBatch(self._records, B, scale, self._ends_logical, self._chunk_id)
 
@@ -398,10 +423,10 @@ class GradSampleEngine:
 
     def take(self) -> Optional[PhysicalBatch]:
         """The finished physical batch, or None if no backward ran since the last take."""
-        if self._records:
+        if self._records or self._seen_batch is not None:
             self._check_buffers()
         batch = self._pending()
-        self._records = {}
+        self._records, self._seen_batch = {}, None
         return batch
 
     def flush(self) -> None:
@@ -410,7 +435,7 @@ class GradSampleEngine:
             self.on_batch(batch)
 
     def discard(self) -> None:
-        self._records = {}
+        self._records, self._seen_batch = {}, None
 
     def per_sample_sq_norms(self, kernels=None) -> dict:
         """param -> (B,) squared norms of the pending batch (does not consume it)."""

@@ -27,17 +27,23 @@ from .allocation import ALLOCATIONS
 from .api import make_private
 
 
-METHODS = ("nonprivate",) + ALLOCATIONS + ("paper-global",)
+PER_LAYER = ("per_layer", "per_layer-anadp", "per_layer-adaptive", "per_layer-anadp-adaptive")
+METHODS = ("nonprivate",) + ALLOCATIONS + ("paper-global",) + PER_LAYER
 
 
-def method_setup(method: str) -> tuple[str, str]:
-    """(allocation, clipping) of a DP method name; "paper-global" is the paper's mechanism
-    (one global clip, noise per group, charged sigma * min_g w_g: its epsilon ends above the target)."""
+def method_setup(method: str) -> dict:
+    """make_private's allocation and clipping arguments of a DP method name: an allocation (whitened
+    clipping); "paper-global", the paper's mechanism (one global clip, noise per group, charged
+    sigma * min_g w_g: its epsilon ends above the target); "per_layer[-anadp][-adaptive]": per-layer
+    clipping with equal thresholds C / sqrt(G) (or adaptive ones), uniform noise (or anadp's)."""
     if method == "paper-global":
-        return "paper", "global"
+        return {"allocation": "paper", "clipping": "global"}
+    if method in PER_LAYER:
+        return {"allocation": "anadp" if "-anadp" in method else "uniform", "clipping": "per_layer",
+                "adaptive_clipping": method.endswith("-adaptive")}
     if method not in ALLOCATIONS:
         raise ValueError(f"unknown method {method!r}; choose from {METHODS}")
-    return method, "whitened"
+    return {"allocation": method, "clipping": "whitened"}
 
 
 @dataclass
@@ -165,13 +171,12 @@ def train_one(cfg: FinetuneConfig, method: str, epsilon: float, seed: int, train
     optimizer = torch.optim.AdamW(params, lr=learning_rate(cfg, dp), weight_decay=0.0)
     g = torch.Generator().manual_seed(seed)
     if dp:
-        allocation, clipping = method_setup(method)
         loader = DataLoader(train, batch_size=expected_batch(cfg), collate_fn=by_length)
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message="clipping='global'")
             model, optimizer, loader = make_private(
                 model, optimizer, loader, target_epsilon=epsilon, target_delta=delta, epochs=cfg.epochs,
-                max_grad_norm=cfg.max_grad_norm, allocation=allocation, clipping=clipping, seed=seed,
+                max_grad_norm=cfg.max_grad_norm, seed=seed, **method_setup(method),
                 max_physical_batch_size=cfg.physical_batch_size, backend=cfg.backend)
     else:
         loader = DataLoader(train, batch_size=cfg.physical_batch_size, shuffle=True, generator=g)

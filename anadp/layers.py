@@ -165,6 +165,7 @@ class Layer:
 
     # True: the layer computes its submodules' per-sample gradients too (they are not hooked alone)
     whole = False
+    slot = 0  # its index in engine.layers (engine.calls counts its calls per forward)
 
     @staticmethod
     def refusal(module: nn.Module) -> str | None:
@@ -193,6 +194,7 @@ class LinearLayer(Layer):
     def forward(self, module, x):
         if not torch.is_grad_enabled():
             return type(module).forward(module, x)
+        self.engine.calls[self.slot] += 1
         self.engine.count_reader(x)
         weight, bias = _weight_and_bias(module)
         return _linear(x, weight, bias, self.transposed, self.on_backward)
@@ -225,6 +227,7 @@ class EmbeddingLayer(Layer):
     def forward(self, module, idx):
         if not torch.is_grad_enabled():
             return type(module).forward(module, idx)
+        self.engine.calls[self.slot] += 1
         idx = self.engine.broadcast_indices(self.name, idx)
         return _embedding(idx, module.weight, module.padding_idx, self.on_backward)
 
@@ -244,6 +247,7 @@ class NormLayer(Layer):
     def forward(self, module, x):
         if not torch.is_grad_enabled():
             return type(module).forward(module, x)
+        self.engine.calls[self.slot] += 1
         xhat = self.normalize(module, x)
         return _affine(xhat, module.weight, getattr(module, "bias", None), x,
                        lambda t: self.normalize(module, t), self.on_backward)
@@ -265,6 +269,7 @@ class LayerNormLayer(NormLayer):
     def forward(self, module, x):
         if not torch.is_grad_enabled():
             return type(module).forward(module, x)
+        self.engine.calls[self.slot] += 1
         return _layer_norm(x, module.weight, module.bias, module.normalized_shape, module.eps, self.on_backward)
 
 

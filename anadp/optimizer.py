@@ -61,8 +61,11 @@ class DPOptimizer(Optimizer):
             warnings.warn("noise_multiplier=0: no privacy (epsilon is infinite); use only for testing")
         if not max_grad_norm > 0:
             raise ValueError(f"max_grad_norm must be > 0, got {max_grad_norm}")
-        if clipping not in ("whitened", "global"):
-            raise ValueError(f"clipping must be 'whitened' or 'global', got {clipping!r}")
+        if clipping not in ("whitened", "global", "per_layer"):
+            raise ValueError(f"clipping must be 'whitened', 'global' or 'per_layer', got {clipping!r}")
+        if clipping == "per_layer" and allocation == "clip":
+            raise ValueError("allocation='clip' reads each sample's clipped energy split over the groups, which "
+                             "per-layer clipping fixes at the thresholds: use 'anadp', 'uniform' or 'paper'")
         if clipping == "global" and allocation not in ("paper", "uniform"):
             raise ValueError(f"clipping='global' is the paper's mechanism: use it with allocation='paper' or "
                              f"'uniform', not {allocation!r} (whose statistics assume whitened clipping)")
@@ -122,6 +125,10 @@ class DPOptimizer(Optimizer):
         self._state_cache = None  # see _fused_rows
         self._reset_accumulation()
         engine.on_batch = self._accumulate
+        self._setup_clipping()
+
+    def _setup_clipping(self) -> None:
+        """What a clipping variant sets up once the groups are known (see per_layer)."""
 
     def _init_backend(self, requested: str) -> None:
         """The backend (anadp.backends): its noise always; its norms and fused update where the
@@ -177,6 +184,11 @@ class DPOptimizer(Optimizer):
         weights, lone biases) form the rest group, whose w stays 1."""
         self._warn_in_warmup()
         return dict(zip(self.group_names, self.allocator.group_scales.tolist()))
+
+    @property
+    def _stat_clip(self) -> float:
+        """The clipping norm the released shares are in units of (C)."""
+        return self.max_grad_norm
 
     @property
     def gradient_noise_multiplier(self) -> float:
@@ -497,26 +509,7 @@ class DPOptimizer(Optimizer):
                                                    transposed=rec.transposed, has_noise=std > 0, stat=stat)
             sens[i] = s.double().sum()
         rest = [i for i in range(n) if i not in self._deferred]
-        moment_sq = None  # per tensor sum of m^2 after the update, where the kernel returns it
-        by_dtype: dict = {}
-        for i in rest:
-            by_dtype.setdefault(self.params[i].dtype, []).append(i)
-        for idx in by_dtype.values():
-            grads = [self._summed[i].contiguous() if self._summed[i] is not None
-                     else torch.zeros(self.params[i].shape, dtype=torch.float32, device=device) for i in idx]
-            params = [self.params[i] for i in idx]
-            extra = {}
-            if self.impl.stores_grad:  # the cpu kernel: p.grad, and the first moments' energy with it
-                extra = {"store_grad": True, "moment_sq": torch.zeros(len(idx), dtype=torch.float64)}
-            s, owner = self.impl.multi_tensor_update(
-                params, grads, [states[i][0] for i in idx], [states[i][1] for i in idx],
-                [keys[i] for i in idx], rows[idx], kind=kind, has_noise=std > 0, stat=stat, **extra)
-            sens.index_add_(0, torch.tensor(idx, device=device)[owner.long()], s.double())
-            if extra:
-                for p, g in zip(params, grads):
-                    p.grad = g if g.dtype == p.dtype else g.to(p.dtype)
-                moment_sq = torch.zeros(n, dtype=torch.float64) if moment_sq is None else moment_sq
-                moment_sq[idx] = extra["moment_sq"]
+        moment_sq = self._update_tensors(rest, kind, states, rows, keys, std > 0, stat, sens)
         U.finish_step(opt, self.params, self._step_tensors)
         shares = self._release_shares(seed)
         self._charge(k)
@@ -525,6 +518,34 @@ class DPOptimizer(Optimizer):
                                 first_moment_sq=moment_sq if len(rest) == n else None)
         self.step_count += 1
         self._reset_accumulation()
+
+    def _update_tensors(self, idx: list, kind: int, states: list, rows: torch.Tensor, keys: list, has_noise: bool,
+                        stat: str, sens: torch.Tensor) -> torch.Tensor | None:
+        """Noise + update of the tensors ``idx`` from their clipped sums, one multi-tensor launch per dtype;
+        adds their statistic into ``sens``; returns the per-tensor sums of m^2 after the update (zeros
+        elsewhere) where the kernel forms them, else None."""
+        n, device = len(self.params), sens.device
+        moment_sq = None
+        by_dtype: dict = {}
+        for i in idx:
+            by_dtype.setdefault(self.params[i].dtype, []).append(i)
+        for group in by_dtype.values():
+            grads = [self._summed[i].contiguous() if self._summed[i] is not None
+                     else torch.zeros(self.params[i].shape, dtype=torch.float32, device=device) for i in group]
+            params = [self.params[i] for i in group]
+            extra = {}
+            if self.impl.stores_grad:  # the cpu kernel: p.grad, and the first moments' energy with it
+                extra = {"store_grad": True, "moment_sq": torch.zeros(len(group), dtype=torch.float64)}
+            s, owner = self.impl.multi_tensor_update(
+                params, grads, [states[i][0] for i in group], [states[i][1] for i in group],
+                [keys[i] for i in group], rows[group], kind=kind, has_noise=has_noise, stat=stat, **extra)
+            sens.index_add_(0, torch.tensor(group, device=device)[owner.long()], s.double())
+            if extra:
+                for p, g in zip(params, grads):
+                    p.grad = g if g.dtype == p.dtype else g.to(p.dtype)
+                moment_sq = torch.zeros(n, dtype=torch.float64) if moment_sq is None else moment_sq
+                moment_sq[group] = extra["moment_sq"]
+        return moment_sq
 
     def _fused_rows(self, opt, kind: int, std: float, denom: float) -> tuple[list, torch.Tensor]:
         """(per tensor (first moment, second moment), the (tensors, N_COLS) float32 hyperparameter table)
@@ -628,7 +649,7 @@ class DPOptimizer(Optimizer):
             sums = sums()
         self.last_allocation_input = (None if sums is None else sums.detach().cpu(), shares, factors)
         self.allocator.update(None if sums is None else sums.detach().cpu(), shares, noise_std=noise_std,
-                              clip=self.max_grad_norm, denom=denom, samples=samples, **factors)
+                              clip=self._stat_clip, denom=denom, samples=samples, **factors)
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         for p in self.params:

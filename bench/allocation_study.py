@@ -31,7 +31,8 @@ from torch.utils.data import TensorDataset
 
 from anadp.finetune import FinetuneConfig, expected_batch, heatmap, learning_rate, prepare, summarize, train_one
 
-METHODS = ["uniform", "anadp", "clip", "paper", "paper-global"]
+METHODS = ["uniform", "anadp", "clip", "paper", "paper-global", "per_layer", "per_layer-anadp", "per_layer-adaptive",
+           "per_layer-anadp-adaptive"]
 MODES = {"lora": dict(lora=True), "full": dict(lora=False)}  # rates and batches: finetune's defaults per mode
 
 _W: dict = {}  # per worker: the prepared data

@@ -6,6 +6,7 @@ Methods (same torch optimizer, AdamW, same data, in the same process):
   opacus_ghost    Opacus ghost clipping (grad_sample_mode="ghost", DPLossFastGradientClipping)
   anadp_uniform   anadp, allocation="uniform"
   anadp           anadp, allocation="anadp"
+  anadp_per_layer anadp, allocation="anadp", clipping="per_layer" (clipped, noised and updated in the backward)
 
 Opacus workaround (the smallest its docs need): Hugging Face BERT and GPT-2 build
 position_ids (and BERT token_type_ids) of batch 1 that are broadcast over the batch,
@@ -22,7 +23,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-METHODS = ["nonprivate", "opacus_hooks", "opacus_ghost", "anadp_uniform", "anadp"]
+METHODS = ["nonprivate", "opacus_hooks", "opacus_ghost", "anadp_uniform", "anadp", "anadp_per_layer"]
 
 
 @dataclass
@@ -139,6 +140,7 @@ def make_step(method: str, model: nn.Module, inputs: dict, labels: torch.Tensor,
             # no warm-up: the allocation runs in every timed step (by default it starts at step 10)
             model, opt, _ = anadp.make_private(model, opt, loader, noise_multiplier=sigma, max_grad_norm=clip,
                                                allocation="uniform" if method == "anadp_uniform" else "anadp",
+                                               clipping="per_layer" if method == "anadp_per_layer" else "whitened",
                                                allocation_config=anadp.AllocationConfig(warmup_steps=0),
                                                poisson_sampling=False, seed=seed, backend=backend)
         elif method != "nonprivate":

@@ -71,6 +71,9 @@ def test_same_clipped_update(cfg):
         if u is None:
             assert method == "opacus_ghost" and cfg.kind in OPACUS_GHOST_FAILS
             continue
+        if method == "anadp_per_layer":  # another mechanism (each group clipped on its own): checked against
+            assert u.abs().max() > 0     # per-sample autograd in tests/test_per_layer.py
+            continue
         assert float((u - ref).norm() / ref.norm()) < 1e-5, method
 
 

@@ -120,7 +120,7 @@ def test_parameters_on_different_devices():
     (dict(noise_multiplier=-0.1), "noise_multiplier must be >= 0"),
     (dict(max_grad_norm=0.0), "max_grad_norm must be > 0"),
     (dict(loss_reduction="avg"), "loss_reduction"),
-    (dict(clipping="per_layer"), "clipping"),
+    (dict(clipping="per_sample"), "clipping"),
     (dict(allocation="adaptive"), "allocation"),
     (dict(accountant="moments"), "accountant"),
     (dict(noise_multiplier=None), "either noise_multiplier or target_epsilon"),
