@@ -150,16 +150,29 @@ def normalize_scales(u: torch.Tensor, sizes: torch.Tensor, w_min: float, w_max: 
 
 
 class NoiseAllocator:
-    """The noise scales of every group and the statistics they come from.
+    """The noise scales of every group and the statistics they come from; one subclass per
+    allocation (``NoiseAllocator(sizes, mode)`` makes the one of ``mode``).
 
     ``sizes``: numel per tensor; ``groups``: group index per tensor (-1: rest, w = 1),
     default one group per tensor. ``scales`` is per tensor."""
 
-    def __init__(self, sizes: list[int], mode: str = "anadp", config: AllocationConfig | None = None,
+    mode = "uniform"
+    statistic: str | None = None  # the per-tensor sum it reads from the privatized gradient (see below)
+    whitened_feed = False         # whether the optimizer gets grad_g / w_g instead of grad_g
+    _releases = False             # whether it needs the per-group share release (whitened clipping)
+
+    def __new__(cls, sizes=None, mode: str = "anadp", *args, **kwargs):
+        if cls is NoiseAllocator:
+            if mode not in ALLOCATIONS:
+                raise ValueError(f"allocation must be one of {ALLOCATIONS}, got {mode!r}")
+            cls = _BY_MODE[mode]
+        return super().__new__(cls)
+
+    def __init__(self, sizes: list[int], mode: str | None = None, config: AllocationConfig | None = None,
                  groups: list[int] | None = None, adaptive: bool = True, kinds: list[str] | None = None):
-        if mode not in ALLOCATIONS:
-            raise ValueError(f"allocation must be one of {ALLOCATIONS}, got {mode!r}")
-        self.mode, self.config = mode, config or AllocationConfig()
+        if mode is not None and mode != self.mode:
+            raise ValueError(f"{type(self).__name__} is allocation {self.mode!r}, not {mode!r}")
+        self.config = config or AllocationConfig()
         self.sizes = torch.tensor(sizes, dtype=torch.float64)
         groups = list(range(len(sizes))) if groups is None else list(groups)
         if len(groups) != len(sizes):
@@ -201,18 +214,7 @@ class NoiseAllocator:
     @property
     def releases_shares(self) -> bool:
         """Whether each step also releases the per-group clipped energy (charged out of sigma)."""
-        return self.mode in ("clip", "anadp") and not self.per_layer
-
-    @property
-    def whitened_feed(self) -> bool:
-        """Whether the optimizer gets grad_g / w_g instead of grad_g."""
-        return self.mode == "anadp"
-
-    @property
-    def statistic(self) -> str | None:
-        """Per-tensor sum the allocation reads from the privatized gradient: "abs_p_grad"
-        (sum |p * grad|, p before the update), "grad_sq" (sum grad^2) or None."""
-        return {"paper": "abs_p_grad", "clip": None, "anadp": "grad_sq"}.get(self.mode)
+        return self._releases and not self.per_layer
 
     def noise_multipliers(self, sigma: float) -> tuple[float, float]:
         """(gradient noise multiplier, share-release noise multiplier) that together cost sigma."""
@@ -233,68 +235,159 @@ class NoiseAllocator:
                stat_noise: float = 1.0, stat_signal: float = 1.0) -> None:
         """One step of the statistics, then the scales of the next step.
 
-        ``stat``: per-tensor sums of ``self.statistic`` over the privatized gradient the
-        optimizer got, or for "grad_sq" over an average m = sum_k a_k grad_(t-k) of them, whose
-        noise and per-sample energies are ``stat_noise`` = sum a_k^2 times one step's and whose
-        coherent energy is ``stat_signal`` = (sum a_k)^2 times one step's; ``shares``: the
-        released (noisy) per-group clipped energies, (n_groups + 1,); ``noise_std``: the std of
-        the gradient's noise per coordinate in whitened units (sigma_g C / denom); ``clip``: C;
-        ``denom``: what the clipped sum was divided by; ``samples``: the expected number of samples
-        in it (public: q N times the logical batches). Nothing else reaches the allocation."""
+        ``stat``: per-tensor sums of ``self.statistic`` ("abs_p_grad": sum |p * grad|, p before the
+        update; "grad_sq": sum grad^2) over the privatized gradient the optimizer got, or for
+        "grad_sq" over an average m = sum_k a_k grad_(t-k) of them, whose noise and per-sample
+        energies are ``stat_noise`` = sum a_k^2 times one step's and whose coherent energy is
+        ``stat_signal`` = (sum a_k)^2 times one step's; ``shares``: the released (noisy) per-group
+        clipped energies, (n_groups + 1,); ``noise_std``: the std of the gradient's noise per
+        coordinate in whitened units (sigma_g C / denom); ``clip``: C; ``denom``: what the clipped
+        sum was divided by; ``samples``: the expected number of samples in it (public: q N times the
+        logical batches). Nothing else reaches the allocation."""
         self.updates += 1
-        if self.mode == "uniform" or self.n_groups == 0:
+        if self.n_groups == 0:
             return
-        c = self.config
-        if self.mode == "paper":
-            ipt = self.per_group(stat)[:self.n_groups] / self.group_sizes
-            self.ipt_bar = c.beta1 * self.ipt_bar + (1 - c.beta1) * ipt
-            self.unc_bar = c.beta2 * self.unc_bar + (1 - c.beta2) * (ipt - self.ipt_bar).abs()
-            score = self.ipt_bar * self.unc_bar
-        else:
-            # EMAs in raw units (whitened ones times w^2 of their step), so that steps measured
-            # under different w average to one quantity
-            w2 = torch.cat([self.group_scales, torch.ones(1, dtype=torch.float64)]) ** 2
-            shares = shares.double().cpu()
-            self.share_bar = c.stats_beta * self.share_bar + (1 - c.stats_beta) * shares * w2 / samples
-            self.noise_var = noise_std ** 2
-            if self.mode == "anadp":
-                energy = (self.per_group(stat)[:self.n_groups] - stat_noise * (
-                    self.group_sizes * noise_std ** 2 + clip ** 2 * shares[:self.n_groups] / denom ** 2)) / stat_signal
-                self.energy_bar = c.stats_beta * self.energy_bar + (1 - c.stats_beta) * energy * w2[:-1]
-                # the noise's share of one estimate: chi-square, var = 2 d (n^2 sum a_k^2)^2 / (sum a_k)^4; an
-                # EMA of estimates whose averages overlap (a first moment) shrinks it less than independent ones
-                one = 2 * self.group_sizes * (noise_std ** 2 * stat_noise / stat_signal) ** 2 * w2[:-1] ** 2
-                shrink = min(1.0, (1 - c.stats_beta) / (1 + c.stats_beta) / stat_noise)
-                self.energy_var = c.stats_beta * self.energy_var + (1 - c.stats_beta) * one * shrink
-            score = self.share_bar
+        score = self._observe(stat, shares, noise_std=noise_std, clip=clip, denom=denom, samples=samples,
+                              stat_noise=stat_noise, stat_signal=stat_signal)
+        if score is None:
+            return
         if not torch.isfinite(score).all() or not torch.isfinite(self.energy_bar).all():
             raise FloatingPointError("non-finite allocation statistic: a privatized gradient or parameter is "
                                      "not finite")
-        if self.updates < c.warmup_steps:
+        if self.updates < self.config.warmup_steps:
             return
         self.group_scales = self._scales()
 
+    def _observe(self, stat, shares, **public) -> torch.Tensor | None:
+        """Fold one step's released statistics into the EMAs; returns what must be finite (None: nothing kept)."""
+        return None
+
     def _scales(self) -> torch.Tensor:
+        """The next step's group scales, from the EMAs."""
+        return self.group_scales
+
+    # --- checkpoints ---------------------------------------------------------------------
+    def state_dict(self) -> dict:
+        return {"mode": self.mode, "config": asdict(self.config), "group_of": self.group_of.clone(),
+                "group_scales": self.group_scales.clone(), "ipt_bar": self.ipt_bar.clone(),
+                "unc_bar": self.unc_bar.clone(), "energy_bar": self.energy_bar.clone(),
+                "energy_var": self.energy_var.clone(),
+                "share_bar": self.share_bar.clone(), "noise_var": self.noise_var, "updates": self.updates}
+
+    def load_state_dict(self, state: dict) -> None:
+        if "group_of" not in state or not torch.equal(state["group_of"], self.group_of):
+            raise ValueError("the allocation state was saved for other noise groups than this model's")
+        tensors = ("group_scales", "ipt_bar", "unc_bar", "energy_bar", "energy_var", "share_bar")
+        missing = [k for k in ("mode", "config", "noise_var", "updates") + tensors if k not in state]
+        unknown = sorted(set(state.get("config", {})) - {f.name for f in fields(AllocationConfig)})
+        if missing or unknown:
+            raise ValueError(
+                f"the allocation state has {'no ' + ', '.join(missing) if missing else 'unknown settings ' + str(unknown)}: "
+                "it was saved by another version of anadp, whose allocation this one cannot continue exactly. Resume "
+                "with that version, or load only the model and the wrapped optimizer's state to restart the allocation")
+        if state["mode"] != self.mode:
+            raise ValueError(f"the allocation state was saved by allocation {state['mode']!r}, not {self.mode!r}")
+        self.config = AllocationConfig(**state["config"])
+        for k in tensors:
+            setattr(self, k, state[k].clone())
+        self.noise_var, self.updates = state["noise_var"], state["updates"]
+
+
+class UniformAllocation(NoiseAllocator):
+    """w = 1: DP-SGD / DP-Adam."""
+    mode = "uniform"
+
+
+class PaperAllocation(NoiseAllocator):
+    """The paper's AdaLoRA/PLATON importance of the noisy gradient (see the module docstring)."""
+    mode = "paper"
+    statistic = "abs_p_grad"
+
+    def _observe(self, stat, shares, **public):
+        c = self.config
+        ipt = self.per_group(stat)[:self.n_groups] / self.group_sizes
+        self.ipt_bar = c.beta1 * self.ipt_bar + (1 - c.beta1) * ipt
+        self.unc_bar = c.beta2 * self.unc_bar + (1 - c.beta2) * (ipt - self.ipt_bar).abs()
+        return self.ipt_bar * self.unc_bar
+
+    def _scales(self):
         c, k = self.config, self.power
-        w_old = self.group_scales
-        if self.mode == "paper":
-            s = self.ipt_bar * self.unc_bar
-            if s.max() <= 0:
-                return w_old  # nothing to rank yet
-            s = s.clamp_min(1e-12 * float(s.max()))  # a zero score (LoRA B at its zero init) gets w_max
-            return normalize_scales(s.pow(-k), self.group_sizes, c.w_min, c.w_max)
-        raw = self._pooled(self.share_bar[:self.n_groups])  # per-sample energy of the raw gradient, up to one factor
+        s = self.ipt_bar * self.unc_bar
+        if s.max() <= 0:
+            return self.group_scales  # nothing to rank yet
+        s = s.clamp_min(1e-12 * float(s.max()))  # a zero score (LoRA B at its zero init) gets w_max
+        return normalize_scales(s.pow(-k), self.group_sizes, c.w_min, c.w_max)
+
+
+class ClipAllocation(NoiseAllocator):
+    """The first-order SGD model of one noisy step, all samples clipped, from the share release."""
+    mode = "clip"
+    _releases = True
+
+    def _observe(self, stat, shares, *, noise_std, samples, **public):
+        # EMAs in raw units (whitened ones times w^2 of their step), so that steps measured
+        # under different w average to one quantity
+        c = self.config
+        self._w2 = torch.cat([self.group_scales, torch.ones(1, dtype=torch.float64)]) ** 2
+        shares = shares.double().cpu()
+        self.share_bar = c.stats_beta * self.share_bar + (1 - c.stats_beta) * shares * self._w2 / samples
+        self.noise_var = noise_std ** 2
+        return self.share_bar
+
+    def _raw_shares(self) -> torch.Tensor | None:
+        """The pooled per-sample energy of the raw gradient per group (up to one factor), or None."""
+        raw = self._pooled(self.share_bar[:self.n_groups])
         if raw.max() <= 0:
-            return w_old
-        raw = raw.clamp_min(1e-3 * float(raw.max()))  # noise can make a small share negative
-        if self.mode == "clip":
-            return normalize_scales((raw.sqrt() / self.group_sizes.sqrt()).pow(k / 2), self.group_sizes,
-                                    c.w_min, c.w_max)
-        if self.energy_bar.max() <= 0 or self.noise_var <= 0:
-            return w_old
+            return None
+        return raw.clamp_min(1e-3 * float(raw.max()))  # noise can make a small share negative
+
+    def _scales(self):
+        c, k = self.config, self.power
+        raw = self._raw_shares()
+        if raw is None:
+            return self.group_scales
+        return normalize_scales((raw.sqrt() / self.group_sizes.sqrt()).pow(k / 2), self.group_sizes, c.w_min, c.w_max)
+
+    def _pooled(self, per_group: torch.Tensor) -> torch.Tensor:
+        """(1 - pooling) * the group's own statistic + pooling * the mean over its kind: a single
+        matrix's statistic is mostly noise at DP batch sizes, its kind's mean over the layers less so."""
+        if self._kind_counts is None:  # the kinds are fixed: their sizes once
+            n_kinds = int(self.kind.max()) + 1 if self.n_groups else 0
+            self._kind_counts = torch.zeros(n_kinds, dtype=torch.float64).index_add_(
+                0, self.kind, torch.ones(len(self.kind), dtype=torch.float64))
+        sums = torch.zeros_like(self._kind_counts).index_add_(0, self.kind, per_group.double())
+        p = self.config.pooling
+        return (1 - p) * per_group + p * (sums / self._kind_counts)[self.kind]
+
+
+class AnadpAllocation(ClipAllocation):
+    """The gain of the next step as the optimizer sees it, fed the whitened noisy gradient (see the
+    module docstring); the default."""
+    mode = "anadp"
+    statistic = "grad_sq"
+    whitened_feed = True
+
+    def _observe(self, stat, shares, *, noise_std, clip, denom, samples, stat_noise, stat_signal):
+        score = super()._observe(stat, shares, noise_std=noise_std, samples=samples)
+        c, w2 = self.config, self._w2
+        shares = shares.double().cpu()
+        energy = (self.per_group(stat)[:self.n_groups] - stat_noise * (
+            self.group_sizes * noise_std ** 2 + clip ** 2 * shares[:self.n_groups] / denom ** 2)) / stat_signal
+        self.energy_bar = c.stats_beta * self.energy_bar + (1 - c.stats_beta) * energy * w2[:-1]
+        # the noise's share of one estimate: chi-square, var = 2 d (n^2 sum a_k^2)^2 / (sum a_k)^4; an
+        # EMA of estimates whose averages overlap (a first moment) shrinks it less than independent ones
+        one = 2 * self.group_sizes * (noise_std ** 2 * stat_noise / stat_signal) ** 2 * w2[:-1] ** 2
+        shrink = min(1.0, (1 - c.stats_beta) / (1 + c.stats_beta) / stat_noise)
+        self.energy_var = c.stats_beta * self.energy_var + (1 - c.stats_beta) * one * shrink
+        return score
+
+    def _scales(self):
+        c, k = self.config, self.power
+        if self._raw_shares() is None or self.energy_bar.max() <= 0 or self.noise_var <= 0:
+            return self.group_scales
         best = self._best_for_step()
         if not torch.isfinite(best).all():
-            return w_old
+            return self.group_scales
         # tempered: w = (w* / its geometric mean)^power, so that noisy statistics move w only part-way
         shape = best.log() - best.log().mean()
         return torch.exp(k * shape).clamp(c.w_min, c.w_max)
@@ -335,17 +428,6 @@ class NoiseAllocator:
             log_x = log_x - lr / (1 - b1 ** t) * m / (np.sqrt(v) / math.sqrt(1 - b2 ** t) + eps)
             np.clip(log_x, lo, hi, out=log_x)
         return torch.from_numpy(np.exp(-log_x)).clamp(c.w_min, c.w_max)
-
-    def _pooled(self, per_group: torch.Tensor) -> torch.Tensor:
-        """(1 - pooling) * the group's own statistic + pooling * the mean over its kind: a single
-        matrix's statistic is mostly noise at DP batch sizes, its kind's mean over the layers less so."""
-        if self._kind_counts is None:  # the kinds are fixed: their sizes once
-            n_kinds = int(self.kind.max()) + 1 if self.n_groups else 0
-            self._kind_counts = torch.zeros(n_kinds, dtype=torch.float64).index_add_(
-                0, self.kind, torch.ones(len(self.kind), dtype=torch.float64))
-        sums = torch.zeros_like(self._kind_counts).index_add_(0, self.kind, per_group.double())
-        p = self.config.pooling
-        return (1 - p) * per_group + p * (sums / self._kind_counts)[self.kind]
 
     def _coherence(self, G2: torch.Tensor) -> torch.Tensor:
         """Each group's gradient coherence rho_g = a_g / G_g^2, shrunk toward the groups' common
@@ -408,26 +490,5 @@ class NoiseAllocator:
 
         return gain
 
-    # --- checkpoints ---------------------------------------------------------------------
-    def state_dict(self) -> dict:
-        return {"mode": self.mode, "config": asdict(self.config), "group_of": self.group_of.clone(),
-                "group_scales": self.group_scales.clone(), "ipt_bar": self.ipt_bar.clone(),
-                "unc_bar": self.unc_bar.clone(), "energy_bar": self.energy_bar.clone(),
-                "energy_var": self.energy_var.clone(),
-                "share_bar": self.share_bar.clone(), "noise_var": self.noise_var, "updates": self.updates}
 
-    def load_state_dict(self, state: dict) -> None:
-        if "group_of" not in state or not torch.equal(state["group_of"], self.group_of):
-            raise ValueError("the allocation state was saved for other noise groups than this model's")
-        tensors = ("group_scales", "ipt_bar", "unc_bar", "energy_bar", "energy_var", "share_bar")
-        missing = [k for k in ("mode", "config", "noise_var", "updates") + tensors if k not in state]
-        unknown = sorted(set(state.get("config", {})) - {f.name for f in fields(AllocationConfig)})
-        if missing or unknown:
-            raise ValueError(
-                f"the allocation state has {'no ' + ', '.join(missing) if missing else 'unknown settings ' + str(unknown)}: "
-                "it was saved by another version of anadp, whose allocation this one cannot continue exactly. Resume "
-                "with that version, or load only the model and the wrapped optimizer's state to restart the allocation")
-        self.mode, self.config = state["mode"], AllocationConfig(**state["config"])
-        for k in tensors:
-            setattr(self, k, state[k].clone())
-        self.noise_var, self.updates = state["noise_var"], state["updates"]
+_BY_MODE = {cls.mode: cls for cls in (UniformAllocation, PaperAllocation, ClipAllocation, AnadpAllocation)}

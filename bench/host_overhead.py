@@ -17,7 +17,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from bench.suite import Config, build, make_step
 
-METHODS = ["nonprivate", "anadp_uniform", "anadp"]
+METHODS = ["nonprivate", "anadp_uniform", "anadp", "anadp_per_layer"]
 CONFIG = Config("bert-base shape, width 16, B=2 T=8", "bert", 2, 8, 16, 12, 100)
 SMOKE_CONFIG = Config("bert 2 layers, width 16, B=2 T=8", "bert", 2, 8, 16, 2, 100)
 

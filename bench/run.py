@@ -100,11 +100,12 @@ def same_update(cfg, sigma):
     return out
 
 
-def run(smoke: bool, rounds: int, isolate: bool, methods=METHODS, progress=True, repeats: int = 1):
-    """Every method on every configuration; whole-model rows ``repeats`` times, interleaved, each
-    method's fastest repeat kept (see the module docstring)."""
+def run(smoke: bool, rounds: int, isolate: bool, methods=METHODS, progress=True, repeats: int = 1,
+        models_only: bool = False):
+    """Every method on every configuration (``models_only``: the whole-model rows alone); whole-model
+    rows ``repeats`` times, interleaved, each method's fastest repeat kept (see the module docstring)."""
     rows = []
-    layers, models = layer_configs(smoke), model_configs(smoke)
+    layers, models = ([] if models_only else layer_configs(smoke)), model_configs(smoke)
     plan = [(cfg, 1) for cfg in layers] + [(cfg, repeats) for cfg in models]
     try:
         from tqdm.auto import tqdm
@@ -238,6 +239,8 @@ def main(argv=None):
     p.add_argument("--repeats", type=int, default=None,
                    help="interleaved timings of the whole-model rows, fastest kept (default 3; --smoke 1)")
     p.add_argument("--tag", default="", help="appended to the output file names")
+    p.add_argument("--models-only", action="store_true", help="only the whole-model rows (and the host row)")
+    p.add_argument("--methods", nargs="+", default=METHODS, choices=METHODS, help="methods to time")
     p.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results"))
     p.add_argument("--replot", metavar="JSON", help="only redraw the plot of an earlier run")
     args = p.parse_args(argv)
@@ -247,8 +250,10 @@ def main(argv=None):
         return None
     rounds = args.rounds or (2 if args.smoke else 5)
     repeats = args.repeats or (1 if args.smoke else 3)
-    rows = run(args.smoke, rounds, isolate=not args.smoke, repeats=repeats)
-    noise = noise_rows(1 << (16 if args.smoke else 24), rounds)
+    methods = [m for m in METHODS if m in args.methods or m == "nonprivate"]
+    rows = run(args.smoke, rounds, isolate=not args.smoke, methods=methods, repeats=repeats,
+               models_only=args.models_only)
+    noise = [] if args.models_only else noise_rows(1 << (16 if args.smoke else 24), rounds)
     host = host_overhead.rows(rounds=2 if args.smoke else 20,
                               cfg=host_overhead.SMOKE_CONFIG if args.smoke else host_overhead.CONFIG)
     machine = f"{platform.machine()}-{os.cpu_count()}cpu" + ("-smoke" if args.smoke else "")
@@ -256,7 +261,9 @@ def main(argv=None):
     os.makedirs(args.out, exist_ok=True)
     meta = {"machine": platform.platform(), "cpus": os.cpu_count(), "torch": torch.__version__,
             "threads": torch.get_num_threads(), "rounds": rounds, "repeats": repeats,
-            "command": "python -m bench.run" + (" --smoke" if args.smoke else "") + (f" --tag={args.tag}" if args.tag else ""), "date": datetime.datetime.now().isoformat(timespec="seconds")}
+            "command": "python -m bench.run" + (" --smoke" if args.smoke else "") + (f" --tag={args.tag}" if args.tag else "")
+            + (" --models-only" if args.models_only else "")
+            + (f" --methods {' '.join(args.methods)}" if methods != METHODS else ""), "date": datetime.datetime.now().isoformat(timespec="seconds")}
     with open(stem + ".json", "w") as f:
         json.dump({"meta": meta, "rows": rows, "noise": noise, "host_overhead": host}, f, indent=1)
     md = f"# {meta['command']} — {meta['date']}, {meta['machine']}, torch {meta['torch']}, {meta['threads']} threads\n\n"

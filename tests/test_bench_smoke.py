@@ -46,14 +46,14 @@ def test_anadp_rows_time_the_allocation(cfg, monkeypatch):
     """bench.run times steps 2, 3, ... of a fresh optimizer (step 1 is its warm-up); ANADP's allocation,
     its maximizer included, must run in every one of them, or the row times uniform DP plus bookkeeping
     (with the default warm-up of 10 steps it ran in none, until 2026-11-30)."""
-    from anadp.allocation import NoiseAllocator
-    ran, best = [], NoiseAllocator._best_for_step
+    from anadp.allocation import AnadpAllocation
+    ran, best = [], AnadpAllocation._best_for_step
 
     def recording(self, *args, **kwargs):
         ran.append(self.updates)
         return best(self, *args, **kwargs)
 
-    monkeypatch.setattr(NoiseAllocator, "_best_for_step", recording)
+    monkeypatch.setattr(AnadpAllocation, "_best_for_step", recording)
     model, inputs, labels = build(cfg)
     step, _ = make_step("anadp", model, inputs, labels)
     for _ in range(4):

@@ -142,7 +142,7 @@ def group_keys(seed: int, step: int, groups: list) -> list:
 
 def maximize_gain(log_x0, G2, G2_rest: float, alpha, d, n: float, adaptive: bool, lo: float, hi: float,
                   iterations: int):
-    """anadp's step-gain maximizer compiled (NoiseAllocator._best_for_step's loop; float64 tensors),
+    """anadp's step-gain maximizer compiled (AnadpAllocation._best_for_step's loop; float64 tensors),
     or None where the kernel is not available (the caller runs its numpy loop)."""
     ext = _load()
     if ext is None:
