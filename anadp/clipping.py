@@ -94,6 +94,16 @@ class PerLayerClipping:
         self.last_released_counts: torch.Tensor | None = None
 
     @property
+    def thresholds(self) -> torch.Tensor:
+        """C_g per group column, the rest group last (0 where it is empty); assign, do not write in place."""
+        return self._thresholds
+
+    @thresholds.setter
+    def thresholds(self, value: torch.Tensor) -> None:
+        self._thresholds = value
+        self._values = value.tolist()  # C_g as floats, for the per-group clip factors
+
+    @property
     def total(self) -> float:
         """C = sqrt(sum_g C_g^2), the per-sample sensitivity of the whole clipped gradient."""
         return float(self.thresholds.square().sum().sqrt())
@@ -112,7 +122,7 @@ class PerLayerClipping:
     def factors(self, g: int, sq: torch.Tensor) -> torch.Tensor:
         """Clip factors min(1, C_g / ||g_ig||) of one group's samples from their squared norms (B,);
         counts the samples under the threshold where the thresholds adapt."""
-        C = float(self.thresholds[g])
+        C = self._values[g]
         norms = sq.sqrt()
         if self.adaptive is not None:
             self.counts[g] += float((norms <= C).sum()) - 0.5 * norms.numel()

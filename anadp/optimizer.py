@@ -11,7 +11,7 @@ from __future__ import annotations
 import math
 import os
 import warnings
-from dataclasses import asdict
+from dataclasses import asdict, dataclass, field
 
 import torch
 from torch.optim import Optimizer
@@ -29,6 +29,24 @@ from .records import HALF, LinearRecord
 _FOREACH = (torch.optim.SGD, torch.optim.Adam, torch.optim.AdamW)
 # noise stream of the share release (parameters' streams are their positions in the model)
 SHARE_STREAM = 2**32 - 1
+
+
+@dataclass
+class StepPlan:
+    """One step: its public constants and what its phases hand on."""
+    k: int            # logical batches in the step
+    seed: int
+    std: float        # noise std per coordinate before the group scales
+    denom: float      # what the clipped sum is divided by
+    samples: float    # the expected number of samples in it (public)
+    fused: tuple | None = None  # (optimizer kind, states, hyperparameter rows, noise keys) of the kernels
+    sens: torch.Tensor | None = None  # per-tensor statistic the kernels formed
+    moment_sq: torch.Tensor | None = None  # per-tensor sums of m^2 after the update, where formed
+    moment_tensors: int = 0  # how many tensors moment_sq covers
+    stat_sums: object = None  # torch path: the statistic (a tensor, or a callable formed on demand)
+    shares: torch.Tensor | None = None
+    released: set = field(default_factory=set)  # tensors already noised (and, fused, updated)
+    charged: bool = False
 
 
 def _delegated(name: str) -> property:
@@ -123,6 +141,8 @@ class DPOptimizer(Optimizer):
         self.last_clip_factors: torch.Tensor | None = None
         self._layouts: dict = {}  # see _chunk_plan
         self._state_cache = None  # see _fused_rows
+        self._last_plan: StepPlan | None = None
+        self._privatized: StepPlan | None = None  # between privatize() and apply()
         self._reset_accumulation()
         engine.on_batch = self._accumulate
         self._setup_clipping()
@@ -352,15 +372,11 @@ class DPOptimizer(Optimizer):
         self._deferred = {}
 
     # --- per logical batch ------------------------------------------------------------
-    def _begin_step(self):
-        """Finish accumulation: (k logical batches, seed, noise std, divisor) of this step,
-        or None while a split logical batch is still incomplete."""
+    def _begin_step(self) -> StepPlan | None:
+        """Phase 1, begin: finish accumulation and plan the step (None while a split logical batch
+        is still incomplete)."""
         self.engine.flush()
-        self.engine.check_unchanged()
-        if sum(len(g["params"]) for g in self.original_optimizer.param_groups) != self._n_wrapped:
-            raise RuntimeError("the wrapped optimizer's parameters changed after make_private (add_param_group?): "
-                               "its step would update them with gradients that anadp neither clipped nor noised. "
-                               "Build the optimizer with all its parameters, then call make_private.")
+        self._check_unchanged()
         if self._mid_logical_batch:
             return None
         if self.distributed:
@@ -372,31 +388,48 @@ class DPOptimizer(Optimizer):
                                    "since the last step (call loss.backward() first)")
             k = 1  # an empty Poisson batch: a noise-only step, still a step
         self._check_budget(k)
-        seed = self._step_seed()
-        std = self.gradient_noise_multiplier * self.max_grad_norm
+        return self._plan(k, self._step_seed())
+
+    def _check_unchanged(self) -> None:
+        """The model's trainable parameters and the wrapped optimizer's are still the wrapped ones."""
+        self.engine.check_unchanged()
+        if sum(len(g["params"]) for g in self.original_optimizer.param_groups) != self._n_wrapped:
+            raise RuntimeError("the wrapped optimizer's parameters changed after make_private (add_param_group?): "
+                               "its step would update them with gradients that anadp neither clipped nor noised. "
+                               "Build the optimizer with all its parameters, then call make_private.")
+
+    def _plan(self, k: int, seed: int) -> StepPlan:
+        """The step's public constants, and the fused kernels' inputs where they run."""
+        std = self.gradient_noise_multiplier * self._noise_norm()
         denom = self.expected_batch_size * k if self.loss_reduction == "mean" else 1.0
-        return k, seed, std, denom
+        plan = StepPlan(k, seed, std, denom, float(self.expected_batch_size * k))
+        if self._fused_update:
+            opt = self.original_optimizer
+            kind = U.kind_of(opt)
+            states, rows = self._fused_rows(opt, kind, std, denom)
+            device = self.params[0].device
+            plan.fused = (kind, states, rows.to(device), cpu_kernels.group_keys(seed, self.step_count, self.noise_ids))
+            plan.sens = torch.zeros(len(self.params), dtype=torch.float64, device=device)
+        return plan
+
+    def _noise_norm(self) -> float:
+        """The gradient's noise std per coordinate is gradient_noise_multiplier * this * w_g."""
+        return self.max_grad_norm
 
     @torch.no_grad()
     def privatize(self) -> list[torch.Tensor] | None:
-        """Finish accumulation and return the noisy, scaled gradient of every group
-        (None while a split logical batch is still incomplete)."""
+        """The torch path's first half, for callers who want the privatized gradients: finish
+        accumulation, noise and scale every group, release the statistics, charge; returns the noisy,
+        scaled gradients (None while a split logical batch is still incomplete). ``apply`` completes it."""
         plan = self._begin_step()
         if plan is None:
             return None
-        self._materialize_deferred()
-        k, seed, std, denom = plan
-        w = self.allocator.scales.tolist()
-        grads = [torch.zeros(p.shape, device=p.device, dtype=_sum_dtype(p)) if g is None else g.contiguous()
-                 for p, g in zip(self.params, self._summed)]
-        if std > 0:  # in place: the sums are ours
-            self.impl.add_noise_multi_(grads, cpu_kernels.group_keys(seed, self.step_count, self.noise_ids),
-                                       [std * s for s in w])
-        if grads:
-            torch._foreach_mul_(grads, [self._feed_scale(s) / denom for s in w])
-        self._released = (self._release_shares(seed), std / denom, denom, self.expected_batch_size * k)
-        self._charge(k)
-        return grads
+        plan.fused = plan.sens = None
+        self._release_tensors(plan, self._unreleased(plan))
+        self._release_statistics(plan)
+        self._charge_once(plan)
+        self._privatized = plan
+        return list(self._summed)
 
     def _all_reduce(self) -> None:
         """Sum the ranks' clipped sums in one all-reduce; the counters take their maximum
@@ -469,55 +502,121 @@ class DPOptimizer(Optimizer):
         """Clip, add noise and update once per logical batch. With physical batches (a logical
         batch split by max_physical_batch_size) the calls for the chunks before the last only
         accumulate: ``self.stepped`` says whether this call updated the parameters (step an LR
-        scheduler only then)."""
+        scheduler only then).
+
+        One template, in phases: begin (finish the clipped sums, plan), release the tensors (noise,
+        and in the fused kernels the update), update (the wrapped optimizer on the torch path),
+        release the statistics, charge the accountant, allocate the next step's scales, advance.
+        A clipping variant overrides phases (per_layer releases tensors in the backward)."""
         loss = None
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
         before = self.step_count
-        if self._fused_update:
-            self._fused_step()
-        else:
-            grads = self.privatize()
-            if grads is not None:  # None: more physical batches of this logical batch to come
-                self.apply(grads)
+        plan = self._begin_step()
+        if plan is not None:  # None: more physical batches of this logical batch to come
+            with torch.no_grad():
+                self._release_tensors(plan, self._unreleased(plan))
+                self._update(plan)
+                self._release_statistics(plan)
+                self._charge_once(plan)
+                self._allocate(plan)
+                self._advance()
         self.stepped = self.step_count > before
         return loss
 
-    @torch.no_grad()
-    def _fused_step(self) -> None:
-        """privatize + apply in kernels: Linear weights in the clipped-GEMM kernel whose epilogue
-        adds the noise and updates, everything else in one multi-tensor launch per dtype.
-        Same noise, same arithmetic as the torch path; p.grad is the privatized gradient where the
-        backend stores it (cpu), else never formed (the GPU kernels)."""
-        plan = self._begin_step()
-        if plan is None:
+    def _unreleased(self, plan: StepPlan) -> list:
+        return [i for i in range(len(self.params)) if i not in plan.released]
+
+    def _release_tensors(self, plan: StepPlan, idx: list) -> None:
+        """Phase 2: the noise of tensors ``idx``. Fused: noise and update in the kernels (Linear weights
+        in the clipped-GEMM kernel whose epilogue adds the noise and updates, the rest in one
+        multi-tensor launch per dtype; p.grad where the backend stores it). Torch: the privatized
+        gradients replace the clipped sums. Same noise, same arithmetic either way."""
+        if not idx:
             return
-        k, seed, std, denom = plan
-        opt, n = self.original_optimizer, len(self.params)
-        device = self.params[0].device
-        kind = U.kind_of(opt)
-        states, rows = self._fused_rows(opt, kind, std, denom)
-        rows = rows.to(device)
-        keys = cpu_kernels.group_keys(seed, self.step_count, self.noise_ids)
-        stat = self.allocator.statistic or "abs_p_grad"
-        sens = torch.zeros(n, dtype=torch.float64, device=device)
-        for i, (rec, c) in self._deferred.items():
-            prior = self._summed[i].contiguous() if self._summed[i] is not None else None
-            s = self.impl.clipped_linear_update(rec.A, rec.G, c, self.params[i], kind=kind, row=rows[i],
-                                                   key=keys[i], m=states[i][0], v=states[i][1], prior=prior,
-                                                   transposed=rec.transposed, has_noise=std > 0, stat=stat)
-            sens[i] = s.double().sum()
-        rest = [i for i in range(n) if i not in self._deferred]
-        moment_sq = self._update_tensors(rest, kind, states, rows, keys, std > 0, stat, sens)
-        U.finish_step(opt, self.params, self._step_tensors)
-        shares = self._release_shares(seed)
-        self._charge(k)
-        self._update_allocation(sens if self.allocator.statistic else None, shares, std / denom, denom,
-                                self.expected_batch_size * k, first_moments=[m for m, _ in states],
-                                first_moment_sq=moment_sq if len(rest) == n else None)
+        if plan.fused is not None:
+            kind, states, rows, keys = plan.fused
+            stat = self.allocator.statistic or "abs_p_grad"
+            deferred = [i for i in idx if i in self._deferred]
+            for i in deferred:
+                rec, c = self._deferred.pop(i)
+                prior = self._summed[i].contiguous() if self._summed[i] is not None else None
+                s = self.impl.clipped_linear_update(rec.A, rec.G, c, self.params[i], kind=kind, row=rows[i],
+                                                    key=keys[i], m=states[i][0], v=states[i][1], prior=prior,
+                                                    transposed=rec.transposed, has_noise=plan.std > 0, stat=stat)
+                plan.sens[i] = s.double().sum()
+            rest = [i for i in idx if i not in deferred] if deferred else idx
+            m2 = self._update_tensors(rest, kind, states, rows, keys, plan.std > 0, stat, plan.sens)
+            if m2 is not None:
+                plan.moment_sq = m2 if plan.moment_sq is None else plan.moment_sq + m2
+                plan.moment_tensors += len(rest)
+            for i in idx:
+                self._summed[i] = None  # in p.grad where the backend stores it
+        else:
+            self._materialize_deferred()
+            w = self.allocator.scales.tolist()
+            ws = [w[i] for i in idx]
+            grads = [torch.zeros(self.params[i].shape, device=self.params[i].device, dtype=self._sum_dtypes[i])
+                     if self._summed[i] is None else self._summed[i].contiguous() for i in idx]
+            if plan.std > 0:  # in place: the sums are ours
+                ids = [self.noise_ids[i] for i in idx]
+                self.impl.add_noise_multi_(grads, cpu_kernels.group_keys(plan.seed, self.step_count, ids),
+                                           [plan.std * x for x in ws])
+            torch._foreach_mul_(grads, [self._feed_scale(x) / plan.denom for x in ws])
+            for i, g in zip(idx, grads):
+                self._summed[i] = g
+        plan.released.update(idx)
+
+    def _update(self, plan: StepPlan) -> None:
+        """Phase 3: the wrapped optimizer's step on the privatized gradients (torch path; the fused
+        kernels updated in phase 2: here only Adam's step counters advance)."""
+        if plan.fused is not None:
+            U.finish_step(self.original_optimizer, self.params, self._step_tensors)
+            return
+        for p, g in zip(self.params, self._summed):
+            p.grad = g.to(p.dtype)
+        stat = self.allocator.statistic
+        if stat == "abs_p_grad":  # p before the update; multi-tensor: ~200 tensors on BERT-base
+            prods = torch._foreach_mul([p.detach().float() for p in self.params], [p.grad.float() for p in self.params])
+            plan.stat_sums = torch.stack(torch._foreach_norm(prods, 1)).double()
+        elif stat == "grad_sq":  # only needed where the optimizer keeps no first moment
+            plan.stat_sums = lambda: torch.stack(torch._foreach_norm([p.grad for p in self.params])).double() ** 2  # noqa: E731
+        self.original_optimizer.step()
+
+    def _release_statistics(self, plan: StepPlan) -> None:
+        """Phase 4: the statistics the step releases besides the gradient (the share sums)."""
+        plan.shares = self._release_shares(plan.seed)
+
+    def _charge_once(self, plan: StepPlan) -> None:
+        """Phase 5: the accountant, once per step (a variant that released earlier charged then)."""
+        if not plan.charged:
+            self._charge(plan.k)
+            plan.charged = True
+
+    def _allocate(self, plan: StepPlan) -> None:
+        """Phase 6: the next step's scales, from the released outputs."""
+        n = len(self.params)
+        if plan.fused is not None:
+            states = plan.fused[1]
+            self._update_allocation(plan.sens if self.allocator.statistic else None, plan.shares,
+                                    plan.std / plan.denom, plan.denom, plan.samples,
+                                    first_moments=[m for m, _ in states],
+                                    first_moment_sq=plan.moment_sq if plan.moment_tensors == n else None)
+        else:
+            self._update_allocation(plan.stat_sums, plan.shares, plan.std / plan.denom, plan.denom, plan.samples)
+        self._last_plan = plan
+
+    def _advance(self) -> None:
+        """Phase 7: the next step's noise stream and an empty accumulation."""
         self.step_count += 1
         self._reset_accumulation()
+
+    @property
+    def _released(self) -> tuple:
+        """(shares, noise std, divisor, samples) of the last step's releases."""
+        p = self._last_plan
+        return (p.shares, p.std / p.denom, p.denom, p.samples) if p is not None else (None, 0.0, 1.0, 1.0)
 
     def _update_tensors(self, idx: list, kind: int, states: list, rows: torch.Tensor, keys: list, has_noise: bool,
                         stat: str, sens: torch.Tensor) -> torch.Tensor | None:
@@ -592,21 +691,13 @@ class DPOptimizer(Optimizer):
 
     @torch.no_grad()
     def apply(self, grads: list[torch.Tensor]) -> None:
-        """Everything after privatization: it sees only the privatized gradients."""
-        for p, g in zip(self.params, grads):
-            p.grad = g.to(p.dtype)
-        stat = self.allocator.statistic
-        sums = None
-        if stat == "abs_p_grad":  # p before the update; multi-tensor: ~200 tensors on BERT-base
-            prods = torch._foreach_mul([p.detach().float() for p in self.params], [p.grad.float() for p in self.params])
-            sums = torch.stack(torch._foreach_norm(prods, 1)).double()
-        elif stat == "grad_sq":  # only needed where the optimizer keeps no first moment
-            sums = lambda: torch.stack(torch._foreach_norm([p.grad for p in self.params])).double() ** 2  # noqa: E731
-        self.original_optimizer.step()
-        shares, noise_std, denom, samples = getattr(self, "_released", (None, 0.0, 1.0, 1.0))
-        self._update_allocation(sums, shares, noise_std, denom, samples)
-        self.step_count += 1
-        self._reset_accumulation()
+        """The torch path's second half (after ``privatize``): it sees only the privatized gradients."""
+        plan = self._privatized or StepPlan(1, 0, 0.0, 1.0, 1.0)
+        self._privatized = None
+        self._summed = list(grads)
+        self._update(plan)
+        self._allocate(plan)
+        self._advance()
 
     def _momentum_energy(self, first_moments: list | None = None, first_moment_sq: torch.Tensor | None = None):
         """(per-tensor sum of m^2, sum_k a_k^2, (sum_k a_k)^2) for the optimizer's first moment

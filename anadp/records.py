@@ -324,7 +324,10 @@ class DenseRecord:
         return self.gs
 
     def clipped_sum(self, c: torch.Tensor) -> torch.Tensor:
-        return torch.tensordot(c.to(self.gs.dtype), self.gs, dims=1)
+        gs = self.gs
+        if gs.dim() == 2:  # (B, n): one GEMV, not tensordot's permutes and reshapes
+            return c.to(gs.dtype) @ gs
+        return torch.tensordot(c.to(gs.dtype), gs, dims=1)
 
     def drop(self, bad: torch.Tensor) -> None:
         self.gs = torch.where(bad.view(-1, *[1] * (self.gs.dim() - 1)), 0, self.gs)

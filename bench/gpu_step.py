@@ -6,7 +6,8 @@ Workloads (random weights, the same data and initial weights for every method), 
 BERT-base full fine-tuning (hidden 768, 12 layers, B=32, T=256) in float32 and under bf16 autocast;
 BERT-base with LoRA (r = 8 on query and value, PEFT) in both precisions; a Llama-like decoder
 (hidden 2048, 16 layers, T = 1024, B = 4) under bf16 autocast with LoRA (r = 16 on q/k/v/o) and with
-full fine-tuning. Methods: non-private; anadp ANADP and uniform on the default backend (triton on a
+full fine-tuning. Methods: non-private; anadp ANADP (whitened and per-layer clipping) and uniform on
+the default backend (triton on a
 GPU: its multi-tensor noise + update, the norms and clipped sums in cuBLAS where kernel_choice says
 so); Opacus ghost clipping when opacus is installed; for BERT-base full also anadp ANADP on the cuda
 backend with every kernel (ANADP_KERNELS=all) and Opacus hooks. Median step time over --steps after
@@ -78,7 +79,8 @@ def _available(backend: str) -> str | None:
 
 # (label, bench.suite method, backend or None for the default, environment during the row)
 CORE = [("nonprivate", "nonprivate", None, {}), ("anadp ANADP", "anadp", None, {}),
-        ("anadp uniform", "anadp_uniform", None, {}), ("opacus ghost", "opacus_ghost", None, {})]
+        ("anadp uniform", "anadp_uniform", None, {}), ("anadp ANADP per-layer", "anadp_per_layer", None, {}),
+        ("opacus ghost", "opacus_ghost", None, {})]
 EXTRA = [("anadp ANADP, cuda, every kernel", "anadp", "cuda", {"ANADP_KERNELS": "all"}),
          ("anadp ANADP, triton, every kernel", "anadp", "triton", {"ANADP_KERNELS": "all"}),
          ("opacus hooks", "opacus_hooks", None, {})]

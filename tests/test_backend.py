@@ -62,7 +62,7 @@ def _gpt2():
 
 
 def _train(make, optimizer, steps=3, physical=None, autocast=False, allocation="anadp", keep_last_grad=False,
-           sigma=0.05):
+           sigma=0.05, **private):
     torch.manual_seed(0)
     model = make().to(DEV)
     X, Y = torch.randint(1, 50, (40, 7)), torch.randint(0, 3, (40,))
@@ -71,7 +71,8 @@ def _train(make, optimizer, steps=3, physical=None, autocast=False, allocation="
            else torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9))
     # sigma 0.05: anadp's statistics measurable on these tiny models, so its scales move and are compared
     model, opt, dl = make_private(model, opt, dl, max_grad_norm=0.5, noise_multiplier=sigma, seed=3, allocation=allocation,
-                                  allocation_config=AllocationConfig(warmup_steps=1), max_physical_batch_size=physical)
+                                  allocation_config=AllocationConfig(warmup_steps=1), max_physical_batch_size=physical,
+                                  **private)
     it = iter(dl)
     while opt.step_count < steps:
         x, y = next(it)
@@ -124,6 +125,28 @@ def test_three_steps_on_cpu_equal_torch(monkeypatch, make, optimizer, allocation
     grads = [p.grad for p in o.params]
     assert all(g is not None for g in grads)
     assert rel_err(torch.cat([g.flatten() for g in grads]), torch.cat([p.grad.flatten() for p in o_ref.params])) < 1e-5
+
+
+@pytest.mark.parametrize("backend", ["triton", "cpu"])
+@pytest.mark.parametrize("make,optimizer", [(_gpt2, "adamw"), (_bert, "sgd")])
+def test_per_layer_clipping_in_the_hooks_equals_torch(monkeypatch, backend, make, optimizer):
+    """Per-layer clipping with adaptive thresholds, every layer released in its own hook (the kernel
+    backends' noise + update inside the backward) against the torch path, two chunks per batch."""
+    if backend == "triton":
+        pytest.importorskip("triton")
+    elif why_unavailable("cpu", torch.device("cpu")) is not None or DEV != "cpu":
+        pytest.skip("the cpu backend's kernel is not built here, or the tensors are on a GPU")
+    from anadp.per_layer import PerLayerDPOptimizer
+    monkeypatch.setattr(PerLayerDPOptimizer, "RELEASE_BATCH", 1)
+    kw = dict(clipping="per_layer", adaptive_clipping=True, physical=5)
+    monkeypatch.setenv("ANADP_BACKEND", "torch")
+    ref, o_ref = _train(make, optimizer, **kw)
+    monkeypatch.setenv("ANADP_BACKEND", backend)
+    out, o = _train(make, optimizer, **kw)
+    assert o.backend == backend and o._fused_update
+    assert rel_err(out, ref) < 1e-5
+    assert o.accountant.history == o_ref.accountant.history
+    assert rel_err(o.clip.thresholds, o_ref.clip.thresholds) < 1e-6
 
 
 def test_bf16_autocast_on_triton_equals_torch(monkeypatch):

@@ -117,7 +117,9 @@ def test_per_layer_step_equals_brute_force(make, reduction, opt):
     g = torch.Generator().manual_seed(2)
     names = dp.group_names + (["<rest>"] if dp.clip.has_rest else [])
     C = {n: float(v) for n, v in zip(names, torch.rand(len(names), generator=g, dtype=torch.float64) * 0.2 + 0.01)}
-    dp.clip.thresholds[:len(names)] = torch.tensor(list(C.values()), dtype=torch.float64)
+    planted = dp.clip.thresholds.clone()
+    planted[:len(names)] = torch.tensor(list(C.values()), dtype=torch.float64)
+    dp.clip.thresholds = planted
     dp.allocator.group_scales = torch.rand(dp.allocator.n_groups, generator=g, dtype=torch.float64) + 0.5
     dp.allocator.config.warmup_steps = 100  # the planted scales hold
     w = dp.allocator.scales
@@ -129,15 +131,16 @@ def test_per_layer_step_equals_brute_force(make, reduction, opt):
         feed[col] = 1.0 / float(w[i])
     thresholds = dict(enumerate(dp.clip.thresholds.tolist()))
     loss = _sample_loss(kind, R)
-    chunk, steps = [], 0
+    dp.RELEASE_BATCH = 1  # each layer released in its own hook
+    chunk, steps, released_in_hooks = [], 0, 0
     for ids_b, mask_b, sid_b in loader:
         dp.zero_grad()
         per = loss(_call(model, ids_b, mask_b), sid_b)
         (per.sum() if reduction == "sum" else per.mean()).backward()
-        if dp._plan is not None:  # the last chunk: groups released in their hooks, their records freed
-            released = [dp.params[i] for i in dp._finished]
-            assert len(released) >= len(dp.params) // 2
-            assert not any(p in dp.engine._records for p in released)
+        if dp._hook_plan is not None:  # the last chunk: every group released by the end of the backward
+            dp.engine.flush()
+            assert dp._hook_plan.released == set(range(len(dp.params))) and not dp.engine._records
+            released_in_hooks += 1
         chunk.append((ids_b, mask_b, sid_b))
         dp.step()
         if dp.stepped:
@@ -145,7 +148,7 @@ def test_per_layer_step_equals_brute_force(make, reduction, opt):
             denom = dp.expected_batch_size if reduction == "mean" else 1.0
             _reference_step(ref, o_ref, samples, thresholds, group_of, feed, denom, kind, R)
             chunk, steps = [], steps + 1
-    assert steps == 2
+    assert steps == released_in_hooks == 2
     got = torch.cat([p.detach().flatten() for p in model.parameters()])
     want = torch.cat([p.detach().flatten() for p in ref.parameters()])
     assert rel_err(got - start, want - start) < 1e-10
