@@ -207,9 +207,14 @@ class NoiseAllocator:
         return DEFAULT_POWER[self.mode] if self.config.power is None else self.config.power
 
     @property
+    def column_scales(self) -> torch.Tensor:
+        """w per group column, the rest group (w = 1) last."""
+        return torch.cat([self.group_scales, torch.ones(1, dtype=torch.float64)])
+
+    @property
     def scales(self) -> torch.Tensor:
         """w per tensor (1 in the rest group)."""
-        return torch.cat([self.group_scales, torch.ones(1, dtype=torch.float64)])[self._col]
+        return self.column_scales[self._col]
 
     @property
     def releases_shares(self) -> bool:
@@ -328,7 +333,7 @@ class ClipAllocation(NoiseAllocator):
         # EMAs in raw units (whitened ones times w^2 of their step), so that steps measured
         # under different w average to one quantity
         c = self.config
-        self._w2 = torch.cat([self.group_scales, torch.ones(1, dtype=torch.float64)]) ** 2
+        self._w2 = self.column_scales ** 2
         shares = shares.double().cpu()
         self.share_bar = c.stats_beta * self.share_bar + (1 - c.stats_beta) * shares * self._w2 / samples
         self.noise_var = noise_std ** 2

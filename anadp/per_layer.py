@@ -82,7 +82,7 @@ class PerLayerDPOptimizer(DPOptimizer):
 
     def _noise_norm(self) -> float:
         """K: group g's noise std is sigma_g * w_g * K."""
-        w = torch.cat([self.allocator.group_scales, torch.ones(1, dtype=torch.float64)])
+        w = self.allocator.column_scales
         return self.clip.noise_total(w)
 
     def _reset_accumulation(self):
@@ -276,7 +276,7 @@ class PerLayerDPOptimizer(DPOptimizer):
     def _public_shares(self, samples: float) -> torch.Tensor:
         """What the allocation reads instead of a share release: each group's clipped whitened energy
         per sample bounded by its threshold, (C_g / w_g)^2 / K^2 (the thresholds are public)."""
-        w = torch.cat([self.allocator.group_scales, torch.ones(1, dtype=torch.float64)])
+        w = self.allocator.column_scales
         t = self.clip.thresholds / w
         return samples * t.square() / t.square().sum()
 
