@@ -132,13 +132,14 @@ class MultiheadAttentionLayer(Layer):
             xs, readers = {"qkv": ([xq], [(0, 1, 2)]), "kv": ([xq, xk], [(0,), (1, 2)])}.get(
                 shared, ([xq, xk, xv], [(0,), (1,), (2,)]))
             A, G = _block_rows(xs, [gq, gk, gv], readers)
-            record_linear(self.engine, m.in_proj_weight, m.in_proj_bias, A, G)
+            record_linear(self.engine, self.param("in_proj_weight"), self.param("in_proj_bias"), A, G)
             return
-        for w, x, g in zip((m.q_proj_weight, m.k_proj_weight, m.v_proj_weight), (xq, xk, xv), (gq, gk, gv)):
+        ws = (self.param("q_proj_weight"), self.param("k_proj_weight"), self.param("v_proj_weight"))
+        for w, x, g in zip(ws, (xq, xk, xv), (gq, gk, gv)):
             record_linear(self.engine, w, None, x, g)
-        if _trainable(m.in_proj_bias):
-            self.engine.record(m.in_proj_bias, DenseRecord(torch.cat([token_sum(g) for g in (gq, gk, gv)], -1)))
+        if _trainable(self.param("in_proj_bias")):
+            self.engine.record(self.param("in_proj_bias"), DenseRecord(torch.cat([token_sum(g) for g in (gq, gk, gv)], -1)))
 
     def on_out_backward(self, x, g):
         x, g = self.engine.check_batch(self.name, x, g)
-        record_linear(self.engine, self.module.out_proj.weight, self.module.out_proj.bias, x, g)
+        record_linear(self.engine, self.param("out_proj.weight"), self.param("out_proj.bias"), x, g)

@@ -14,6 +14,7 @@ from torch import nn
 from . import records as R
 from . import attention  # noqa: F401 - registers nn.MultiheadAttention's layer
 from .layers import layer_class
+from .sharding import is_sharded
 
 
 class UnsupportedModuleError(ValueError):
@@ -265,6 +266,9 @@ class GradSampleEngine:
         """Every module with its children and parameters as they are now, and the parameters not hooked
         (what check_unchanged compares)."""
         self._snapshot = [(m, tuple(m._modules.values()), tuple(m._parameters.values())) for m in self.model.modules()]
+        # (parameter dict, name, parameter) of each trainable parameter: compared at every step
+        self._slots = [(m._parameters, n, p) for m in self.model.modules() for n, p in m._parameters.items()
+                       if p is not None and p.requires_grad]
         self._registrations_seen = _registrations
         hooked = set(self.params)
         self._frozen = [p for p in self.model.parameters() if p not in hooked]
@@ -278,7 +282,8 @@ class GradSampleEngine:
                 p is not None and p.requires_grad for p in self._frozen):
             return False
         if _hooks_on and _registrations == self._registrations_seen:
-            return True
+            # FSDP2's fully_shard (after make_private) replaces parameters without the registration hooks
+            return all(d.get(n) is p for d, n, p in self._slots)
         self._registrations_seen = _registrations
         for m, children, params in self._snapshot:
             if (len(m._modules) != len(children) or len(m._parameters) != len(params)
@@ -299,7 +304,9 @@ class GradSampleEngine:
             gone = [self.names[p] for p in self.params if not p.requires_grad]
             raise RuntimeError("the model's trainable parameters changed after make_private "
                                f"(new or unfrozen: {new[:3]}, frozen or removed: {gone[:3]}); "
-                               "their per-sample gradients are not tracked: wrap the model again")
+                               "their per-sample gradients are not tracked: wrap the model again"
+                               + (" (sharded with fully_shard after make_private: shard first, then build the "
+                                  "optimizer and call make_private)" if any(is_sharded(p) for p in now) else ""))
         self._take_snapshot()  # changed, but the same trainable parameters: the fast path again
 
     def _check_mixing(self) -> None:

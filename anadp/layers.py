@@ -162,6 +162,15 @@ class Layer:
 
     def __init__(self, module: nn.Module, name: str, engine):
         self.module, self.name, self.engine = module, name, engine
+        # the parameters as wrapped, which key the records: FSDP2 (fully_shard) swaps unsharded tensors
+        # into the module around each forward and backward and the sharded ones back after
+        self.params = dict(module.named_parameters(recurse=self.whole, remove_duplicate=False))
+
+    def param(self, name: str):
+        """The wrapped parameter ``name`` (None if the module has none), or the module's attribute
+        where it is no parameter (a parametrization or a property)."""
+        p = self.params.get(name)
+        return p if p is not None or name in self.module._parameters else getattr(self.module, name, None)
 
     # True: the layer computes its submodules' per-sample gradients too (they are not hooked alone)
     whole = False
@@ -203,7 +212,7 @@ class LinearLayer(Layer):
         engine = self.engine
         readers = engine.readers(x)
         x, g = engine.to_batch_first(self.name, x, g)
-        weight, bias = _weight_and_bias(self.module)
+        weight, bias = self.param("weight"), self.param("bias")
         record_linear(engine, weight, bias, _tokens(x), _tokens(g), self.transposed, readers)
 
 
@@ -234,7 +243,7 @@ class EmbeddingLayer(Layer):
     def on_backward(self, idx, g):
         idx, g = self.engine.to_batch_first(self.name, idx, g)
         m = self.module
-        self.engine.record(m.weight, EmbeddingRecord(_tokens(idx, 0), _tokens(g), m.num_embeddings, m.padding_idx))
+        self.engine.record(self.param("weight"), EmbeddingRecord(_tokens(idx, 0), _tokens(g), m.num_embeddings, m.padding_idx))
 
 
 class NormLayer(Layer):
@@ -253,14 +262,14 @@ class NormLayer(Layer):
                        lambda t: self.normalize(module, t), self.on_backward)
 
     def on_backward(self, xhat, g):
-        m = self.module
+        weight, bias = self.param("weight"), self.param("bias")
         xhat, g = self.engine.to_batch_first(self.name, xhat, g)
-        k = m.weight.dim()
-        if _trainable(m.weight):  # xhat was recomputed for this hook: ours to overwrite
+        k = weight.dim()
+        if _trainable(weight):  # xhat was recomputed for this hook: ours to overwrite
             gx = xhat.mul_(g) if xhat.dtype == torch.result_type(xhat, g) else xhat * g
-            self.engine.record(m.weight, DenseRecord(token_sum(_tokens(gx, k))))
-        if _trainable(getattr(m, "bias", None)):
-            self.engine.record(m.bias, DenseRecord(token_sum(_tokens(g, k))))
+            self.engine.record(weight, DenseRecord(token_sum(_tokens(gx, k))))
+        if _trainable(bias):
+            self.engine.record(bias, DenseRecord(token_sum(_tokens(g, k))))
 
 
 class LayerNormLayer(NormLayer):
@@ -287,6 +296,11 @@ class HFRMSNormLayer(NormLayer):
         return h.to(x.dtype)
 
 
+try:
+    from torch.distributed.fsdp import FSDPModule as _FSDPModule
+except ImportError:  # a torch without FSDP2
+    _FSDPModule = None
+
 REGISTRY: dict = {nn.Linear: LinearLayer, nn.Embedding: EmbeddingLayer, nn.LayerNorm: LayerNormLayer}
 if hasattr(nn, "RMSNorm"):
     REGISTRY[nn.RMSNorm] = RMSNormLayer
@@ -300,12 +314,22 @@ def register(module_type):
     return add
 
 
+def module_type(module: nn.Module) -> type:
+    """The module's class; for a module wrapped with FSDP2's fully_shard (class FSDP<Name>, a subclass
+    of FSDPModule and the original class), the original class."""
+    cls = type(module)
+    if _FSDPModule is not None and issubclass(cls, _FSDPModule):
+        cls = next((b for b in cls.__bases__ if not issubclass(b, _FSDPModule)), cls)
+    return cls
+
+
 def layer_class(module: nn.Module):
     """The Layer class that handles this module, or None."""
-    if type(module) in REGISTRY:
-        return REGISTRY[type(module)]
-    name = type(module).__name__
-    if name == "Conv1D" and type(module).__module__.startswith("transformers"):
+    cls = module_type(module)
+    if cls in REGISTRY:
+        return REGISTRY[cls]
+    name = cls.__name__
+    if name == "Conv1D" and cls.__module__.startswith("transformers"):
         return Conv1DLayer
     # Llama-style: weight * normalize(x.float()).to(dtype); Gemma's (1 + weight) has no variance_epsilon
     if (name.endswith("RMSNorm") or name == "T5LayerNorm") and hasattr(module, "variance_epsilon"):
