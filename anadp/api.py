@@ -15,6 +15,7 @@ from .engine import GradSampleEngine
 from .clipping import AdaptiveClipping
 from .optimizer import DPOptimizer, _random_seed
 from .per_layer import PerLayerDPOptimizer
+from .sharding import is_sharded
 
 
 def make_private(model: nn.Module, optimizer: torch.optim.Optimizer, data_loader: DataLoader, *,
@@ -67,6 +68,10 @@ def make_private(model: nn.Module, optimizer: torch.optim.Optimizer, data_loader
                          "expected logical batch size as batch_size (the sample rate is batch_size / len(dataset))")
     if len(data_loader) == 0:
         raise ValueError("the data loader yields no batch")
+    if isinstance(data_loader.sampler, torch.utils.data.DistributedSampler):
+        raise ValueError("the data loader uses a DistributedSampler: anadp samples each logical batch itself "
+                         "(Poisson, the same mask on every rank, each rank taking its share), so give every rank "
+                         "a plain DataLoader over the whole dataset whose batch_size is the global (logical) batch")
     if adaptive_clipping is True:
         adaptive_clipping = AdaptiveClipping()
     elif adaptive_clipping is False:
@@ -99,12 +104,23 @@ def make_private(model: nn.Module, optimizer: torch.optim.Optimizer, data_loader
         distributed = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
     if distributed:
         rank, world_size = dist.get_rank(), dist.get_world_size()
-    engine = GradSampleEngine(model, batch_first=batch_first, loss_reduction=loss_reduction)
+    hooked = model
+    if isinstance(model, nn.parallel.DistributedDataParallel):
+        # anadp all-reduces the clipped sums itself (one all-reduce per step, the noise added once on the
+        # sum): DDP's own gradient all-reduce is switched off (the hooked layers leave .grad empty anyway)
+        hooked = model.module
+        model.require_backward_grad_sync = False
+    elif isinstance(model, nn.DataParallel):
+        raise TypeError("nn.DataParallel splits each batch over the GPUs of one process and sums the replicas' "
+                        "gradients: anadp cannot hook the replicas. Use one process per GPU (torchrun) with the "
+                        "model itself or wrapped in DistributedDataParallel, or fully_shard (FSDP2).")
+    engine = GradSampleEngine(hooked, batch_first=batch_first, loss_reduction=loss_reduction)
     sampler_seed = _random_seed() if (seed is None or secure_mode) else seed
     if distributed:
-        with torch.no_grad():  # every rank starts from rank 0's parameters
+        with torch.no_grad():  # every rank starts from rank 0's parameters (an FSDP2 shard exists once)
             for p in model.parameters():
-                dist.broadcast(p.data, src=0)
+                if not is_sharded(p):
+                    dist.broadcast(p.data, src=0)
         if seed is None or secure_mode:  # drawn here: rank 0's draw for all, masks and noise must agree
             device = next(model.parameters()).device  # NCCL broadcasts GPU tensors only
             shared = torch.tensor([sampler_seed >> 1], dtype=torch.int64, device=device)  # 63 bits fit int64
@@ -127,4 +143,24 @@ def make_private(model: nn.Module, optimizer: torch.optim.Optimizer, data_loader
                                distributed=distributed, backend=backend, target_epsilon=target_epsilon,
                                target_delta=target_delta if target_epsilon is not None else None,
                                budget_steps=budget_steps, **variant)
+    if distributed:
+        _check_same_on_every_rank(dp_optimizer, data_loader, max_physical_batch_size)
     return model, dp_optimizer, loader
+
+
+def _check_same_on_every_rank(optimizer: DPOptimizer, data_loader: DataLoader, max_physical_batch_size) -> None:
+    """Every rank must wrap the same model with the same privacy settings and data: a rank that differs
+    would add other noise, or sample other batches, than the epsilon reported on rank 0 assumes."""
+    engine = optimizer.engine
+    mine = optimizer.privacy_settings() | {
+        "seed": optimizer.seed, "dataset size": len(data_loader.dataset),
+        "max_physical_batch_size": max_physical_batch_size, "noise groups": optimizer.group_names,
+        "trainable parameters": [(engine.names[p], tuple(p.shape)) for p in optimizer.params]}
+    everyone = [None] * dist.get_world_size()
+    dist.all_gather_object(everyone, mine)
+    differ = sorted({k for other in everyone for k in mine if other[k] != everyone[0][k]})
+    if differ:
+        raise ValueError(f"make_private was called with other settings on some ranks ({', '.join(differ)} differ "
+                         f"from rank 0's; this is rank {dist.get_rank()}): the ranks would add noise or sample "
+                         "batches that the reported epsilon does not describe. Call it with the same arguments, "
+                         "seed, model and dataset on every rank.")

@@ -29,6 +29,7 @@ class PoissonBatchSampler(Sampler):
         self.rank, self.world_size = rank, world_size
         self.start = 0  # batches of this epoch already consumed before a resume
         self._state_after: dict[int, torch.Tensor] = {}
+        self._largest_share: dict[int, int] = {}  # batch j -> the largest rank share of it
 
     def __len__(self) -> int:
         return self.steps - self.start
@@ -36,16 +37,20 @@ class PoissonBatchSampler(Sampler):
     def __iter__(self):
         start, self.start = self.start, 0
         self._state_after.clear()
+        self._largest_share.clear()
         for j in range(start, self.steps):
             mask = torch.rand(self.num_samples, generator=self.generator) < self.sample_rate
             self._state_after[j] = self.generator.get_state()
-            yield mask.nonzero().flatten()[self.rank::self.world_size].tolist()
+            chosen = mask.nonzero().flatten()
+            self._largest_share[j] = -(-len(chosen) // self.world_size)  # rank 0's
+            yield chosen[self.rank::self.world_size].tolist()
 
-    def state_after(self, j: int) -> torch.Tensor:
-        """Generator state right after batch j was drawn (workers may have drawn further)."""
+    def state_after(self, j: int) -> tuple[torch.Tensor, int]:
+        """(generator state right after batch j was drawn (workers may have drawn further), the
+        largest rank share of batch j)."""
         for k in [k for k in self._state_after if k < j]:
-            del self._state_after[k]
-        return self._state_after[j]
+            del self._state_after[k], self._largest_share[k]
+        return self._state_after[j], self._largest_share[j]
 
 
 def _empty_batch_collate(dataset, collate_fn):
@@ -65,6 +70,10 @@ def batch_size_of(batch) -> int:
     if not sizes:
         raise ValueError("cannot find a batched tensor in the batch")
     return sizes[0]
+
+
+def _empty_like(batch):
+    return tree_map(lambda t: t[:0] if isinstance(t, torch.Tensor) and t.dim() else t, batch)
 
 
 def split_batch(batch, size: int) -> list:
@@ -107,6 +116,7 @@ class DPDataLoader:
                 raise ValueError("distributed training needs poisson_sampling=True (the sampler shards the batch)")
             self.loader = loader
         self.dataset = loader.dataset
+        self.world_size = world_size
 
     def __len__(self) -> int:
         return len(self.loader)
@@ -121,17 +131,22 @@ class DPDataLoader:
         j = self.sampler.start if self.sampler is not None else 0
         for batch in self.loader:
             self._position = j + 1
+            largest = None
             if self.sampler is not None:
-                self._state = self.sampler.state_after(j)
+                self._state, largest = self.sampler.state_after(j)
             j += 1
             B = batch_size_of(batch)
-            if M is None or B <= M:
+            # distributed: every rank runs as many chunks as the rank with the largest share (FSDP's
+            # collectives in each forward and backward need all ranks), the last ones empty where needed
+            n = max(1, -(-(largest if self.world_size > 1 else B) // M)) if M is not None else 1
+            if n == 1:
                 self._mark(True, B == 0)
                 yield batch
                 continue
-            chunks = split_batch(batch, M)
+            chunks = split_batch(batch, M) if B else []
+            chunks += [_empty_like(batch)] * (n - len(chunks))
             for k, chunk in enumerate(chunks):
-                self._mark(k == len(chunks) - 1, False)
+                self._mark(k == n - 1, batch_size_of(chunk) == 0)
                 yield chunk
         self.last_batch_empty = False
         if self.engine is not None:

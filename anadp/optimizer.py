@@ -20,6 +20,7 @@ from . import backends
 from . import kernel_choice
 from .backends import cpu as cpu_kernels
 from . import philox
+from . import sharding as S
 from . import update_table as U
 from .accounting import Accountant, BudgetExhaustedError
 from .allocation import AllocationConfig, NoiseAllocator, kind_of, noise_groups
@@ -114,6 +115,10 @@ class DPOptimizer(Optimizer):
                 if g.get("foreach") is None and not g.get("fused"):
                     g["foreach"] = True
         self.index = {p: i for i, p in enumerate(self.params)}
+        S.check_layout(self.params)
+        self._sharded = {p: S.is_sharded(p) for p in self.params}  # FSDP2 (fully_shard) DTensor parameters
+        self._shard_mask = (torch.tensor([self._sharded[p] for p in self.params])
+                            if any(self._sharded.values()) else None)
         self._sum_dtypes = [_sum_dtype(p) for p in self.params]
         # noise stream of a group: keyed by the parameter's position in the model, so that
         # how an optimizer orders its param groups does not change the noise
@@ -172,6 +177,8 @@ class DPOptimizer(Optimizer):
                 why = "no trainable parameters in the optimizer"
             if why is None and self.distributed:
                 why = "distributed training (the all-reduce needs the clipped sums)"
+            if why is None and self._shard_mask is not None:
+                why = "FSDP2-sharded parameters"
         self.engine.instantiate_linear = self.norm_kernels is None  # kernel norms read (A, G)
         self._fused_update = self.impl.fused_update and why is None
         # Linear weights in the clipped-GEMM kernel (triton); the cuda backend forms their sums with torch
@@ -377,6 +384,8 @@ class DPOptimizer(Optimizer):
         is still incomplete)."""
         self.engine.flush()
         self._check_unchanged()
+        if self._shard_mask is not None:
+            self._check_no_shard_grads()
         if self._mid_logical_batch:
             return None
         if self.distributed:
@@ -389,6 +398,18 @@ class DPOptimizer(Optimizer):
             k = 1  # an empty Poisson batch: a noise-only step, still a step
         self._check_budget(k)
         return self._plan(k, self._step_seed())
+
+    def _check_no_shard_grads(self) -> None:
+        """FSDP2 reduce-scatters what autograd gives the unsharded parameters into the shards' .grad; the
+        hooked layers give none, so a gradient there comes from a use outside them (which the engine's
+        gradient hooks, on the sharded parameters, do not see) and would be dropped by the step."""
+        used = [self.engine.names[p] for p in self.params if self._sharded[p] and p.grad is not None]
+        if used:
+            raise RuntimeError(
+                f"FSDP2-sharded parameter(s) {used[:3]} got a gradient from autograd: from a use outside their "
+                "module's forward (for example F.linear(h, emb.weight) as a tied head), or from a backward outside "
+                "make_private's model. anadp forms per-sample gradients only through the hooked modules, so this "
+                "gradient would be dropped: call the module (a tied head as an nn.Linear sharing the Parameter).")
 
     def _check_unchanged(self) -> None:
         """The model's trainable parameters and the wrapped optimizer's are still the wrapped ones."""
@@ -574,15 +595,26 @@ class DPOptimizer(Optimizer):
         if plan.fused is not None:
             U.finish_step(self.original_optimizer, self.params, self._step_tensors)
             return
-        for p, g in zip(self.params, self._summed):
-            p.grad = g.to(p.dtype)
+        for p, g in zip(self.params, self._summed):  # FSDP2: each rank keeps its shard of g
+            p.grad = S.shard_like(p, g) if self._sharded[p] else g.to(p.dtype)
         stat = self.allocator.statistic
         if stat == "abs_p_grad":  # p before the update; multi-tensor: ~200 tensors on BERT-base
-            prods = torch._foreach_mul([p.detach().float() for p in self.params], [p.grad.float() for p in self.params])
-            plan.stat_sums = torch.stack(torch._foreach_norm(prods, 1)).double()
+            prods = torch._foreach_mul([S.local(p).detach().float() for p in self.params],
+                                       [S.local(p.grad).float() for p in self.params])
+            plan.stat_sums = self._tensor_sums(torch.stack(torch._foreach_norm(prods, 1)))
         elif stat == "grad_sq":  # only needed where the optimizer keeps no first moment
-            plan.stat_sums = lambda: torch.stack(torch._foreach_norm([p.grad for p in self.params])).double() ** 2  # noqa: E731
+            plan.stat_sums = lambda: self._tensor_sums(  # noqa: E731
+                torch.stack(torch._foreach_norm([S.local(p.grad) for p in self.params])).double() ** 2)
         self.original_optimizer.step()
+        if self._shard_mask is not None:  # the shards' gradients are spent; None shows an untracked use next time
+            for p in self.params:
+                if self._sharded[p]:
+                    p.grad = None
+
+    def _tensor_sums(self, values: torch.Tensor) -> torch.Tensor:
+        """Per-tensor sums formed on this rank's parts, summed over the shards of FSDP2-sharded
+        tensors (the replicated ones counted once)."""
+        return S.summed(values, self._shard_mask)
 
     def _release_statistics(self, plan: StepPlan) -> None:
         """Phase 4: the statistics the step releases besides the gradient (the share sums)."""
@@ -723,7 +755,7 @@ class DPOptimizer(Optimizer):
         signal = (a * (1 - beta ** t) / (1 - beta)) ** 2
         if first_moment_sq is not None:
             return first_moment_sq, noise, signal
-        return torch.stack(torch._foreach_norm(ms)).double() ** 2, noise, signal
+        return self._tensor_sums(torch.stack(torch._foreach_norm([S.local(m) for m in ms])).double() ** 2), noise, signal
 
     def _update_allocation(self, sums, shares, noise_std: float, denom: float, samples: float,
                            first_moments: list | None = None, first_moment_sq: torch.Tensor | None = None) -> None:
