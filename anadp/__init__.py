@@ -3,13 +3,15 @@ from .accounting import Accountant, BudgetExhaustedError, noise_multiplier_for
 from .allocation import AllocationConfig, NoiseAllocator
 from .api import make_private
 from .clipping import AdaptiveClipping
-from .checkpoint import load_checkpoint, save_checkpoint
+from .checkpoint import (load_checkpoint, load_distributed_checkpoint, save_checkpoint,
+                         save_distributed_checkpoint)
 from .data import DPDataLoader, PoissonBatchSampler
 from .engine import BatchMismatchError, GradSampleEngine, UnsupportedModuleError
 from .optimizer import DPOptimizer
 from .per_layer import PerLayerDPOptimizer
 
 __version__ = "0.1.0"
-__all__ = ["make_private", "save_checkpoint", "load_checkpoint", "DPOptimizer", "GradSampleEngine", "DPDataLoader", "PoissonBatchSampler",
+__all__ = ["make_private", "save_checkpoint", "load_checkpoint", "save_distributed_checkpoint",
+           "load_distributed_checkpoint", "DPOptimizer", "GradSampleEngine", "DPDataLoader", "PoissonBatchSampler",
            "NoiseAllocator", "AllocationConfig", "AdaptiveClipping", "PerLayerDPOptimizer", "Accountant", "noise_multiplier_for",
            "UnsupportedModuleError", "BatchMismatchError", "BudgetExhaustedError"]
