@@ -104,6 +104,10 @@ def make_private(model: nn.Module, optimizer: torch.optim.Optimizer, data_loader
         distributed = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
     if distributed:
         rank, world_size = dist.get_rank(), dist.get_world_size()
+    elif dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1 and any(
+            is_sharded(p) for p in model.parameters()):
+        raise ValueError("distributed=False with FSDP2-sharded parameters: each rank holds only its shard, so the "
+                         "ranks' clipped sums must be reduced; leave distributed unset (or True)")
     hooked = model
     if isinstance(model, nn.parallel.DistributedDataParallel):
         # anadp all-reduces the clipped sums itself (one all-reduce per step, the noise added once on the

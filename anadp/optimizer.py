@@ -119,6 +119,7 @@ class DPOptimizer(Optimizer):
         self._sharded = {p: S.is_sharded(p) for p in self.params}  # FSDP2 (fully_shard) DTensor parameters
         self._shard_mask = (torch.tensor([self._sharded[p] for p in self.params])
                             if any(self._sharded.values()) else None)
+        self._shard_rows = S.row_ranges(self.params) if self._shard_mask is not None else {}
         self._sum_dtypes = [_sum_dtype(p) for p in self.params]
         # noise stream of a group: keyed by the parameter's position in the model, so that
         # how an optimizer orders its param groups does not change the noise
@@ -453,22 +454,29 @@ class DPOptimizer(Optimizer):
         return list(self._summed)
 
     def _all_reduce(self) -> None:
-        """Sum the ranks' clipped sums in one all-reduce; the counters take their maximum
-        (a rank whose share of the Poisson batch is empty may have had no backward)."""
+        """Sum the ranks' clipped sums: FSDP2-sharded tensors in one reduce-scatter (each rank gets
+        the sums of its own rows), the rest and the share sums in one all-reduce; the counters take
+        their maximum (a rank whose share of the Poisson batch is empty may have had no backward)."""
         import torch.distributed as dist
         self._fold_shares()
-        summed = [torch.zeros_like(p, dtype=_sum_dtype(p)) if s is None else s for p, s in zip(self.params, self._summed)]
-        flat = torch.cat([s.flatten().to(torch.float64) for s in summed]
+        summed = [torch.zeros(p.shape, dtype=_sum_dtype(p), device=S.local(p).device) if s is None else s
+                  for p, s in zip(self.params, self._summed)]
+        whole = [i for i, p in enumerate(self.params) if not self._sharded[p]]
+        flat = torch.cat([summed[i].flatten().to(torch.float64) for i in whole]
                          + [self._share_sum.to(device=summed[0].device)])
         dist.all_reduce(flat)
         self._share_sum = flat[-len(self._share_sum):].cpu()
+        offset = 0
+        for i in whole:
+            s = summed[i]
+            self._summed[i] = flat[offset:offset + s.numel()].view_as(s).to(s.dtype)
+            offset += s.numel()
+        if self._shard_rows:
+            for i, s in S.reduce_scatter_rows(summed, self._shard_rows).items():
+                self._summed[i] = s.to(summed[i].dtype)
         counts = torch.tensor([self._logical_batches, self._chunks], dtype=torch.int64, device=flat.device)
         dist.all_reduce(counts, op=dist.ReduceOp.MAX)
         self._logical_batches, self._chunks = int(counts[0]), int(counts[1])
-        offset = 0
-        for i, s in enumerate(summed):
-            self._summed[i] = flat[offset:offset + s.numel()].view_as(s).to(s.dtype)
-            offset += s.numel()
 
     def _step_seed(self) -> int:
         """This step's noise seed: fixed, or fresh from the OS CSPRNG (secure mode; rank 0's in DDP)."""
@@ -581,9 +589,13 @@ class DPOptimizer(Optimizer):
             grads = [torch.zeros(self.params[i].shape, device=self.params[i].device, dtype=self._sum_dtypes[i])
                      if self._summed[i] is None else self._summed[i].contiguous() for i in idx]
             if plan.std > 0:  # in place: the sums are ours
-                ids = [self.noise_ids[i] for i in idx]
-                self.impl.add_noise_multi_(grads, cpu_kernels.group_keys(plan.seed, self.step_count, ids),
-                                           [plan.std * x for x in ws])
+                keys = cpu_kernels.group_keys(plan.seed, self.step_count, [self.noise_ids[i] for i in idx])
+                stds = [plan.std * x for x in ws]
+                mine = [k for k, i in enumerate(idx) if i not in self._shard_rows]
+                self.impl.add_noise_multi_([grads[k] for k in mine], [keys[k] for k in mine], [stds[k] for k in mine])
+                for k, i in enumerate(idx):  # a shard: its elements of the whole tensor's stream
+                    if i in self._shard_rows:
+                        self.impl.add_noise_from_(grads[k], keys[k], stds[k], self._shard_rows[i].start)
             torch._foreach_mul_(grads, [self._feed_scale(x) / plan.denom for x in ws])
             for i, g in zip(idx, grads):
                 self._summed[i] = g
@@ -596,7 +608,7 @@ class DPOptimizer(Optimizer):
             U.finish_step(self.original_optimizer, self.params, self._step_tensors)
             return
         for p, g in zip(self.params, self._summed):  # FSDP2: each rank keeps its shard of g
-            p.grad = S.shard_like(p, g) if self._sharded[p] else g.to(p.dtype)
+            p.grad = S.as_shard(p, g) if self._sharded[p] else g.to(p.dtype)
         stat = self.allocator.statistic
         if stat == "abs_p_grad":  # p before the update; multi-tensor: ~200 tensors on BERT-base
             prods = torch._foreach_mul([S.local(p).detach().float() for p in self.params],

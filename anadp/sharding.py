@@ -1,18 +1,21 @@
 """Parameters sharded by FSDP2 (``fully_shard``: DTensor parameters, each rank holding rows of dim 0).
 
-The DP step works on whole gradients, the same on every rank (the clipped sums all-reduced, the
-noise drawn from the Philox stream at the same element indices as in one process); these helpers
-hand each rank's shard of them to the wrapped optimizer, whose parameters and state stay sharded,
-and sum per-tensor statistics over the shards.
+Each rank forms the clipped sums of its samples for whole tensors (per-sample gradients need the
+whole layer); one reduce-scatter leaves each rank the sums of its own rows, it adds the noise of
+those rows (the Philox stream at their element indices in the whole tensor: the noise of the
+single-process run) and hands them to the wrapped optimizer as the shard's gradient; parameters and
+optimizer state stay sharded, per-tensor statistics are summed over the shards.
 """
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 
 try:
-    from torch.distributed.tensor import DTensor, distribute_tensor
+    from torch.distributed.tensor import DTensor
 except ImportError:  # a torch without DTensor
-    DTensor = distribute_tensor = None
+    DTensor = None
 
 
 def is_sharded(t) -> bool:
@@ -24,14 +27,69 @@ def local(t: torch.Tensor) -> torch.Tensor:
     return t.to_local() if is_sharded(t) else t
 
 
-def shard_like(p, full: torch.Tensor):
-    """``full`` (the whole tensor, equal on every rank) laid out as DTensor ``p`` is: each rank keeps
-    its own shard, without communication (src_data_rank=None)."""
-    return distribute_tensor(full.to(p.dtype), p.device_mesh, p.placements, src_data_rank=None)
+@dataclass(frozen=True)
+class ShardRows:
+    """Which rows of dim 0 each rank holds (FSDP2's Shard(0): torch.chunk's split, the last ranks'
+    possibly short or empty)."""
+    bounds: tuple  # (first row, row past the last) per rank
+    rank: int
+    row_numel: int
+
+    @property
+    def start(self) -> int:
+        """This rank's first element in the whole tensor's row-major order (its noise offset)."""
+        return self.bounds[self.rank][0] * self.row_numel
+
+
+def row_ranges(params) -> dict:
+    """{index in ``params``: ShardRows} of the sharded ones, checked against the local shards."""
+    out = {}
+    for i, p in enumerate(params):
+        if not is_sharded(p):
+            continue
+        world, rank, n0 = p.device_mesh.size(), p.device_mesh.get_local_rank(), p.shape[0]
+        c = -(-n0 // world)
+        bounds = tuple((min(q * c, n0), min((q + 1) * c, n0)) for q in range(world))
+        rows = ShardRows(bounds, rank, p.numel() // max(n0, 1))
+        a, b = bounds[rank]
+        if tuple(p.to_local().shape) != (b - a, *p.shape[1:]):
+            raise ValueError(f"a DTensor parameter of shape {tuple(p.shape)} holds a local shard of shape "
+                             f"{tuple(p.to_local().shape)} on rank {rank}, not rows {a}..{b}: anadp supports "
+                             "FSDP2's even Shard(0) split")
+        out[i] = rows
+    return out
+
+
+def reduce_scatter_rows(tensors: list, rows: dict) -> dict:
+    """{i: this rank's rows of sum over ranks of tensors[i]} for the sharded i, in one
+    reduce-scatter (float64; each rank's segment padded to the longest)."""
+    import torch.distributed as dist
+    idx = list(rows)
+    world = len(rows[idx[0]].bounds)
+    segments = [torch.cat([tensors[i][slice(*rows[i].bounds[q])].flatten().to(torch.float64) for i in idx])
+                for q in range(world)]
+    n = max(len(s) for s in segments)
+    flat = torch.cat([torch.nn.functional.pad(s, (0, n - len(s))) for s in segments])
+    mine = torch.empty(n, dtype=torch.float64, device=flat.device)
+    dist.reduce_scatter_tensor(mine, flat)
+    out, offset = {}, 0
+    for i in idx:
+        a, b = rows[i].bounds[rows[i].rank]
+        shape = (b - a, *tensors[i].shape[1:])
+        k = (b - a) * rows[i].row_numel
+        out[i] = mine[offset:offset + k].view(shape)
+        offset += k
+    return out
+
+
+def as_shard(p, local_rows: torch.Tensor):
+    """This rank's rows as a gradient for DTensor ``p`` (same mesh, placements, global shape)."""
+    return DTensor.from_local(local_rows.to(p.dtype), p.device_mesh, p.placements, run_check=False,
+                              shape=p.shape, stride=p.stride())
 
 
 def check_layout(params) -> None:
-    """FSDP2 shards with DTensor placements Shard(0) on a 1-D mesh: the layout shard_like reproduces."""
+    """FSDP2 shards with DTensor placements Shard(0) on a 1-D mesh: the layout row_ranges describes."""
     from torch.distributed.tensor import Shard
     for p in params:
         if is_sharded(p) and (p.device_mesh.ndim != 1 or tuple(p.placements) != (Shard(0),)):

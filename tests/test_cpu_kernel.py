@@ -127,3 +127,21 @@ def test_compiled_group_keys_equal_the_python_derivation():
             assert cpu.group_keys(seed, step, groups) == philox.group_keys(seed, step, groups)
     with pytest.raises(ValueError):
         cpu.group_keys(2**64, 0, groups)
+
+
+@pytest.mark.parametrize("name", ["cpu", "torch"])
+def test_noise_of_a_shard_is_its_rows_of_the_whole_tensors_noise(name):
+    """add_noise_from_ (an FSDP2 shard: rows a..b of a tensor) draws the whole tensor's noise at those
+    rows' element indices: equal to the slice of add_noise_ on the whole tensor (odd start and
+    length, so the four-per-call Philox blocks are cut in the middle)."""
+    if name == "cpu" and cpu_ops.why_unavailable() is not None:
+        pytest.skip(f"cpu kernel: {cpu_ops.why_unavailable()}")
+    backend, key = get(name), philox.group_key(4, 1, 6)
+    base = torch.randn(13, 7, generator=torch.Generator().manual_seed(0))
+    whole = base.clone()
+    backend.add_noise_(whole, key, 0.7)
+    for a, b in [(0, 5), (5, 10), (10, 13)]:
+        shard = base[a:b].clone()
+        backend.add_noise_from_(shard, key, 0.7, a * 7)
+        err = float((shard - whole[a:b]).norm() / whole[a:b].norm())
+        assert err < 1e-6 and not torch.equal(shard, base[a:b]), (a, b, err)

@@ -70,6 +70,12 @@ class Backend:
         flat = out.view(-1)
         self.multi_tensor_update([flat], [torch.zeros_like(flat)], [None], [None], [key], row, kind=U.SGD)
 
+    def add_noise_from_(self, out: torch.Tensor, key: int, std: float, start: int) -> None:
+        """add_noise_ from element ``start`` of the stream on: out holds elements start .. start +
+        out.numel() - 1 of a larger tensor (an FSDP2 shard). Default: the torch reference's draw."""
+        from .. import philox
+        out.add_(philox.gaussian_of_key(key, out.shape, out.device, start=start).to(out.dtype), alpha=std)
+
     def add_noise_multi_(self, outs: list, keys: list, stds: list) -> None:
         """add_noise_ on every tensor of ``outs`` with its key and std; a backend may do it in one call."""
         for out, key, std in zip(outs, keys, stds):

@@ -190,6 +190,10 @@ class CpuBackend(TorchBackend):
         if not add_gaussian_(out, key, std):  # not a contiguous float32 tensor: the torch ops
             super().add_noise_(out, key, std)
 
+    def add_noise_from_(self, out: torch.Tensor, key: int, std: float, start: int) -> None:
+        if not add_gaussian_(out, key, std, start):
+            super().add_noise_from_(out, key, std, start)
+
     def add_noise_multi_(self, outs: list, keys: list, stds: list) -> None:
         if not add_gaussian_multi_(outs, keys, stds):
             super().add_noise_multi_(outs, keys, stds)
