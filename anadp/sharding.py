@@ -8,6 +8,7 @@ optimizer state stay sharded, per-tensor statistics are summed over the shards.
 """
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -62,22 +63,26 @@ def row_ranges(params) -> dict:
 
 def reduce_scatter_rows(tensors: list, rows: dict) -> dict:
     """{i: this rank's rows of sum over ranks of tensors[i]} for the sharded i, in one
-    reduce-scatter (float64; each rank's segment padded to the longest)."""
+    reduce-scatter in the tensors' dtype (float32 sums, as FSDP's reduce_dtype), each rank's
+    segment padded to the longest; one copy of each tensor into the send buffer."""
     import torch.distributed as dist
     idx = list(rows)
-    world = len(rows[idx[0]].bounds)
-    segments = [torch.cat([tensors[i][slice(*rows[i].bounds[q])].flatten().to(torch.float64) for i in idx])
-                for q in range(world)]
-    n = max(len(s) for s in segments)
-    flat = torch.cat([torch.nn.functional.pad(s, (0, n - len(s))) for s in segments])
-    mine = torch.empty(n, dtype=torch.float64, device=flat.device)
+    world, rank = len(rows[idx[0]].bounds), rows[idx[0]].rank
+    dtype = functools.reduce(torch.promote_types, [tensors[i].dtype for i in idx])
+    sizes = [[(b - a) * rows[i].row_numel for i in idx for a, b in [rows[i].bounds[q]]] for q in range(world)]
+    n = max(sum(s) for s in sizes)
+    flat = torch.zeros(world * n, dtype=dtype, device=tensors[idx[0]].device)
+    for q in range(world):
+        offset = q * n
+        for i, k in zip(idx, sizes[q]):
+            flat[offset:offset + k].copy_(tensors[i][slice(*rows[i].bounds[q])].reshape(-1))
+            offset += k
+    mine = torch.empty(n, dtype=dtype, device=flat.device)
     dist.reduce_scatter_tensor(mine, flat)
     out, offset = {}, 0
-    for i in idx:
-        a, b = rows[i].bounds[rows[i].rank]
-        shape = (b - a, *tensors[i].shape[1:])
-        k = (b - a) * rows[i].row_numel
-        out[i] = mine[offset:offset + k].view(shape)
+    for i, k in zip(idx, sizes[rank]):
+        a, b = rows[i].bounds[rank]
+        out[i] = mine[offset:offset + k].view(b - a, *tensors[i].shape[1:])
         offset += k
     return out
 
