@@ -37,7 +37,7 @@ import time
 
 import torch
 
-from bench import host_overhead
+from bench import fsdp, host_overhead
 from bench.suite import METHODS, build, flat_params, layer_configs, make_step, model_configs
 
 
@@ -256,6 +256,8 @@ def main(argv=None):
     noise = [] if args.models_only else noise_rows(1 << (16 if args.smoke else 24), rounds)
     host = host_overhead.rows(rounds=2 if args.smoke else 20,
                               cfg=host_overhead.SMOKE_CONFIG if args.smoke else host_overhead.CONFIG)
+    sharded = fsdp.rows(rounds=1 if args.smoke else rounds, repeats=1 if args.smoke else repeats,
+                        cfg=fsdp.SMOKE_CONFIG if args.smoke else fsdp.CONFIG)
     machine = f"{platform.machine()}-{os.cpu_count()}cpu" + ("-smoke" if args.smoke else "")
     stem = os.path.join(args.out, f"{machine}-{datetime.date.today().isoformat()}{args.tag}")
     os.makedirs(args.out, exist_ok=True)
@@ -265,16 +267,19 @@ def main(argv=None):
             + (" --models-only" if args.models_only else "")
             + (f" --methods {' '.join(args.methods)}" if methods != METHODS else ""), "date": datetime.datetime.now().isoformat(timespec="seconds")}
     with open(stem + ".json", "w") as f:
-        json.dump({"meta": meta, "rows": rows, "noise": noise, "host_overhead": host}, f, indent=1)
+        json.dump({"meta": meta, "rows": rows, "noise": noise, "host_overhead": host, "fsdp": sharded}, f, indent=1)
     md = f"# {meta['command']} — {meta['date']}, {meta['machine']}, torch {meta['torch']}, {meta['threads']} threads\n\n"
     with open(stem + ".md", "w") as f:
-        f.write(md + table(rows) + "\n\n" + noise_table(noise) + "\n\n" + host_overhead.table(host) + "\n")
+        f.write(md + table(rows) + "\n\n" + noise_table(noise) + "\n\n" + host_overhead.table(host) + "\n\n"
+                + fsdp.table(sharded) + "\n")
     plot(rows, stem + ".png")
     print(table(rows))
     print()
     print(noise_table(noise))
     print()
     print(host_overhead.table(host))
+    print()
+    print(fsdp.table(sharded))
     print(f"\nwrote {stem}.json, .md, .png")
     return rows
 

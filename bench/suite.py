@@ -112,10 +112,11 @@ def _logits(out):
 
 def make_step(method: str, model: nn.Module, inputs: dict, labels: torch.Tensor, *, sigma: float = 1.0,
               clip: float = 1.0, seed: int = 0, optimizer: str = "adamw", backend: str = "auto",
-              autocast: torch.dtype | None = None):
+              autocast: torch.dtype | None = None, poisson_sampling: bool = False):
     """A closure doing one full training step (forward, backward, clip, noise, update), and the
     (wrapped) model; the closure's ``optimizer`` is the optimizer it steps. ``autocast``: run the
-    forward and the loss under torch.autocast with that dtype."""
+    forward and the loss under torch.autocast with that dtype. ``poisson_sampling``: what anadp's
+    loader is made with (distributed runs need it; the closure feeds the same batch either way)."""
     B = len(labels)
     # the multi-tensor (foreach) update for every method: torch's default on a GPU, and what anadp sets
     # on the CPU too (the for-loop default there would charge the non-private step ~200 small ops more)
@@ -142,7 +143,7 @@ def make_step(method: str, model: nn.Module, inputs: dict, labels: torch.Tensor,
                                                allocation="uniform" if method == "anadp_uniform" else "anadp",
                                                clipping="per_layer" if method == "anadp_per_layer" else "whitened",
                                                allocation_config=anadp.AllocationConfig(warmup_steps=0),
-                                               poisson_sampling=False, seed=seed, backend=backend)
+                                               poisson_sampling=poisson_sampling, seed=seed, backend=backend)
         elif method != "nonprivate":
             raise ValueError(method)
 

@@ -104,3 +104,12 @@ def test_host_overhead_rows():
     assert all(r["seconds"] > 0 and r["ops"] > 0 for r in rows)
     assert rows[2]["ops"] > rows[1]["ops"]
     assert host_overhead.table(rows).count("\n") == len(rows) + 1
+
+
+def test_fsdp_rows():
+    """The 2-process FSDP2 row runs (tiny sizes): both settings time both methods."""
+    from bench import fsdp
+    rows = fsdp.rows(rounds=1, repeats=1, cfg=fsdp.SMOKE_CONFIG)
+    assert [r["setting"].split(",")[0] for r in rows] == ["FSDP2", "1 process x 1 thread"]
+    assert all(r["nonprivate"] > 0 and r["anadp"] > 0 and r["ratio"] == r["anadp"] / r["nonprivate"] for r in rows)
+    assert fsdp.table(rows).count("\n") == len(rows) + 1
