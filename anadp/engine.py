@@ -201,7 +201,10 @@ class GradSampleEngine:
                     f"{what} has trainable parameters {own} and anadp cannot compute its per-sample gradients. "
                     f"Freeze them (p.requires_grad_(False)) or replace the module by a supported one ({SUPPORTED})."
                     + (" Convolutions are not supported (Hugging Face's Conv1D, which is, is a linear layer)."
-                       if isinstance(module, nn.modules.conv._ConvNd) else ""))
+                       if isinstance(module, nn.modules.conv._ConvNd) else "")
+                    + (" FSDP1 (FullyShardedDataParallel) flattens the layers' parameters into one: shard with "
+                       "FSDP2's torch.distributed.fsdp.fully_shard instead, which anadp supports."
+                       if type(module).__name__ == "FullyShardedDataParallel" else ""))
             why = cls.refusal(module)
             if why is not None:
                 raise UnsupportedModuleError(f"{what}: {why}")
