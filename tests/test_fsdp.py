@@ -82,7 +82,7 @@ def _train(kind, m, o, l, steps):
 
 def _result(m, o) -> dict:
     full = [p.full_tensor() if hasattr(p, "full_tensor") else p.detach() for p in m.parameters() if p.requires_grad]
-    return {"params": torch.cat([p.flatten() for p in full]), "history": o.accountant.history,
+    return {"params": torch.cat([p.flatten() for p in full]), "history": list(o.accountant.history),
             "scales": o.allocator.scales.clone(), "epsilon": o.privacy_spent(1e-5)}
 
 
@@ -113,6 +113,9 @@ def _first(rank, out):
     m, o, l = _build(kind, **kw)  # interrupted after 2 steps
     _train(kind, m, o, l, 2)
     anadp.save_distributed_checkpoint(f"{out}.dcp", m, o, note="half")
+    m, o, l = _build("gpt2", "fsdp")  # resumed on one rank, below
+    _train("gpt2", m, o, l, STEPS - 1)
+    anadp.save_distributed_checkpoint(f"{out}.w2.dcp", m, o)
     try:  # other settings on rank 1
         anadp.make_private(*_tiny(), noise_multiplier=SIGMA * (1 + rank), max_grad_norm=1.0, seed=5)
     except ValueError as e:
@@ -145,6 +148,14 @@ def _resume(rank, out):
     torch.save({"resumed": _result(m, o), "extra": extra}, f"{out}.resumed.{rank}")
 
 
+def _resume_on_one_rank(rank, out):
+    m, o, l = _build("gpt2", "fsdp")
+    anadp.load_distributed_checkpoint(f"{out}.w2.dcp", m, o)
+    loaded = _result(m, o)
+    _train("gpt2", m, o, l, STEPS)
+    torch.save(_result(m, o) | {"loaded": loaded}, f"{out}.w1")
+
+
 def _worker(rank, world, port, out, job):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
@@ -155,11 +166,11 @@ def _worker(rank, world, port, out, job):
         dist.destroy_process_group()
 
 
-def _spawn(job, out):
+def _spawn(job, out, world=2):
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    mp.spawn(_worker, args=(2, port, out, job), nprocs=2, join=True)
+    mp.spawn(_worker, args=(world, port, out, job), nprocs=world, join=True)
 
 
 @pytest.fixture(scope="module")
@@ -167,8 +178,9 @@ def ranks(tmp_path_factory):
     out = str(tmp_path_factory.mktemp("fsdp") / "run")
     _spawn(_first, out)
     _spawn(_resume, out)
+    _spawn(_resume_on_one_rank, out, world=1)
     return [torch.load(f"{out}.{r}", weights_only=True) | torch.load(f"{out}.resumed.{r}", weights_only=True)
-            for r in range(2)]
+            | {"one rank": torch.load(f"{out}.w1", weights_only=True)} for r in range(2)]
 
 
 @pytest.mark.parametrize("name", list(SCENARIOS))
@@ -217,6 +229,16 @@ def test_resumed_from_dcp_bit_identical(ranks):
         assert torch.equal(r["resumed"]["params"], r["uninterrupted"]["params"])
         assert r["resumed"]["history"] == r["uninterrupted"]["history"]
         assert torch.equal(r["resumed"]["scales"], r["uninterrupted"]["scales"])
+
+
+def test_resumed_at_another_world_size(ranks):
+    """Saved by 2 ranks after STEPS - 1 steps, resumed on 1 (the checkpoint resharded): its last step
+    draws the same batch and noise, so it ends where the 2-rank run does, up to float rounding."""
+    got, ref = ranks[0]["one rank"], ranks[0]["fsdp-gpt2-anadp"]
+    assert sum(n for _, _, n in got["loaded"]["history"]) == STEPS - 1  # one step left to take after the load
+    assert not torch.equal(got["loaded"]["params"], _start("gpt2"))
+    assert float((got["params"] - ref["params"]).norm() / ref["params"].norm()) < 1e-6
+    assert got["history"] == ref["history"] and torch.allclose(got["scales"], ref["scales"], rtol=1e-5)
 
 
 def test_misuse_across_ranks_refused(ranks):
