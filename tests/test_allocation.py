@@ -332,7 +332,8 @@ def test_first_moment_energy_is_unbiased_and_less_noisy_than_one_step():
         for t in range(steps):
             p.grad = S + torch.randn(d, generator=g, dtype=torch.float64)
             opt.step()
-        stub = SimpleNamespace(original_optimizer=opt, params=[p], allocator=SimpleNamespace(updates=steps - 1))
+        stub = SimpleNamespace(original_optimizer=opt, params=[p], allocator=SimpleNamespace(updates=steps - 1),
+                               _tensor_sums=lambda v: v.double())
         sums, noise, signal = DPOptimizer._momentum_energy(stub)
         est_m.append(float((sums.sum() - noise * d) / signal))
         est_1.append(float(p.grad.pow(2).sum() - d))
