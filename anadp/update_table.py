@@ -15,9 +15,11 @@ import torch
 SGD, ADAM = 0, 1
 # columns of the hyperparameter table; differences such as 1 - beta2 are formed here in
 # float64 as torch forms them, not in float32 in the kernel (1 - fp32(0.999) is off by 1.3e-5)
+# NOISE_VAR, VAR_FLOOR: Adam's noise correction (anadp.adam_correction): the bias-corrected variance of
+# the noise in the gradient, subtracted from v_hat, and the floor of the difference (0, 0: torch's Adam)
 (LR, WD, BETA1, BETA2, EPS, STEP_SIZE, BC2_SQRT, FLAG, FIRST, NOISE_STD, INV_DENOM,
- ONE_MINUS_BETA1, ONE_MINUS_BETA2, DECAY) = range(14)
-N_COLS = 14
+ ONE_MINUS_BETA1, ONE_MINUS_BETA2, DECAY, NOISE_VAR, VAR_FLOOR) = range(16)
+N_COLS = 16
 DEFAULT_CHUNK = 1 << 16
 # what the kernels sum over the privatized gradient for the allocation, per chunk or tile
 STATS = ("abs_p_grad", "grad_sq")  # sum |p * grad| (p before the update), sum grad^2

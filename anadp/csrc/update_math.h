@@ -15,7 +15,7 @@ namespace anadp {
 
 // columns of a row (anadp/update_table.py)
 enum Col { LR, WD, BETA1, BETA2, EPS, STEP_SIZE, BC2_SQRT, FLAG, FIRST, NOISE_STD, INV_DENOM,
-           ONE_MINUS_BETA1, ONE_MINUS_BETA2, DECAY, N_COLS };
+           ONE_MINUS_BETA1, ONE_MINUS_BETA2, DECAY, NOISE_VAR, VAR_FLOOR, N_COLS };
 enum Kind { SGD = 0, ADAM = 1 };
 
 // SGD with weight decay, momentum (dampening, nesterov); buf is read unless this is its first step
@@ -30,7 +30,8 @@ ANADP_HD inline float sgd(float p, float g, float* buf, const float* row) {
   return p - row[LR] * g;
 }
 
-// Adam (L2 weight decay) or AdamW (FLAG: decoupled), bias-corrected
+// Adam (L2 weight decay) or AdamW (FLAG: decoupled), bias-corrected; with NOISE_VAR > 0 the noise's
+// variance is taken out of v_hat, floored at VAR_FLOOR (anadp/adam_correction.py)
 ANADP_HD inline float adam(float p, float g, float* m, float* v, const float* row) {
   if (row[FLAG] != 0.0f) {
     p *= row[DECAY];
@@ -41,6 +42,10 @@ ANADP_HD inline float adam(float p, float g, float* m, float* v, const float* ro
   const float vv = *v * row[BETA2] + row[ONE_MINUS_BETA2] * (g * g);
   *m = mm;
   *v = vv;
+  if (row[NOISE_VAR] > 0.0f) {
+    const float vhat = vv / (row[BC2_SQRT] * row[BC2_SQRT]);
+    return p - row[STEP_SIZE] * (mm / (sqrtf(fmaxf(vhat - row[NOISE_VAR], row[VAR_FLOOR])) + row[EPS]));
+  }
   return p - row[STEP_SIZE] * (mm / (sqrtf(vv) / row[BC2_SQRT] + row[EPS]));
 }
 

@@ -21,6 +21,8 @@ INV_DENOM = tl.constexpr(U.INV_DENOM)
 ONE_MINUS_BETA1 = tl.constexpr(U.ONE_MINUS_BETA1)
 ONE_MINUS_BETA2 = tl.constexpr(U.ONE_MINUS_BETA2)
 DECAY = tl.constexpr(U.DECAY)
+NOISE_VAR = tl.constexpr(U.NOISE_VAR)
+VAR_FLOOR = tl.constexpr(U.VAR_FLOOR)
 N_COLS = tl.constexpr(U.N_COLS)
 
 
@@ -86,7 +88,12 @@ def adam(p, g, m, v, row):
         g = g + tl.load(row + WD) * p
     m = m + tl.load(row + ONE_MINUS_BETA1) * (g - m)  # lerp, as torch
     v = v * tl.load(row + BETA2) + tl.load(row + ONE_MINUS_BETA2) * (g * g)
-    denom = tl.sqrt(v) / tl.load(row + BC2_SQRT) + tl.load(row + EPS)
+    noise_var = tl.load(row + NOISE_VAR)
+    if noise_var > 0.0:  # the noise's variance out of v_hat, floored (anadp.adam_correction)
+        bc2 = tl.load(row + BC2_SQRT)
+        denom = tl.sqrt(tl.maximum(v / (bc2 * bc2) - noise_var, tl.load(row + VAR_FLOOR))) + tl.load(row + EPS)
+    else:
+        denom = tl.sqrt(v) / tl.load(row + BC2_SQRT) + tl.load(row + EPS)
     return p - tl.load(row + STEP_SIZE) * (m / denom), m, v
 
 
