@@ -27,7 +27,8 @@ def make_private(model: nn.Module, optimizer: torch.optim.Optimizer, data_loader
                  allocation_config: AllocationConfig | None = None,
                  max_physical_batch_size: int | None = None, batch_first: bool = True,
                  nonfinite: str = "raise", distributed: bool | None = None, backend: str = "auto",
-                 adaptive_clipping: AdaptiveClipping | bool | None = None):
+                 adaptive_clipping: AdaptiveClipping | bool | None = None,
+                 adam_noise_correction: bool | float = False):
     """Wrap for DP training; returns ``(model, dp_optimizer, dp_data_loader)``.
 
     The model is hooked in place (same object, same state_dict keys). Give
@@ -44,6 +45,11 @@ def make_private(model: nn.Module, optimizer: torch.optim.Optimizer, data_loader
     group last) or a dict {group name or "<rest>": C_g}; the noise std is sigma * sqrt(sum_g C_g^2), as
     Opacus's per-layer clipping. ``adaptive_clipping=True`` (or an AdaptiveClipping) moves each C_g
     towards a quantile of its per-sample norms from a noisy count, paid out of the same sigma.
+
+    ``adam_noise_correction=True`` (Adam / AdamW only): the noise's known variance per coordinate is
+    taken out of Adam's second moment, floored at 0.1 of it (a float: that fraction), so that Adam
+    no longer normalizes the noise away (after Tang et al., DP-AdamBC); post-processing, the same
+    epsilon.
 
     ``backend``: "auto" (triton kernels for CUDA tensors, torch otherwise), "torch", "triton"
     or "cuda"; the environment variable ANADP_BACKEND overrides it.
@@ -146,7 +152,7 @@ def make_private(model: nn.Module, optimizer: torch.optim.Optimizer, data_loader
                                secure_mode=secure_mode, nonfinite=nonfinite, data_loader=loader,
                                distributed=distributed, backend=backend, target_epsilon=target_epsilon,
                                target_delta=target_delta if target_epsilon is not None else None,
-                               budget_steps=budget_steps, **variant)
+                               budget_steps=budget_steps, adam_noise_correction=adam_noise_correction, **variant)
     if distributed:
         _check_same_on_every_rank(dp_optimizer, data_loader, max_physical_batch_size)
     return model, dp_optimizer, loader

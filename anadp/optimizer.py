@@ -19,6 +19,7 @@ from torch.optim import Optimizer
 from . import backends
 from . import kernel_choice
 from .backends import cpu as cpu_kernels
+from . import adam_correction
 from . import philox
 from . import sharding as S
 from . import update_table as U
@@ -48,6 +49,7 @@ class StepPlan:
     shares: torch.Tensor | None = None
     released: set = field(default_factory=set)  # tensors already noised (and, fused, updated)
     charged: bool = False
+    noise_var: torch.Tensor | None = None  # Adam's noise correction: phi_hat per tensor (adam_correction)
 
 
 def _delegated(name: str) -> property:
@@ -73,7 +75,7 @@ class DPOptimizer(Optimizer):
                  seed: int | None = None, secure_mode: bool = False, nonfinite: str = "raise",
                  data_loader=None, distributed: bool = False, backend: str = "auto",
                  target_epsilon: float | None = None, target_delta: float | None = None,
-                 budget_steps: int | None = None):
+                 budget_steps: int | None = None, adam_noise_correction: bool | float = False):
         if noise_multiplier < 0 or not math.isfinite(noise_multiplier):
             raise ValueError(f"noise_multiplier must be >= 0, got {noise_multiplier}")
         if noise_multiplier == 0:
@@ -96,6 +98,11 @@ class DPOptimizer(Optimizer):
             raise ValueError(f"expected_batch_size must be > 0, got {expected_batch_size}")
         if secure_mode and seed is not None:
             raise ValueError("secure_mode draws every step's noise seed from the OS CSPRNG: do not pass a seed")
+        if adam_noise_correction is not False and adam_noise_correction is not None:
+            why = adam_correction.unsupported_reason(optimizer)
+            if why is not None:
+                raise ValueError(f"adam_noise_correction corrects Adam's second moment, but {why}: wrap "
+                                 "torch.optim.Adam or AdamW (without amsgrad / maximize), or leave it off")
 
         self.original_optimizer, self.engine = optimizer, engine
         self.params = [p for g in optimizer.param_groups for p in g["params"] if p.requires_grad]
@@ -149,6 +156,9 @@ class DPOptimizer(Optimizer):
         self._state_cache = None  # see _fused_rows
         self._last_plan: StepPlan | None = None
         self._privatized: StepPlan | None = None  # between privatize() and apply()
+        floor = adam_noise_correction
+        self.noise_variance = (None if floor is False or floor is None else adam_correction.NoiseVariance(
+            len(self.params), adam_correction.DEFAULT_FLOOR if floor is True else float(floor)))
         self._reset_accumulation()
         engine.on_batch = self._accumulate
         self._setup_clipping()
@@ -425,14 +435,26 @@ class DPOptimizer(Optimizer):
         std = self.gradient_noise_multiplier * self._noise_norm()
         denom = self.expected_batch_size * k if self.loss_reduction == "mean" else 1.0
         plan = StepPlan(k, seed, std, denom, float(self.expected_batch_size * k))
+        if self.noise_variance is not None:
+            plan.noise_var = self._noise_variance(std, denom)
         if self._fused_update:
             opt = self.original_optimizer
             kind = U.kind_of(opt)
-            states, rows = self._fused_rows(opt, kind, std, denom)
+            states, rows = self._fused_rows(opt, kind, std, denom, plan.noise_var)
             device = self.params[0].device
             plan.fused = (kind, states, rows.to(device), cpu_kernels.group_keys(seed, self.step_count, self.noise_ids))
             plan.sens = torch.zeros(len(self.params), dtype=torch.float64, device=device)
         return plan
+
+    def _noise_variance(self, std: float, denom: float) -> torch.Tensor:
+        """phi_hat per tensor: the variance per coordinate of the noise in the gradient the wrapped
+        Adam gets this step, (std w_k feed_k / denom)^2, averaged as Adam averages g^2."""
+        w = self.allocator.scales.double()
+        feed = 1.0 / w if self.allocator.whitened_feed else torch.ones_like(w)
+        phi = (std * w * feed / denom) ** 2
+        groups = U.group_of(self.original_optimizer)
+        beta2 = torch.tensor([float(groups[id(p)]["betas"][1]) for p in self.params], dtype=torch.float64)
+        return self.noise_variance.advance(phi, beta2)
 
     def _noise_norm(self) -> float:
         """The gradient's noise std per coordinate is gradient_noise_multiplier * this * w_g."""
@@ -617,7 +639,11 @@ class DPOptimizer(Optimizer):
         elif stat == "grad_sq":  # only needed where the optimizer keeps no first moment
             plan.stat_sums = lambda: self._tensor_sums(  # noqa: E731
                 torch.stack(torch._foreach_norm([S.local(p.grad) for p in self.params])).double() ** 2)
-        self.original_optimizer.step()
+        if plan.noise_var is not None:  # Adam with the noise's variance out of v_hat
+            adam_correction.adam_step_(self.original_optimizer, self.params, plan.noise_var,
+                                       self.noise_variance.floor * plan.noise_var)
+        else:
+            self.original_optimizer.step()
         if self._shard_mask is not None:  # the shards' gradients are spent; None shows an untracked use next time
             for p in self.params:
                 if self._sharded[p]:
@@ -690,7 +716,7 @@ class DPOptimizer(Optimizer):
                 moment_sq[group] = extra["moment_sq"]
         return moment_sq
 
-    def _fused_rows(self, opt, kind: int, std: float, denom: float) -> tuple[list, torch.Tensor]:
+    def _fused_rows(self, opt, kind: int, std: float, denom: float, noise_var=None) -> tuple[list, torch.Tensor]:
         """(per tensor (first moment, second moment), the (tensors, N_COLS) float32 hyperparameter table)
         of the coming fused step: one update_table.hyper_row per (param group, step, first step) and
         the per-tensor noise columns as vectors, not a row of Python floats per tensor."""
@@ -713,7 +739,7 @@ class DPOptimizer(Optimizer):
             # the common case: one group, one step count, no first step: one row for every tensor
             rows = torch.tensor(U.hyper_row(opt, self.params[0], False, 0.0, 0.0, opt.param_groups[0]),
                                 dtype=torch.float64).expand(len(self.params), U.N_COLS).clone()
-            return states, self._noise_columns(rows, std, denom)
+            return states, self._noise_columns(rows, std, denom, noise_var)
         groups = U.group_of(opt)
         combos, which = {}, []
         for p, step, first in zip(self.params, steps, firsts):
@@ -723,14 +749,18 @@ class DPOptimizer(Optimizer):
                 combos[key] = (len(combos), U.hyper_row(opt, p, first, 0.0, 0.0, g))
             which.append(combos[key][0])
         base = torch.tensor([row for _, row in combos.values()], dtype=torch.float64).view(-1, U.N_COLS)
-        return states, self._noise_columns(base[torch.tensor(which, dtype=torch.long)], std, denom)
+        return states, self._noise_columns(base[torch.tensor(which, dtype=torch.long)], std, denom, noise_var)
 
-    def _noise_columns(self, rows: torch.Tensor, std: float, denom: float) -> torch.Tensor:
-        """The table's per-tensor noise std and scale (float64 rows in), as float32."""
+    def _noise_columns(self, rows: torch.Tensor, std: float, denom: float, noise_var=None) -> torch.Tensor:
+        """The table's per-tensor noise std and scale, and Adam's noise correction (float64 rows in),
+        as float32."""
         w = self.allocator.scales.double()
         feed = 1.0 / w if self.allocator.whitened_feed else torch.ones_like(w)
         rows[:, U.NOISE_STD] = std * w
         rows[:, U.INV_DENOM] = feed / denom
+        if noise_var is not None:
+            rows[:, U.NOISE_VAR] = noise_var
+            rows[:, U.VAR_FLOOR] = self.noise_variance.floor * noise_var
         return rows.float()
 
     @torch.no_grad()
@@ -823,6 +853,8 @@ class DPOptimizer(Optimizer):
                          "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}}
         if hasattr(self.data_loader, "state_dict"):
             state["data_loader"] = self.data_loader.state_dict()
+        if self.noise_variance is not None:
+            state["noise_variance"] = self.noise_variance.state_dict()
         return state
 
     def privacy_settings(self) -> dict:
@@ -854,6 +886,14 @@ class DPOptimizer(Optimizer):
 
     def load_state_dict(self, state: dict) -> None:
         self._check_privacy_settings(state)
+        if self.noise_variance is not None:
+            if "noise_variance" not in state:
+                raise ValueError("the checkpoint was saved without adam_noise_correction: this optimizer corrects "
+                                 "Adam's second moment by a running average it does not hold. Make the optimizer "
+                                 "as the checkpoint's run was made.")
+            self.noise_variance.load_state_dict(state["noise_variance"])
+        elif "noise_variance" in state:
+            raise ValueError("the checkpoint was saved with adam_noise_correction: make the optimizer with it too")
         self._state_cache = None
         self.original_optimizer.load_state_dict(state["optimizer"])
         self.allocator.load_state_dict(state["allocator"])
