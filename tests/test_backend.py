@@ -305,3 +305,24 @@ def test_every_backend_implements_what_it_claims():
         for method, claims in claimed.items():
             overridden = getattr(type(b), method) is not getattr(base, method)
             assert overridden or (method == "add_noise_" and b.fused_update) or not claims, (name, method)
+
+
+@pytest.mark.parametrize("backend", ["triton", "cpu"])
+@pytest.mark.parametrize("clipping", ["whitened", "per_layer"])
+def test_adam_noise_correction_on_kernels_equals_torch(monkeypatch, backend, clipping):
+    """Adam's noise correction (NOISE_VAR, VAR_FLOOR columns) in the fused kernels against the torch
+    reference (anadp.adam_correction.adam_step_), at sigma 1 where it changes the step: the
+    corrected run differs from the uncorrected one by far more than the backends differ."""
+    if backend == "triton":
+        pytest.importorskip("triton")
+    elif why_unavailable("cpu", torch.device("cpu")) is not None or DEV != "cpu":
+        pytest.skip("the cpu backend's kernel is not built here, or the tensors are on a GPU")
+    kw = dict(sigma=1.0, adam_noise_correction=True, clipping=clipping)
+    monkeypatch.setenv("ANADP_BACKEND", "torch")
+    ref, o_ref = _train(_bert, "adamw", **kw)
+    plain, _ = _train(_bert, "adamw", sigma=1.0, clipping=clipping)
+    monkeypatch.setenv("ANADP_BACKEND", backend)
+    out, o = _train(_bert, "adamw", **kw)
+    assert o.backend == backend and o._fused_update
+    assert rel_err(out, ref) < 1e-5 and rel_err(plain, ref) > 1e-3
+    assert torch.equal(o.noise_variance.average, o_ref.noise_variance.average)
