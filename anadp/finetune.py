@@ -28,14 +28,18 @@ from .api import make_private
 
 
 PER_LAYER = ("per_layer", "per_layer-anadp", "per_layer-adaptive", "per_layer-anadp-adaptive")
-METHODS = ("nonprivate",) + ALLOCATIONS + ("paper-global",) + PER_LAYER
+CORRECTED = ("uniform-bc", "anadp-bc")  # with Adam's noise correction (adam_noise_correction=True)
+METHODS = ("nonprivate",) + ALLOCATIONS + ("paper-global",) + PER_LAYER + CORRECTED
 
 
 def method_setup(method: str) -> dict:
     """make_private's allocation and clipping arguments of a DP method name: an allocation (whitened
     clipping); "paper-global", the paper's mechanism (one global clip, noise per group, charged
     sigma * min_g w_g: its epsilon ends above the target); "per_layer[-anadp][-adaptive]": per-layer
-    clipping with equal thresholds C / sqrt(G) (or adaptive ones), uniform noise (or anadp's)."""
+    clipping with equal thresholds C / sqrt(G) (or adaptive ones), uniform noise (or anadp's);
+    "<allocation>-bc": with Adam's noise correction."""
+    if method in CORRECTED:
+        return method_setup(method[:-len("-bc")]) | {"adam_noise_correction": True}
     if method == "paper-global":
         return {"allocation": "paper", "clipping": "global"}
     if method in PER_LAYER:

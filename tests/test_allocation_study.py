@@ -19,10 +19,10 @@ def test_study_smoke(tmp_path):
                                              max_position_embeddings=64)).save_pretrained(model)
     out = tmp_path / "out"
     assert main(["--smoke", "--model", str(model), "--out", str(out), "--epsilon", "8", "--seed", "0", "1",
-                 "--methods", "uniform", "anadp", "paper-global"]) == 0
+                 "--methods", "uniform", "anadp", "paper-global", "anadp-bc"]) == 0
     stem = next(out.glob("allocation-study-*-smoke.json")).with_suffix("")
     res = json.loads(stem.with_suffix(".json").read_text())
-    assert len(res["rows"]) == 2 * 2 * (1 + 3) and not any("error" in r for r in res["rows"])
+    assert len(res["rows"]) == 2 * 2 * (1 + 4) and not any("error" in r for r in res["rows"])
     md = stem.with_suffix(".md").read_text()
     assert "| lora | 8 |" in md and "| full | 8 |" in md and "(eps" in md  # paper-global shows what it spent
     assert stem.with_suffix(".png").stat().st_size > 10_000
