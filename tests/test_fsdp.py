@@ -89,8 +89,10 @@ def _result(m, o) -> dict:
 SCENARIOS = {  # name: (model, wrapper, allocation, make_private's other arguments)
     "fsdp-gpt2-uniform": ("gpt2", "fsdp", "uniform", {}),
     "fsdp-gpt2-anadp": ("gpt2", "fsdp", "anadp", {}),
+    "fsdp-lora-uniform": ("lora", "fsdp", "uniform", {}),
     "fsdp-lora-anadp": ("lora", "fsdp", "anadp", {}),
     "fsdp-gpt2-per_layer": ("gpt2", "fsdp", "anadp", {"clipping": "per_layer"}),
+    "ddp-gpt2-uniform": ("gpt2", "ddp", "uniform", {}),
     "ddp-gpt2-anadp": ("gpt2", "ddp", "anadp", {}),
 }
 RESUME = dict(kind="gpt2", wrap="fsdp", dropout=0.1, max_physical_batch_size=4)  # dropout: each rank's RNG restored
