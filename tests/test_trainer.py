@@ -26,8 +26,9 @@ def dataset(n=64, T=8):
              "labels": int(ids[i, 0] % 2)} for i in range(n)]
 
 
-@pytest.mark.parametrize("per_device,accum", [(16, 1), (5, 3)])  # (5, 3): logical 15 in chunks of 5
-def test_trainer_equals_make_private_loop(tmp_path, per_device, accum):
+# (5, 3): logical 15 in chunks of 5; True: Adam's noise correction passed through
+@pytest.mark.parametrize("per_device,accum,correction", [(16, 1, False), (5, 3, False), (16, 1, True)])
+def test_trainer_equals_make_private_loop(tmp_path, per_device, accum, correction):
     from transformers import TrainingArguments, default_data_collator
 
     from anadp.integrations.transformers import DPTrainer
@@ -40,15 +41,17 @@ def test_trainer_equals_make_private_loop(tmp_path, per_device, accum):
                              report_to=[], save_strategy="no", use_cpu=True, seed=0, disable_tqdm=True,
                              optim="adamw_torch")
     trainer = DPTrainer(model=model, args=args, train_dataset=ds, data_collator=default_data_collator,
-                        noise_multiplier=1.0, dp_max_grad_norm=0.5, dp_seed=3)
+                        noise_multiplier=1.0, dp_max_grad_norm=0.5, dp_seed=3, adam_noise_correction=correction)
     trainer.train()
+    assert (trainer.dp_optimizer.noise_variance is not None) == correction
     logged = [h for h in trainer.state.log_history if "epsilon" in h]
     assert len(logged) >= 3 and logged[-1]["epsilon"] == trainer.dp_optimizer.privacy_spent(1e-5) > 0
 
     opt = torch.optim.AdamW(ref.parameters(), lr=1e-2, weight_decay=0.0)
     logical = per_device * accum
     ref, opt, loader = anadp.make_private(ref, opt, DataLoader(ds, batch_size=logical, collate_fn=default_data_collator),
-                                          noise_multiplier=1.0, max_grad_norm=0.5, seed=3)
+                                          noise_multiplier=1.0, max_grad_norm=0.5, seed=3,
+                                          adam_noise_correction=correction)
     it = iter(loader)
     while opt.step_count < 3:
         batch = next(it)

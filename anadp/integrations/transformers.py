@@ -34,7 +34,7 @@ class DPTrainer(Trainer):
     def __init__(self, *args, noise_multiplier: float | None = None, target_epsilon: float | None = None,
                  target_delta: float | None = None, dp_max_grad_norm: float = 1.0, allocation: str = "anadp",
                  accountant: str = "prv", clipping: str = "whitened", dp_seed: int | None = None,
-                 secure_mode: bool = False, **kwargs):
+                 secure_mode: bool = False, adam_noise_correction: bool | float = False, **kwargs):
         super().__init__(*args, **kwargs)
         a = self.args
         if target_epsilon is not None and target_delta is None:
@@ -51,7 +51,8 @@ class DPTrainer(Trainer):
         self._dp = dict(noise_multiplier=noise_multiplier, target_epsilon=target_epsilon,
                         target_delta=self.target_delta if target_epsilon is not None else None,
                         max_grad_norm=dp_max_grad_norm, allocation=allocation, accountant=accountant,
-                        clipping=clipping, seed=dp_seed, secure_mode=secure_mode)
+                        clipping=clipping, seed=dp_seed, secure_mode=secure_mode,
+                        adam_noise_correction=adam_noise_correction)
         self.dp_optimizer = None
         self._dp_loader = None
 
