@@ -250,6 +250,7 @@ class DPOptimizer(Optimizer):
         self._logical_batches = 0
         self._chunks = 0
         self._last_ends_logical = True
+        self._reduced: set = set()  # FSDP2: tensors whose _summed is already this rank's reduced rows
 
     @property
     def _mid_logical_batch(self) -> bool:
@@ -315,12 +316,44 @@ class DPOptimizer(Optimizer):
                     now.append(p)
         else:
             now = [p for p in batch.records if p in index]
+        if self.distributed and self._shard_rows:
+            now = self._reduce_shards(batch, cs, now)
         for p, s in batch.clipped_sums(cs, now).items():
             self._add_to_sum(index[p], s)
         self.last_per_sample_norms, self.last_clip_factors = norms, c
         self._chunks += 1
         self._logical_batches += int(batch.ends_logical)
         self._last_ends_logical = batch.ends_logical
+
+    REDUCE_BUCKET = 1 << 22  # elements of whole clipped sums formed and reduce-scattered at a time (FSDP2)
+
+    def _reduce_shards(self, batch: PhysicalBatch, cs: torch.Tensor, now: list) -> list:
+        """FSDP2: the clipped sums of this chunk's sharded tensors, REDUCE_BUCKET elements of them at a
+        time, reduce-scattered at once (the reduction is linear: the chunks' shards add up to the
+        shard of the sum), so a rank never holds more than a bucket of whole sums. Every rank reduces
+        every sharded tensor each chunk (zeros where it has no record), so the collectives match.
+        Returns the tensors left to sum as before."""
+        mine = {self.index[p] for p in now}
+        for bucket in self._shard_buckets():
+            params = [self.params[i] for i in bucket if i in mine]
+            sums = batch.clipped_sums(cs, params) if params else {}
+            full = {i: sums[self.params[i]] if i in mine else
+                    torch.zeros(self.params[i].shape, dtype=self._sum_dtypes[i], device=cs.device) for i in bucket}
+            for i, s in S.reduce_scatter_rows(full, {i: self._shard_rows[i] for i in bucket}).items():
+                self._add_to_sum(i, s.to(self._sum_dtypes[i]))
+                self._reduced.add(i)
+        return [p for p in now if self.index[p] not in self._shard_rows]
+
+    def _shard_buckets(self) -> list:
+        buckets, size = [[]], 0
+        for i in self._shard_rows:
+            n = self.params[i].numel()
+            if buckets[-1] and size + n > self.REDUCE_BUCKET:
+                buckets.append([])
+                size = 0
+            buckets[-1].append(i)
+            size += n
+        return buckets if buckets[0] else []
 
     def _chunk_plan(self, params: list, dtype, device) -> tuple:
         """(whitening weights 1 / w^2 per row of S, share matrix row -> group, its key) for the records of
@@ -481,8 +514,9 @@ class DPOptimizer(Optimizer):
         their maximum (a rank whose share of the Poisson batch is empty may have had no backward)."""
         import torch.distributed as dist
         self._fold_shares()
-        summed = [torch.zeros(p.shape, dtype=_sum_dtype(p), device=S.local(p).device) if s is None else s
-                  for p, s in zip(self.params, self._summed)]
+        summed = [torch.zeros(p.shape if i not in self._reduced else S.local(p).shape, dtype=_sum_dtype(p),
+                              device=S.local(p).device) if s is None else s
+                  for i, (p, s) in enumerate(zip(self.params, self._summed))]
         whole = [i for i, p in enumerate(self.params) if not self._sharded[p]]
         flat = torch.cat([summed[i].flatten().to(torch.float64) for i in whole]
                          + [self._share_sum.to(device=summed[0].device)])
@@ -493,8 +527,9 @@ class DPOptimizer(Optimizer):
             s = summed[i]
             self._summed[i] = flat[offset:offset + s.numel()].view_as(s).to(s.dtype)
             offset += s.numel()
-        if self._shard_rows:
-            for i, s in S.reduce_scatter_rows(summed, self._shard_rows).items():
+        rest = {i: r for i, r in self._shard_rows.items() if i not in self._reduced}  # per-layer: whole sums
+        if rest:
+            for i, s in S.reduce_scatter_rows(summed, rest).items():
                 self._summed[i] = s.to(summed[i].dtype)
         counts = torch.tensor([self._logical_batches, self._chunks], dtype=torch.int64, device=flat.device)
         dist.all_reduce(counts, op=dist.ReduceOp.MAX)
@@ -608,7 +643,7 @@ class DPOptimizer(Optimizer):
             self._materialize_deferred()
             w = self.allocator.scales.tolist()
             ws = [w[i] for i in idx]
-            grads = [torch.zeros(self.params[i].shape, device=self.params[i].device, dtype=self._sum_dtypes[i])
+            grads = [torch.zeros(S.local(self.params[i]).shape, device=self.params[i].device, dtype=self._sum_dtypes[i])
                      if self._summed[i] is None else self._summed[i].contiguous() for i in idx]
             if plan.std > 0:  # in place: the sums are ours
                 keys = cpu_kernels.group_keys(plan.seed, self.step_count, [self.noise_ids[i] for i in idx])

@@ -161,6 +161,7 @@ def _resume_on_one_rank(rank, out):
 def _worker(rank, world, port, out, job):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
+    anadp.DPOptimizer.REDUCE_BUCKET = 300  # several reduce-scatter buckets per chunk, even on these tiny models
     dist.init_process_group("gloo", rank=rank, world_size=world)
     try:
         job(rank, out)
