@@ -12,7 +12,8 @@ phi_hat is phi averaged as v averages g^2 (the same beta2, bias-corrected): a ph
 the steps (the allocation's scales, adaptive per-layer thresholds) is subtracted as v saw it, and a
 constant phi is subtracted exactly. The floor is relative to phi_hat (Tang et al.'s gamma' is an
 absolute constant): a coordinate whose estimated signal is below the noise moves at most
-lr * m_hat / sqrt(floor * phi_hat), whatever the gradients' scale. It reads the released gradient
+lr * m_hat / sqrt(floor * phi_hat), whatever the gradients' scale; at the default floor 1 no
+coordinate's step exceeds sqrt(2) times DP-Adam's. It reads the released gradient
 and public constants only: post-processing, the privacy guarantee is unchanged.
 
 ``adam_step_`` is the torch reference (and the torch path's update); the fused kernels read phi_hat
@@ -24,7 +25,9 @@ import torch
 
 from . import update_table as U
 
-DEFAULT_FLOOR = 0.1
+# f = 1: the corrected step is at most sqrt(2) times DP-Adam's in every coordinate (max(v - phi, phi) >= v / 2),
+# so a learning rate tuned for DP-Adam stays valid; f = 0.1 collapsed the LoRA benchmark at its lr (results)
+DEFAULT_FLOOR = 1.0
 
 
 class NoiseVariance:

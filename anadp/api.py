@@ -47,7 +47,7 @@ def make_private(model: nn.Module, optimizer: torch.optim.Optimizer, data_loader
     towards a quantile of its per-sample norms from a noisy count, paid out of the same sigma.
 
     ``adam_noise_correction=True`` (Adam / AdamW only): the noise's known variance per coordinate is
-    taken out of Adam's second moment, floored at 0.1 of it (a float: that fraction), so that Adam
+    taken out of Adam's second moment, floored at that variance (a float: that fraction of it), so that Adam
     no longer normalizes the noise away (after Tang et al., DP-AdamBC); post-processing, the same
     epsilon.
 

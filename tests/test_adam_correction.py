@@ -92,7 +92,7 @@ def test_replayed_from_the_released_gradients_alone():
             p.grad = g
         feed = 1 / w if o.allocator.whitened_feed else torch.ones_like(w)
         phi = nv.advance((std * w * feed / B) ** 2, beta2)
-        AC.adam_step_(opt, params, phi, 0.1 * phi)
+        AC.adam_step_(opt, params, phi, o.noise_variance.floor * phi)
     got = torch.cat([p.detach().flatten() for p in params])
     assert torch.equal(got, torch.cat([p.detach().flatten() for p in m.parameters()]))
 
