@@ -72,8 +72,12 @@ def batch_size_of(batch) -> int:
     return sizes[0]
 
 
-def _empty_like(batch):
-    return tree_map(lambda t: t[:0] if isinstance(t, torch.Tensor) and t.dim() else t, batch)
+def split_evenly(batch, n: int) -> list:
+    """``n`` physical chunks of a collated batch, their sizes differing by at most one."""
+    B = batch_size_of(batch)
+    bounds = [B * k // n for k in range(n + 1)]
+    return [tree_map(lambda t: t[a:b] if isinstance(t, torch.Tensor) and t.dim() else t, batch)
+            for a, b in zip(bounds, bounds[1:])]
 
 
 def split_batch(batch, size: int) -> list:
@@ -137,14 +141,15 @@ class DPDataLoader:
             j += 1
             B = batch_size_of(batch)
             # distributed: every rank runs as many chunks as the rank with the largest share (FSDP's
-            # collectives in each forward and backward need all ranks), the last ones empty where needed
+            # collectives in each forward and backward need all ranks), its share split evenly over them:
+            # the shares differ by at most one sample, so no chunk is empty unless a share has fewer
+            # samples than there are chunks (some models, Hugging Face GPT-2, cannot take a batch of 0)
             n = max(1, -(-(largest if self.world_size > 1 else B) // M)) if M is not None else 1
             if n == 1:
                 self._mark(True, B == 0)
                 yield batch
                 continue
-            chunks = split_batch(batch, M) if B else []
-            chunks += [_empty_like(batch)] * (n - len(chunks))
+            chunks = split_batch(batch, M) if self.world_size == 1 else split_evenly(batch, n)
             for k, chunk in enumerate(chunks):
                 self._mark(k == n - 1, batch_size_of(chunk) == 0)
                 yield chunk

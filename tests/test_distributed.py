@@ -57,3 +57,34 @@ def test_two_gloo_ranks_equal_single_process(tmp_path):
     assert torch.equal(ranks[0]["scales"], ranks[1]["scales"])  # ANADP identical on both ranks
     assert torch.allclose(ranks[0]["scales"], o.allocator.scales, rtol=1e-6)
     assert not torch.equal(o.allocator.scales, torch.ones_like(o.allocator.scales))
+
+
+def test_ranks_run_the_same_number_of_chunks_none_empty():
+    """With max_physical_batch_size, every rank yields as many chunks as the rank with the largest
+    share (FSDP's collectives need all ranks in every forward), its share split evenly, so no chunk is
+    empty (Hugging Face GPT-2 cannot take a batch of 0) and none exceeds the size; together the ranks'
+    chunks are the single-process Poisson batch."""
+    from torch.utils.data import DataLoader, TensorDataset
+    from anadp.data import DPDataLoader
+    data = TensorDataset(torch.arange(200))
+    loaders = [DPDataLoader(DataLoader(data, batch_size=20), poisson_sampling=True, max_physical_batch_size=4,
+                            generator=torch.Generator().manual_seed(7), rank=r, world_size=w)
+               for r, w in ((0, 2), (1, 2), (0, 1))]
+
+    per_rank = []
+    for loader in loaders:
+        marks = []
+        loader._mark = lambda ends, empty, marks=marks: marks.append(ends)
+        chunks = [x.tolist() for (x,) in loader]
+        batches, cur = [], []
+        for c, ends in zip(chunks, marks):
+            cur.append(c)
+            if ends:
+                batches.append(cur)
+                cur = []
+        per_rank.append(batches)
+    single = [sum(b, []) for b in per_rank.pop()]
+    assert len(per_rank[0]) == len(per_rank[1]) == len(single)
+    for a, b, whole in zip(*per_rank, single):
+        assert len(a) == len(b) and all(0 < len(c) <= 4 for c in a + b)
+        assert sorted(sum(a, []) + sum(b, [])) == sorted(whole)
