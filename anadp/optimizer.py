@@ -479,12 +479,18 @@ class DPOptimizer(Optimizer):
             plan.sens = torch.zeros(len(self.params), dtype=torch.float64, device=device)
         return plan
 
+    def _noise_and_scale(self, std: float, denom: float) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per tensor (float64): the noise std of its clipped sum, std * w, and what the noisy sum is
+        multiplied by before the optimizer sees it, feed / denom."""
+        w = self.allocator.scales.double()
+        feed = 1.0 / w if self.allocator.whitened_feed else torch.ones_like(w)
+        return std * w, feed / denom
+
     def _noise_variance(self, std: float, denom: float) -> torch.Tensor:
         """phi_hat per tensor: the variance per coordinate of the noise in the gradient the wrapped
         Adam gets this step, (std w_k feed_k / denom)^2, averaged as Adam averages g^2."""
-        w = self.allocator.scales.double()
-        feed = 1.0 / w if self.allocator.whitened_feed else torch.ones_like(w)
-        phi = (std * w * feed / denom) ** 2
+        noise_std, scale = self._noise_and_scale(std, denom)
+        phi = (noise_std * scale) ** 2
         groups = U.group_of(self.original_optimizer)
         beta2 = torch.tensor([float(groups[id(p)]["betas"][1]) for p in self.params], dtype=torch.float64)
         return self.noise_variance.advance(phi, beta2)
@@ -514,9 +520,8 @@ class DPOptimizer(Optimizer):
         their maximum (a rank whose share of the Poisson batch is empty may have had no backward)."""
         import torch.distributed as dist
         self._fold_shares()
-        summed = [torch.zeros(p.shape if i not in self._reduced else S.local(p).shape, dtype=_sum_dtype(p),
-                              device=S.local(p).device) if s is None else s
-                  for i, (p, s) in enumerate(zip(self.params, self._summed))]
+        summed = [torch.zeros(p.shape, dtype=_sum_dtype(p), device=S.local(p).device) if s is None else s
+                  for p, s in zip(self.params, self._summed)]
         whole = [i for i, p in enumerate(self.params) if not self._sharded[p]]
         flat = torch.cat([summed[i].flatten().to(torch.float64) for i in whole]
                          + [self._share_sum.to(device=summed[0].device)])
@@ -789,10 +794,7 @@ class DPOptimizer(Optimizer):
     def _noise_columns(self, rows: torch.Tensor, std: float, denom: float, noise_var=None) -> torch.Tensor:
         """The table's per-tensor noise std and scale, and Adam's noise correction (float64 rows in),
         as float32."""
-        w = self.allocator.scales.double()
-        feed = 1.0 / w if self.allocator.whitened_feed else torch.ones_like(w)
-        rows[:, U.NOISE_STD] = std * w
-        rows[:, U.INV_DENOM] = feed / denom
+        rows[:, U.NOISE_STD], rows[:, U.INV_DENOM] = self._noise_and_scale(std, denom)
         if noise_var is not None:
             rows[:, U.NOISE_VAR] = noise_var
             rows[:, U.VAR_FLOOR] = self.noise_variance.floor * noise_var
