@@ -41,8 +41,11 @@ Allocations (``allocation=``), w = 1 everywhere during the first ``warmup_steps`
              coherence), phi(r) = r / sqrt(1 + r^2) for Adam, whose step saturates once
              a group's signal dominates its noise (a classifier head, early on): such
              a group can take more noise, and its share of every sample's clipping
-             norm goes to the groups that are still noise-bound. Maximized numerically
-             over the groups (see ``_best_for_step``).
+             norm goes to the groups that are still noise-bound. With Adam's noise
+             correction at floor f (anadp.adam_correction) the step is m / max(|g|, sqrt(f) n)
+             per coordinate, so phi(r) = min(r / sqrt(f), 1), taken smooth as
+             phi(r / sqrt(f)): Adam's phi is the case f = 1, the default floor. Maximized
+             numerically over the groups (see ``_best_for_step``).
 
 Where the statistics come from (``clip`` and ``anadp``):
 
@@ -169,7 +172,8 @@ class NoiseAllocator:
         return super().__new__(cls)
 
     def __init__(self, sizes: list[int], mode: str | None = None, config: AllocationConfig | None = None,
-                 groups: list[int] | None = None, adaptive: bool = True, kinds: list[str] | None = None):
+                 groups: list[int] | None = None, adaptive: bool = True, kinds: list[str] | None = None,
+                 saturation: float = 1.0):
         if mode is not None and mode != self.mode:
             raise ValueError(f"{type(self).__name__} is allocation {self.mode!r}, not {mode!r}")
         self.config = config or AllocationConfig()
@@ -188,6 +192,11 @@ class NoiseAllocator:
         self.energy_bar, self.share_bar = torch.zeros(n, dtype=torch.float64), torch.zeros(n + 1, dtype=torch.float64)
         self.energy_var = torch.zeros(n, dtype=torch.float64)  # variance of energy_bar from the noise alone
         self.adaptive = adaptive  # the optimizer normalizes each coordinate (Adam): anadp's gain saturates
+        # where it saturates, in (signal / noise)^2 per coordinate: 1 for Adam, the floor f for Adam with
+        # the noise correction (its step m / max(|g|, sqrt(f) n)): anadp's gain is then phi(r / sqrt(f))
+        if not saturation > 0:
+            raise ValueError(f"saturation must be > 0, got {saturation}")
+        self.saturation = float(saturation)
         self.compiled = True  # anadp's maximizer in the compiled CPU kernel where it is built (else numpy)
         # kind of each group (the same matrix in every layer): statistics are pooled over a kind
         names = list(kinds) if kinds is not None else [str(g) for g in range(n)]
@@ -404,7 +413,8 @@ class AnadpAllocation(ClipAllocation):
             s_g(x)^2 = x_g^2 alpha_g / (d_g sum_h x_h^2 G_h^2)   (all samples clipped; C cancels),
 
         alpha_g the group's raw coherent gradient energy, G_h^2 its raw per-sample energy (the
-        rest group at x = 1 included), n the noise per coordinate that the optimizer sees, s_g the
+        rest group at x = 1 included), n the noise per coordinate that the optimizer sees (times
+        sqrt(saturation): where its step saturates), s_g the
         signal per coordinate. phi(r) = r for SGD (then the maximum is x_g ~ alpha_g / G_g^2,
         Cauchy-Schwarz), r / sqrt(1 + r^2) for Adam-type optimizers: a group whose signal already
         dominates its noise gains nothing from more, so its clipping budget is better spent on
@@ -460,7 +470,7 @@ class AnadpAllocation(ClipAllocation):
         G2 = torch.cat([self._pooled(self.share_bar[:-1]), self.share_bar[-1:]])
         G2 = G2.clamp_min(1e-3 * float(G2.max()))  # noise can make one negative
         alpha = self._coherence(G2[:-1]) * G2[:-1]
-        return G2, alpha, self.group_sizes.clamp_min(1), float(self.noise_var) ** 0.5
+        return G2, alpha, self.group_sizes.clamp_min(1), float(self.noise_var * self.saturation) ** 0.5
 
     def step_gain_grad(self):
         """d gain / d log x, in closed form on numpy arrays. With r_g the signal-to-noise ratio of

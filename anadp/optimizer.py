@@ -140,9 +140,13 @@ class DPOptimizer(Optimizer):
         self.target_epsilon, self.target_delta, self.budget_steps = target_epsilon, target_delta, budget_steps
         self.seed = None if secure_mode else (seed if seed is not None else _random_seed())
         groups, self.group_names = noise_groups([engine.names[p] for p in self.params], [p.shape for p in self.params])
+        floor = adam_noise_correction
+        self.noise_variance = (None if floor is False or floor is None else adam_correction.NoiseVariance(
+            len(self.params), adam_correction.DEFAULT_FLOOR if floor is True else float(floor)))
         self.allocator = NoiseAllocator([p.numel() for p in self.params], allocation, allocation_config, groups,
                                         adaptive=not isinstance(optimizer, torch.optim.SGD),
-                                        kinds=[kind_of(n) for n in self.group_names])
+                                        kinds=[kind_of(n) for n in self.group_names],
+                                        saturation=1.0 if self.noise_variance is None else self.noise_variance.floor)
         self.accountant = Accountant(accountant)
         self.data_loader = data_loader
         self._init_backend(backend)
@@ -156,9 +160,6 @@ class DPOptimizer(Optimizer):
         self._state_cache = None  # see _fused_rows
         self._last_plan: StepPlan | None = None
         self._privatized: StepPlan | None = None  # between privatize() and apply()
-        floor = adam_noise_correction
-        self.noise_variance = (None if floor is False or floor is None else adam_correction.NoiseVariance(
-            len(self.params), adam_correction.DEFAULT_FLOOR if floor is True else float(floor)))
         self._reset_accumulation()
         engine.on_batch = self._accumulate
         self._setup_clipping()

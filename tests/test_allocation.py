@@ -125,6 +125,43 @@ def test_step_gain_gradient_is_autograds(adaptive):
         assert float((got - ref).norm() / ref.norm()) < 1e-10
 
 
+@pytest.mark.parametrize("floor", [0.25, 1.0])
+def test_corrected_adam_gain_is_its_steady_state_step_gain(floor):
+    """Adam with the noise correction at floor f steps m / max(s, sqrt(f) n) per coordinate once
+    its moments have settled (v_hat - phi_hat = s^2, s the signal it is fed), so a group whose true
+    gradient is sqrt(alpha / d) per coordinate gains sqrt(alpha d) min(s / (sqrt(f) n), 1); anadp's
+    gain at saturation f is the smooth form sqrt(alpha d) phi(s / (sqrt(f) n)), phi(r) = r / sqrt(1 + r^2),
+    which lies between 1/sqrt(2) and 1 of it for every group. Adam's gain (saturation 1) is not
+    that of a floor of 0.25: on noise-bound groups (these) it is about half of it (r against 2r)."""
+    def allocator(saturation):
+        a = NoiseAllocator([770, 3072, 3072, 3072], mode="anadp", config=AllocationConfig(warmup_steps=30),
+                           saturation=saturation)
+        _feed(a, [0.001, 0.002, 0.0005, 0.0001], [24.0, 12.8, 12.8, 6.4, 0.0], steps=30, noise_std=0.004, denom=128)
+        return a
+
+    a = allocator(floor)
+    G2, alpha, d, _ = a._gain_terms()
+    n = a.noise_var ** 0.5
+    g = torch.Generator().manual_seed(2)
+    for _ in range(20):
+        log_x = torch.rand(4, generator=g, dtype=torch.float64) * 2.3 - 1.1
+        x2 = torch.exp(2 * log_x)
+        s = torch.sqrt(x2 * alpha / (d * ((x2 * G2[:-1]).sum() + G2[-1])))
+        exact = float(((alpha * d).sqrt() * torch.clamp(s / (floor ** 0.5 * n), max=1.0)).sum())
+        assert 2 ** -0.5 - 1e-9 <= float(a.step_gain()(log_x)) / exact <= 1 + 1e-9
+        if floor < 1:
+            assert float(allocator(1.0).step_gain()(log_x)) / exact < 0.6
+
+
+def test_the_allocation_of_a_corrected_adam_saturates_at_its_floor():
+    m, o, l = make_setup("adamw")
+    _, o, _ = anadp.make_private(m, o, l, noise_multiplier=1.0, max_grad_norm=0.5, adam_noise_correction=0.3)
+    assert o.allocator.saturation == 0.3 == o.noise_variance.floor
+    m, o, l = make_setup("adamw")
+    _, o, _ = anadp.make_private(m, o, l, noise_multiplier=1.0, max_grad_norm=0.5)
+    assert o.allocator.saturation == 1.0
+
+
 def test_anadp_gives_a_saturated_group_more_noise_under_adam():
     """The same statistics: under SGD the coherent head gets the least noise; under Adam, whose
     step saturates once signal dominates noise, it gets more than the noise-bound groups."""
