@@ -307,7 +307,7 @@ def test_every_backend_implements_what_it_claims():
             assert overridden or (method == "add_noise_" and b.fused_update) or not claims, (name, method)
 
 
-@pytest.mark.parametrize("backend", ["triton", "cpu"])
+@pytest.mark.parametrize("backend", ["triton", "cpu", "cuda"])
 @pytest.mark.parametrize("clipping", ["whitened", "per_layer"])
 def test_adam_noise_correction_on_kernels_equals_torch(monkeypatch, backend, clipping):
     """Adam's noise correction (NOISE_VAR, VAR_FLOOR columns) in the fused kernels against the torch
@@ -315,7 +315,9 @@ def test_adam_noise_correction_on_kernels_equals_torch(monkeypatch, backend, cli
     corrected run differs from the uncorrected one by far more than the backends differ."""
     if backend == "triton":
         pytest.importorskip("triton")
-    elif why_unavailable("cpu", torch.device("cpu")) is not None or DEV != "cpu":
+    elif backend == "cuda" and why_unavailable("cuda", torch.device(DEV)) is not None:
+        pytest.skip(f"the cuda backend: {why_unavailable('cuda', torch.device(DEV))}")
+    elif backend == "cpu" and (why_unavailable("cpu", torch.device("cpu")) is not None or DEV != "cpu"):
         pytest.skip("the cpu backend's kernel is not built here, or the tensors are on a GPU")
     kw = dict(sigma=1.0, adam_noise_correction=True, clipping=clipping)
     monkeypatch.setenv("ANADP_BACKEND", "torch")
