@@ -192,6 +192,27 @@ def test_cpu_backend_in_the_hooks_equals_torch(opt, adaptive):
         assert not torch.allclose(ta, torch.full_like(ta, float(ta[0])))  # the thresholds moved apart
 
 
+@pytest.mark.parametrize("backend", ["torch", "cpu"])
+def test_with_no_sample_clipped_it_is_whitened_uniform_dp(backend):
+    """Thresholds no sample reaches (C_g = C / sqrt(G), K = C): per-layer and whitened clipping are then
+    the same mechanism, sum of the gradients plus noise sigma C, drawn from the same streams: the runs
+    agree bit for bit, noise on, over physical chunks and Adam's steps (the in-hook noise and update
+    against step()'s)."""
+    if backend == "cpu" and anadp.backends.why_unavailable("cpu", torch.device("cpu")) is not None:
+        pytest.skip("the cpu backend's kernel is not built here")
+    out = {}
+    for clipping in ("whitened", "per_layer"):
+        m, o, l = make_setup("adamw")
+        m, dp, l = anadp.make_private(m, o, l, noise_multiplier=1.0, max_grad_norm=1e4, clipping=clipping,
+                                      allocation="uniform", seed=3, backend=backend, max_physical_batch_size=4)
+        _train(dp, m, l, 5)
+        assert dp.last_clip_factors is None or bool((dp.last_clip_factors == 1).all())
+        out[clipping] = _flat(m)
+    assert torch.equal(out["whitened"], out["per_layer"])
+    m, _, _ = make_setup("adamw")
+    assert rel_err(out["per_layer"], _flat(m)) > 1e-3  # the steps moved the parameters
+
+
 def test_noise_of_each_group_has_std_sigma_w_K():
     """Zero gradients, SGD lr 1: the update is minus the noise over the batch, times the feed.
     Group g's noise std is sigma * w_g * K, K = sqrt(sum_h (C_h / w_h)^2) (paper: feed 1). Each
