@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import torch
 
+from . import sharding as S
 from . import update_table as U
 
 # f = 1: the corrected step is at most sqrt(2) times DP-Adam's in every coordinate (max(v - phi, phi) >= v / 2),
@@ -83,10 +84,13 @@ def adam_step_(optimizer: torch.optim.Optimizer, params: list, noise_var: torch.
                 state["step"] = torch.tensor(0.0, dtype=torch.float32)
                 state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
                 state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-        grads = [p.grad for p in ps]
-        ms = [optimizer.state[p]["exp_avg"] for p in ps]
-        vs = [optimizer.state[p]["exp_avg_sq"] for p in ps]
+        # elementwise: on FSDP2's DTensors, each rank's shards (DTensor has no foreach maximum)
+        grads = [S.local(p.grad) for p in ps]
+        ms = [S.local(optimizer.state[p]["exp_avg"]) for p in ps]
+        vs = [S.local(optimizer.state[p]["exp_avg_sq"]) for p in ps]
         steps = [optimizer.state[p]["step"] for p in ps]
+        k = [index[p] for p in ps]
+        ps = [S.local(p) for p in ps]
         torch._foreach_add_(steps, 1.0)
         if wd != 0:
             if decoupled_here:
@@ -98,7 +102,6 @@ def adam_step_(optimizer: torch.optim.Optimizer, params: list, noise_var: torch.
         torch._foreach_addcmul_(vs, grads, grads, 1 - beta2)
         t = [float(s) for s in steps]
         vhat = torch._foreach_div(vs, [1 - beta2 ** s for s in t])
-        k = [index[p] for p in ps]
         torch._foreach_sub_(vhat, [float(noise_var[i]) for i in k])
         torch._foreach_maximum_(vhat, [float(floor[i]) for i in k])
         torch._foreach_sqrt_(vhat)
