@@ -8,6 +8,7 @@ import torch.distributed as dist
 from torch import nn
 from torch.utils.data import DataLoader
 
+from . import adam_correction
 from .accounting import calibrated_steps, noise_multiplier_for
 from .allocation import AllocationConfig
 from .data import DPDataLoader
@@ -28,7 +29,7 @@ def make_private(model: nn.Module, optimizer: torch.optim.Optimizer, data_loader
                  max_physical_batch_size: int | None = None, batch_first: bool = True,
                  nonfinite: str = "raise", distributed: bool | None = None, backend: str = "auto",
                  adaptive_clipping: AdaptiveClipping | bool | None = None,
-                 adam_noise_correction: bool | float = False):
+                 adam_noise_correction: bool | float | None = None):
     """Wrap for DP training; returns ``(model, dp_optimizer, dp_data_loader)``.
 
     The model is hooked in place (same object, same state_dict keys). Give
@@ -46,10 +47,11 @@ def make_private(model: nn.Module, optimizer: torch.optim.Optimizer, data_loader
     Opacus's per-layer clipping. ``adaptive_clipping=True`` (or an AdaptiveClipping) moves each C_g
     towards a quantile of its per-sample norms from a noisy count, paid out of the same sigma.
 
-    ``adam_noise_correction=True`` (Adam / AdamW only): the noise's known variance per coordinate is
-    taken out of Adam's second moment, floored at that variance (a float: that fraction of it), so that Adam
-    no longer normalizes the noise away (after Tang et al., DP-AdamBC); post-processing, the same
-    epsilon.
+    ``adam_noise_correction`` (Adam / AdamW): the noise's known variance per coordinate is taken out of
+    Adam's second moment, floored at that variance (a float: that fraction of it), so that Adam no longer
+    normalizes the noise away (after Tang et al., DP-AdamBC); post-processing, the same epsilon. None
+    (default): on where the wrapped optimizer is an Adam or AdamW that anadp's update implements, off for
+    the others; True: on, or an error; False: off (DP-Adam as Opacus has it).
 
     ``backend``: "auto" (triton kernels for CUDA tensors, torch otherwise), "torch", "triton"
     or "cuda"; the environment variable ANADP_BACKEND overrides it.
@@ -141,6 +143,8 @@ def make_private(model: nn.Module, optimizer: torch.optim.Optimizer, data_loader
     generator = torch.Generator().manual_seed(sampler_seed)
     loader = DPDataLoader(data_loader, poisson_sampling=poisson_sampling, generator=generator, engine=engine,
                           max_physical_batch_size=max_physical_batch_size, rank=rank, world_size=world_size)
+    if adam_noise_correction is None:  # the study's default: on where it can run (README, Adam's noise correction)
+        adam_noise_correction = adam_correction.unsupported_reason(optimizer) is None
     variant = {}
     if clipping == "per_layer":
         variant = {"cls": PerLayerDPOptimizer, "adaptive_clipping": adaptive_clipping}

@@ -18,7 +18,7 @@ def _demo(args) -> int:
     rows = run_demo(cfg, progress=not args.no_progress)
     print(format_table(rows))
     for r in rows:
-        if "noise_scales" in r and r["method"] == "anadp":
+        if "noise_scales" in r and r["method"].startswith("anadp"):
             w = r["noise_scales"]
             lo, hi = min(w, key=w.get), max(w, key=w.get)
             print(f"\nANADP noise scales after training: least noise {w[lo]:.2f} ({lo}), most {w[hi]:.2f} ({hi})")
@@ -45,7 +45,7 @@ def _audit(args) -> int:
 
 def _finetune(args) -> int:
     from .finetune import FinetuneConfig, run_finetune
-    methods = ["nonprivate", "uniform", "anadp"] if args.method == ["all"] else args.method
+    methods = list(FinetuneConfig().methods) if args.method == ["all"] else args.method
     cfg = FinetuneConfig(model=args.model, data=args.data, text_field=args.text_field, label_field=args.label_field,
                          methods=methods, epsilons=args.epsilon, delta=args.delta, epochs=args.epochs,
                          seeds=args.seed, lora=args.lora, max_steps=args.max_steps, train_size=args.train_size,
@@ -111,7 +111,8 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--batch-size", type=_positive(int), default=defaults.batch_size,
                    help="expected (Poisson) batch size")
     d.add_argument("--seed", type=int, default=defaults.seed, help="seed of the data, the model and the noise")
-    d.add_argument("--methods", nargs="+", default=list(defaults.methods), choices=["nonprivate", "uniform", "anadp"],
+    d.add_argument("--methods", nargs="+", default=list(defaults.methods),
+                   choices=["nonprivate", "uniform", "anadp", "uniform-bc", "anadp-bc"],
                    help="methods to train and compare")
     d.add_argument("--json", help="also write the rows to this JSON file")
     d.add_argument("--no-progress", action="store_true", help="no progress bars")
@@ -125,13 +126,16 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--allocation", choices=["anadp", "uniform", "paper", "clip"], default="anadp",
                    help="noise allocation of the audited run")
     a.add_argument("--seed", type=int, default=0, help="seed of the run")
-    from .finetune import METHODS, FinetuneConfig
+    from .finetune import FinetuneConfig
+    from .methods import DEFAULT, METHODS
     fd = FinetuneConfig()
     ft = sub.add_parser("finetune", help="pretrained encoder on real text: non-private vs uniform DP vs ANADP",
                         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     ft.add_argument("--method", nargs="+", choices=list(METHODS) + ["all"], default=["all"],
-                    help="methods to run; all = nonprivate, uniform and anadp (paper, clip: other allocations; "
-                         "paper-global: the paper's mechanism, charged honestly)")
+                    help=f"methods to run; all = nonprivate, uniform (DP-Adam as Opacus has it) and {DEFAULT} "
+                         "(make_private's defaults: anadp with Adam's noise correction); <allocation>-bc: with the "
+                         "correction, without it otherwise (paper, clip: other allocations; paper-global: the "
+                         "paper's mechanism, charged honestly)")
     ft.add_argument("--epsilon", type=_positive(float), nargs="+", default=fd.epsilons,
                     help="target epsilons of the DP runs")
     ft.add_argument("--delta", type=_probability, default=None, help="target delta (None: 1/N^1.1, N training examples)")

@@ -23,31 +23,10 @@ from torch.utils.data._utils.collate import default_collate
 from tqdm.auto import tqdm
 
 from . import textdata
-from .allocation import ALLOCATIONS
 from .api import make_private
+from .methods import DEFAULT, method_setup
 
 
-PER_LAYER = ("per_layer", "per_layer-anadp", "per_layer-adaptive", "per_layer-anadp-adaptive")
-CORRECTED = ("uniform-bc", "anadp-bc")  # with Adam's noise correction (adam_noise_correction=True)
-METHODS = ("nonprivate",) + ALLOCATIONS + ("paper-global",) + PER_LAYER + CORRECTED
-
-
-def method_setup(method: str) -> dict:
-    """make_private's allocation and clipping arguments of a DP method name: an allocation (whitened
-    clipping); "paper-global", the paper's mechanism (one global clip, noise per group, charged
-    sigma * min_g w_g: its epsilon ends above the target); "per_layer[-anadp][-adaptive]": per-layer
-    clipping with equal thresholds C / sqrt(G) (or adaptive ones), uniform noise (or anadp's);
-    "<allocation>-bc": with Adam's noise correction."""
-    if method in CORRECTED:
-        return method_setup(method[:-len("-bc")]) | {"adam_noise_correction": True}
-    if method == "paper-global":
-        return {"allocation": "paper", "clipping": "global"}
-    if method in PER_LAYER:
-        return {"allocation": "anadp" if "-anadp" in method else "uniform", "clipping": "per_layer",
-                "adaptive_clipping": method.endswith("-adaptive")}
-    if method not in ALLOCATIONS:
-        raise ValueError(f"unknown method {method!r}; choose from {METHODS}")
-    return {"allocation": method, "clipping": "whitened"}
 
 
 @dataclass
@@ -56,7 +35,7 @@ class FinetuneConfig:
     data: str | None = None
     text_field: str = "text"
     label_field: str = "label"
-    methods: list = field(default_factory=lambda: ["nonprivate", "uniform", "anadp"])
+    methods: list = field(default_factory=lambda: ["nonprivate", "uniform", DEFAULT])
     epsilons: list = field(default_factory=lambda: [3.0, 8.0])
     delta: float | None = None  # default 1 / N^1.1
     epochs: int = 3
@@ -315,7 +294,7 @@ def plots(rows: list[dict], summary: list[dict], out: str) -> list[str]:
     paths.append(os.path.join(out, "accuracy_vs_epsilon.png"))
     fig.savefig(paths[-1], dpi=120)
     plt.close(fig)
-    anadp_rows = [r for r in rows if r["method"] == "anadp" and r.get("noise_scales")]
+    anadp_rows = [r for r in rows if r["method"] in ("anadp", "anadp-bc") and r.get("noise_scales")]
     if anadp_rows:
         r = max(anadp_rows, key=lambda r: (r["target_epsilon"], -r["seed"]))
         n = len(noise_grid(r["noise_scales"])[0])

@@ -128,7 +128,8 @@ def plot(result: dict, path: str) -> None:
                         marker="o", capsize=3, label=m)
         ax.set(xscale="log", xlabel="target epsilon", ylabel="test accuracy", title=f"{mode}: accuracy vs epsilon")
         ax.legend(fontsize=8)
-        runs = [r for r in result["rows"] if r.get("mode") == mode and r["method"] == "anadp" and r.get("noise_scales")]
+        runs = [r for r in result["rows"] if r.get("mode") == mode and r["method"] in ("anadp", "anadp-bc")
+                and r.get("noise_scales")]
         ax = axes[1][j]
         if runs:
             r = max(runs, key=lambda r: (r["target_epsilon"], -r["seed"]))

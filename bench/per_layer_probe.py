@@ -14,8 +14,8 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader
 
 from anadp import make_private
-from anadp.finetune import (FinetuneConfig, by_length, expected_batch, learning_rate, load_model, method_setup,
-                            prepare, trim)
+from anadp.finetune import FinetuneConfig, by_length, expected_batch, learning_rate, load_model, prepare, trim
+from anadp.methods import method_setup
 
 
 def probe(method: str, steps: int) -> None:

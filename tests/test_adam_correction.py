@@ -99,7 +99,7 @@ def test_replayed_from_the_released_gradients_alone():
 
 def test_accountant_unchanged_and_the_step_changed():
     m1, o1, _ = _run(adam_noise_correction=True)
-    m0, o0, _ = _run()
+    m0, o0, _ = _run(adam_noise_correction=False)
     assert o1.accountant.history == o0.accountant.history and o1.privacy_spent(1e-5) == o0.privacy_spent(1e-5)
     a = torch.cat([p.detach().flatten() for p in m1.parameters()])
     b = torch.cat([p.detach().flatten() for p in m0.parameters()])
@@ -131,9 +131,14 @@ def test_checkpoint_round_trip_is_bit_identical():
     assert torch.equal(o2.noise_variance.average, o_full.noise_variance.average)
     m3, o3, _ = make_setup("adamw")
     _, o3, _ = anadp.make_private(m3, o3, _, noise_multiplier=1.0, max_grad_norm=0.5, seed=5,
-                                  allocation_config=anadp.AllocationConfig(warmup_steps=1))
+                                  allocation_config=anadp.AllocationConfig(warmup_steps=1), adam_noise_correction=False)
     with pytest.raises(ValueError, match="saved with adam_noise_correction"):
         o3.load_state_dict(state["opt"])
+    m4, o4, _ = make_setup("adamw")
+    _, o4, _ = anadp.make_private(m4, o4, _, noise_multiplier=1.0, max_grad_norm=0.5, seed=5,
+                                  allocation_config=anadp.AllocationConfig(warmup_steps=1))
+    with pytest.raises(ValueError, match="has floor 0.2, this optimizer 1.0"):
+        o4.load_state_dict(state["opt"])
 
 
 def test_refused_where_there_is_no_adam():
@@ -147,3 +152,20 @@ def test_refused_where_there_is_no_adam():
     with pytest.raises(ValueError, match="floor must be > 0"):
         anadp.make_private(m, torch.optim.Adam(m.parameters()), l, noise_multiplier=1.0, max_grad_norm=1.0,
                            adam_noise_correction=-1.0)
+
+
+def test_default_is_on_where_it_can_run():
+    """adam_noise_correction=None (the default): on for Adam / AdamW as anadp's update implements
+    them (floor 1), off for the rest (no error); False is DP-Adam as Opacus has it."""
+    cases = [(lambda ps: torch.optim.AdamW(ps, lr=1e-3), True), (lambda ps: torch.optim.Adam(ps), True),
+             (lambda ps: torch.optim.Adam(ps, amsgrad=True), False), (lambda ps: torch.optim.SGD(ps, lr=0.1), False)]
+    for make_opt, on in cases:
+        m, _, l = make_setup("sgd")
+        _, o, _ = anadp.make_private(m, make_opt(m.parameters()), l, noise_multiplier=1.0, max_grad_norm=1.0)
+        assert (o.noise_variance is not None) == on, make_opt
+        if on:
+            assert o.noise_variance.floor == AC.DEFAULT_FLOOR
+    m, _, l = make_setup("sgd")
+    _, o, _ = anadp.make_private(m, torch.optim.AdamW(m.parameters()), l, noise_multiplier=1.0, max_grad_norm=1.0,
+                                 adam_noise_correction=False)
+    assert o.noise_variance is None

@@ -12,7 +12,7 @@ def test_demo_cli(tmp_path):
     assert proc.returncode == 0, proc.stderr
     lines = [l for l in proc.stdout.splitlines() if l.startswith("| ")]
     assert lines[0] == "| method | epsilon | delta | accuracy | seconds/step |"
-    assert [l.split("|")[1].strip() for l in lines[1:]] == ["nonprivate", "uniform", "anadp"]
+    assert [l.split("|")[1].strip() for l in lines[1:]] == ["nonprivate", "uniform", "anadp-bc"]
     assert "%" in proc.stderr  # a progress bar was drawn
     rows = json.loads(out.read_text())["rows"]
     for r in rows[1:]:
@@ -23,6 +23,7 @@ def test_demo_cli(tmp_path):
     assert rows[0]["epsilon"] is None  # non-private: infinite, written as null
     w = rows[2]["noise_scales"]
     assert min(w.values()) < 1 < max(w.values())  # ANADP moved off uniform
+    assert "ANADP noise scales after training" in proc.stdout
 
 
 def test_console_script_is_installed():

@@ -1,0 +1,35 @@
+"""The names of the DP configurations that the demo, the fine-tune and the studies compare, and the
+make_private arguments of each: one place, so that a name means the same everywhere.
+
+An allocation name (uniform, anadp, clip, paper) is that allocation under whitened clipping with
+Adam's noise correction off: ``uniform`` is DP-SGD / DP-Adam as Opacus has it. ``<allocation>-bc``
+adds the correction; ``anadp-bc`` is make_private's default configuration.
+"""
+from __future__ import annotations
+
+from .allocation import ALLOCATIONS
+
+PER_LAYER = ("per_layer", "per_layer-anadp", "per_layer-adaptive", "per_layer-anadp-adaptive")
+CORRECTED = ("uniform-bc", "anadp-bc")  # with Adam's noise correction (adam_noise_correction=True)
+METHODS = ("nonprivate",) + ALLOCATIONS + ("paper-global",) + PER_LAYER + CORRECTED
+
+
+def method_setup(method: str) -> dict:
+    """make_private's allocation and clipping arguments of a DP method name: an allocation (whitened
+    clipping); "paper-global", the paper's mechanism (one global clip, noise per group, charged
+    sigma * min_g w_g: its epsilon ends above the target); "per_layer[-anadp][-adaptive]": per-layer
+    clipping with equal thresholds C / sqrt(G) (or adaptive ones), uniform noise (or anadp's);
+    "<allocation>-bc": with Adam's noise correction."""
+    if method in CORRECTED:
+        return method_setup(method[:-len("-bc")]) | {"adam_noise_correction": True}
+    if method == "paper-global":
+        return {"allocation": "paper", "clipping": "global", "adam_noise_correction": False}
+    if method in PER_LAYER:
+        return {"allocation": "anadp" if "-anadp" in method else "uniform", "clipping": "per_layer",
+                "adaptive_clipping": method.endswith("-adaptive"), "adam_noise_correction": False}
+    if method not in ALLOCATIONS:
+        raise ValueError(f"unknown method {method!r}; choose from {METHODS}")
+    return {"allocation": method, "clipping": "whitened", "adam_noise_correction": False}
+
+
+DEFAULT = "anadp-bc"  # make_private's defaults: anadp, whitened clipping, Adam's noise correction where it runs
