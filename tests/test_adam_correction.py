@@ -169,3 +169,15 @@ def test_default_is_on_where_it_can_run():
     _, o, _ = anadp.make_private(m, torch.optim.AdamW(m.parameters()), l, noise_multiplier=1.0, max_grad_norm=1.0,
                                  adam_noise_correction=False)
     assert o.noise_variance is None
+
+
+def test_a_checkpoint_without_the_correction_says_how_to_load_it():
+    """A run saved before the correction was the default (or with it off) loads only into an optimizer
+    made the same way; the error names the argument."""
+    m, o, _ = _run(steps=1, adam_noise_correction=False)
+    state = o.state_dict()
+    m2, o2, l2 = make_setup("adamw")
+    _, o2, _ = anadp.make_private(m2, o2, l2, noise_multiplier=1.0, max_grad_norm=0.5, seed=5, backend="torch",
+                                  allocation_config=anadp.AllocationConfig(warmup_steps=1))
+    with pytest.raises(ValueError, match="adam_noise_correction=False"):
+        o2.load_state_dict(state)
