@@ -29,7 +29,7 @@ def make_private(model: nn.Module, optimizer: torch.optim.Optimizer, data_loader
                  max_physical_batch_size: int | None = None, batch_first: bool = True,
                  nonfinite: str = "raise", distributed: bool | None = None, backend: str = "auto",
                  adaptive_clipping: AdaptiveClipping | bool | None = None,
-                 adam_noise_correction: bool | float | None = None):
+                 adam_noise_correction: bool | float | None = False):
     """Wrap for DP training; returns ``(model, dp_optimizer, dp_data_loader)``.
 
     The model is hooked in place (same object, same state_dict keys). Give
@@ -49,9 +49,9 @@ def make_private(model: nn.Module, optimizer: torch.optim.Optimizer, data_loader
 
     ``adam_noise_correction`` (Adam / AdamW): the noise's known variance per coordinate is taken out of
     Adam's second moment, floored at that variance (a float: that fraction of it), so that Adam no longer
-    normalizes the noise away (after Tang et al., DP-AdamBC); post-processing, the same epsilon. None
-    (default): on where the wrapped optimizer is an Adam or AdamW that anadp's update implements, off for
-    the others; True: on, or an error; False: off (DP-Adam as Opacus has it).
+    normalizes the noise away (after Tang et al., DP-AdamBC); post-processing, the same epsilon. False
+    (default): off, DP-Adam as Opacus has it; True: on, or an error; None: on where the wrapped optimizer
+    is an Adam or AdamW that anadp's update implements, off for the others.
 
     ``backend``: "auto" (triton kernels for CUDA tensors, torch otherwise), "torch", "triton"
     or "cuda"; the environment variable ANADP_BACKEND overrides it.
@@ -143,7 +143,7 @@ def make_private(model: nn.Module, optimizer: torch.optim.Optimizer, data_loader
     generator = torch.Generator().manual_seed(sampler_seed)
     loader = DPDataLoader(data_loader, poisson_sampling=poisson_sampling, generator=generator, engine=engine,
                           max_physical_batch_size=max_physical_batch_size, rank=rank, world_size=world_size)
-    if adam_noise_correction is None:  # the study's default: on where it can run (README, Adam's noise correction)
+    if adam_noise_correction is None:  # on where it can run
         adam_noise_correction = adam_correction.unsupported_reason(optimizer) is None
     variant = {}
     if clipping == "per_layer":

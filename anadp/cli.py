@@ -133,9 +133,9 @@ def build_parser() -> argparse.ArgumentParser:
                         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     ft.add_argument("--method", nargs="+", choices=list(METHODS) + ["all"], default=["all"],
                     help=f"methods to run; all = nonprivate, uniform (DP-Adam as Opacus has it) and {DEFAULT} "
-                         "(make_private's defaults: anadp with Adam's noise correction); <allocation>-bc: with the "
-                         "correction, without it otherwise (paper, clip: other allocations; paper-global: the "
-                         "paper's mechanism, charged honestly)")
+                         "(make_private's defaults); <allocation>-bc: with Adam's noise correction, without it "
+                         "otherwise (paper, clip: other allocations; paper-global: the paper's mechanism, charged "
+                         "honestly)")
     ft.add_argument("--epsilon", type=_positive(float), nargs="+", default=fd.epsilons,
                     help="target epsilons of the DP runs")
     ft.add_argument("--delta", type=_probability, default=None, help="target delta (None: 1/N^1.1, N training examples)")

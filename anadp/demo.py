@@ -1,6 +1,6 @@
 """The main job: train a small transformer classifier non-privately, with uniform DP (DP-Adam as
-Opacus has it) and with make_private's defaults (ANADP with Adam's noise correction: anadp-bc) at
-the same (epsilon, delta), on generated data; print a table.
+Opacus has it) and with make_private's defaults (ANADP) at the same (epsilon, delta), on generated
+data; print a table.
 
 The data (no download): sequences of neutral tokens with a few sentiment tokens
 planted; the label says whether positive tokens outnumber negative ones, and 5%

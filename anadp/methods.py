@@ -2,8 +2,8 @@
 make_private arguments of each: one place, so that a name means the same everywhere.
 
 An allocation name (uniform, anadp, clip, paper) is that allocation under whitened clipping with
-Adam's noise correction off: ``uniform`` is DP-SGD / DP-Adam as Opacus has it. ``<allocation>-bc``
-adds the correction; ``anadp-bc`` is make_private's default configuration.
+Adam's noise correction off: ``uniform`` is DP-SGD / DP-Adam as Opacus has it, ``anadp`` make_private's
+default configuration. ``<allocation>-bc`` adds the correction.
 """
 from __future__ import annotations
 
@@ -32,4 +32,4 @@ def method_setup(method: str) -> dict:
     return {"allocation": method, "clipping": "whitened", "adam_noise_correction": False}
 
 
-DEFAULT = "anadp-bc"  # make_private's defaults: anadp, whitened clipping, Adam's noise correction where it runs
+DEFAULT = "anadp"  # make_private's defaults: anadp, whitened clipping, no noise correction (README: the study)

@@ -928,8 +928,8 @@ class DPOptimizer(Optimizer):
             if "noise_variance" not in state:
                 raise ValueError("the checkpoint was saved without adam_noise_correction: this optimizer corrects "
                                  "Adam's second moment by a running average it does not hold. Make the optimizer "
-                                 "as the checkpoint's run was made: make_private(..., adam_noise_correction=False) "
-                                 "(the default turns it on for Adam / AdamW since anadp 2026-12-01)")
+                                 "as the checkpoint's run was made: make_private(..., adam_noise_correction=False), "
+                                 "the default")
             self.noise_variance.load_state_dict(state["noise_variance"])
         elif "noise_variance" in state:
             raise ValueError("the checkpoint was saved with adam_noise_correction: make the optimizer with it too")

@@ -138,14 +138,13 @@ def make_step(method: str, model: nn.Module, inputs: dict, labels: torch.Tensor,
                 criterion = res[2]
         elif method.startswith("anadp"):
             import anadp
-            # no warm-up: the allocation runs in every timed step (by default it starts at step 10);
-            # anadp_uniform: Opacus's maths (DP-SGD / DP-Adam), the others make_private's defaults
+            # no warm-up: the allocation runs in every timed step (by default it starts at step 10)
             model, opt, _ = anadp.make_private(model, opt, loader, noise_multiplier=sigma, max_grad_norm=clip,
                                                allocation="uniform" if method == "anadp_uniform" else "anadp",
                                                clipping="per_layer" if method == "anadp_per_layer" else "whitened",
                                                allocation_config=anadp.AllocationConfig(warmup_steps=0),
                                                poisson_sampling=poisson_sampling, seed=seed, backend=backend,
-                                               adam_noise_correction=False if method == "anadp_uniform" else None)
+                                               adam_noise_correction=False)
         elif method != "nonprivate":
             raise ValueError(method)
 

@@ -136,7 +136,7 @@ def test_checkpoint_round_trip_is_bit_identical():
         o3.load_state_dict(state["opt"])
     m4, o4, _ = make_setup("adamw")
     _, o4, _ = anadp.make_private(m4, o4, _, noise_multiplier=1.0, max_grad_norm=0.5, seed=5,
-                                  allocation_config=anadp.AllocationConfig(warmup_steps=1))
+                                  allocation_config=anadp.AllocationConfig(warmup_steps=1), adam_noise_correction=True)
     with pytest.raises(ValueError, match="has floor 0.2, this optimizer 1.0"):
         o4.load_state_dict(state["opt"])
 
@@ -154,30 +154,30 @@ def test_refused_where_there_is_no_adam():
                            adam_noise_correction=-1.0)
 
 
-def test_default_is_on_where_it_can_run():
-    """adam_noise_correction=None (the default): on for Adam / AdamW as anadp's update implements
-    them (floor 1), off for the rest (no error); False is DP-Adam as Opacus has it."""
+def test_none_is_on_where_it_can_run():
+    """adam_noise_correction=None: on for Adam / AdamW as anadp's update implements them (floor 1),
+    off for the rest (no error); False, the default, is DP-Adam as Opacus has it."""
     cases = [(lambda ps: torch.optim.AdamW(ps, lr=1e-3), True), (lambda ps: torch.optim.Adam(ps), True),
              (lambda ps: torch.optim.Adam(ps, amsgrad=True), False), (lambda ps: torch.optim.SGD(ps, lr=0.1), False)]
     for make_opt, on in cases:
         m, _, l = make_setup("sgd")
-        _, o, _ = anadp.make_private(m, make_opt(m.parameters()), l, noise_multiplier=1.0, max_grad_norm=1.0)
+        _, o, _ = anadp.make_private(m, make_opt(m.parameters()), l, noise_multiplier=1.0, max_grad_norm=1.0,
+                                     adam_noise_correction=None)
         assert (o.noise_variance is not None) == on, make_opt
         if on:
             assert o.noise_variance.floor == AC.DEFAULT_FLOOR
     m, _, l = make_setup("sgd")
-    _, o, _ = anadp.make_private(m, torch.optim.AdamW(m.parameters()), l, noise_multiplier=1.0, max_grad_norm=1.0,
-                                 adam_noise_correction=False)
+    _, o, _ = anadp.make_private(m, torch.optim.AdamW(m.parameters()), l, noise_multiplier=1.0, max_grad_norm=1.0)
     assert o.noise_variance is None
 
 
 def test_a_checkpoint_without_the_correction_says_how_to_load_it():
-    """A run saved before the correction was the default (or with it off) loads only into an optimizer
-    made the same way; the error names the argument."""
+    """A run saved with the correction off loads only into an optimizer made the same way; the error
+    names the argument."""
     m, o, _ = _run(steps=1, adam_noise_correction=False)
     state = o.state_dict()
     m2, o2, l2 = make_setup("adamw")
     _, o2, _ = anadp.make_private(m2, o2, l2, noise_multiplier=1.0, max_grad_norm=0.5, seed=5, backend="torch",
-                                  allocation_config=anadp.AllocationConfig(warmup_steps=1))
+                                  allocation_config=anadp.AllocationConfig(warmup_steps=1), adam_noise_correction=True)
     with pytest.raises(ValueError, match="adam_noise_correction=False"):
         o2.load_state_dict(state)

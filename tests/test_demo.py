@@ -12,7 +12,7 @@ def test_demo_cli(tmp_path):
     assert proc.returncode == 0, proc.stderr
     lines = [l for l in proc.stdout.splitlines() if l.startswith("| ")]
     assert lines[0] == "| method | epsilon | delta | accuracy | seconds/step |"
-    assert [l.split("|")[1].strip() for l in lines[1:]] == ["nonprivate", "uniform", "anadp-bc"]
+    assert [l.split("|")[1].strip() for l in lines[1:]] == ["nonprivate", "uniform", "anadp"]
     assert "%" in proc.stderr  # a progress bar was drawn
     rows = json.loads(out.read_text())["rows"]
     for r in rows[1:]:

@@ -42,7 +42,7 @@ def test_finetune_end_to_end(tiny_model_dir, tmp_path):
             assert r["target_epsilon"] - 0.1 < r["epsilon"] <= r["target_epsilon"] + 1e-9
             assert r["delta"] == delta
     assert {(s["method"], s["target_epsilon"]) for s in res["summary"]} == {
-        ("nonprivate", None), ("uniform", 4.0), ("uniform", 8.0), ("anadp-bc", 4.0), ("anadp-bc", 8.0)}
+        ("nonprivate", None), ("uniform", 4.0), ("uniform", 8.0), ("anadp", 4.0), ("anadp", 8.0)}
     md = (out / "results.md").read_text()
     assert md.count("\n| ") == 1 + 5 and "± " in md
     for name in ("accuracy_vs_epsilon.png", "noise_scales_heatmap.png"):

@@ -87,8 +87,8 @@ def _result(m, o) -> dict:
 
 
 SCENARIOS = {  # name: (model, wrapper, allocation, make_private's other arguments)
-    "fsdp-gpt2-uniform": ("gpt2", "fsdp", "uniform", {}),  # Adam's noise correction on (the default)
-    "fsdp-gpt2-dp-adam": ("gpt2", "fsdp", "uniform", {"adam_noise_correction": False}),  # torch's AdamW step
+    "fsdp-gpt2-uniform": ("gpt2", "fsdp", "uniform", {}),
+    "fsdp-gpt2-bc": ("gpt2", "fsdp", "uniform", {"adam_noise_correction": True}),  # Adam's noise correction
     "fsdp-gpt2-anadp": ("gpt2", "fsdp", "anadp", {}),
     "fsdp-lora-uniform": ("lora", "fsdp", "uniform", {}),
     "fsdp-lora-anadp": ("lora", "fsdp", "anadp", {}),

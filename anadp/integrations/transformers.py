@@ -34,7 +34,7 @@ class DPTrainer(Trainer):
     def __init__(self, *args, noise_multiplier: float | None = None, target_epsilon: float | None = None,
                  target_delta: float | None = None, dp_max_grad_norm: float = 1.0, allocation: str = "anadp",
                  accountant: str = "prv", clipping: str = "whitened", dp_seed: int | None = None,
-                 secure_mode: bool = False, adam_noise_correction: bool | float | None = None, **kwargs):
+                 secure_mode: bool = False, adam_noise_correction: bool | float | None = False, **kwargs):
         super().__init__(*args, **kwargs)
         a = self.args
         if target_epsilon is not None and target_delta is None:
