@@ -8,7 +8,6 @@ import torch.distributed as dist
 from torch import nn
 from torch.utils.data import DataLoader
 
-from . import adam_correction
 from .accounting import calibrated_steps, noise_multiplier_for
 from .allocation import AllocationConfig
 from .data import DPDataLoader
@@ -143,8 +142,6 @@ def make_private(model: nn.Module, optimizer: torch.optim.Optimizer, data_loader
     generator = torch.Generator().manual_seed(sampler_seed)
     loader = DPDataLoader(data_loader, poisson_sampling=poisson_sampling, generator=generator, engine=engine,
                           max_physical_batch_size=max_physical_batch_size, rank=rank, world_size=world_size)
-    if adam_noise_correction is None:  # on where it can run
-        adam_noise_correction = adam_correction.unsupported_reason(optimizer) is None
     variant = {}
     if clipping == "per_layer":
         variant = {"cls": PerLayerDPOptimizer, "adaptive_clipping": adaptive_clipping}

@@ -27,8 +27,6 @@ from .api import make_private
 from .methods import DEFAULT, method_setup
 
 
-
-
 @dataclass
 class FinetuneConfig:
     model: str | None = None

@@ -75,7 +75,7 @@ class DPOptimizer(Optimizer):
                  seed: int | None = None, secure_mode: bool = False, nonfinite: str = "raise",
                  data_loader=None, distributed: bool = False, backend: str = "auto",
                  target_epsilon: float | None = None, target_delta: float | None = None,
-                 budget_steps: int | None = None, adam_noise_correction: bool | float = False):
+                 budget_steps: int | None = None, adam_noise_correction: bool | float | None = False):
         if noise_multiplier < 0 or not math.isfinite(noise_multiplier):
             raise ValueError(f"noise_multiplier must be >= 0, got {noise_multiplier}")
         if noise_multiplier == 0:
@@ -98,7 +98,9 @@ class DPOptimizer(Optimizer):
             raise ValueError(f"expected_batch_size must be > 0, got {expected_batch_size}")
         if secure_mode and seed is not None:
             raise ValueError("secure_mode draws every step's noise seed from the OS CSPRNG: do not pass a seed")
-        if adam_noise_correction is not False and adam_noise_correction is not None:
+        if adam_noise_correction is None:  # on where it can run
+            adam_noise_correction = adam_correction.unsupported_reason(optimizer) is None
+        if adam_noise_correction is not False:
             why = adam_correction.unsupported_reason(optimizer)
             if why is not None:
                 raise ValueError(f"adam_noise_correction corrects Adam's second moment, but {why}: wrap "
@@ -141,7 +143,7 @@ class DPOptimizer(Optimizer):
         self.seed = None if secure_mode else (seed if seed is not None else _random_seed())
         groups, self.group_names = noise_groups([engine.names[p] for p in self.params], [p.shape for p in self.params])
         floor = adam_noise_correction
-        self.noise_variance = (None if floor is False or floor is None else adam_correction.NoiseVariance(
+        self.noise_variance = (None if floor is False else adam_correction.NoiseVariance(
             len(self.params), adam_correction.DEFAULT_FLOOR if floor is True else float(floor)))
         self.allocator = NoiseAllocator([p.numel() for p in self.params], allocation, allocation_config, groups,
                                         adaptive=not isinstance(optimizer, torch.optim.SGD),
