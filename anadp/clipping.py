@@ -1,13 +1,19 @@
-"""Per-layer clipping: each noise group clipped to its own threshold C_g.
+"""Clipping: what bounds one sample's influence on a step, one class per mode behind one interface.
 
-Group g (a weight matrix with its biases, or the rest group) of sample i is
-clipped to C_g and gets noise of std s_g = sigma * w_g * K per coordinate,
-K^2 = sum_h (C_h / w_h)^2, w the allocation's scales. Changing one example
-moves the clipped sum by at most C_g in group g, so in coordinates scaled by
-1 / s_g its move is at most sqrt(sum_g C_g^2 / s_g^2) = 1 / sigma: one Gaussian
-mechanism of multiplier sigma, whatever C and w are (as long as they depend only
-on earlier released outputs). At w = 1, s_g = sigma * sqrt(sum_h C_h^2): Opacus's
-per-layer clipping. Equivalently, per-layer clipping of the whitened gradient
+``FlatClipping`` (``clipping="whitened"``, the default, and the paper's ``"global"``): sample i's
+whole gradient, each group g divided by its noise scale w_g (whitened), is clipped to C; its noise
+has std sigma * w_g * C in group g. Changing one sample moves the whitened clipped sum by at most C:
+one Gaussian mechanism of multiplier sigma whatever w is (w depends only on earlier releases).
+"global" clips the unwhitened gradient instead: only as private as its least noisy group, it is
+charged sigma * min_g w_g (the paper's mechanism).
+
+``PerLayerClipping`` (``clipping="per_layer"``): group g (a weight matrix with its biases, or the
+rest group) of sample i is clipped to C_g and gets noise of std s_g = sigma * w_g * K per
+coordinate, K^2 = sum_h (C_h / w_h)^2, w the allocation's scales. Changing one example moves the
+clipped sum by at most C_g in group g, so in coordinates scaled by 1 / s_g its move is at most
+sqrt(sum_g C_g^2 / s_g^2) = 1 / sigma: one Gaussian mechanism of multiplier sigma, whatever C and w
+are (as long as they depend only on earlier released outputs). At w = 1, s_g = sigma * sqrt(sum_h
+C_h^2): Opacus's per-layer clipping. Equivalently, per-layer clipping of the whitened gradient
 g_g / w_g to C_g / w_g with noise sigma * K: what the allocation sees.
 
 Adaptive thresholds (Andrew et al. 2021, per group): each step also releases the
@@ -16,6 +22,14 @@ of std z_b * sqrt(G) / 2 (the count vector of one sample has norm sqrt(G) / 2), 
 moves C_g <- C_g exp(-eta (b_g - gamma)), b_g the noisy unclipped fraction over the
 expected batch. The gradient then gets sigma_g with sigma_g^-2 + z_b^-2 = sigma^-2:
 the step is charged sigma.
+
+The interface both implement (DPOptimizer reads nothing else of the clipping):
+``factors(norms, group)`` the clip factors, ``total`` C, ``noise_total(scales)`` K (group g's noise
+std per coordinate is the gradient's multiplier * w_g * K), ``noise_multipliers(sigma)`` (the
+gradient's multiplier, that of the clipping's own release), ``released`` (how many values that
+release holds), ``release`` it, ``public_shares`` (what the allocation reads in place of a share
+release, where the clipping fixes it), ``charged(sigma, scales)`` (what the accountant is charged),
+``whitens``, ``exact_budget``, the settings a checkpoint must agree on and its state.
 """
 from __future__ import annotations
 
@@ -23,6 +37,51 @@ import math
 from dataclasses import dataclass
 
 import torch
+
+
+class FlatClipping:
+    """One threshold C for each sample's whole gradient: whitened (each group divided by its noise
+    scale first; the default) or global (the paper's mechanism)."""
+
+    released = 0  # no release of its own
+
+    def __init__(self, max_grad_norm: float, whitened: bool = True):
+        self.total, self.whitens = float(max_grad_norm), whitened
+        self.exact_budget = whitened  # global: charged sigma * min w, past the budget by design (warned)
+
+    def factors(self, norms: torch.Tensor, group: int | None = None) -> torch.Tensor:
+        """Clip factors min(1, C / ||g_i||) from the samples' (whitened) norms."""
+        return (self.total / (norms + 1e-6)).clamp(max=1.0)
+
+    def noise_total(self, scales: torch.Tensor) -> float:
+        return self.total
+
+    def noise_multipliers(self, sigma: float) -> tuple[float, float]:
+        return sigma, 0.0
+
+    def charged(self, sigma: float, scales: torch.Tensor) -> float:
+        """The multiplier the accountant is charged per step: sigma whitened; global clipping is only
+        as private as its least noisy group."""
+        return sigma if self.whitens else sigma * float(scales.min())
+
+    def public_shares(self, scales: torch.Tensor, samples: float) -> None:
+        """None: the allocation's share release says how the clipped energy splits."""
+        return None
+
+    def release(self, noise: torch.Tensor | None, z: float, expected_batch: float) -> None:
+        pass
+
+    def reset_counts(self) -> None:
+        pass
+
+    def privacy_settings(self) -> dict:
+        return {}
+
+    def state_dict(self) -> dict:
+        return {}
+
+    def load_state_dict(self, state: dict) -> None:
+        pass
 
 
 @dataclass
@@ -84,12 +143,15 @@ class PerLayerClipping:
     """The thresholds of every group (rest last), the clip factors of a group's samples, and,
     with adaptive thresholds, the counts each step releases."""
 
+    whitens = exact_budget = True
+
     def __init__(self, max_grad_norm, group_names: list[str], has_rest: bool,
                  adaptive: AdaptiveClipping | None = None):
         self.thresholds = initial_thresholds(max_grad_norm, group_names, has_rest)
         self.has_rest, self.adaptive = has_rest, adaptive
         self.n_groups = len(self.thresholds)  # matrices + the rest column
         self.active = self.n_groups - (0 if has_rest else 1)  # groups with tensors: G
+        self.released = 0 if adaptive is None else self.n_groups  # one count per group column
         self.counts = torch.zeros(self.n_groups, dtype=torch.float64)  # centred unclipped counts of the step
         self.last_released_counts: torch.Tensor | None = None
 
@@ -119,11 +181,20 @@ class PerLayerClipping:
         k = self.adaptive.count_noise
         return sigma / (1 - 1 / k ** 2) ** 0.5, k * sigma
 
-    def factors(self, g: int, sq: torch.Tensor) -> torch.Tensor:
-        """Clip factors min(1, C_g / ||g_ig||) of one group's samples from their squared norms (B,);
+    def charged(self, sigma: float, scales: torch.Tensor) -> float:
+        return sigma
+
+    def public_shares(self, scales: torch.Tensor, samples: float) -> torch.Tensor:
+        """What the allocation reads instead of a share release: each group's clipped whitened energy
+        per sample bounded by its threshold, (C_g / w_g)^2 / K^2 (the thresholds are public)."""
+        t = self.thresholds / scales
+        return samples * t.square() / t.square().sum()
+
+    def factors(self, norms: torch.Tensor, group: int | None = None) -> torch.Tensor:
+        """Clip factors min(1, C_g / ||g_ig||) of group ``group``'s samples from their norms (B,);
         counts the samples under the threshold where the thresholds adapt."""
+        g = group
         C = self._values[g]
-        norms = sq.sqrt()
         if self.adaptive is not None:
             self.counts[g] += float((norms <= C).sum()) - 0.5 * norms.numel()
         return (C / (norms + 1e-6)).clamp(max=1.0)
@@ -146,6 +217,12 @@ class PerLayerClipping:
 
     def reset_counts(self) -> None:
         self.counts.zero_()
+
+    def privacy_settings(self) -> dict:
+        """What a checkpoint must agree on: the thresholds (fixed) or how they adapt."""
+        a = self.adaptive
+        return {"per_layer_thresholds": self.thresholds.tolist() if a is None else "adaptive",
+                "adaptive_clipping": None if a is None else vars(a).copy()}
 
     def state_dict(self) -> dict:
         return {"thresholds": self.thresholds.clone()}

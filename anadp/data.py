@@ -8,6 +8,8 @@ from torch.utils.data import DataLoader, Sampler
 from torch.utils.data._utils.collate import default_collate
 from torch.utils._pytree import tree_map
 
+from .chunks import hand_out
+
 
 class PoissonBatchSampler(Sampler):
     """Each of ``steps`` batches takes every index independently with probability q.
@@ -125,11 +127,6 @@ class DPDataLoader:
     def __len__(self) -> int:
         return len(self.loader)
 
-    def _mark(self, ends_logical: bool, empty: bool) -> None:
-        self.last_batch_empty = empty
-        if self.engine is not None:
-            self.engine.begin_chunk(ends_logical)
-
     def __iter__(self):
         M = self.max_physical_batch_size
         j = self.sampler.start if self.sampler is not None else 0
@@ -145,17 +142,11 @@ class DPDataLoader:
             # the shares differ by at most one sample, so no chunk is empty unless a share has fewer
             # samples than there are chunks (some models, Hugging Face GPT-2, cannot take a batch of 0)
             n = max(1, -(-(largest if self.world_size > 1 else B) // M)) if M is not None else 1
-            if n == 1:
-                self._mark(True, B == 0)
-                yield batch
-                continue
-            chunks = split_batch(batch, M) if self.world_size == 1 else split_evenly(batch, n)
-            for k, chunk in enumerate(chunks):
-                self._mark(k == n - 1, batch_size_of(chunk) == 0)
+            chunks = [batch] if n == 1 else split_batch(batch, M) if self.world_size == 1 else split_evenly(batch, n)
+            for chunk in hand_out(None if self.engine is None else self.engine.chunks, chunks):
+                self.last_batch_empty = batch_size_of(chunk) == 0
                 yield chunk
         self.last_batch_empty = False
-        if self.engine is not None:
-            self.engine.chunk_ends_logical = True
         self._position, self._state = 0, self.generator.get_state()
 
     def state_dict(self) -> dict:

@@ -13,6 +13,7 @@ from torch import nn
 
 from . import records as R
 from . import attention  # noqa: F401 - registers nn.MultiheadAttention's layer
+from .chunks import ChunkProtocol
 from .layers import layer_class
 from .sharding import is_sharded
 
@@ -235,10 +236,8 @@ class GradSampleEngine:
         self._buffer_state: list = []
         self._take_snapshot()
         self.batch_size: Optional[int] = None
-        self.chunk_ends_logical = True  # set by the DP data loader for split logical batches
-        self.chunk_id: Optional[int] = None  # the chunk of private data being used; see begin_chunk
-        self._chunk_id: Optional[int] = None
-        self._chunks_begun = 0
+        self.chunks = ChunkProtocol()  # which chunk of private data each forward runs on (anadp.chunks)
+        self._chunk_id: Optional[int] = None  # the stamp of the last forward
         self.on_batch: Optional[Callable[[PhysicalBatch], None]] = None
         self._records: dict = {}
         self._ends_logical = True
@@ -335,14 +334,6 @@ class GradSampleEngine:
                              "anadp needs them on one device")
 
     # --- forward / backward side -------------------------------------------------
-    def begin_chunk(self, ends_logical: bool = True) -> int:
-        """Called by whoever hands out private data (the DP data loader, DPTrainer's split of a
-        logical batch) before each chunk of distinct samples: the forward passes that follow run
-        on this chunk. The optimizer accepts one backward pass per chunk."""
-        self._chunks_begun += 1
-        self.chunk_id, self.chunk_ends_logical = self._chunks_begun, ends_logical
-        return self.chunk_id
-
     def _pre_forward(self, module, args, kwargs):
         if module.training:  # model.train() puts batch norms back into train mode
             self._check_mixing()
@@ -353,8 +344,7 @@ class GradSampleEngine:
         x = _first_tensor(args, kwargs)
         dim = 0 if self.batch_first else 1
         self.batch_size = x.shape[dim] if x is not None and x.dim() > dim else None
-        self._ends_logical = self.chunk_ends_logical
-        self._chunk_id = self.chunk_id
+        self._chunk_id, self._ends_logical = self.chunks.current, self.chunks.ends_logical
 
     def to_batch_first(self, name: str, *ts):
         """Move the batch dim first and check it against the model's batch size."""

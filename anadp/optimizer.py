@@ -25,12 +25,14 @@ from . import sharding as S
 from . import update_table as U
 from .accounting import Accountant, BudgetExhaustedError
 from .allocation import AllocationConfig, NoiseAllocator, kind_of, noise_groups
+from .clipping import FlatClipping
 from .engine import GradSampleEngine, PhysicalBatch
 from .records import HALF, LinearRecord
 
 _FOREACH = (torch.optim.SGD, torch.optim.Adam, torch.optim.AdamW)
-# noise stream of the share release (parameters' streams are their positions in the model)
-SHARE_STREAM = 2**32 - 1
+# noise streams of the share release and of the clipping's own (parameters' streams are their
+# positions in the model)
+SHARE_STREAM, CLIPPING_STREAM = 2**32 - 1, 2**32 - 2
 
 
 @dataclass
@@ -149,13 +151,13 @@ class DPOptimizer(Optimizer):
                                         adaptive=not isinstance(optimizer, torch.optim.SGD),
                                         kinds=[kind_of(n) for n in self.group_names],
                                         saturation=1.0 if self.noise_variance is None else self.noise_variance.floor)
+        self.clip = self._make_clipping()
         self.accountant = Accountant(accountant)
         self.data_loader = data_loader
         self._init_backend(backend)
         self.step_count = 0
         self.skipped_samples = 0
         self.stepped = False  # whether the last step() updated the parameters (see step)
-        self._last_chunk_id = 0
         self.last_per_sample_norms: torch.Tensor | None = None  # whitened norms of the last physical batch
         self.last_clip_factors: torch.Tensor | None = None
         self._layouts: dict = {}  # see _chunk_plan
@@ -166,8 +168,12 @@ class DPOptimizer(Optimizer):
         engine.on_batch = self._accumulate
         self._setup_clipping()
 
+    def _make_clipping(self):
+        """The clipping (anadp.clipping): whitened or global here, per-layer in its variant."""
+        return FlatClipping(self.max_grad_norm, whitened=self.clipping != "global")
+
     def _setup_clipping(self) -> None:
-        """What a clipping variant sets up once the groups are known (see per_layer)."""
+        """What a clipping variant sets up once the optimizer is built (see per_layer)."""
 
     def _init_backend(self, requested: str) -> None:
         """The backend (anadp.backends): its noise always; its norms and fused update where the
@@ -226,21 +232,25 @@ class DPOptimizer(Optimizer):
         self._warn_in_warmup()
         return dict(zip(self.group_names, self.allocator.group_scales.tolist()))
 
-    @property
-    def _stat_clip(self) -> float:
-        """The clipping norm the released shares are in units of (C)."""
-        return self.max_grad_norm
+    def _noise_multipliers(self) -> tuple[float, float, float]:
+        """(gradient, share release, clipping release) noise multipliers that together cost
+        noise_multiplier: the allocation's split of sigma, then the clipping's of what is left
+        (sigma_g^-2 + sigma_b^-2 + z^-2 = sigma^-2 when both release)."""
+        rest, shares = self.allocator.noise_multipliers(self.noise_multiplier)
+        gradient, clipping = self.clip.noise_multipliers(rest)
+        return gradient, shares, clipping
 
     @property
     def gradient_noise_multiplier(self) -> float:
         """The gradient's noise multiplier: ``noise_multiplier`` itself, or a little more where the
-        allocation also releases its per-group statistic (the two together cost noise_multiplier)."""
-        return self.allocator.noise_multipliers(self.noise_multiplier)[0]
+        step also releases statistics (the allocation's shares, adaptive thresholds' counts: together
+        they cost noise_multiplier)."""
+        return self._noise_multipliers()[0]
 
     @property
     def share_noise_multiplier(self) -> float:
         """Noise multiplier of the per-group share release (0 when the allocation releases none)."""
-        return self.allocator.noise_multipliers(self.noise_multiplier)[1]
+        return self._noise_multipliers()[1]
 
     def _reset_accumulation(self):
         self._summed: list[torch.Tensor | None] = [None] * len(self.params)
@@ -254,32 +264,27 @@ class DPOptimizer(Optimizer):
         self._chunks = 0
         self._last_ends_logical = True
         self._reduced: set = set()  # FSDP2: tensors whose _summed is already this rank's reduced rows
+        self.clip.reset_counts()
 
     @property
     def _mid_logical_batch(self) -> bool:
         return self._chunks > 0 and not self._last_ends_logical
 
     # --- per physical batch -------------------------------------------------------
-    def _check_chunk(self, batch: PhysicalBatch) -> None:
-        """One backward pass per chunk of private data, and only on private data: the accountant
-        charges each Poisson-sampled sample once per step at sensitivity C."""
-        if self.data_loader is None:
-            return  # built by hand (tests of the optimizer alone)
-        if batch.chunk_id is None:
-            raise RuntimeError(
-                "backward pass on data that did not come from the private data loader returned by make_private "
-                "(is the training loop still iterating the original DataLoader?): those batches are not "
-                "Poisson-sampled by anadp, so the epsilon it reports would not hold. Iterate the returned loader.")
-        if batch.chunk_id <= self._last_chunk_id:
-            raise RuntimeError(
-                f"a second backward pass on the same batch (chunk {batch.chunk_id} of the private data loader): its "
-                "samples would count twice in one step (sensitivity 2C) while the accountant charges them once. "
-                "Use one backward per batch (sum the losses first), or draw a new batch from the loader.")
-        self._last_chunk_id = batch.chunk_id
+    def _check_chunk(self, chunk_id: int | None) -> None:
+        """One backward pass per chunk of private data, and only on private data (anadp.chunks)."""
+        if self.data_loader is not None:  # None: built by hand (tests of the optimizer alone)
+            self.engine.chunks.accept(chunk_id)
+
+    def _count_chunk(self, ends_logical: bool) -> None:
+        """A chunk's backward is accumulated: the step follows its logical batch's last chunk."""
+        self._chunks += 1
+        self._logical_batches += int(ends_logical)
+        self._last_ends_logical = ends_logical
 
     @torch.no_grad()
     def _accumulate(self, batch: PhysicalBatch) -> None:
-        self._check_chunk(batch)
+        self._check_chunk(batch.chunk_id)
         keys, S = batch.sq_rows(self.norm_kernels)  # the loss-reduction scale, once below
         if S.dtype not in (torch.float32, torch.float64):
             S = S.float()
@@ -299,7 +304,7 @@ class DPOptimizer(Optimizer):
             batch.drop(bad)
             norms = torch.where(bad, 0, norms)
             self.skipped_samples += int(bad.sum())
-        c = (self.max_grad_norm / (norms + 1e-6)).clamp(max=1.0)
+        c = self.clip.factors(norms)
         if any_bad:
             c = torch.where(bad, 0, c)
         cs = c * batch.scale  # the clip factors of the records, which hold the scaled-down gradients
@@ -324,9 +329,7 @@ class DPOptimizer(Optimizer):
         for p, s in batch.clipped_sums(cs, now).items():
             self._add_to_sum(index[p], s)
         self.last_per_sample_norms, self.last_clip_factors = norms, c
-        self._chunks += 1
-        self._logical_batches += int(batch.ends_logical)
-        self._last_ends_logical = batch.ends_logical
+        self._count_chunk(batch.ends_logical)
 
     REDUCE_BUCKET = 1 << 22  # elements of whole clipped sums formed and reduce-scattered at a time (FSDP2)
 
@@ -373,7 +376,7 @@ class DPOptimizer(Optimizer):
             rows, cols = layout
             w = self.allocator.scales
             whiten = torch.ones(len(params), dtype=torch.float64)
-            if self.clipping != "global":
+            if self.clip.whitens:
                 whiten[rows] = w[cols].pow(-2)
             to_group = torch.zeros(len(params), self.allocator.n_groups + 1, dtype=torch.float64)
             to_group[rows, self.allocator._col[cols]] = w[cols].pow(-2)
@@ -499,8 +502,9 @@ class DPOptimizer(Optimizer):
         return self.noise_variance.advance(phi, beta2)
 
     def _noise_norm(self) -> float:
-        """The gradient's noise std per coordinate is gradient_noise_multiplier * this * w_g."""
-        return self.max_grad_norm
+        """K: the gradient's noise std per coordinate is gradient_noise_multiplier * K * w_g (C under
+        whitened clipping, the released shares' unit)."""
+        return self.clip.noise_total(self.allocator.column_scales)
 
     @torch.no_grad()
     def privatize(self) -> list[torch.Tensor] | None:
@@ -568,7 +572,7 @@ class DPOptimizer(Optimizer):
         steps = self.accountant.steps + k
         spent = None
         if steps <= self.budget_steps:
-            if k == 1 or self.clipping == "global":  # global: the paper's mechanism overspends by design (warned)
+            if k == 1 or not self.clip.exact_budget:  # global: the paper's mechanism overspends by design (warned)
                 return
             acc = Accountant(self.accountant.name)
             acc.history = list(self.accountant.history) + [(self.noise_multiplier / math.sqrt(k), self.sample_rate, k)]
@@ -586,9 +590,7 @@ class DPOptimizer(Optimizer):
     def _charge(self, k: int) -> None:
         """One accountant entry per logical batch. k > 1 full Poisson batches summed under
         one noise draw are k releases with noise sigma/sqrt(k) each (post-processing of them)."""
-        z = self.noise_multiplier
-        if self.clipping == "global":  # the paper's mechanism: only as private as its least noisy group
-            z = z * float(self.allocator.scales.min())
+        z = self.clip.charged(self.noise_multiplier, self.allocator.scales)
         for _ in range(k):
             self.accountant.step(z / math.sqrt(k), self.sample_rate)
 
@@ -698,8 +700,19 @@ class DPOptimizer(Optimizer):
         return S.summed(values, self._shard_mask)
 
     def _release_statistics(self, plan: StepPlan) -> None:
-        """Phase 4: the statistics the step releases besides the gradient (the share sums)."""
+        """Phase 4: the statistics the step releases besides the gradient: the share sums (or, where
+        the clipping fixes them, their public bound), and the clipping's own (adaptive thresholds'
+        counts, from which it sets the next thresholds)."""
         plan.shares = self._release_shares(plan.seed)
+        if plan.shares is None:
+            plan.shares = self.clip.public_shares(self.allocator.column_scales, plan.samples)
+        z = self._noise_multipliers()[2]
+        noise = None
+        if self.clip.released and z > 0:
+            noise = torch.zeros(self.clip.released, dtype=torch.float32)
+            self.share_noise_backend.add_noise_(noise, philox.group_key(plan.seed, self.step_count, CLIPPING_STREAM),
+                                                1.0)
+        self.clip.release(noise, z, plan.samples)
 
     def _charge_once(self, plan: StepPlan) -> None:
         """Phase 5: the accountant, once per step (a variant that released earlier charged then)."""
@@ -854,7 +867,7 @@ class DPOptimizer(Optimizer):
             sums = sums()
         self.last_allocation_input = (None if sums is None else sums.detach().cpu(), shares, factors)
         self.allocator.update(None if sums is None else sums.detach().cpu(), shares, noise_std=noise_std,
-                              clip=self._stat_clip, denom=denom, samples=samples, **factors)
+                              clip=self._noise_norm(), denom=denom, samples=samples, **factors)
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         for p in self.params:
@@ -895,6 +908,9 @@ class DPOptimizer(Optimizer):
             state["data_loader"] = self.data_loader.state_dict()
         if self.noise_variance is not None:
             state["noise_variance"] = self.noise_variance.state_dict()
+        clipping = self.clip.state_dict()
+        if clipping:
+            state["clipping"] = clipping
         return state
 
     def privacy_settings(self) -> dict:
@@ -905,7 +921,8 @@ class DPOptimizer(Optimizer):
                 "clipping": self.clipping, "accountant": self.accountant.name, "sample_rate": self.sample_rate,
                 "expected_batch_size": self.expected_batch_size, "loss_reduction": self.loss_reduction,
                 "secure_mode": self.secure_mode, "target_epsilon": self.target_epsilon,
-                "target_delta": self.target_delta, "budget_steps": self.budget_steps}
+                "target_delta": self.target_delta, "budget_steps": self.budget_steps,
+                **self.clip.privacy_settings()}
 
     def _check_privacy_settings(self, state: dict) -> None:
         saved = state.get("privacy") or {k: state[k] for k in ("noise_multiplier", "max_grad_norm") if k in state}
@@ -939,6 +956,11 @@ class DPOptimizer(Optimizer):
         self.original_optimizer.load_state_dict(state["optimizer"])
         self.allocator.load_state_dict(state["allocator"])
         self.accountant.load_state_dict(state["accountant"])
+        if self.clip.state_dict():
+            if "clipping" not in state:
+                raise ValueError("the checkpoint holds no per-layer thresholds: it was saved by a run with other "
+                                 "clipping; make the optimizer with that run's clipping")
+            self.clip.load_state_dict(state["clipping"])
         self.step_count, self.skipped_samples = state["step_count"], state["skipped_samples"]
         self.seed = None if self.secure_mode else state["seed"]
         if "data_loader" in state and hasattr(self.data_loader, "load_state_dict"):

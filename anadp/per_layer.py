@@ -17,17 +17,12 @@ from __future__ import annotations
 
 import math
 import warnings
-from types import SimpleNamespace
 
 import torch
 
-from . import philox
 from . import records as R
 from .clipping import AdaptiveClipping, PerLayerClipping
 from .optimizer import DPOptimizer
-
-# noise stream of the thresholds' count release (the share release's is 2^32 - 1)
-COUNT_STREAM = 2**32 - 2
 
 
 def total_threshold(max_grad_norm) -> float:
@@ -47,16 +42,18 @@ class PerLayerDPOptimizer(DPOptimizer):
         self._adaptive_arg = adaptive_clipping
         super().__init__(optimizer, engine, max_grad_norm=total_threshold(max_grad_norm), **kwargs)
 
-    def _setup_clipping(self) -> None:
-        """Called at the end of DPOptimizer.__init__ (the groups known)."""
+    def _make_clipping(self) -> PerLayerClipping:
         if self.distributed and self._adaptive_arg is not None:
             raise ValueError("adaptive per-layer thresholds are not supported in distributed runs yet (each rank "
                              "would count only its own samples); give fixed thresholds")
         a = self.allocator
         a.per_layer = True  # no share release: the per-sample energies are the (public) thresholds
-        self._col = a._col.tolist()  # group column of each tensor, rest = n_groups
-        has_rest = bool((a.group_of < 0).any())
-        self.clip = PerLayerClipping(self._thresholds_arg, self.group_names, has_rest, self._adaptive_arg)
+        return PerLayerClipping(self._thresholds_arg, self.group_names, bool((a.group_of < 0).any()),
+                                self._adaptive_arg)
+
+    def _setup_clipping(self) -> None:
+        """Called at the end of DPOptimizer.__init__: the hooks' tables."""
+        self._col = self.allocator._col.tolist()  # group column of each tensor, rest = n_groups
         self.members: dict = {}
         for i, g in enumerate(self._col):
             self.members.setdefault(g, []).append(i)
@@ -72,19 +69,6 @@ class PerLayerDPOptimizer(DPOptimizer):
         names = list(self.group_names) + (["<rest>"] if self.clip.has_rest else [])
         return dict(zip(names, self.clip.thresholds.tolist()))
 
-    @property
-    def gradient_noise_multiplier(self) -> float:
-        return self.clip.noise_multipliers(self.noise_multiplier)[0]
-
-    @property
-    def _stat_clip(self) -> float:
-        return self._noise_norm()
-
-    def _noise_norm(self) -> float:
-        """K: group g's noise std is sigma_g * w_g * K."""
-        w = self.allocator.column_scales
-        return self.clip.noise_total(w)
-
     def _reset_accumulation(self):
         super()._reset_accumulation()
         self._remaining: dict = {}  # group -> records still to come in this backward
@@ -96,8 +80,6 @@ class PerLayerDPOptimizer(DPOptimizer):
         self._cache = R.BatchCache()
         self._bad = None
         self._sq_total = None
-        if hasattr(self, "clip"):
-            self.clip.reset_counts()
 
     # --- in the backward ----------------------------------------------------------------
     def _open_chunk(self) -> None:
@@ -109,7 +91,7 @@ class PerLayerDPOptimizer(DPOptimizer):
             raise RuntimeError("a backward pass after per-layer clipping released a step in the backward, without "
                                "optimizer.step() in between: call optimizer.step() after every logical batch's "
                                "backward (it completes the step; the noise stream advances there)")
-        self._check_chunk(SimpleNamespace(chunk_id=eng._chunk_id))
+        self._check_chunk(eng._chunk_id)
         self._chunk_open = True
         self._remaining, self._clipped = {}, set()
         if self._in_hook and eng._ends_logical and self._logical_batches == 0:
@@ -191,7 +173,7 @@ class PerLayerDPOptimizer(DPOptimizer):
         # "skip": here, so that the bad samples can be dropped from the records still at hand
         if self.nonfinite == "skip" and (self._bad is not None or not math.isfinite(float(sq.sum()))):
             sq = self._drop_nonfinite(sq, recs, B)
-        c = self.clip.factors(g, sq)
+        c = self.clip.factors(sq.sqrt(), g)
         if self._bad is not None:
             c = torch.where(self._bad, 0, c)
         cs = c * scale  # the records hold the gradients of the reduced loss
@@ -241,9 +223,7 @@ class PerLayerDPOptimizer(DPOptimizer):
         self.last_per_sample_norms = None if self._sq_total is None else self._sq_total.sqrt()
         self._cache = R.BatchCache()
         self._chunk_open = False
-        self._chunks += 1
-        self._logical_batches += int(batch.ends_logical)
-        self._last_ends_logical = batch.ends_logical
+        self._count_chunk(batch.ends_logical)
         if self._hook_plan is not None:
             with torch.no_grad():
                 self._release_waiting()
@@ -262,24 +242,6 @@ class PerLayerDPOptimizer(DPOptimizer):
         plan, self._hook_plan = self._hook_plan, None
         return plan
 
-    def _release_statistics(self, plan) -> None:
-        """No share release; the thresholds' counts where they adapt."""
-        super()._release_statistics(plan)
-        plan.shares = self._public_shares(plan.samples)
-        z_b = self.clip.noise_multipliers(self.noise_multiplier)[1]
-        noise = None
-        if self.clip.adaptive is not None and z_b > 0:
-            noise = torch.zeros(self.clip.n_groups, dtype=torch.float32)
-            self.share_noise_backend.add_noise_(noise, philox.group_key(plan.seed, self.step_count, COUNT_STREAM), 1.0)
-        self.clip.release(noise, z_b, plan.samples)
-
-    def _public_shares(self, samples: float) -> torch.Tensor:
-        """What the allocation reads instead of a share release: each group's clipped whitened energy
-        per sample bounded by its threshold, (C_g / w_g)^2 / K^2 (the thresholds are public)."""
-        w = self.allocator.column_scales
-        t = self.clip.thresholds / w
-        return samples * t.square() / t.square().sum()
-
     def zero_grad(self, set_to_none: bool = True) -> None:
         if self._hook_plan is not None:
             raise RuntimeError("zero_grad() between the backward and optimizer.step() under per-layer clipping: the "
@@ -287,20 +249,3 @@ class PerLayerDPOptimizer(DPOptimizer):
                                "backend the update, are under way); "
                                "call optimizer.step() first, and zero_grad() before the next backward")
         super().zero_grad(set_to_none)
-
-    # --- checkpoints ------------------------------------------------------------------------
-    def state_dict(self) -> dict:
-        state = super().state_dict()
-        state["clipping"] = self.clip.state_dict()
-        return state
-
-    def load_state_dict(self, state: dict) -> None:
-        super().load_state_dict(state)
-        self.clip.load_state_dict(state["clipping"])
-
-    def privacy_settings(self) -> dict:
-        s = super().privacy_settings()
-        a = self._adaptive_arg
-        s["per_layer_thresholds"] = self.clip.thresholds.tolist() if a is None else "adaptive"
-        s["adaptive_clipping"] = None if a is None else vars(a).copy()
-        return s

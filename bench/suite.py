@@ -148,7 +148,8 @@ def make_step(method: str, model: nn.Module, inputs: dict, labels: torch.Tensor,
         elif method != "nonprivate":
             raise ValueError(method)
 
-    begin = getattr(getattr(opt, "engine", None), "begin_chunk", lambda: None)
+    chunks = getattr(getattr(opt, "engine", None), "chunks", None)
+    begin = chunks.begin if chunks is not None else lambda: None
 
     def step():
         begin()  # anadp: the harness hands out the (same) batch as a fresh chunk of private data

@@ -65,6 +65,8 @@ def test_ranks_run_the_same_number_of_chunks_none_empty():
     empty (Hugging Face GPT-2 cannot take a batch of 0) and none exceeds the size; together the ranks'
     chunks are the single-process Poisson batch."""
     from torch.utils.data import DataLoader, TensorDataset
+    from types import SimpleNamespace
+    from anadp.chunks import ChunkProtocol
     from anadp.data import DPDataLoader
     data = TensorDataset(torch.arange(200))
     loaders = [DPDataLoader(DataLoader(data, batch_size=20), poisson_sampling=True, max_physical_batch_size=4,
@@ -73,13 +75,11 @@ def test_ranks_run_the_same_number_of_chunks_none_empty():
 
     per_rank = []
     for loader in loaders:
-        marks = []
-        loader._mark = lambda ends, empty, marks=marks: marks.append(ends)
-        chunks = [x.tolist() for (x,) in loader]
+        loader.engine = SimpleNamespace(chunks=ChunkProtocol())  # what the loader tells the engine
         batches, cur = [], []
-        for c, ends in zip(chunks, marks):
-            cur.append(c)
-            if ends:
+        for (x,) in loader:
+            cur.append(x.tolist())
+            if loader.engine.chunks.ends_logical:
                 batches.append(cur)
                 cur = []
         per_rank.append(batches)

@@ -80,17 +80,12 @@ class DPTrainer(Trainer):
         model.train()
         inputs = self._prepare_inputs(inputs)
         B = batch_size_of(inputs)
-        engine = self.dp_optimizer.engine
         total = torch.zeros((), device=self.args.device)
         chunks = split_batch(inputs, self.physical_batch_size)  # empty batch: no forward, a noise-only step
-        try:
-            for k, chunk in enumerate(chunks):
-                engine.begin_chunk(ends_logical=k == len(chunks) - 1)  # distinct samples: one backward each
-                loss = self.compute_loss(model, chunk)  # mean over the chunk: what the engine expects
-                self.accelerator.backward(loss)
-                total = total + loss.detach() * (batch_size_of(chunk) / B)
-        finally:
-            engine.chunk_ends_logical = True
+        for chunk in self.dp_optimizer.engine.chunks.hand_out(chunks):  # distinct samples: one backward each
+            loss = self.compute_loss(model, chunk)  # mean over the chunk: what the engine expects
+            self.accelerator.backward(loss)
+            total = total + loss.detach() * (batch_size_of(chunk) / B)
         return total
 
     def _load_optimizer_and_scheduler(self, checkpoint):
