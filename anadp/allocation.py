@@ -216,14 +216,26 @@ class NoiseAllocator:
         return DEFAULT_POWER[self.mode] if self.config.power is None else self.config.power
 
     @property
+    def group_scales(self) -> torch.Tensor:
+        """w per group; assign, do not write in place (the per-column and per-tensor views are
+        formed once per assignment: the step reads them several times, each a host op on the GPU)."""
+        return self._group_scales
+
+    @group_scales.setter
+    def group_scales(self, value: torch.Tensor) -> None:
+        self._group_scales = value
+        self._column_scales = torch.cat([value, torch.ones(1, dtype=torch.float64)])
+        self._scales_per_tensor = self._column_scales[self._col]
+
+    @property
     def column_scales(self) -> torch.Tensor:
-        """w per group column, the rest group (w = 1) last."""
-        return torch.cat([self.group_scales, torch.ones(1, dtype=torch.float64)])
+        """w per group column, the rest group (w = 1) last (read only)."""
+        return self._column_scales
 
     @property
     def scales(self) -> torch.Tensor:
-        """w per tensor (1 in the rest group)."""
-        return self.column_scales[self._col]
+        """w per tensor, 1 in the rest group (read only)."""
+        return self._scales_per_tensor
 
     @property
     def releases_shares(self) -> bool:
