@@ -24,7 +24,7 @@ expected batch. The gradient then gets sigma_g with sigma_g^-2 + z_b^-2 = sigma^
 the step is charged sigma.
 
 The interface both implement (DPOptimizer reads nothing else of the clipping):
-``factors(norms, group)`` the clip factors, ``total`` C, ``noise_total(scales)`` K (group g's noise
+``factors(norms, group)`` the clip factors (of each sample's whole norm, or of several groups' norms), ``total`` C, ``noise_total(scales)`` K (group g's noise
 std per coordinate is the gradient's multiplier * w_g * K), ``noise_multipliers(sigma)`` (the
 gradient's multiplier, that of the clipping's own release), ``released`` (how many values that
 release holds), ``release`` it, ``public_shares`` (what the allocation reads in place of a share
@@ -49,7 +49,7 @@ class FlatClipping:
         self.total, self.whitens = float(max_grad_norm), whitened
         self.exact_budget = whitened  # global: charged sigma * min w, past the budget by design (warned)
 
-    def factors(self, norms: torch.Tensor, group: int | None = None) -> torch.Tensor:
+    def factors(self, norms: torch.Tensor, group: list | None = None) -> torch.Tensor:
         """Clip factors min(1, C / ||g_i||) from the samples' (whitened) norms."""
         return (self.total / (norms + 1e-6)).clamp(max=1.0)
 
@@ -147,6 +147,7 @@ class PerLayerClipping:
 
     def __init__(self, max_grad_norm, group_names: list[str], has_rest: bool,
                  adaptive: AdaptiveClipping | None = None):
+        # C_g per group column, the rest group last (0 where it is empty)
         self.thresholds = initial_thresholds(max_grad_norm, group_names, has_rest)
         self.has_rest, self.adaptive = has_rest, adaptive
         self.n_groups = len(self.thresholds)  # matrices + the rest column
@@ -155,15 +156,6 @@ class PerLayerClipping:
         self.counts = torch.zeros(self.n_groups, dtype=torch.float64)  # centred unclipped counts of the step
         self.last_released_counts: torch.Tensor | None = None
 
-    @property
-    def thresholds(self) -> torch.Tensor:
-        """C_g per group column, the rest group last (0 where it is empty); assign, do not write in place."""
-        return self._thresholds
-
-    @thresholds.setter
-    def thresholds(self, value: torch.Tensor) -> None:
-        self._thresholds = value
-        self._values = value.tolist()  # C_g as floats, for the per-group clip factors
 
     @property
     def total(self) -> float:
@@ -190,13 +182,13 @@ class PerLayerClipping:
         t = self.thresholds / scales
         return samples * t.square() / t.square().sum()
 
-    def factors(self, norms: torch.Tensor, group: int | None = None) -> torch.Tensor:
-        """Clip factors min(1, C_g / ||g_ig||) of group ``group``'s samples from their norms (B,);
-        counts the samples under the threshold where the thresholds adapt."""
-        g = group
-        C = self._values[g]
+    def factors(self, norms: torch.Tensor, group: list) -> torch.Tensor:
+        """Clip factors min(1, C_g / ||g_ig||) of the samples of groups ``group`` from their norms
+        (len(group), B); counts the samples under each threshold where the thresholds adapt."""
+        C = self.thresholds[group].to(device=norms.device, dtype=norms.dtype)[:, None]
         if self.adaptive is not None:
-            self.counts[g] += float((norms <= C).sum()) - 0.5 * norms.numel()
+            under = (norms <= C).sum(1).double().cpu()
+            self.counts[group] += under - 0.5 * norms.shape[1]
         return (C / (norms + 1e-6)).clamp(max=1.0)
 
     def release(self, noise: torch.Tensor | None, z_b: float, expected_batch: float) -> None:

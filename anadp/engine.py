@@ -51,10 +51,13 @@ if _hooks_on:
 class PhysicalBatch:
     """The records of one forward/backward, with the loss-reduction scale applied."""
 
-    def __init__(self, records: dict, batch_size: int, scale: float, ends_logical: bool, chunk_id: int | None = None):
+    def __init__(self, records: dict, batch_size: int, scale: float, ends_logical: bool, chunk_id: int | None = None,
+                 cache: R.BatchCache | None = None):
         self.records, self.batch_size, self.scale, self.ends_logical = records, batch_size, scale, ends_logical
         self.chunk_id = chunk_id  # which chunk of private data the forward ran on (None: not from the DP loader)
-        self.cache = R.BatchCache()
+        # a caller's cache outlives the batch (per-layer clipping: Gram matrices shared by several batches)
+        self._own_cache = cache is None
+        self.cache = R.BatchCache() if cache is None else cache
         self._stacks = None  # see _dense_stacks
         self._linear_stacks = None
 
@@ -119,7 +122,8 @@ class PhysicalBatch:
         if singles:
             parts.append(torch.stack([R.sq_norm(self.records[p], self.cache) for p in singles]))
             keys.extend(singles)
-        self.cache.grams = {}  # the shared Gram matrices are done with
+        if self._own_cache:
+            self.cache.grams = {}  # the shared Gram matrices are done with
         S = torch.cat(parts) if parts else torch.zeros(0, self.batch_size)
         return keys, S
 
@@ -135,25 +139,30 @@ class PhysicalBatch:
     def clipped_sum(self, p, c: torch.Tensor) -> torch.Tensor:
         return R.clipped_sum(self.records[p], c * self.scale, self.cache)
 
-    def clipped_sums(self, c: torch.Tensor, params) -> dict:
+    def clipped_sums(self, c: torch.Tensor, params, rows: dict | None = None) -> dict:
         """param -> sum_i c_i g_i for ``params``, ``c`` the clip factors of the records (scale included):
-        the stacked ones in one weighted sum per stack."""
+        the stacked ones in one weighted sum per stack. ``rows``: each param's row of ``c`` (n, B)
+        where each has its own factors (per-layer clipping), else ``c`` (B,) is every param's."""
+        def factors(keys):
+            return c if rows is None else c[torch.tensor([rows[k] for k in keys], device=c.device)]
+
         want, out = set(params), {}
         for keys, X in self._dense_stacks():
             if any(k in want for k in keys):
-                sums = torch.matmul(c.to(X.dtype), X)  # (n, numbers per sample)
-                shape = self.records[keys[0]][0].gs.shape[1:]
+                f = factors(keys).to(X.dtype)
+                sums = torch.matmul(f, X) if rows is None else torch.matmul(f[:, None, :], X).squeeze(1)
+                shape = self.records[keys[0]][0].gs.shape[1:]  # sums: (n, numbers per sample)
                 if len(shape) != 1:
                     sums = sums.view(len(keys), *shape)
                 out.update(zip(keys, sums.unbind(0)))
         for st in self._linear_stacks or ():  # formed by sq_rows where the torch norms ran
             if any(k in want for k in st.keys):
-                out.update(zip(st.keys, st.clipped_sums(c).unbind(0)))
+                out.update(zip(st.keys, st.clipped_sums(factors(st.keys)).unbind(0)))
         if len(out) != len(want) or any(k not in want for k in out):
             out = {k: v for k, v in out.items() if k in want}
             for p in params:
                 if p not in out:
-                    out[p] = R.clipped_sum(self.records[p], c, self.cache)
+                    out[p] = R.clipped_sum(self.records[p], c if rows is None else c[rows[p]], self.cache)
         return out
 
     def drop(self, bad: torch.Tensor) -> None:

@@ -22,7 +22,14 @@ import torch
 
 from . import records as R
 from .clipping import AdaptiveClipping, PerLayerClipping
+from .engine import PhysicalBatch
 from .optimizer import DPOptimizer
+
+
+def _record_numel(r) -> int:
+    """The numbers a record keeps (a token-sum bias keeps none of its own)."""
+    return sum(t.numel() for t in (getattr(r, "A", None), getattr(r, "G", None), getattr(r, "_gs", None),
+                                   vars(r).get("gs")) if t is not None)
 
 
 def total_threshold(max_grad_norm) -> float:
@@ -78,6 +85,9 @@ class PerLayerDPOptimizer(DPOptimizer):
         self._waiting_numel = 0
         self._chunk_open = False
         self._cache = R.BatchCache()
+        self._pending: dict = {}  # records of complete groups waiting to be clipped together (CLIP_BATCH)
+        self._pending_groups: list = []
+        self._pending_numel = 0
         self._bad = None
         self._sq_total = None
 
@@ -121,10 +131,8 @@ class PerLayerDPOptimizer(DPOptimizer):
         if left == 0:
             del self._remaining[g]
             records = self.engine._records
-            self._clip_group(g, {self.params[j]: records.pop(self.params[j])
-                                 for j in self.members[g] if self.params[j] in records})
-            if self._hook_plan is not None:
-                self._wait(self.members[g])
+            self._pend(g, {self.params[j]: records.pop(self.params[j])
+                           for j in self.members[g] if self.params[j] in records})
 
     def _wait(self, idx: list) -> None:
         """Release clipped tensors of the hooks' step in batches of RELEASE_BATCH elements: one
@@ -154,51 +162,85 @@ class PerLayerDPOptimizer(DPOptimizer):
 
     # released per layer, at the latest when this many elements wait (1: every layer in its own hook)
     RELEASE_BATCH = 1 << 20
+    # complete groups whose records hold at most CLIP_BATCH / 4 numbers wait to be clipped together,
+    # until CLIP_BATCH numbers wait: their norms and clipped sums then take one product per stack of
+    # one shape (PhysicalBatch), not ~35 small ops per group; the records they keep bound the memory
+    CLIP_BATCH = 1 << 22
 
-    def _clip_group(self, g: int, recs: dict) -> None:
-        """Clip group g's samples to C_g and add the clipped sums (records consumed)."""
+    def _pend(self, g: int, recs: dict) -> None:
+        """A complete group: clipped now (large records), or kept to be clipped with others."""
         self._clipped.add(g)
-        if not recs:
+        numel = sum(_record_numel(r) for rs in recs.values() for r in rs)
+        if numel > self.CLIP_BATCH // 4:
+            self._clip_groups([g], recs)
             return
-        B = next(iter(recs.values()))[0].batch_size
-        scale = float(B) if self.loss_reduction == "mean" else 1.0
-        sq = None
-        for r in recs.values():
-            s = R.sq_norm(r, self._cache)
-            sq = s if sq is None else sq + s
-        if sq.dtype not in (torch.float32, torch.float64):
-            sq = sq.float()
-        sq = sq * scale ** 2
-        # "raise": checked once per release (_check_finite), before anything of this group leaves;
-        # "skip": here, so that the bad samples can be dropped from the records still at hand
-        if self.nonfinite == "skip" and (self._bad is not None or not math.isfinite(float(sq.sum()))):
-            sq = self._drop_nonfinite(sq, recs, B)
-        c = self.clip.factors(sq.sqrt(), g)
-        if self._bad is not None:
-            c = torch.where(self._bad, 0, c)
-        cs = c * scale  # the records hold the gradients of the reduced loss
-        for p, r in recs.items():
-            self._add_to_sum(self.index[p], R.clipped_sum(r, cs, self._cache))
-        self._sq_total = sq if self._sq_total is None else self._sq_total + sq
+        self._pending_groups.append(g)
+        self._pending.update(recs)
+        self._pending_numel += numel
+        if self._pending_numel >= self.CLIP_BATCH:
+            self._clip_pending()
 
-    def _drop_nonfinite(self, sq: torch.Tensor, recs: dict, B: int) -> torch.Tensor:
-        """Samples with a non-finite gradient: raise, or drop them from this group and the ones after it."""
-        bad = ~torch.isfinite(sq)
+    def _clip_pending(self) -> None:
+        if self._pending_groups:
+            groups, recs = self._pending_groups, self._pending
+            self._pending_groups, self._pending, self._pending_numel = [], {}, 0
+            self._clip_groups(groups, recs)
+
+    @torch.no_grad()
+    def _clip_groups(self, groups: list, recs: dict) -> None:
+        """Clip each group's samples to its C_g and add the clipped sums (records consumed); at the
+        hooks' step their tensors then wait for release."""
+        if recs:
+            B = next(iter(recs.values()))[0].batch_size
+            scale = float(B) if self.loss_reduction == "mean" else 1.0
+            batch = PhysicalBatch(recs, B, 1.0, True, cache=self._cache)  # Gram matrices shared over groups
+            keys, S = batch.sq_rows()  # (rows, B), one product per stack of records of one shape
+            if S.dtype not in (torch.float32, torch.float64):
+                S = S.float()
+            where = {g: k for k, g in enumerate(groups)}
+            pos = [where[self._col[self.index[p]]] for p in keys]
+            if len(groups) == 1:
+                sq = S.sum(0, keepdim=True)
+            else:  # a 0/1 product, not index_add_ (atomics: not bitwise reproducible on a GPU)
+                M = torch.zeros(len(groups), len(keys), dtype=S.dtype, device=S.device)
+                M[pos, range(len(keys))] = 1
+                sq = M @ S
+            sq = sq * scale ** 2  # (groups, B): each sample's squared norm in each group
+            # "raise": checked once per release (_check_finite), before anything of these groups leaves;
+            # "skip": here, so that the bad samples can be dropped from the records still at hand
+            total = sq.sum(0)
+            if self.nonfinite == "skip" and (self._bad is not None or not math.isfinite(float(total.sum()))):
+                total = self._drop_nonfinite(total, batch)
+                sq = torch.where(self._bad, 0, sq)
+            c = self.clip.factors(sq.sqrt(), groups)
+            if self._bad is not None:
+                c = torch.where(self._bad, 0, c)
+            cs = c * scale  # the records hold the gradients of the reduced loss
+            rows = dict(zip(keys, pos))
+            for p, s in batch.clipped_sums(cs, list(recs), rows).items():
+                self._add_to_sum(self.index[p], s)
+            self._sq_total = total if self._sq_total is None else self._sq_total + total
+        if self._hook_plan is not None:
+            self._wait([i for g in groups for i in self.members[g]])
+
+    def _drop_nonfinite(self, total: torch.Tensor, batch: PhysicalBatch) -> torch.Tensor:
+        """Samples with a non-finite gradient: raise, or drop them from these groups and the ones after
+        them in the backward."""
+        bad = ~torch.isfinite(total)
         if bool(bad.any()):
-            names = [self.engine.names[p] for p in recs]
-            msg = f"non-finite per-sample gradient in {int(bad.sum())} of {B} samples (parameters: {names[:3]})"
+            names = [self.engine.names[p] for p in batch.records]
+            msg = (f"non-finite per-sample gradient in {int(bad.sum())} of {batch.batch_size} samples "
+                   f"(parameters: {names[:3]})")
             if self.nonfinite == "raise":
                 raise FloatingPointError(msg + "; check the loss and learning rate, or pass nonfinite='skip' to drop "
                                          "such samples (counted in optimizer.skipped_samples). Under per-layer "
                                          "clipping the layers before it in the backward may have been updated")
             if self._bad is None:
-                warnings.warn(msg + ": these samples are dropped from the step (from this group and the ones after "
-                              "it in the backward)")
+                warnings.warn(msg + ": these samples are dropped from the step (from these groups and the ones "
+                              "after them in the backward)")
             self._bad = bad if self._bad is None else self._bad | bad
-        for r in recs.values():
-            for rec in r:
-                rec.drop(self._bad)
-        return torch.where(self._bad, 0, sq)
+        batch.drop(self._bad)
+        return torch.where(self._bad, 0, total)
 
     # --- after the backward ---------------------------------------------------------------
     def _accumulate(self, batch) -> None:
@@ -206,15 +248,19 @@ class PerLayerDPOptimizer(DPOptimizer):
         release every tensor still waiting (all are clipped now)."""
         if not self._chunk_open:
             self._open_chunk()
-        by_group: dict = {}
-        for p, recs in batch.records.items():
+        self._clip_pending()
+        groups, recs = [], {}
+        for p, rs in batch.records.items():
             i = self.index.get(p)
             if i is not None:
-                by_group.setdefault(self._col[i], {})[p] = recs
-        for g, recs in by_group.items():
-            if g in self._clipped:
-                raise RuntimeError(f"group {g} got records after it was clipped in this backward")
-            self._clip_group(g, recs)
+                g = self._col[i]
+                if g in self._clipped:
+                    raise RuntimeError(f"group {g} got records after it was clipped in this backward")
+                if g not in groups:
+                    groups.append(g)
+                recs[p] = rs
+        if groups:
+            self._clip_groups(groups, recs)
         if self._bad is not None:
             self.skipped_samples += int(self._bad.sum())
             self._bad = None

@@ -401,11 +401,12 @@ class LinearStack:
                 b.gs = sums[k]
 
     def clipped_sums(self, c: torch.Tensor) -> torch.Tensor:
-        """(n, *weight shape): sum_i c_i G_i^T A_i per record."""
+        """(n, *weight shape): sum_i c_i G_i^T A_i per record; ``c`` (B,) shared or (n, B) per record."""
         u, B, T, d = self.A.shape
         n, p = self.G.shape[0], self.G.shape[3]
         A = self.A if self.index is None else self.A.index_select(0, self.index)
-        Gc = (self.G * c.to(self.G.dtype)[None, :, None, None]).view(n, B * T, p)
+        c = c.to(self.G.dtype)
+        Gc = (self.G * (c[None, :, None, None] if c.dim() == 1 else c[:, :, None, None])).view(n, B * T, p)
         A = A.view(n, B * T, d)
         if self.transposed:  # Conv1D weight (d, p)
             return torch.bmm(A.transpose(1, 2), Gc)

@@ -93,9 +93,12 @@ def _call(model, ids, mask):
 @pytest.mark.parametrize("make", [_roberta, _gpt2, _lora], ids=["roberta", "gpt2-tied", "lora"])
 @pytest.mark.parametrize("reduction", ["sum", "mean"])
 @pytest.mark.parametrize("opt", ["sgd", "adamw"])
-def test_per_layer_step_equals_brute_force(make, reduction, opt):
+@pytest.mark.parametrize("together", [True, False], ids=["groups-together", "each-group-alone"])
+def test_per_layer_step_equals_brute_force(make, reduction, opt, together):
     """Two steps, two physical chunks per logical batch, unequal thresholds (a dict) and planted
-    noise scales (anadp feeds grad_g / w_g): parameters equal the reference to ~1e-12."""
+    noise scales (anadp feeds grad_g / w_g): parameters equal the reference to ~1e-12, whether the
+    complete groups are clipped together (these small models: all of them at the end of the
+    backward) or each in its own layer's hook (CLIP_BATCH = 0, what large layers do)."""
     torch.manual_seed(0)
     model, kind = make()
     ref = copy.deepcopy(model)
@@ -114,6 +117,8 @@ def test_per_layer_step_equals_brute_force(make, reduction, opt):
                                            clipping="per_layer", allocation="anadp", poisson_sampling=False,
                                            loss_reduction=reduction, seed=0, max_physical_batch_size=2,
                                            backend="torch")
+    if not together:
+        dp.CLIP_BATCH = 0
     g = torch.Generator().manual_seed(2)
     names = dp.group_names + (["<rest>"] if dp.clip.has_rest else [])
     C = {n: float(v) for n, v in zip(names, torch.rand(len(names), generator=g, dtype=torch.float64) * 0.2 + 0.01)}
