@@ -24,7 +24,7 @@ from tqdm.auto import tqdm
 
 from . import textdata
 from .api import make_private
-from .methods import DEFAULT, method_setup
+from .methods import DEFAULT, method_setup, uses_anadp
 
 
 @dataclass
@@ -292,7 +292,7 @@ def plots(rows: list[dict], summary: list[dict], out: str) -> list[str]:
     paths.append(os.path.join(out, "accuracy_vs_epsilon.png"))
     fig.savefig(paths[-1], dpi=120)
     plt.close(fig)
-    anadp_rows = [r for r in rows if r["method"] in ("anadp", "anadp-bc") and r.get("noise_scales")]
+    anadp_rows = [r for r in rows if uses_anadp(r["method"]) and r.get("noise_scales")]
     if anadp_rows:
         r = max(anadp_rows, key=lambda r: (r["target_epsilon"], -r["seed"]))
         n = len(noise_grid(r["noise_scales"])[0])

@@ -32,4 +32,9 @@ def method_setup(method: str) -> dict:
     return {"allocation": method, "clipping": "whitened", "adam_noise_correction": False}
 
 
+def uses_anadp(method: str) -> bool:
+    """Whether the method's noise scales are anadp's (the runs whose w_g a plot shows)."""
+    return method != "nonprivate" and method_setup(method)["allocation"] == "anadp"
+
+
 DEFAULT = "anadp"  # make_private's defaults: anadp, whitened clipping, no noise correction (README: the study)

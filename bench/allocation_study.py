@@ -31,6 +31,7 @@ import torch
 from torch.utils.data import TensorDataset
 
 from anadp.finetune import FinetuneConfig, expected_batch, heatmap, learning_rate, prepare, summarize, train_one
+from anadp.methods import uses_anadp
 
 METHODS = ["uniform", "anadp", "clip", "paper", "paper-global", "per_layer", "per_layer-anadp", "per_layer-adaptive",
            "per_layer-anadp-adaptive", "uniform-bc", "anadp-bc"]
@@ -128,8 +129,7 @@ def plot(result: dict, path: str) -> None:
                         marker="o", capsize=3, label=m)
         ax.set(xscale="log", xlabel="target epsilon", ylabel="test accuracy", title=f"{mode}: accuracy vs epsilon")
         ax.legend(fontsize=8)
-        runs = [r for r in result["rows"] if r.get("mode") == mode and r["method"] in ("anadp", "anadp-bc")
-                and r.get("noise_scales")]
+        runs = [r for r in result["rows"] if r.get("mode") == mode and uses_anadp(r["method"]) and r.get("noise_scales")]
         ax = axes[1][j]
         if runs:
             r = max(runs, key=lambda r: (r["target_epsilon"], -r["seed"]))
