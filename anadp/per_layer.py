@@ -26,12 +26,6 @@ from .engine import PhysicalBatch
 from .optimizer import DPOptimizer
 
 
-def _record_numel(r) -> int:
-    """The numbers a record keeps (a token-sum bias keeps none of its own)."""
-    return sum(t.numel() for t in (getattr(r, "A", None), getattr(r, "G", None), getattr(r, "_gs", None),
-                                   vars(r).get("gs")) if t is not None)
-
-
 def total_threshold(max_grad_norm) -> float:
     """C = sqrt(sum_g C_g^2) of a float, list or dict of per-layer thresholds."""
     if isinstance(max_grad_norm, dict):
@@ -170,7 +164,7 @@ class PerLayerDPOptimizer(DPOptimizer):
     def _pend(self, g: int, recs: dict) -> None:
         """A complete group: clipped now (large records), or kept to be clipped with others."""
         self._clipped.add(g)
-        numel = sum(_record_numel(r) for rs in recs.values() for r in rs)
+        numel = sum(R.kept_numel(r) for rs in recs.values() for r in rs)
         if numel > self.CLIP_BATCH // 4:
             self._clip_groups([g], recs)
             return

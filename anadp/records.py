@@ -450,6 +450,17 @@ def inner(r: object, s: object) -> torch.Tensor:
     return (r.dense() * s.dense()).flatten(1).sum(1)
 
 
+def kept_numel(r: object) -> int:
+    """The numbers a record keeps (a token-sum bias none of its own until it is read)."""
+    if isinstance(r, LinearRecord):
+        return r.A.numel() + r.G.numel()
+    if isinstance(r, EmbeddingRecord):
+        return r.G.numel()
+    if isinstance(r, TokenSumRecord):
+        return 0 if r._gs is None else r._gs.numel()
+    return r.gs.numel()
+
+
 def sq_norm(records: list, cache: BatchCache | None = None) -> torch.Tensor:
     """Per-sample squared norm of the sum of several contributions (``cache``: see BatchCache)."""
     def one(r):
