@@ -21,7 +21,9 @@ centred counts sum_i (1[||g_ig|| <= C_g] - 1/2) of every group, plus Gaussian no
 of std z_b * sqrt(G) / 2 (the count vector of one sample has norm sqrt(G) / 2), and
 moves C_g <- C_g exp(-eta (b_g - gamma)), b_g the noisy unclipped fraction over the
 expected batch. The gradient then gets sigma_g with sigma_g^-2 + z_b^-2 = sigma^-2:
-the step is charged sigma.
+the step is charged sigma. With ``fixed_total`` the moved thresholds are rescaled to keep
+sqrt(sum_g C_g^2) = C: only their shares adapt (gamma drops out, every group ends up
+clipping the same fraction of its samples) and the noise stays that of flat clipping at C.
 
 The interface both implement (DPOptimizer reads nothing else of the clipping):
 ``factors(norms, group)`` the clip factors (of each sample's whole norm, or of several groups' norms), ``total`` C, ``noise_total(scales)`` K (group g's noise
@@ -91,6 +93,9 @@ class AdaptiveClipping:
     learning_rate: float = 0.2    # eta of the geometric update
     count_noise: float = 10.0     # z_b in units of sigma: the counts take 1 / count_noise^2 of the budget
     min_threshold: float = 1e-6   # C_g never falls below this (a group with zero gradients)
+    # keep sqrt(sum_g C_g^2) at its initial value: the thresholds' shares follow the groups' norms
+    # (equal clipped fractions) while the noise stays sigma * C, as under flat clipping
+    fixed_total: bool = False
 
     def __post_init__(self):
         if not 0 < self.target_quantile < 1:
@@ -155,7 +160,7 @@ class PerLayerClipping:
         self.released = 0 if adaptive is None else self.n_groups  # one count per group column
         self.counts = torch.zeros(self.n_groups, dtype=torch.float64)  # centred unclipped counts of the step
         self.last_released_counts: torch.Tensor | None = None
-
+        self.initial_total = self.total  # what fixed_total holds
 
     @property
     def total(self) -> float:
@@ -204,6 +209,8 @@ class PerLayerClipping:
         unclipped = counts / expected_batch + 0.5
         moved = (self.thresholds * torch.exp(-a.learning_rate * (unclipped - a.target_quantile))).clamp_min(
             a.min_threshold)
+        if a.fixed_total:
+            moved = moved * (self.initial_total / float(moved[self.thresholds > 0].square().sum().sqrt()))
         self.thresholds = torch.where(self.thresholds > 0, moved, self.thresholds)  # an empty rest column stays 0
         self.counts.zero_()
 

@@ -7,7 +7,7 @@
 Grid: LoRA and full fine-tuning x epsilon 1, 3, 8 x seeds 0, 1, 2 x methods uniform,
 anadp, clip, paper and paper-global (the paper's mechanism: one global clip, charged
 sigma * min_g w_g, so its epsilon ends above the target; the table shows what it spent),
-per-layer clipping (per_layer[-anadp][-adaptive]) and Adam's noise correction
+per-layer clipping (per_layer[-anadp][-adaptive|-shares]) and Adam's noise correction
 (uniform-bc, anadp-bc), plus non-private per mode and seed. Runs are paired: a seed fixes the head's
 initialization, the Poisson batches and the noise stream of every method.
 
@@ -31,10 +31,9 @@ import torch
 from torch.utils.data import TensorDataset
 
 from anadp.finetune import FinetuneConfig, expected_batch, heatmap, learning_rate, prepare, summarize, train_one
-from anadp.methods import uses_anadp
+from anadp.methods import METHODS as ALL_METHODS, uses_anadp
 
-METHODS = ["uniform", "anadp", "clip", "paper", "paper-global", "per_layer", "per_layer-anadp", "per_layer-adaptive",
-           "per_layer-anadp-adaptive", "uniform-bc", "anadp-bc"]
+METHODS = ["uniform"] + [m for m in ALL_METHODS if m not in ("nonprivate", "uniform")]  # the baseline first
 MODES = {"lora": dict(lora=True), "full": dict(lora=False)}  # rates and batches: finetune's defaults per mode
 
 _W: dict = {}  # per worker: the prepared data

@@ -54,3 +54,15 @@ def test_budget_lets_the_runs_in_flight_finish(tmp_path, tiny_model):
     res = json.loads(next(out.glob("allocation-study-*-smoke.json")).read_text())
     assert [(r["method"], r["seed"]) for r in res["rows"]] in (
         [("uniform", 0), ("uniform", 1)], [("uniform", 1), ("uniform", 0)]) and not any("error" in r for r in res["rows"])
+
+
+def test_every_method_of_the_study_runs(tmp_path, tiny_model):
+    """Each name --methods accepts makes a run without error (a name that make_private refuses, or
+    that method_setup maps wrongly, is an error row)."""
+    from bench.allocation_study import METHODS, main
+    out = tmp_path / "out"
+    assert main(["--smoke", "--model", str(tiny_model), "--out", str(out), "--epsilon", "8", "--seed", "0",
+                 "--modes", "lora", "--no-nonprivate", "--methods", *METHODS]) == 0
+    res = json.loads(next(out.glob("allocation-study-*-smoke.json")).read_text())
+    assert sorted(r["method"] for r in res["rows"]) == sorted(METHODS)
+    assert [r for r in res["rows"] if "error" in r] == []

@@ -273,16 +273,19 @@ def test_accountant_is_charged_sigma_as_uniform_dp():
         assert math.isclose(dp.privacy_spent(1e-5), ref.get_epsilon(1e-5), rel_tol=1e-9)
 
 
-def test_adaptive_thresholds_follow_the_quantile_update():
+@pytest.mark.parametrize("fixed_total", [False, True])
+def test_adaptive_thresholds_follow_the_quantile_update(fixed_total):
     """sigma = 0 (no count noise): C_g <- C_g exp(-eta (b_g - gamma)), b_g the group's unclipped
-    fraction over the expected batch, exactly; and a released count is one per group."""
+    fraction over the expected batch, exactly (with fixed_total, then rescaled to the initial
+    sqrt(sum_g C_g^2)); and a released count is one per group."""
     m, o, l = make_setup("sgd", batch_size=16)
     start = copy.deepcopy(m)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         m, dp, l = anadp.make_private(m, o, l, noise_multiplier=0.0, max_grad_norm=1.0, clipping="per_layer",
                                       seed=0, poisson_sampling=False,
-                                      adaptive_clipping=AdaptiveClipping(target_quantile=0.3, learning_rate=0.5))
+                                      adaptive_clipping=AdaptiveClipping(target_quantile=0.3, learning_rate=0.5,
+                                                                         fixed_total=fixed_total))
     x, y = next(iter(l))
     C0 = dp.clip.thresholds.clone()
     dp.zero_grad()
@@ -295,6 +298,9 @@ def test_adaptive_thresholds_follow_the_quantile_update():
         sq[dp._col[i]] += ref[pname[p]].flatten(1).pow(2).sum(1).double()
     b = (sq.sqrt() <= C0[:, None]).double().sum(1) / dp.expected_batch_size
     want = (C0 * torch.exp(-0.5 * (b - 0.3))).clamp_min(1e-6)
+    if fixed_total:
+        want = torch.where(C0 > 0, want * C0.norm() / want[C0 > 0].norm(), want)
+        assert math.isclose(dp.clip.total, float(C0.norm()), rel_tol=1e-12)
     assert rel_err(dp.clip.thresholds, want) < 1e-12
     assert dp.clip.last_released_counts.shape == (dp.clip.n_groups,)
 
