@@ -167,7 +167,9 @@ def main(argv=None) -> int:
     ap.add_argument("--save-prepared", help="write the tokenized data and delta to this file and stop")
     ap.add_argument("--prepared", help="read the tokenized data from a --save-prepared file (a machine without "
                                        "the data and tokenizer packages)")
-    ap.add_argument("--resume", help="a study JSON whose finished runs are kept and not run again")
+    ap.add_argument("--resume", nargs="+", default=[],
+                    help="study JSONs whose finished runs are kept and not run again (the first of a run wins); "
+                         "with --budget-s 0, only merges them into one table")
     ap.add_argument("--smoke", action="store_true", help="tiny sizes (CI): 2 steps a run")
     args = ap.parse_args(argv)
     cfg = FinetuneConfig(model=args.model, device=args.device, backend=args.backend, batch_size=args.batch_size,
@@ -187,12 +189,15 @@ def main(argv=None) -> int:
     todo = jobs(args.modes, args.epsilon, args.seed, args.methods, nonprivate=not args.no_nonprivate)
     date = datetime.date.today().isoformat()
     stem = os.path.join(args.out, f"allocation-study-{date}{'-smoke' if args.smoke else ''}{args.tag}")
-    done = []
-    if args.resume and os.path.exists(args.resume):  # runs already made: kept, not run again
-        with open(args.resume) as f:
-            done = [r for r in json.load(f)["rows"] if "accuracy" in r]
-        have = {(r["mode"], r["method"], r["target_epsilon"] or math.inf, r["seed"]) for r in done}
-        todo = [j for j in todo if j not in have]
+    kept, have = [], set()
+    for path in args.resume:  # runs already made: kept, not run again
+        with open(path) as f:
+            for r in json.load(f)["rows"]:
+                key = (r["mode"], r["method"], r["target_epsilon"] or math.inf, r["seed"])
+                if "accuracy" in r and key not in have:
+                    kept.append(r)
+                    have.add(key)
+    todo = [j for j in todo if j not in have]
     os.makedirs(args.out, exist_ok=True)
     result = {"date": date, "device": args.device, "torch": torch.__version__, "config": asdict(cfg) | {
         "model": data["model_path"], "train_size": len(data["train"]), "test_size": len(data["test"]),
@@ -204,26 +209,32 @@ def main(argv=None) -> int:
                                     for m, c in ((m, replace(cfg, **v)) for m, v in MODES.items()))
                         + f"; device {args.device}."),
         "rows": [], "summary": []}
-    for row in done:
+    for row in kept:
         result["rows"].append(row)
     threads = args.threads or max(1, (os.cpu_count() or 1) // args.workers)
     t0 = time.time()
 
-    def record(row):
-        result["rows"].append(row)
+    def over_budget() -> bool:
+        return args.budget_s is not None and time.time() - t0 >= args.budget_s
+
+    def save():
         result["summary"] = summary(result["rows"])
         with open(stem + ".json", "w") as f:
             json.dump(result, f, indent=1)
         with open(stem + ".md", "w") as f:
             f.write(markdown(result))
-        print(f"{time.time() - t0:7.0f} s  {len(result['rows'])}/{len(todo)}  {row.get('mode')} {row['method']} "
+
+    def record(row):
+        result["rows"].append(row)
+        save()
+        print(f"{time.time() - t0:7.0f} s  {len(result['rows']) - len(kept)}/{len(todo)}  {row.get('mode')} {row['method']} "
               f"eps={row.get('target_epsilon')} seed={row['seed']} acc={row.get('accuracy', row.get('error'))}",
               flush=True)
 
     if args.workers == 1:
         _init(cfg, data, threads)
         for job in todo:
-            if args.budget_s and time.time() - t0 > args.budget_s:
+            if over_budget():
                 break
             record(_run(job))
     else:
@@ -233,8 +244,7 @@ def main(argv=None) -> int:
             # (a run in flight finishes: terminating it would throw its work away)
             queue, running = list(todo), []
             while queue or running:
-                while queue and len(running) < args.workers and not (
-                        args.budget_s and time.time() - t0 > args.budget_s):
+                while queue and len(running) < args.workers and not over_budget():
                     running.append(pool.apply_async(_run, (queue.pop(0),)))
                 if not running:
                     break
@@ -244,6 +254,7 @@ def main(argv=None) -> int:
                     continue
                 running.remove(done)
                 record(done.get())
+    save()
     plot(result, stem + ".png")
     print(markdown(result))
     return 0

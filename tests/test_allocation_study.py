@@ -66,3 +66,20 @@ def test_every_method_of_the_study_runs(tmp_path, tiny_model):
     res = json.loads(next(out.glob("allocation-study-*-smoke.json")).read_text())
     assert sorted(r["method"] for r in res["rows"]) == sorted(METHODS)
     assert [r for r in res["rows"] if "error" in r] == []
+
+
+def test_resume_merges_studies_without_running(tmp_path, tiny_model):
+    """--resume takes several studies; with --budget-s 0 it writes their union and runs nothing."""
+    from bench.allocation_study import main
+    common = ["--smoke", "--model", str(tiny_model), "--epsilon", "8", "--seed", "0", "--modes", "lora",
+              "--no-nonprivate"]
+    parts = []
+    for m in ("uniform", "anadp"):
+        assert main(common + ["--out", str(tmp_path / m), "--methods", m]) == 0
+        parts.append(str(next((tmp_path / m).glob("allocation-study-*-smoke.json"))))
+    out = tmp_path / "merged"
+    assert main(common + ["--out", str(out), "--methods", "uniform", "anadp", "clip", "--resume", *parts,
+                          "--budget-s", "0"]) == 0
+    res = json.loads(next(out.glob("allocation-study-*-smoke.json")).read_text())
+    assert sorted(r["method"] for r in res["rows"]) == ["anadp", "uniform"]  # clip not run
+    assert {s["method"] for s in res["summary"]} >= {"uniform", "anadp"}
