@@ -43,9 +43,10 @@ def make_private(model: nn.Module, optimizer: torch.optim.Optimizer, data_loader
     its noise and update follow (the step still needs ``optimizer.step()``). ``max_grad_norm``: a float C
     (equal thresholds C / sqrt(G)), a list (one per group, ``optimizer.group_names`` order, the rest
     group last) or a dict {group name or "<rest>": C_g}; the noise std is sigma * sqrt(sum_g C_g^2), as
-    Opacus's per-layer clipping. ``adaptive_clipping=True`` (or an AdaptiveClipping) moves each C_g
-    towards a quantile of its per-sample norms from a noisy count, paid out of the same sigma;
-    ``AdaptiveClipping(fixed_total=True)`` moves only the thresholds' shares of a fixed total C.
+    Opacus's per-layer clipping. ``adaptive_clipping=True`` (or an AdaptiveClipping) moves the
+    thresholds' shares of the total C by noisy counts of the samples under them (paid out of the same
+    sigma) until every group clips the same fraction of its samples; ``AdaptiveClipping(fixed_total=False)``
+    moves each C_g towards a quantile of its norms instead (Andrew et al.; the total then floats).
 
     ``adam_noise_correction`` (Adam / AdamW): the noise's known variance per coordinate is taken out of
     Adam's second moment, floored at that variance (a float: that fraction of it), so that Adam no longer

@@ -20,8 +20,9 @@ def method_setup(method: str) -> dict:
     """make_private's allocation and clipping arguments of a DP method name: an allocation (whitened
     clipping); "paper-global", the paper's mechanism (one global clip, noise per group, charged
     sigma * min_g w_g: its epsilon ends above the target); "per_layer[-anadp][-adaptive|-shares]":
-    per-layer clipping with equal thresholds C / sqrt(G) (or adaptive ones: each at its median, or
-    "shares" of a fixed total C), uniform noise (or anadp's);
+    per-layer clipping with equal thresholds C / sqrt(G) (or adaptive ones: each at its group's median,
+    Andrew et al.'s, or "shares" of a fixed total C, make_private's adaptive default), uniform noise
+    (or anadp's);
     "<allocation>-bc": with Adam's noise correction."""
     if method in CORRECTED:
         return method_setup(method[:-len("-bc")]) | {"adam_noise_correction": True}
@@ -29,7 +30,7 @@ def method_setup(method: str) -> dict:
         return {"allocation": "paper", "clipping": "global", "adam_noise_correction": False}
     if method in PER_LAYER:
         adaptive = (AdaptiveClipping(fixed_total=True) if method.endswith("-shares")
-                    else method.endswith("-adaptive"))
+                    else AdaptiveClipping(fixed_total=False) if method.endswith("-adaptive") else None)
         return {"allocation": "anadp" if "-anadp" in method else "uniform", "clipping": "per_layer",
                 "adaptive_clipping": adaptive, "adam_noise_correction": False}
     if method not in ALLOCATIONS:

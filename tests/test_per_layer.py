@@ -329,6 +329,8 @@ def test_resume_is_bit_identical_with_adaptive_thresholds():
         return _flat(m2), dp2.clip.thresholds
     (a, ta), (b, tb) = run(False), run(True)
     assert torch.equal(a, b) and torch.equal(ta, tb)
+    # adaptive_clipping=True moves the shares of a fixed total (max_grad_norm = 1)
+    assert math.isclose(float(ta.norm()), 1.0, rel_tol=1e-12) and float(ta[ta > 0].std()) > 0
 
 
 def test_a_checkpoint_of_fixed_thresholds_refuses_other_thresholds():
