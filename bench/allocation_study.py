@@ -168,8 +168,8 @@ def main(argv=None) -> int:
     ap.add_argument("--prepared", help="read the tokenized data from a --save-prepared file (a machine without "
                                        "the data and tokenizer packages)")
     ap.add_argument("--resume", nargs="+", default=[],
-                    help="study JSONs whose finished runs are kept and not run again (the first of a run wins); "
-                         "with --budget-s 0, only merges them into one table")
+                    help="study JSONs whose finished runs of this grid are kept and not run again (the first of a run "
+                         "wins); with --budget-s 0, only merges them into one table")
     ap.add_argument("--smoke", action="store_true", help="tiny sizes (CI): 2 steps a run")
     args = ap.parse_args(argv)
     cfg = FinetuneConfig(model=args.model, device=args.device, backend=args.backend, batch_size=args.batch_size,
@@ -189,12 +189,12 @@ def main(argv=None) -> int:
     todo = jobs(args.modes, args.epsilon, args.seed, args.methods, nonprivate=not args.no_nonprivate)
     date = datetime.date.today().isoformat()
     stem = os.path.join(args.out, f"allocation-study-{date}{'-smoke' if args.smoke else ''}{args.tag}")
-    kept, have = [], set()
-    for path in args.resume:  # runs already made: kept, not run again
+    kept, have, grid = [], set(), set(todo)
+    for path in args.resume:  # runs of this grid already made: kept, not run again
         with open(path) as f:
             for r in json.load(f)["rows"]:
                 key = (r["mode"], r["method"], r["target_epsilon"] or math.inf, r["seed"])
-                if "accuracy" in r and key not in have:
+                if "accuracy" in r and key not in have and key in grid:
                     kept.append(r)
                     have.add(key)
     todo = [j for j in todo if j not in have]

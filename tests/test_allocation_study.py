@@ -83,3 +83,8 @@ def test_resume_merges_studies_without_running(tmp_path, tiny_model):
     res = json.loads(next(out.glob("allocation-study-*-smoke.json")).read_text())
     assert sorted(r["method"] for r in res["rows"]) == ["anadp", "uniform"]  # clip not run
     assert {s["method"] for s in res["summary"]} >= {"uniform", "anadp"}
+    out = tmp_path / "part"  # runs outside the grid asked for are left out
+    assert main(common + ["--out", str(out), "--methods", "uniform", "clip", "--resume", *parts,
+                          "--budget-s", "0"]) == 0
+    res = json.loads(next(out.glob("allocation-study-*-smoke.json")).read_text())
+    assert [r["method"] for r in res["rows"]] == ["uniform"]
