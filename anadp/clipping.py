@@ -91,8 +91,8 @@ class AdaptiveClipping:
     """Per-group thresholds moved by noisy counts of the samples under them (Andrew et al. 2021, per
     group). ``fixed_total`` (default): only their shares of the total C move, until every group clips
     the same fraction of its samples; the noise stays sigma * C, as under flat clipping. False: each
-    C_g follows the ``target_quantile`` of its group's norms and the total floats (Andrew et al.;
-    on the fine-tune benchmark it lost 6.5 points where the shares lost 1.6: README)."""
+    C_g follows the ``target_quantile`` of its group's norms and the total floats (Andrew et al.'s
+    rule; what each costs in accuracy: the README's per-layer clipping)."""
     target_quantile: float = 0.5  # gamma: the fraction of samples each group leaves unclipped (fixed_total=False)
     learning_rate: float = 0.2    # eta of the geometric update
     count_noise: float = 10.0     # z_b in units of sigma: the counts take 1 / count_noise^2 of the budget
