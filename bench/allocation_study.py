@@ -81,7 +81,8 @@ def markdown(result: dict) -> str:
     methods = [m for m in METHODS if any(s["method"] == m for s in summ)]
     lines = [f"# Allocation study, {result['date']}", "", result["description"], "",
              "Accuracy (mean ± std over seeds); for each allocation, the paired difference to uniform DP in points "
-             "(mean ± standard error over seeds). paper-global's epsilon is what it spent.", "",
+             "(mean ± standard error over seeds), or its accuracy where no uniform run pairs with it. paper-global's "
+             "epsilon is what it spent.", "",
              "| mode | epsilon | non-private | " + " | ".join(methods) + " |",
              "|---|---|---|" + "---|" * len(methods)]
     by = {(s["mode"], s["target_epsilon"], s["method"]): s for s in summ}
@@ -93,11 +94,11 @@ def markdown(result: dict) -> str:
                 s = by.get((mode, eps, m))
                 if s is None:
                     cells.append("")
-                elif m == "uniform":
+                elif m == "uniform" or "vs_uniform_mean" not in s:  # no uniform run to pair with
                     cells.append(f"{s['accuracy_mean']:.4f} ± {s['accuracy_std']:.4f}")
                 else:
                     spent = f" (eps {s['epsilon']:.1f})" if m == "paper-global" and s["epsilon"] else ""
-                    cells.append(f"{100 * s.get('vs_uniform_mean', float('nan')):+.2f} ± "
+                    cells.append(f"{100 * s['vs_uniform_mean']:+.2f} ± "
                                  f"{100 * s.get('vs_uniform_se', 0):.2f}{spent}")
             np_cell = f"{nonpriv['accuracy_mean']:.4f} ± {nonpriv['accuracy_std']:.4f}" if nonpriv else ""
             lines.append(f"| {mode} | {eps:g} | {np_cell} | " + " | ".join(cells) + " |")

@@ -88,3 +88,14 @@ def test_resume_merges_studies_without_running(tmp_path, tiny_model):
                           "--budget-s", "0"]) == 0
     res = json.loads(next(out.glob("allocation-study-*-smoke.json")).read_text())
     assert [r["method"] for r in res["rows"]] == ["uniform"]
+
+
+def test_table_without_a_uniform_run_shows_accuracies():
+    """A study of methods without uniform (cells merged later) shows each cell's accuracy, not '+nan'."""
+    from bench.allocation_study import markdown, summary
+    rows = [{"mode": "full", "target_epsilon": 3.0, "epsilon": 2.99, "method": m, "seed": s, "accuracy": a,
+             "wall_seconds": 1.0}
+            for m, accs in (("per_layer-shares", (0.70, 0.72)), ("anadp", (0.60, 0.64))) for s, a in enumerate(accs)]
+    md = markdown({"date": "d", "description": "", "rows": rows, "summary": summary(rows)})
+    assert "nan" not in md
+    assert "| full | 3 |  | 0.6200 ± 0.0283 | 0.7100 ± 0.0141 |" in md
