@@ -45,17 +45,16 @@ def probe(method: str, steps: int) -> None:
             if opt._chunks:  # more physical chunks of this logical batch
                 continue
             done += 1
+            n = opt.last_per_sample_norms  # of the last chunk (per-layer: every group together)
             if isinstance(opt.clip, PerLayerClipping):
                 t, counts = opt.clip.thresholds, opt.clip.last_released_counts
                 line = (f"K {opt.clip.total:.3f}  C head {float(t[-2]):.3f}  C min {float(t[t > 0].min()):.4f}")
                 if counts is not None:
                     frac = counts / opt.expected_batch_size + 0.5
                     line += f"  unclipped: mean {float(frac.mean()):.2f}, head {float(frac[-2]):.2f}"
-                n = opt.last_per_sample_norms  # of the last chunk, every group together
                 if n is not None:
                     line += f"  norms: median {float(n.median()):.3f}"
             else:
-                n = opt.last_per_sample_norms
                 line = f"whitened norms: median {float(n.median()):.3f}, min {float(n.min()):.3f}"
             print(f"step {done:3d}  {line}", flush=True)
             if done >= steps:
