@@ -184,6 +184,8 @@ class PerLayerDPOptimizer(DPOptimizer):
     def _clip_groups(self, groups: list, recs: dict) -> None:
         """Clip each group's samples to its C_g and add the clipped sums (records consumed); at the
         hooks' step their tensors then wait for release."""
+        if len(groups) == 1 and self._clip_one_pass(groups[0], recs):
+            recs = {}
         if recs:
             B = next(iter(recs.values()))[0].batch_size
             scale = float(B) if self.loss_reduction == "mean" else 1.0
@@ -216,6 +218,34 @@ class PerLayerDPOptimizer(DPOptimizer):
             self._sq_total = total if self._sq_total is None else self._sq_total + total
         if self._hook_plan is not None:
             self._wait([i for g in groups for i in self.members[g]])
+
+    def _clip_one_pass(self, g: int, recs: dict) -> bool:
+        """A group of one Linear weight kept as (A, G) and its bias: the weight's per-sample gradients
+        a chunk at a time (records.LinearRecord.one_pass), one product per layer as in a non-private
+        step. False (nothing consumed) where it does not apply: several records of a tensor, 16-bit or
+        GPU records, nonfinite="skip" (which drops samples from every group of the batch)."""
+        if self.nonfinite != "raise" or any(len(rs) != 1 for rs in recs.values()):
+            return False
+        weights = [p for p, rs in recs.items() if isinstance(rs[0], R.LinearRecord)]
+        if len(weights) != 1 or not recs[weights[0]][0].one_pass_applies():
+            return False
+        w = weights[0]
+        rec, others = recs[w][0], [p for p in recs if p is not w]
+        scale = float(rec.batch_size) if self.loss_reduction == "mean" else 1.0
+        extra = None
+        for p in others:
+            extra = recs[p][0].sq_norm() if extra is None else extra + recs[p][0].sq_norm()
+
+        def factors(sq: torch.Tensor) -> torch.Tensor:  # the records hold the gradients of the reduced loss
+            return self.clip.factors((sq * scale ** 2).sqrt()[None], [g])[0] * scale
+
+        sq, cs, s = rec.one_pass(factors, extra, self._cache)
+        self._add_to_sum(self.index[w], s)
+        for p in others:
+            self._add_to_sum(self.index[p], recs[p][0].clipped_sum(cs))
+        sq = sq * scale ** 2
+        self._sq_total = sq if self._sq_total is None else self._sq_total + sq
+        return True
 
     def _drop_nonfinite(self, total: torch.Tensor, batch: PhysicalBatch) -> torch.Tensor:
         """Samples with a non-finite gradient: raise, or drop them from these groups and the ones after

@@ -260,6 +260,40 @@ class LinearRecord:
         g = G.flatten(0, 1).t() @ A.flatten(0, 1)
         return g.t() if self.transposed else g
 
+    def one_pass_applies(self) -> bool:
+        """Whether ``one_pass`` serves this record: float32 / float64 on the CPU (elsewhere the GPU check
+        decides between kernels and cuBLAS), a token axis, and one sample's gradient no larger than the
+        record, so that a chunk's transient never exceeds what the record frees."""
+        A, G = self.A, self.G
+        return (A.device.type == "cpu" and A.dtype in (torch.float32, torch.float64) and G.dtype == A.dtype
+                and A.shape[1] > 1 and A.shape[2] * G.shape[2] <= kept_numel(self))
+
+    @torch.no_grad()
+    def one_pass(self, factors, extra_sq: torch.Tensor | None = None,
+                 cache: BatchCache | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Norms, clip factors and the clipped sum of a weight clipped on its own (per-layer clipping):
+        per-sample gradients formed ONE_PASS_CHUNK numbers at a time, each chunk's norms and clip factors
+        read off it and its clipped sum added, so the step computes the weight gradient's products once
+        (no Gram matrices, no second product for the clipped sum). ``factors``: squared norms of a chunk's
+        samples -> their clip factors; ``extra_sq``: what the group's other tensors (the bias) add to each
+        squared norm. Returns (squared norms, clip factors, clipped sum) over the batch."""
+        A, G = self.A, self.G
+        B, d, p = A.shape[0], A.shape[2], G.shape[2]
+        n = max(1, min(B, self.ONE_PASS_CHUNK // (p * d)))
+        sq, cs, total = A.new_empty(B), A.new_empty(B), A.new_zeros(p * d)
+        for i in range(0, B, n):
+            k = min(n, B - i)
+            P = torch.bmm(G[i:i + k].transpose(1, 2), A[i:i + k],
+                          out=None if cache is None else cache.scratch(1, (k, p, d), A))
+            sq[i:i + k] = rowdot(P, P) if extra_sq is None else rowdot(P, P) + extra_sq[i:i + k]
+            cs[i:i + k] = factors(sq[i:i + k])
+            total.addmv_(P.view(k, p * d).t(), cs[i:i + k])
+        g = total.view(p, d)
+        return sq, cs, (g.t() if self.transposed else g)
+
+    # per-sample gradient numbers that ``one_pass`` forms at a time (4 MB in float32)
+    ONE_PASS_CHUNK = 1 << 20
+
     def drop(self, bad: torch.Tensor) -> None:
         self.A = torch.where(bad[:, None, None], 0, self.A)
         self.G = torch.where(bad[:, None, None], 0, self.G)

@@ -604,3 +604,45 @@ def test_16bit_records_into_the_gemms_equal_the_upcast_records(monkeypatch, mode
     for p in out[False][0]:
         assert rel_err(out[True][0][p], out[False][0][p]) < 1e-6
         assert rel_err(out[True][1][p], out[False][1][p]) < 1e-6
+
+
+@pytest.mark.parametrize("dtype,tol", [(torch.float64, 1e-12), (torch.float32, 1e-5)])
+@pytest.mark.parametrize("transposed", [False, True], ids=["linear", "conv1d"])
+@pytest.mark.parametrize("samples_at_a_time", [1, 2, 5])
+def test_one_pass_equals_norms_then_clipped_sum(dtype, tol, transposed, samples_at_a_time, monkeypatch):
+    """LinearRecord.one_pass (per-layer clipping's weight: per-sample gradients a chunk at a time) gives
+    the squared norms, clip factors and clipped sum of the per-sample gradients formed whole, for
+    chunks that do and do not divide the batch (B = 5)."""
+    g = torch.Generator().manual_seed(0)
+    B, T, d, p = 5, 6, 7, 9
+    A = torch.randn(B, T, d, generator=g, dtype=torch.float64).to(dtype)
+    G = torch.randn(B, T, p, generator=g, dtype=torch.float64).to(dtype)
+    extra = torch.rand(B, generator=g, dtype=torch.float64).to(dtype)  # the bias's squared norms
+    rec = LinearRecord(A, G, transposed=transposed)
+    assert rec.one_pass_applies()
+    monkeypatch.setattr(LinearRecord, "ONE_PASS_CHUNK", samples_at_a_time * p * d)
+    gs = torch.einsum("btp,btd->bpd", G.double(), A.double())  # per-sample gradients, (B, p, d)
+    sq_ref = gs.flatten(1).pow(2).sum(1) + extra.double()
+    C = float(sq_ref.sqrt().median())  # some samples clipped, some not
+    chunks = []
+
+    def factors(sq):
+        chunks.append(len(sq))
+        return (C / sq.sqrt()).clamp(max=1.0) * 0.5
+
+    sq, cs, s = rec.one_pass(factors, extra)
+    cs_ref = (C / sq_ref.sqrt()).clamp(max=1.0) * 0.5
+    s_ref = torch.einsum("b,bpd->pd", cs_ref, gs)
+    assert chunks == [min(samples_at_a_time, B - i) for i in range(0, B, samples_at_a_time)]
+    assert 0 < int((cs_ref < 0.5).sum()) < B
+    assert rel_err(sq, sq_ref.to(dtype)) < tol and rel_err(cs, cs_ref.to(dtype)) < tol
+    assert s.shape == ((d, p) if transposed else (p, d))
+    assert rel_err(s, (s_ref.t() if transposed else s_ref).to(dtype)) < tol
+
+
+def test_one_pass_applies_where_its_transient_is_bounded():
+    """one_pass forms at least one sample's gradient: only where that is no larger than the record
+    (A, G) it frees, and with a token axis (the CPU's 16-bit records are kept in float32)."""
+    assert LinearRecord(torch.randn(4, 8, 16), torch.randn(4, 8, 16)).one_pass_applies()  # 256 <= 1024
+    assert not LinearRecord(torch.randn(1, 8, 64), torch.randn(1, 8, 64)).one_pass_applies()  # 4096 > 1024
+    assert not LinearRecord(torch.randn(4, 1, 16), torch.randn(4, 1, 16)).one_pass_applies()  # no token axis

@@ -93,12 +93,22 @@ def _call(model, ids, mask):
 @pytest.mark.parametrize("make", [_roberta, _gpt2, _lora], ids=["roberta", "gpt2-tied", "lora"])
 @pytest.mark.parametrize("reduction", ["sum", "mean"])
 @pytest.mark.parametrize("opt", ["sgd", "adamw"])
-@pytest.mark.parametrize("together", [True, False], ids=["groups-together", "each-group-alone"])
-def test_per_layer_step_equals_brute_force(make, reduction, opt, together):
+@pytest.mark.parametrize("together", [True, False, "one-sample-at-a-time"],
+                         ids=["groups-together", "each-group-alone", "alone-one-sample-at-a-time"])
+def test_per_layer_step_equals_brute_force(make, reduction, opt, together, monkeypatch):
     """Two steps, two physical chunks per logical batch, unequal thresholds (a dict) and planted
     noise scales (anadp feeds grad_g / w_g): parameters equal the reference to ~1e-12, whether the
     complete groups are clipped together (these small models: all of them at the end of the
-    backward) or each in its own layer's hook (CLIP_BATCH = 0, what large layers do)."""
+    backward) or each in its own layer's hook (CLIP_BATCH = 0, what large layers do: a weight kept
+    as (A, G) then takes LinearRecord.one_pass, its per-sample gradients formed a chunk at a time,
+    here also one sample at a time)."""
+    one_pass = []
+    if together is not True:
+        from anadp.records import LinearRecord
+        original = LinearRecord.one_pass
+        monkeypatch.setattr(LinearRecord, "one_pass", lambda self, *a, **k: one_pass.append(1) or original(self, *a, **k))
+        if together == "one-sample-at-a-time":
+            monkeypatch.setattr(LinearRecord, "ONE_PASS_CHUNK", 1)
     torch.manual_seed(0)
     model, kind = make()
     ref = copy.deepcopy(model)
@@ -117,7 +127,7 @@ def test_per_layer_step_equals_brute_force(make, reduction, opt, together):
                                            clipping="per_layer", allocation="anadp", poisson_sampling=False,
                                            loss_reduction=reduction, seed=0, max_physical_batch_size=2,
                                            backend="torch")
-    if not together:
+    if together is not True:
         dp.CLIP_BATCH = 0
     g = torch.Generator().manual_seed(2)
     names = dp.group_names + (["<rest>"] if dp.clip.has_rest else [])
@@ -154,6 +164,8 @@ def test_per_layer_step_equals_brute_force(make, reduction, opt, together):
             _reference_step(ref, o_ref, samples, thresholds, group_of, feed, denom, kind, R)
             chunk, steps = [], steps + 1
     assert steps == released_in_hooks == 2
+    # LoRA's factors are narrow (r = 2): their per-sample gradients are formed in the backward, no (A, G) kept
+    assert (len(one_pass) > 0) == (together is not True and make is not _lora)
     got = torch.cat([p.detach().flatten() for p in model.parameters()])
     want = torch.cat([p.detach().flatten() for p in ref.parameters()])
     assert rel_err(got - start, want - start) < 1e-10
