@@ -2,7 +2,8 @@
 its own threshold inside the backward, as soon as the last record of its tensors arrives, and
 at the last physical chunk of a logical batch its noise and update follow in the backward
 (DPOptimizer's phase "release the tensors", run by the hooks in batches of RELEASE_BATCH
-elements: one multi-tensor launch per batch, not one per layer).
+elements: one multi-tensor launch per batch, not one per layer). A large Linear weight kept as
+(A, G) is clipped in one pass over its per-sample gradients (``_clip_one_pass``).
 
 A group is complete when each of its tensors has one record per call of each layer holding it
 (``engine.expected_records``): a weight tied to two layers is complete after the second one's
