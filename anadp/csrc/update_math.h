@@ -30,10 +30,12 @@ ANADP_HD inline float sgd(float p, float g, float* buf, const float* row) {
   return p - row[LR] * g;
 }
 
-// Adam (L2 weight decay) or AdamW (FLAG: decoupled), bias-corrected; with NOISE_VAR > 0 the noise's
-// variance is taken out of v_hat, floored at VAR_FLOOR (anadp/adam_correction.py)
-ANADP_HD inline float adam(float p, float g, float* m, float* v, const float* row) {
-  if (row[FLAG] != 0.0f) {
+// Adam (L2 weight decay) or AdamW (kDecoupled), bias-corrected; with kCorrected (NOISE_VAR > 0) the noise's
+// variance is taken out of v_hat, floored at VAR_FLOOR (anadp/adam_correction.py). Branch-free for a given
+// pair, so that a loop over elements vectorizes (cpu/update.cpp)
+template <bool kDecoupled, bool kCorrected>
+ANADP_HD inline float adam_as(float p, float g, float* m, float* v, const float* row) {
+  if (kDecoupled) {
     p *= row[DECAY];
   } else {
     g += row[WD] * p;
@@ -42,11 +44,19 @@ ANADP_HD inline float adam(float p, float g, float* m, float* v, const float* ro
   const float vv = *v * row[BETA2] + row[ONE_MINUS_BETA2] * (g * g);
   *m = mm;
   *v = vv;
-  if (row[NOISE_VAR] > 0.0f) {
+  if (kCorrected) {
     const float vhat = vv / (row[BC2_SQRT] * row[BC2_SQRT]);
     return p - row[STEP_SIZE] * (mm / (sqrtf(fmaxf(vhat - row[NOISE_VAR], row[VAR_FLOOR])) + row[EPS]));
   }
   return p - row[STEP_SIZE] * (mm / (sqrtf(vv) / row[BC2_SQRT] + row[EPS]));
+}
+
+// adam_as for the row's flags (FLAG: decoupled weight decay; NOISE_VAR > 0: the noise correction)
+ANADP_HD inline float adam(float p, float g, float* m, float* v, const float* row) {
+  if (row[FLAG] != 0.0f) {
+    return row[NOISE_VAR] > 0.0f ? adam_as<true, true>(p, g, m, v, row) : adam_as<true, false>(p, g, m, v, row);
+  }
+  return row[NOISE_VAR] > 0.0f ? adam_as<false, true>(p, g, m, v, row) : adam_as<false, false>(p, g, m, v, row);
 }
 
 }  // namespace anadp

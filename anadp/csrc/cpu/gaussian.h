@@ -86,7 +86,18 @@ inline void gaussian_block(uint32_t k0, uint32_t k1, uint64_t base, int64_t m, f
   }
   box_muller(u0, t0, c0, s0, padded);
   box_muller(u1, t1, c1, s1, padded);
-  for (int64_t i = 0; i < m; ++i) {  // into element order: element 4j + q is component q of counter j
+  // into element order: element 4j + q is component q of counter j
+  int64_t i = 0;
+  if (skip == 0) {  // the usual case (blocks start at multiples of 4): whole counters, a SIMD interleave
+    for (int64_t j = 0; j < m / 4; ++j) {
+      z[4 * j] = c0[j];
+      z[4 * j + 1] = s0[j];
+      z[4 * j + 2] = c1[j];
+      z[4 * j + 3] = s1[j];
+    }
+    i = m / 4 * 4;
+  }
+  for (; i < m; ++i) {
     const int64_t e = skip + i, j = e >> 2, q = e & 3;
     z[i] = q == 0 ? c0[j] : q == 1 ? s0[j] : q == 2 ? c1[j] : s1[j];
   }

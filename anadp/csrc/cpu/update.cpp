@@ -16,34 +16,72 @@
 
 namespace {
 
+// the privatized gradient of a block into gr: (clipped sum + std z) * inv
+inline void privatize_block(const float* g, const float* z, float* gr, int64_t n, float std, float inv) {
+  if (z != nullptr) {
+#pragma omp simd
+    for (int64_t i = 0; i < n; ++i) gr[i] = (g[i] + std * z[i]) * inv;
+  } else {
+#pragma omp simd
+    for (int64_t i = 0; i < n; ++i) gr[i] = g[i] * inv;
+  }
+}
+
+// w = Adam's update of w for a block, in place (SIMD lanes)
+template <bool kDecoupled, bool kCorrected>
+inline void adam_block(float* w, const float* gr, float* m, float* v, int64_t n, const float* r) {
+#pragma omp simd
+  for (int64_t i = 0; i < n; ++i) w[i] = anadp::adam_as<kDecoupled, kCorrected>(w[i], gr[i], m + i, v + i, r);
+}
+
 // returns the block's sum of the statistic; adds the sum of the first moment's squares after the update
-// (Adam's m, SGD's momentum buffer) to *m_sq
+// (Adam's m, SGD's momentum buffer) to *m_sq. Passes over the block (in L1): privatize, statistic,
+// update, moment; each a SIMD loop where the arithmetic allows (IEEE add / mul / div / sqrt round the
+// same in every lane, so the parameters are those of the scalar loop; the two sums are reassociated
+// over the lanes, a fixed order)
 template <typename P>
 double update_block(P* p, float* g, float* m, float* v, int64_t b, int64_t n, const float* row, int kind,
                     bool noise, bool stat_sq, bool store, uint32_t k0, uint32_t k1, double* m_sq) {
   alignas(64) float z[anadp_cpu::kBlock];
+  alignas(64) float gr[anadp_cpu::kBlock];
+  alignas(64) float w[anadp_cpu::kBlock];
   if (noise) anadp_cpu::gaussian_block(k0, k1, static_cast<uint64_t>(b), n, z);
-  const float std = row[anadp::NOISE_STD], inv = row[anadp::INV_DENOM];
+  privatize_block(g + b, noise ? z : nullptr, gr, n, row[anadp::NOISE_STD], row[anadp::INV_DENOM]);
+  if (store) std::copy(gr, gr + n, g + b);  // the privatized gradient, for p.grad
+  for (int64_t i = 0; i < n; ++i) w[i] = static_cast<float>(p[b + i]);
   float local = 0.0f;
-  for (int64_t i = 0; i < n; ++i) {
-    const int64_t e = b + i;
-    float grad = g[e];
-    if (noise) grad += std * z[i];
-    grad *= inv;
-    if (store) g[e] = grad;  // the privatized gradient, for p.grad
-    float w = static_cast<float>(p[e]);
-    local += stat_sq ? grad * grad : std::fabs(w * grad);
-    if (kind == anadp::SGD) {
-      float unused = 0.0f;
-      w = anadp::sgd(w, grad, row[anadp::BETA1] != 0.0f ? m + e : &unused, row);
-    } else {
-      w = anadp::adam(w, grad, m + e, v + e, row);
-    }
-    p[e] = static_cast<P>(w);  // c10::BFloat16 / Half round to nearest even, as __float2bfloat16_rn
+  if (stat_sq) {
+#pragma omp simd reduction(+ : local)
+    for (int64_t i = 0; i < n; ++i) local += gr[i] * gr[i];
+  } else {
+#pragma omp simd reduction(+ : local)
+    for (int64_t i = 0; i < n; ++i) local += std::fabs(w[i] * gr[i]);
   }
+  if (kind == anadp::SGD) {
+    for (int64_t i = 0; i < n; ++i) {
+      float unused = 0.0f;
+      w[i] = anadp::sgd(w[i], gr[i], row[anadp::BETA1] != 0.0f ? m + b + i : &unused, row);
+    }
+  } else {
+    float r[anadp::N_COLS];  // a local copy: the stores to m and v cannot alias it
+    std::copy(row, row + anadp::N_COLS, r);
+    const bool decoupled = r[anadp::FLAG] != 0.0f, corrected = r[anadp::NOISE_VAR] > 0.0f;
+    if (decoupled && corrected) {
+      adam_block<true, true>(w, gr, m + b, v + b, n, r);
+    } else if (decoupled) {
+      adam_block<true, false>(w, gr, m + b, v + b, n, r);
+    } else if (corrected) {
+      adam_block<false, true>(w, gr, m + b, v + b, n, r);
+    } else {
+      adam_block<false, false>(w, gr, m + b, v + b, n, r);
+    }
+  }
+  for (int64_t i = 0; i < n; ++i) p[b + i] = static_cast<P>(w[i]);  // BFloat16 / Half: nearest even
   if (m != nullptr) {
     float sq = 0.0f;
-    for (int64_t i = 0; i < n; ++i) sq += m[b + i] * m[b + i];
+    const float* mb = m + b;
+#pragma omp simd reduction(+ : sq)
+    for (int64_t i = 0; i < n; ++i) sq += mb[i] * mb[i];
     *m_sq += sq;
   }
   return local;
