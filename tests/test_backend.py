@@ -68,6 +68,7 @@ def _train(make, optimizer, steps=3, physical=None, autocast=False, allocation="
     X, Y = torch.randint(1, 50, (40, 7)), torch.randint(0, 3, (40,))
     dl = DataLoader(TensorDataset(X, Y), batch_size=10)
     opt = (torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.01) if optimizer == "adamw"
+           else torch.optim.Adam(model.parameters(), lr=1e-2, weight_decay=0.01) if optimizer == "adam"
            else torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9))
     # sigma 0.05: anadp's statistics measurable on these tiny models, so its scales move and are compared
     model, opt, dl = make_private(model, opt, dl, max_grad_norm=0.5, noise_multiplier=sigma, seed=3, allocation=allocation,
@@ -125,6 +126,22 @@ def test_three_steps_on_cpu_equal_torch(monkeypatch, make, optimizer, allocation
     grads = [p.grad for p in o.params]
     assert all(g is not None for g in grads)
     assert rel_err(torch.cat([g.flatten() for g in grads]), torch.cat([p.grad.flatten() for p in o_ref.params])) < 1e-5
+
+
+@pytest.mark.parametrize("correction", [False, True])
+def test_adam_with_l2_decay_on_cpu_equals_torch(monkeypatch, correction):
+    """torch.optim.Adam (L2 weight decay: the update's other two branches, adam_as<false, *>), with and
+    without the noise correction, in the cpu backend's SIMD update against the torch path; sigma 1, where
+    the correction changes the step by far more than the backends differ."""
+    if why_unavailable("cpu", torch.device("cpu")) is not None or DEV != "cpu":
+        pytest.skip("the cpu backend's kernel is not built here, or the tensors are on a GPU")
+    monkeypatch.setenv("ANADP_BACKEND", "torch")
+    ref, _ = _train(_bert, "adam", sigma=1.0, adam_noise_correction=correction)
+    other, _ = _train(_bert, "adam", sigma=1.0, adam_noise_correction=not correction)
+    monkeypatch.setenv("ANADP_BACKEND", "cpu")
+    out, o = _train(_bert, "adam", sigma=1.0, adam_noise_correction=correction)
+    assert o.backend == "cpu" and o._fused_update and isinstance(o.original_optimizer, torch.optim.Adam)
+    assert rel_err(out, ref) < 1e-5 and rel_err(other, ref) > 1e-3
 
 
 @pytest.mark.parametrize("backend", ["triton", "cpu"])
