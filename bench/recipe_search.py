@@ -1,0 +1,141 @@
+"""Recipe search for DP fine-tuning: screen hyperparameters on a validation split carved from the
+training split (the test split is never read), one cheap proxy run per candidate.
+
+    python -m bench.recipe_search --out bench/results --tag -screen1      # the screen (CPU hours)
+    python -m bench.recipe_search --smoke                                 # tiny, for CI
+
+The search's own privacy cost is not accounted (as in Li et al. 2022 and most of the literature):
+the chosen recipe's epsilon covers the final run only.
+
+Each candidate is a name and FinetuneConfig overrides on the mode's defaults (finetune.py). Results
+go to recipe-search-<date><tag>.json (every run; --resume skips runs already there) and .md (the
+candidates by validation accuracy), rewritten after every run.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import sys
+import time
+from dataclasses import asdict, replace
+
+import torch
+from torch.utils.data import TensorDataset
+
+from anadp.finetune import FinetuneConfig, prepare, train_one
+
+# name -> (mode, method, overrides); the proxy (--max-len, one seed, one epsilon) is set on the command line
+CANDIDATES = {
+    "lora-base": ("lora", "uniform", {}),
+    "lora-c0.1": ("lora", "uniform", {"max_grad_norm": 0.1}),
+    "lora-decay": ("lora", "uniform", {"warmup": 0.1, "decay": "linear"}),
+    "lora-b512": ("lora", "uniform", {"batch_size": 512, "dp_lr": 2e-2}),
+    "lora-b512-e6-decay": ("lora", "uniform", {"batch_size": 512, "epochs": 6, "dp_lr": 2e-2,
+                                               "warmup": 0.1, "decay": "linear"}),
+    "lora-lr3e-3": ("lora", "uniform", {"dp_lr": 3e-3}),
+    "lora-lr3e-2-decay": ("lora", "uniform", {"dp_lr": 3e-2, "warmup": 0.1, "decay": "linear"}),
+    "lora-all-linear": ("lora", "uniform", {"lora_targets": ("query", "key", "value", "dense")}),
+    "lora-r16": ("lora", "uniform", {"lora_r": 16}),
+    "lora-nonprivate": ("lora", "nonprivate", {}),
+    "full-base": ("full", "uniform", {}),
+    "full-c0.1-decay": ("full", "uniform", {"max_grad_norm": 0.1, "warmup": 0.1, "decay": "linear"}),
+    "full-lr5e-4-e6": ("full", "uniform", {"dp_lr": 5e-4, "epochs": 6, "warmup": 0.1, "decay": "linear"}),
+    "full-nonprivate": ("full", "nonprivate", {}),
+}
+
+
+def carve(train: TensorDataset, fraction: float, seed: int = 1234) -> tuple[TensorDataset, TensorDataset]:
+    """(training part, validation part): a fixed random split of the training split."""
+    n = len(train)
+    perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
+    k = int(n * fraction)
+    val, rest = perm[:k], perm[k:]
+    return (TensorDataset(*(t[rest] for t in train.tensors)), TensorDataset(*(t[val] for t in train.tensors)))
+
+
+def markdown(result: dict) -> str:
+    lines = [f"# Recipe search, {result['date']}", "", result["description"], "",
+             "| candidate | mode | method | epsilon | seed | validation accuracy | steps | wall s | overrides |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    rows = sorted((r for r in result["rows"] if "accuracy" in r), key=lambda r: -r["accuracy"])
+    for r in rows:
+        eps = "inf" if r.get("epsilon") is None else f"{r['epsilon']:.2f}"
+        lines.append(f"| {r['candidate']} | {r['mode']} | {r['method']} | {eps} | {r['seed']} | {r['accuracy']:.4f} | "
+                     f"{r['steps']} | {r['wall_seconds']:.0f} | {json.dumps(r['overrides'])} |")
+    failed = [r for r in result["rows"] if "error" in r]
+    if failed:
+        lines += ["", f"{len(failed)} runs failed; first: {failed[0]['candidate']}: {failed[0]['error']}"]
+    hours = sum(r.get("wall_seconds", 0) for r in result["rows"]) / 3600
+    lines += ["", f"Cost: {hours:.2f} CPU-core hours of training ({len(result['rows'])} runs)."]
+    return "\n".join(lines) + "\n"
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--out", default="bench/results")
+    ap.add_argument("--tag", default="")
+    ap.add_argument("--candidates", nargs="+", default=list(CANDIDATES), choices=list(CANDIDATES))
+    ap.add_argument("--epsilon", type=float, default=3.0)
+    ap.add_argument("--seed", type=int, nargs="+", default=[0])
+    ap.add_argument("--max-len", type=int, default=32, help="the proxy's truncation (the benchmark's: 64)")
+    ap.add_argument("--val-fraction", type=float, default=0.15)
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--model", default=None, help="local model directory (default: the packaged MiniLM-L6)")
+    ap.add_argument("--resume", help="a search JSON whose finished runs are kept")
+    ap.add_argument("--smoke", action="store_true", help="tiny sizes (CI): 2 steps a run")
+    args = ap.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    cfg = FinetuneConfig(model=args.model, max_len=args.max_len)
+    if args.smoke:
+        cfg = replace(cfg, train_size=120, test_size=8, max_steps=2, batch_size=32, physical_batch_size=16)
+    data = prepare(cfg)
+    train, val = carve(data["train"], args.val_fraction)
+    delta = 1 / len(train) ** 1.1
+    date = datetime.date.today().isoformat()
+    stem = os.path.join(args.out, f"recipe-search-{date}{'-smoke' if args.smoke else ''}{args.tag}")
+    result = {"date": date, "torch": torch.__version__, "rows": [],
+              "description": (f"{data['source']}: {len(train)} train / {len(val)} validation (carved from the "
+                              f"training split, seed 1234; the test split is not read); proxy: max_len "
+                              f"{cfg.max_len}; target epsilon {args.epsilon:g}, delta {delta:.2e}; "
+                              f"{args.threads} thread(s). Not accounted: the search's own privacy cost."),
+              "base_config": asdict(cfg)}
+    if args.resume:
+        with open(args.resume) as f:
+            result["rows"] = [r for r in json.load(f)["rows"] if "accuracy" in r]
+    have = {(r["candidate"], r["seed"]) for r in result["rows"]}
+    os.makedirs(args.out, exist_ok=True)
+    t0 = time.time()
+
+    def save():
+        with open(stem + ".json", "w") as f:
+            json.dump(result, f, indent=1)
+        with open(stem + ".md", "w") as f:
+            f.write(markdown(result))
+
+    for seed in args.seed:
+        for name in args.candidates:
+            if (name, seed) in have:
+                continue
+            mode, method, over = CANDIDATES[name]
+            run_cfg = replace(cfg, lora=mode == "lora", **over)
+            try:
+                row = train_one(run_cfg, method, args.epsilon, seed, train, val, delta, data["model_path"],
+                                progress=False)
+            except Exception as e:  # noqa: BLE001 - a failed candidate is a result, not the end of the search
+                row = {"method": method, "seed": seed, "error": f"{type(e).__name__}: {e}"[:300]}
+            row.pop("noise_scales", None)
+            row.update(candidate=name, mode=mode, overrides={k: list(v) if isinstance(v, tuple) else v
+                                                             for k, v in over.items()})
+            result["rows"].append(row)
+            save()
+            print(f"{time.time() - t0:7.0f} s  {name} seed={seed} val acc={row.get('accuracy', row.get('error'))}",
+                  flush=True)
+    save()
+    print(markdown(result))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
