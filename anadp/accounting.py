@@ -3,6 +3,10 @@
 Each optimizer step is one Poisson-subsampled Gaussian mechanism (q, z), z
 the noise multiplier the step is charged: sigma under whitened clipping
 (whatever the allocation), sigma * min_g w_g under the paper's global clipping.
+
+Opacus is imported where an epsilon or a noise multiplier is computed, not at
+``import anadp``: a step needs no accountant library (a bare GPU machine runs the
+kernels and the step without it), the privacy figures do.
 """
 from __future__ import annotations
 
@@ -10,10 +14,18 @@ import functools
 import math
 import warnings
 
-from opacus.accountants import PRVAccountant, RDPAccountant
-from opacus.accountants.utils import get_noise_multiplier
+ACCOUNTANTS = ("prv", "rdp")
 
-ACCOUNTANTS = {"rdp": RDPAccountant, "prv": PRVAccountant}
+
+def _opacus():
+    """(accountant classes by name, get_noise_multiplier) from Opacus, with the fix where it is missing."""
+    try:
+        from opacus.accountants import PRVAccountant, RDPAccountant
+        from opacus.accountants.utils import get_noise_multiplier
+    except ImportError as e:
+        raise ImportError(f"epsilon and the noise multiplier are computed by Opacus's accountants, which cannot be "
+                          f"imported here ({e}): `pip install opacus` (it needs opt_einsum too)") from e
+    return {"rdp": RDPAccountant, "prv": PRVAccountant}, get_noise_multiplier
 
 
 class BudgetExhaustedError(RuntimeError):
@@ -58,7 +70,7 @@ class Accountant:
             return 0.0
         if any(z <= 0 and q > 0 for z, q, _ in self.history):
             return math.inf  # a step without noise has no finite guarantee
-        acc = ACCOUNTANTS[self.name]()
+        acc = _opacus()[0][self.name]()
         acc.history = list(self.history)
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message="Optimal order is the largest alpha")
@@ -91,7 +103,7 @@ def _noise_multiplier_for(target_epsilon: float, target_delta: float, sample_rat
     try:
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message="Optimal order is the largest alpha")
-            return float(get_noise_multiplier(target_epsilon=target_epsilon, target_delta=target_delta,
+            return float(_opacus()[1](target_epsilon=target_epsilon, target_delta=target_delta,
                                               sample_rate=sample_rate, epochs=epochs, steps=steps,
                                               accountant=accountant))
     except ValueError as e:

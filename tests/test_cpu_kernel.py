@@ -145,3 +145,20 @@ def test_noise_of_a_shard_is_its_rows_of_the_whole_tensors_noise(name):
         backend.add_noise_from_(shard, key, 0.7, a * 7)
         err = float((shard - whole[a:b]).norm() / whole[a:b].norm())
         assert err < 1e-6 and not torch.equal(shard, base[a:b]), (a, b, err)
+
+
+def test_a_killed_builds_lock_is_removed_and_a_live_one_kept(tmp_path):
+    import os
+    import time
+
+    from anadp.backends import cpu
+    lock = tmp_path / "lock"
+    lock.write_text("")
+    cpu._remove_stale_lock(str(tmp_path))
+    assert lock.exists()  # a build in progress: wait on it
+    old = time.time() - cpu.STALE_LOCK_S - 60
+    os.utime(lock, (old, old))
+    with pytest.warns(UserWarning, match="stale build lock"):
+        cpu._remove_stale_lock(str(tmp_path))
+    assert not lock.exists()
+    cpu._remove_stale_lock(str(tmp_path))  # none: nothing to do

@@ -38,7 +38,10 @@ def build_directory() -> str:
     import hashlib
     root = os.environ.get("ANADP_CACHE_DIR") or os.path.join(
         os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache"), "anadp")
-    sources = b"".join(open(path, "rb").read() for path in _SOURCES + _HEADERS)
+    sources = b""
+    for path in _SOURCES + _HEADERS:
+        with open(path, "rb") as f:
+            sources += f.read()
     key = hashlib.sha256(b"\0".join([
         sources, sys.prefix.encode(), sys.version.encode(), torch.__version__.encode(), torch.__file__.encode(),
         " ".join(_CFLAGS).encode()])).hexdigest()[:16]
@@ -61,8 +64,9 @@ def _load():
         _put_ninja_on_path()
         folder = build_directory()
         os.makedirs(folder, exist_ok=True)
+        _remove_stale_lock(folder)
         if not os.path.exists(os.path.join(folder, "anadp_cpu.so")):
-            print(f"anadp: compiling the CPU kernels (once per environment, ~20 s) into {folder}",
+            print(f"anadp: compiling the CPU kernels (once per environment; 20 s to a few minutes) into {folder}",
                   file=sys.stderr, flush=True)
         ldflags = ["-fopenmp"] + (["-lmvec"] if _glibc() else [])
         _ext = load(name="anadp_cpu", sources=_SOURCES, extra_cflags=_CFLAGS, extra_ldflags=ldflags,
@@ -73,6 +77,23 @@ def _load():
                       "ops instead (same numbers, ~25x slower), the allocation's maximizer runs in numpy")
         _ext = None
     return _ext
+
+
+STALE_LOCK_S = 900  # a build takes 20 s to ~3 min on a busy 2-core machine
+
+
+def _remove_stale_lock(folder: str) -> None:
+    """torch's loader waits on the build folder's ``lock`` while another process builds; a build
+    that was killed leaves it behind, and every later process would wait forever. A lock older
+    than any build is such a leftover."""
+    import time
+    lock = os.path.join(folder, "lock")
+    try:
+        if time.time() - os.path.getmtime(lock) > STALE_LOCK_S:
+            os.remove(lock)
+            warnings.warn(f"anadp: removed a stale build lock {lock} (a killed build's)")
+    except FileNotFoundError:
+        pass
 
 
 def _put_ninja_on_path() -> None:
