@@ -1,6 +1,6 @@
 """setuptools entry point; metadata lives in pyproject.toml.
 
-This file exists for the optional CUDA extension (anadp/csrc/ -> anadp._cuda). It is
+This file exists for the optional CUDA extension (csrc/ -> anadp._cuda). It is
 built where CUDA is usable (torch with CUDA importable at build time, nvcc found,
 a GPU visible) or when ANADP_BUILD_CUDA=1 (then a failure is an error);
 ANADP_BUILD_CUDA=0 never builds it. pip's build isolation hides the installed
@@ -34,8 +34,8 @@ def cuda_extension():
             reason = "no CUDA device visible (ANADP_BUILD_CUDA=1 builds anyway)"
         else:
             here = os.path.dirname(os.path.abspath(__file__))
-            sources = sorted(glob.glob(os.path.join(here, "anadp", "csrc", "*.cu"))) + [
-                os.path.join(here, "anadp", "csrc", "bindings.cpp")]
+            sources = sorted(glob.glob(os.path.join(here, "csrc", "*.cu"))) + [
+                os.path.join(here, "csrc", "bindings.cpp")]
             # the visible GPU's architecture only (half the build time); sm_80 and sm_90 where none is visible
             archs = ["%d%d" % torch.cuda.get_device_capability()] if torch.cuda.is_available() else ["80", "90"]
             ext = CUDAExtension("anadp._cuda", [os.path.relpath(s, here) for s in sources],

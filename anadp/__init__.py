@@ -1,4 +1,7 @@
 """anadp: differentially private fine-tuning with adaptive noise allocation (ANADP)."""
+from .sources import kernels_path as _kernels_path
+
+__path__ += [p for p in _kernels_path() if p not in __path__]  # a checkout run uninstalled: kernels/ beside us
 from .accounting import Accountant, BudgetExhaustedError, noise_multiplier_for
 from .allocation import AllocationConfig, NoiseAllocator
 from .api import make_private

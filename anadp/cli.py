@@ -6,7 +6,7 @@ import json
 import math
 import sys
 
-from .demo import DemoConfig, format_table, run_demo
+from .apps.demo import DemoConfig, format_table, run_demo
 
 
 def _demo(args) -> int:
@@ -31,7 +31,7 @@ def _demo(args) -> int:
 
 
 def _audit(args) -> int:
-    from .audit import run_audit
+    from .apps.audit import run_audit
     print(f"anadp audit: one training run with {args.canaries} canaries (Steinke, Nasr, Jagielski 2023)",
           file=sys.stderr)
     res = run_audit(target_epsilon=args.epsilon, delta=args.delta, canaries=args.canaries, epochs=args.epochs,
@@ -44,7 +44,7 @@ def _audit(args) -> int:
 
 
 def _finetune(args) -> int:
-    from .finetune import FinetuneConfig, run_finetune
+    from .apps.finetune import FinetuneConfig, run_finetune
     methods = list(FinetuneConfig().methods) if args.method == ["all"] else args.method
     cfg = FinetuneConfig(model=args.model, data=args.data, text_field=args.text_field, label_field=args.label_field,
                          methods=methods, epsilons=args.epsilon, delta=args.delta, epochs=args.epochs,
@@ -126,8 +126,8 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--allocation", choices=["anadp", "uniform", "paper", "clip"], default="anadp",
                    help="noise allocation of the audited run")
     a.add_argument("--seed", type=int, default=0, help="seed of the run")
-    from .finetune import FinetuneConfig
-    from .methods import DEFAULT, METHODS
+    from .apps.finetune import FinetuneConfig
+    from .apps.methods import DEFAULT, METHODS
     fd = FinetuneConfig()
     ft = sub.add_parser("finetune", help="pretrained encoder on real text: non-private vs uniform DP vs ANADP",
                         formatter_class=argparse.ArgumentDefaultsHelpFormatter)

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader
 
 from anadp import make_private
-from anadp.finetune import FinetuneConfig, accuracy, by_length, load_model, prepare, trim
+from anadp.apps.finetune import FinetuneConfig, accuracy, by_length, load_model, prepare, trim
 
 
 def main(argv=None) -> int:

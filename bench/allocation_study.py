@@ -30,8 +30,8 @@ from dataclasses import asdict, replace
 import torch
 from torch.utils.data import TensorDataset
 
-from anadp.finetune import FinetuneConfig, expected_batch, heatmap, learning_rate, prepare, summarize, train_one
-from anadp.methods import METHODS as ALL_METHODS, uses_anadp
+from anadp.apps.finetune import FinetuneConfig, expected_batch, heatmap, learning_rate, prepare, summarize, train_one
+from anadp.apps.methods import METHODS as ALL_METHODS, uses_anadp
 
 METHODS = ["uniform"] + [m for m in ALL_METHODS if m not in ("nonprivate", "uniform")]  # the baseline first
 MODES = {"lora": dict(lora=True), "full": dict(lora=False)}  # rates and batches: finetune's defaults per mode

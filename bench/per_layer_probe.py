@@ -15,8 +15,8 @@ from torch.utils.data import DataLoader
 
 from anadp import make_private
 from anadp.clipping import PerLayerClipping
-from anadp.finetune import FinetuneConfig, by_length, expected_batch, learning_rate, load_model, prepare, trim
-from anadp.methods import method_setup
+from anadp.apps.finetune import FinetuneConfig, by_length, expected_batch, learning_rate, load_model, prepare, trim
+from anadp.apps.methods import method_setup
 
 
 def probe(method: str, steps: int) -> None:

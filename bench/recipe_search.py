@@ -24,7 +24,7 @@ from dataclasses import asdict, replace
 import torch
 from torch.utils.data import TensorDataset
 
-from anadp.finetune import FinetuneConfig, prepare, train_one
+from anadp.apps.finetune import FinetuneConfig, prepare, train_one
 
 # name -> (mode, method, overrides); the proxy (--max-len, one seed, one epsilon) is set on the command line
 CANDIDATES = {

@@ -4,7 +4,7 @@ import math
 import pytest
 import torch
 
-from anadp.audit import epsilon_lower_bound, p_value, run_audit
+from anadp.apps.audit import epsilon_lower_bound, p_value, run_audit
 
 
 @pytest.mark.parametrize("r", [10, 100, 1000])

@@ -1,4 +1,4 @@
-"""The compiled CPU kernels (anadp/csrc/cpu/): the noise against the torch Philox stream."""
+"""The compiled CPU kernels (csrc/cpu/): the noise against the torch Philox stream."""
 import shutil
 
 import pytest

@@ -51,13 +51,13 @@ def test_finetune_end_to_end(tiny_model_dir, tmp_path):
 
 
 def test_missing_model_is_a_clear_error(tmp_path):
-    from anadp.finetune import load_model
+    from anadp.apps.finetune import load_model
     with pytest.raises(FileNotFoundError, match="never downloads models"):
         load_model(str(tmp_path / "nope"), 2, True, 4)
 
 
 def test_local_csv_data(tmp_path):
-    from anadp.textdata import load_table
+    from anadp.apps.textdata import load_table
     p = tmp_path / "d.csv"
     p.write_text("sentence,sentiment\ngood film,pos\nbad film,neg\n")
     assert load_table(str(p), "sentence", "sentiment") == (["good film", "bad film"], [1, 0])
@@ -67,7 +67,7 @@ def test_local_csv_data(tmp_path):
 
 def test_local_jsonl_and_datasets_directory(tmp_path):
     datasets = pytest.importorskip("datasets")
-    from anadp.textdata import load_table
+    from anadp.apps.textdata import load_table
     p = tmp_path / "d.jsonl"
     p.write_text('{"text": "fine", "label": 1}\n{"text": "awful", "label": 0}\n')
     assert load_table(str(p)) == (["fine", "awful"], [1, 0])
@@ -99,7 +99,7 @@ def test_finetune_reads_a_datasets_directory(tiny_model_dir, tmp_path):
 def test_learning_rates_follow_the_fine_tuning_mode():
     # full fine-tuning at the LoRA rates diverges (DP at 1e-2; non-private at 5e-4 was unstable):
     # the defaults follow --lora / --no-lora, and a value given explicitly wins
-    from anadp.finetune import FinetuneConfig, expected_batch, learning_rate
+    from anadp.apps.finetune import FinetuneConfig, expected_batch, learning_rate
     assert learning_rate(FinetuneConfig(lora=True), dp=True) == pytest.approx(1e-2)
     assert learning_rate(FinetuneConfig(lora=False), dp=True) == pytest.approx(2e-3)
     assert learning_rate(FinetuneConfig(lora=False, dp_lr=3e-3), dp=True) == pytest.approx(3e-3)

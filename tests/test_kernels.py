@@ -18,7 +18,7 @@ triton = pytest.importorskip("triton")
 from anadp import philox  # noqa: E402
 from anadp import update_table as U  # noqa: E402
 from anadp.kernels.fused_linear import n_tiles  # noqa: E402
-from anadp.kernels import clipped_linear_update  # noqa: E402
+from anadp.kernels.fused_linear import clipped_linear_update  # noqa: E402
 from anadp.backends import get as backend_kernels  # noqa: E402
 from anadp.backends import why_unavailable  # noqa: E402
 from anadp.records import EmbeddingRecord, LinearRecord  # noqa: E402

@@ -398,7 +398,7 @@ def test_nonfinite_samples_are_dropped_per_group():
 
 
 def test_audit_stays_below_the_claim():
-    from anadp.audit import run_audit
+    from anadp.apps.audit import run_audit
     res = run_audit(target_epsilon=2.0, seed=0, clipping="per_layer")
     assert res.epsilon_accountant <= 2.0 + 1e-9
     assert res.epsilon_lower_bound < res.epsilon_accountant

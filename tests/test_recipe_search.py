@@ -8,7 +8,7 @@ pytest.importorskip("peft")
 
 
 def test_lr_factor_warms_up_then_decays_to_zero():
-    from anadp.finetune import FinetuneConfig, lr_factor
+    from anadp.apps.finetune import FinetuneConfig, lr_factor
     cfg = FinetuneConfig(warmup=0.1, decay="linear")
     f = [lr_factor(cfg, s, 100) for s in range(100)]
     assert f[0] == pytest.approx(0.1) and f[9] == pytest.approx(1.0)  # 10 warm-up steps

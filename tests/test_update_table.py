@@ -138,7 +138,7 @@ def test_the_cuda_sources_mirror_the_table():
     same order."""
     import os
     import re
-    src = open(os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "anadp", "csrc",
+    src = open(os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "csrc",
                             "update_math.h")).read()
     cols = re.search(r"enum Col \{([^}]*)\}", src).group(1).replace("\n", " ")
     names = [c.strip() for c in cols.split(",") if c.strip()]
@@ -146,6 +146,6 @@ def test_the_cuda_sources_mirror_the_table():
                    ("SGD", "ADAM", "N_COLS", "DEFAULT_CHUNK"))
     assert names == [k for _, k in table] + ["N_COLS"]
     assert re.search(r"enum Kind \{ SGD = (\d), ADAM = (\d) \}", src).groups() == (str(U.SGD), str(U.ADAM))
-    mt = open(os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "anadp", "csrc",
+    mt = open(os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "csrc",
                            "multi_tensor_update.cu")).read()
     assert "const bool sq = stat == 1;" in mt and U.STATS.index("grad_sq") == 1

@@ -1,5 +1,5 @@
 """The cpu backend: the torch backend with the noise drawn by a compiled kernel — the Philox
-stream in one fused C++ loop (anadp/csrc/cpu/noise.cpp, shipped in the package; OpenMP threads
+stream in one fused C++ loop (csrc/cpu/noise.cpp, shipped in the package as anadp/csrc; OpenMP threads
 and SIMD lanes), compiled on first use with torch's C++ extension loader (ninja) and cached per
 environment (``build_directory``).
 
@@ -14,11 +14,11 @@ import warnings
 
 import torch
 
-from .. import philox
+from .. import philox, sources
 from .. import update_table as U
 from .torch_ref import TorchBackend
 
-_FOLDER = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "csrc", "cpu")
+_FOLDER = os.path.join(sources.csrc_dir(), "cpu")
 _SOURCES = [os.path.join(_FOLDER, f) for f in ("noise.cpp", "update.cpp", "gain.cpp", "bindings.cpp")]
 # headers: part of the build's key (build_directory), not compiled on their own
 _HEADERS = [os.path.join(_FOLDER, "gaussian.h"), os.path.join(os.path.dirname(_FOLDER), "philox.cuh"),

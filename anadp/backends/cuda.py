@@ -1,4 +1,4 @@
-"""The cuda backend: the compiled anadp/csrc/ kernels (module ``anadp._cuda``, built by
+"""The cuda backend: the compiled csrc/ kernels (module ``anadp._cuda``, built by
 setup.py where CUDA is usable) behind the interface of :class:`anadp.backends.Backend`.
 
 It has the norm kernels and the multi-tensor noise + update; Linear weights get

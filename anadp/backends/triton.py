@@ -44,19 +44,20 @@ class TritonBackend(Backend):
                 " (or TRITON_INTERPRET=1 to interpret them on the CPU, slowly)"
         return None
 
-    @property
-    def kernels(self):
-        from .. import kernels
-        return kernels
-
+    # anadp.kernels is a namespace package (kernels/ at the top of the tree has no __init__.py, so that
+    # it never shadows Hugging Face's `kernels` package where the tree is on sys.path): its modules here
     def linear_sq_norms(self, *args, **kw):
-        return self.kernels.linear_sq_norms(*args, **kw)
+        from ..kernels import norms
+        return norms.linear_sq_norms(*args, **kw)
 
     def embedding_sq_norms(self, *args, **kw):
-        return self.kernels.embedding_sq_norms(*args, **kw)
+        from ..kernels import norms
+        return norms.embedding_sq_norms(*args, **kw)
 
     def multi_tensor_update(self, *args, **kw):
-        return self.kernels.multi_tensor_update(*args, **kw)
+        from ..kernels import multi_tensor
+        return multi_tensor.multi_tensor_update(*args, **kw)
 
     def clipped_linear_update(self, *args, **kw):
-        return self.kernels.clipped_linear_update(*args, **kw)
+        from ..kernels import fused_linear
+        return fused_linear.clipped_linear_update(*args, **kw)

@@ -5,7 +5,7 @@
 #include <cstdio>
 #include <cstdlib>
 
-#include "../../anadp/csrc/philox.cuh"
+#include "../../csrc/philox.cuh"
 
 int main(int argc, char** argv) {
   if (argc != 4) {

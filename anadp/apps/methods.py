@@ -7,8 +7,8 @@ default configuration. ``<allocation>-bc`` adds the correction.
 """
 from __future__ import annotations
 
-from .allocation import ALLOCATIONS
-from .clipping import AdaptiveClipping
+from ..allocation import ALLOCATIONS
+from ..clipping import AdaptiveClipping
 
 PER_LAYER = ("per_layer", "per_layer-anadp", "per_layer-adaptive", "per_layer-anadp-adaptive",
              "per_layer-shares", "per_layer-anadp-shares")

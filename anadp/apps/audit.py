@@ -26,8 +26,8 @@ from scipy import stats
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from .allocation import AllocationConfig
-from .api import make_private
+from ..allocation import AllocationConfig
+from ..api import make_private
 
 
 def p_value(m: int, r: int, v: int, eps: float, delta: float) -> float:

@@ -19,7 +19,7 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 from tqdm.auto import tqdm
 
-from .api import make_private
+from ..api import make_private
 from .methods import DEFAULT, method_setup
 
 

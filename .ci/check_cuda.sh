@@ -3,7 +3,7 @@
 # sm_90 with all warnings as errors, and bindings.cpp syntax-checked against torch's headers
 # (host warnings as errors). Skipped, with the reason, where nvcc is absent.
 set -euo pipefail
-cd "$(dirname "$0")"
+cd "$(dirname "$0")/../csrc"
 PY="${PYTHON:-python}"
 if ! command -v nvcc >/dev/null; then
     echo "csrc compile check skipped: nvcc not found"
