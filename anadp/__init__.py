@@ -11,10 +11,9 @@ from .checkpoint import (load_checkpoint, load_distributed_checkpoint, save_chec
 from .data import DPDataLoader, PoissonBatchSampler
 from .engine import BatchMismatchError, GradSampleEngine, UnsupportedModuleError
 from .optimizer import DPOptimizer
-from .per_layer import PerLayerDPOptimizer
 
 __version__ = "0.1.0"
 __all__ = ["make_private", "save_checkpoint", "load_checkpoint", "save_distributed_checkpoint",
            "load_distributed_checkpoint", "DPOptimizer", "GradSampleEngine", "DPDataLoader", "PoissonBatchSampler",
-           "NoiseAllocator", "AllocationConfig", "AdaptiveClipping", "PerLayerDPOptimizer", "Accountant", "noise_multiplier_for",
+           "NoiseAllocator", "AllocationConfig", "AdaptiveClipping", "Accountant", "noise_multiplier_for",
            "UnsupportedModuleError", "BatchMismatchError", "BudgetExhaustedError"]

@@ -110,3 +110,63 @@ def _noise_multiplier_for(target_epsilon: float, target_delta: float, sample_rat
         raise ValueError(f"target epsilon {target_epsilon} at delta {target_delta} cannot be reached with sample "
                          f"rate {sample_rate:.4g} over {epochs if steps is None else steps} "
                          f"{'epochs' if steps is None else 'steps'}: {e}") from e
+
+
+class PrivacyLedger:
+    """What a run has spent and may spend: the accountant's history, and the budget the noise was
+    calibrated for (``budget_steps`` steps at ``target_epsilon``; None: noise_multiplier given, no
+    budget to keep). The optimizer charges it once per step and asks it before each step."""
+
+    def __init__(self, accountant: str, noise_multiplier: float, sample_rate: float,
+                 target_epsilon: float | None = None, target_delta: float | None = None,
+                 budget_steps: int | None = None):
+        self.accountant = Accountant(accountant)
+        self.noise_multiplier, self.sample_rate = noise_multiplier, sample_rate
+        self.target_epsilon, self.target_delta, self.budget_steps = target_epsilon, target_delta, budget_steps
+
+    def extended(self, noise_multiplier: float, steps: int) -> Accountant:
+        """A copy of the accountant with ``steps`` more steps at ``noise_multiplier`` (none if steps <= 0)."""
+        acc = Accountant(self.accountant.name)
+        acc.history = list(self.accountant.history)
+        if steps > 0:
+            acc.history.append((noise_multiplier, self.sample_rate, steps))
+        return acc
+
+    @property
+    def steps_left(self) -> int | None:
+        return None if self.budget_steps is None else max(0, self.budget_steps - self.accountant.steps)
+
+    def spent(self, delta: float) -> float:
+        return self.accountant.get_epsilon(delta)
+
+    def projected(self, delta: float, total_steps: int) -> float:
+        """Epsilon after ``total_steps`` steps in all, the rest at the current noise multiplier."""
+        return self.extended(self.noise_multiplier, total_steps - self.accountant.steps).get_epsilon(delta)
+
+    def check(self, k: int, exact_budget: bool) -> None:
+        """No step past the steps the noise was calibrated for, nor past target_epsilon: k > 1 Poisson
+        batches under one draw are charged k releases at sigma / sqrt(k), more than k steps at sigma.
+        ``exact_budget`` False: a mechanism that overspends by design (global clipping, warned)."""
+        if self.budget_steps is None:
+            return
+        steps = self.accountant.steps + k
+        spent = None
+        if steps <= self.budget_steps:
+            if k == 1 or not exact_budget:
+                return
+            spent = self.extended(self.noise_multiplier / math.sqrt(k), k).get_epsilon(self.target_delta)
+            if spent <= self.target_epsilon * (1 + 1e-3):
+                return
+        if spent is None:
+            spent = self.projected(self.target_delta, steps)
+        raise BudgetExhaustedError(
+            f"this step would be step {steps} of a run whose noise multiplier {self.noise_multiplier:.4g} was "
+            f"calibrated for {self.budget_steps} steps (target epsilon {self.target_epsilon:g} at delta "
+            f"{self.target_delta:g}): it would spend epsilon {spent:.3f}. Stop training here "
+            "(optimizer.steps_left says how many are left), or call make_private again with the longer budget.")
+
+    def charge(self, charged: float, k: int) -> None:
+        """One accountant entry per logical batch. k > 1 full Poisson batches summed under one noise
+        draw are k releases with noise charged/sqrt(k) each (post-processing of them)."""
+        for _ in range(k):
+            self.accountant.step(charged / math.sqrt(k), self.sample_rate)

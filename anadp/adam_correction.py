@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import torch
 
-from . import sharding as S
+from . import sharding
 from . import update_table as U
 
 # f = 1: the corrected step is at most sqrt(2) times DP-Adam's in every coordinate (max(v - phi, phi) >= v / 2),
@@ -60,7 +60,7 @@ class NoiseVariance:
 def unsupported_reason(optimizer: torch.optim.Optimizer) -> str | None:
     """Why the correction cannot run with this optimizer (None: it can): Adam / AdamW as the fused
     update implements them."""
-    if U.kind_of(optimizer) != U.ADAM:
+    if U.optimizer_kind(optimizer) != U.ADAM:
         return f"the wrapped optimizer is {type(optimizer).__name__}"
     return U.unsupported_reason(optimizer)
 
@@ -85,12 +85,12 @@ def adam_step_(optimizer: torch.optim.Optimizer, params: list, noise_var: torch.
                 state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
                 state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
         # elementwise: on FSDP2's DTensors, each rank's shards (DTensor has no foreach maximum)
-        grads = [S.local(p.grad) for p in ps]
-        ms = [S.local(optimizer.state[p]["exp_avg"]) for p in ps]
-        vs = [S.local(optimizer.state[p]["exp_avg_sq"]) for p in ps]
+        grads = [sharding.local(p.grad) for p in ps]
+        ms = [sharding.local(optimizer.state[p]["exp_avg"]) for p in ps]
+        vs = [sharding.local(optimizer.state[p]["exp_avg_sq"]) for p in ps]
         steps = [optimizer.state[p]["step"] for p in ps]
         k = [index[p] for p in ps]
-        ps = [S.local(p) for p in ps]
+        ps = [sharding.local(p) for p in ps]
         torch._foreach_add_(steps, 1.0)
         if wd != 0:
             if decoupled_here:

@@ -13,8 +13,8 @@ from .allocation import AllocationConfig
 from .data import DPDataLoader
 from .engine import GradSampleEngine
 from .clipping import AdaptiveClipping
-from .optimizer import DPOptimizer, _random_seed
-from .per_layer import PerLayerDPOptimizer
+from .optimizer import DPOptimizer, random_seed
+from .reducer import broadcast_seed
 from .sharding import is_sharded
 
 
@@ -128,34 +128,28 @@ def make_private(model: nn.Module, optimizer: torch.optim.Optimizer, data_loader
                         "gradients: anadp cannot hook the replicas. Use one process per GPU (torchrun) with the "
                         "model itself or wrapped in DistributedDataParallel, or fully_shard (FSDP2).")
     engine = GradSampleEngine(hooked, batch_first=batch_first, loss_reduction=loss_reduction)
-    sampler_seed = _random_seed() if (seed is None or secure_mode) else seed
+    sampler_seed = random_seed() if (seed is None or secure_mode) else seed
     if distributed:
         with torch.no_grad():  # every rank starts from rank 0's parameters (an FSDP2 shard exists once)
             for p in model.parameters():
                 if not is_sharded(p):
                     dist.broadcast(p.data, src=0)
         if seed is None or secure_mode:  # drawn here: rank 0's draw for all, masks and noise must agree
-            device = next(model.parameters()).device  # NCCL broadcasts GPU tensors only
-            shared = torch.tensor([sampler_seed >> 1], dtype=torch.int64, device=device)  # 63 bits fit int64
-            dist.broadcast(shared, src=0)
-            sampler_seed = int(shared[0])
+            sampler_seed = broadcast_seed(sampler_seed, next(model.parameters()).device)
             if not secure_mode:
                 seed = sampler_seed ^ 0x5EED
     generator = torch.Generator().manual_seed(sampler_seed)
     loader = DPDataLoader(data_loader, poisson_sampling=poisson_sampling, generator=generator, engine=engine,
                           max_physical_batch_size=max_physical_batch_size, rank=rank, world_size=world_size)
-    variant = {}
-    if clipping == "per_layer":
-        variant = {"cls": PerLayerDPOptimizer, "adaptive_clipping": adaptive_clipping}
-    cls = variant.pop("cls", DPOptimizer)
-    dp_optimizer = cls(optimizer, engine, noise_multiplier=noise_multiplier, max_grad_norm=max_grad_norm,
+    dp_optimizer = DPOptimizer(optimizer, engine, noise_multiplier=noise_multiplier, max_grad_norm=max_grad_norm,
                                expected_batch_size=loader.expected_batch_size, sample_rate=sample_rate,
                                allocation=allocation, allocation_config=allocation_config, clipping=clipping,
                                accountant=accountant, loss_reduction=loss_reduction, seed=seed,
                                secure_mode=secure_mode, nonfinite=nonfinite, data_loader=loader,
                                distributed=distributed, backend=backend, target_epsilon=target_epsilon,
                                target_delta=target_delta if target_epsilon is not None else None,
-                               budget_steps=budget_steps, adam_noise_correction=adam_noise_correction, **variant)
+                               budget_steps=budget_steps, adam_noise_correction=adam_noise_correction,
+                               adaptive_clipping=adaptive_clipping)
     if distributed:
         _check_same_on_every_rank(dp_optimizer, data_loader, max_physical_batch_size)
     return model, dp_optimizer, loader

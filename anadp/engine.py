@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import operator
 
-from typing import Callable, Optional
+from typing import Optional
 
 import torch
 from torch import nn
@@ -29,6 +29,17 @@ SUPPORTED = ("nn.Linear, nn.Embedding, nn.LayerNorm, nn.RMSNorm, nn.MultiheadAtt
 
 class BatchMismatchError(RuntimeError):
     pass
+
+
+def check_loss_reduction(loss_reduction: str) -> None:
+    if loss_reduction not in ("mean", "sum"):
+        raise ValueError(f"loss_reduction must be 'mean' or 'sum', got {loss_reduction!r}")
+
+
+def reduction_scale(batch_size: int, loss_reduction: str) -> float:
+    """What a record's gradient (of the reduced loss) is multiplied by to be the sample's own: B for
+    the mean, 1 for the sum."""
+    return float(batch_size) if loss_reduction == "mean" else 1.0
 
 
 # Counts every parameter or submodule registration in the process (torch's global registration hooks:
@@ -183,13 +194,14 @@ def _first_tensor(args, kwargs):
 class GradSampleEngine:
     """Hooks every module that owns a trainable parameter.
 
-    ``on_batch`` (set by the DP optimizer) receives each finished
-    :class:`PhysicalBatch`: at the next forward of the model, or on ``flush()``.
+    Its ``accumulator`` (set by the DP optimizer: anadp.accumulator's or anadp.per_layer's) receives each
+    finished :class:`PhysicalBatch` (``on_batch``: at the next forward of the model, or on ``flush()``)
+    and, where it clips in the backward, each record as it arrives (``on_record``). The flow only goes
+    down: the optimizer calls the engine, the engine calls the accumulator, which calls neither.
     """
 
     def __init__(self, model: nn.Module, *, batch_first: bool = True, loss_reduction: str = "mean"):
-        if loss_reduction not in ("mean", "sum"):
-            raise ValueError(f"loss_reduction must be 'mean' or 'sum', got {loss_reduction!r}")
+        check_loss_reduction(loss_reduction)
         self.model, self.batch_first, self.loss_reduction = model, batch_first, loss_reduction
         self.params = [p for p in model.parameters() if p.requires_grad]
         self.names = {}
@@ -233,8 +245,7 @@ class GradSampleEngine:
                 if p.requires_grad:
                     self.owners.setdefault(p, []).append(layer.slot)
         self.calls = [0] * len(self.layers)  # calls of each layer in this forward (with grad)
-        # per_layer clipping: called with each parameter as its record arrives (in the backward)
-        self.on_record: Optional[Callable] = None
+        self.accumulator = None  # see the class docstring
         self._seen_batch: Optional[int] = None  # batch size of a backward whose records were taken by on_record
         # modules whose train-mode forward mixes the samples of a batch (batch statistics) or writes
         # running statistics of the private batch into buffers
@@ -246,10 +257,9 @@ class GradSampleEngine:
         self._take_snapshot()
         self.batch_size: Optional[int] = None
         self.chunks = ChunkProtocol()  # which chunk of private data each forward runs on (anadp.chunks)
-        self._chunk_id: Optional[int] = None  # the stamp of the last forward
-        self.on_batch: Optional[Callable[[PhysicalBatch], None]] = None
+        self.chunk_id: Optional[int] = None  # the stamp of the last forward
         self._records: dict = {}
-        self._ends_logical = True
+        self.ends_logical = True  # whether the last forward's chunk ends its logical batch
         # Linear layers form their per-sample gradients at backward time where that is cheaper
         # (records.instantiate_at_backward); off when a kernel backend computes the norms from (A, G)
         self.instantiate_linear = True
@@ -353,7 +363,7 @@ class GradSampleEngine:
         x = _first_tensor(args, kwargs)
         dim = 0 if self.batch_first else 1
         self.batch_size = x.shape[dim] if x is not None and x.dim() > dim else None
-        self._chunk_id, self._ends_logical = self.chunks.current, self.chunks.ends_logical
+        self.chunk_id, self.ends_logical = self.chunks.current, self.chunks.ends_logical
 
     def to_batch_first(self, name: str, *ts):
         """Move the batch dim first and check it against the model's batch size."""
@@ -395,9 +405,19 @@ class GradSampleEngine:
 
     def record(self, param, rec) -> None:
         self._records.setdefault(param, []).append(rec)
-        if self.on_record is not None:
+        acc = self.accumulator
+        if acc is not None and acc.clips_in_backward:
             self._seen_batch = rec.batch_size
-            self.on_record(param)
+            acc.on_record(param)
+
+    def pop_records(self, params) -> dict:
+        """{param: its records} of ``params`` that have records, taken out of the pending batch (an
+        accumulator that clips in the backward takes a group's records as soon as they are complete)."""
+        return {p: self._records.pop(p) for p in params if p in self._records}
+
+    @property
+    def has_pending_records(self) -> bool:
+        return bool(self._records)
 
     def expected_records(self, param) -> int:
         """How many records ``param`` gets in this backward: one per call of each layer holding it."""
@@ -412,8 +432,7 @@ class GradSampleEngine:
             B = self._seen_batch  # every record was taken in the backward (per_layer clipping)
         else:
             B = next(iter(self._records.values()))[0].batch_size
-        scale = float(B) if self.loss_reduction == "mean" else 1.0
-        return PhysicalBatch(self._records, B, scale, self._ends_logical, self._chunk_id)
+        return PhysicalBatch(self._records, B, reduction_scale(B, self.loss_reduction), self.ends_logical, self.chunk_id)
 
     def _buffer_versions(self) -> list:
         return [(t, None if t is None else t._version) for t in (m._buffers.get(b) for _, m, b in self._buffers)]
@@ -440,8 +459,8 @@ class GradSampleEngine:
 
     def flush(self) -> None:
         batch = self.take()
-        if batch is not None and self.on_batch is not None:
-            self.on_batch(batch)
+        if batch is not None and self.accumulator is not None:
+            self.accumulator.on_batch(batch)
 
     def discard(self) -> None:
         self._records, self._seen_batch = {}, None

@@ -1,7 +1,7 @@
 """Host side of the fused update, shared by the triton and cuda backends:
 which optimizers the kernels implement, one row of float32 hyperparameters per
-tensor, the optimizer state in torch's own format, and apex-style chunk tables
-(one row per chunk of at most ``chunk`` elements of one tensor).
+tensor, the optimizer state in torch's own format, and apex-style tile tables
+(one row per tile of at most ``tile`` elements of one tensor).
 
 Kept free of triton and CUDA so that it is tested on any machine.
 """
@@ -20,8 +20,8 @@ SGD, ADAM = 0, 1
 (LR, WD, BETA1, BETA2, EPS, STEP_SIZE, BC2_SQRT, FLAG, FIRST, NOISE_STD, INV_DENOM,
  ONE_MINUS_BETA1, ONE_MINUS_BETA2, DECAY, NOISE_VAR, VAR_FLOOR) = range(16)
 N_COLS = 16
-DEFAULT_CHUNK = 1 << 16
-# what the kernels sum over the privatized gradient for the allocation, per chunk or tile
+DEFAULT_TILE = 1 << 16
+# what the kernels sum over the privatized gradient for the allocation, per tile or tile
 STATS = ("abs_p_grad", "grad_sq")  # sum |p * grad| (p before the update), sum grad^2
 
 
@@ -31,7 +31,7 @@ def stat_code(stat: str) -> int:
     return STATS.index(stat)
 
 
-def kind_of(optimizer: torch.optim.Optimizer) -> int | None:
+def optimizer_kind(optimizer: torch.optim.Optimizer) -> int | None:
     """SGD or ADAM for the optimizers the kernels implement, None otherwise."""
     if type(optimizer) is torch.optim.SGD:
         return SGD
@@ -42,7 +42,7 @@ def kind_of(optimizer: torch.optim.Optimizer) -> int | None:
 
 def unsupported_reason(optimizer: torch.optim.Optimizer) -> str | None:
     """Why the fused update cannot run this optimizer (None: it can)."""
-    if kind_of(optimizer) is None:
+    if optimizer_kind(optimizer) is None:
         return f"{type(optimizer).__name__} (the fused update implements SGD, Adam and AdamW)"
     for g in optimizer.param_groups:
         for flag in ("maximize", "amsgrad", "differentiable", "capturable"):
@@ -66,7 +66,7 @@ def ensure_state(optimizer: torch.optim.Optimizer, p: torch.Tensor, group: dict 
                  ) -> tuple[torch.Tensor | None, torch.Tensor | None, bool]:
     """(first moment / momentum buffer, second moment, first step) of ``p``, created as torch
     would create them, except that state is float32 for half-precision parameters."""
-    kind = kind_of(optimizer)
+    kind = optimizer_kind(optimizer)
     group = group or group_of(optimizer)[id(p)]
     state = optimizer.state[p]
     if kind == SGD:
@@ -95,7 +95,7 @@ def hyper_row(optimizer: torch.optim.Optimizer, p: torch.Tensor, first: bool, no
     row = [0.0] * N_COLS
     row[LR], row[WD] = float(group["lr"]), float(group["weight_decay"])
     row[NOISE_STD], row[INV_DENOM] = noise_std, inv_denom
-    if kind_of(optimizer) == SGD:
+    if optimizer_kind(optimizer) == SGD:
         row[BETA1], row[BETA2] = float(group["momentum"]), float(group["dampening"])
         row[ONE_MINUS_BETA1] = 1 - row[BETA2]  # SGD: 1 - dampening
         row[FLAG], row[FIRST] = float(bool(group["nesterov"])), float(first)
@@ -114,7 +114,7 @@ def hyper_row(optimizer: torch.optim.Optimizer, p: torch.Tensor, first: bool, no
 def finish_step(optimizer: torch.optim.Optimizer, params, steps: list | None = None) -> None:
     """What torch's step does besides the arithmetic: advance Adam's step counters (``steps``: the
     parameters' step tensors, where the caller has them)."""
-    if kind_of(optimizer) == ADAM and params:
+    if optimizer_kind(optimizer) == ADAM and params:
         torch._foreach_add_(steps or [optimizer.state[p]["step"] for p in params], 1.0)
 
 
@@ -148,8 +148,8 @@ def check_update_args(params: list, grads: list, ms: list, vs: list, kind: int) 
 
 class Tables(NamedTuple):
     """Everything a multi-tensor launch reads besides the hyperparameter rows, on the device."""
-    chunk_tensor: torch.Tensor  # (chunks,) int32
-    chunk_start: torch.Tensor   # (chunks,) int64
+    tile_tensor: torch.Tensor  # (tiles,) int32
+    tile_start: torch.Tensor   # (tiles,) int64
     p_addr: torch.Tensor        # (tensors,) int64 data pointers
     g_addr: torch.Tensor
     m_addr: torch.Tensor        # a parameter's own pointer where it has no state (never read)
@@ -158,27 +158,27 @@ class Tables(NamedTuple):
     keys: torch.Tensor          # (tensors,) int64, the 64-bit Philox keys' bits
 
 
-def tables(params: list, grads: list, ms: list, vs: list, keys: list[int], chunk: int) -> Tables:
+def tables(params: list, grads: list, ms: list, vs: list, keys: list[int], tile: int) -> Tables:
     device = params[0].device
 
     def addresses(ts):
         return [(t if t is not None else p).data_ptr() for p, t in zip(params, ts)]
 
-    tensor, start = chunk_table([p.numel() for p in params], chunk)
+    tensor, start = tile_table([p.numel() for p in params], tile)
     ints = torch.tensor([addresses(params), addresses(grads), addresses(ms), addresses(vs),
                          [p.numel() for p in params], [as_signed64(k) for k in keys]], dtype=torch.int64).to(device)
     return Tables(tensor.to(device), start.to(device), *ints.unbind(0))
 
 
-def chunk_table(sizes: list[int], chunk: int = DEFAULT_CHUNK) -> tuple[torch.Tensor, torch.Tensor]:
-    """(tensor index (int32), start element (int64)) of every chunk, tensors in order."""
-    if chunk <= 0 or chunk % 4:
-        raise ValueError(f"chunk must be a positive multiple of 4 (four elements share one Philox call), got {chunk}")
+def tile_table(sizes: list[int], tile: int = DEFAULT_TILE) -> tuple[torch.Tensor, torch.Tensor]:
+    """(tensor index (int32), start element (int64)) of every tile, tensors in order."""
+    if tile <= 0 or tile % 4:
+        raise ValueError(f"tile must be a positive multiple of 4 (four elements share one Philox call), got {tile}")
     if any(n < 0 for n in sizes):
         raise ValueError("tensor sizes must be >= 0")
-    counts = [math.ceil(n / chunk) for n in sizes]
+    counts = [math.ceil(n / tile) for n in sizes]
     tensor = torch.repeat_interleave(torch.arange(len(sizes), dtype=torch.int32), torch.tensor(counts, dtype=torch.int64))
-    start = torch.cat([torch.arange(c, dtype=torch.int64) * chunk for c in counts]) if counts else torch.zeros(0, dtype=torch.int64)
+    start = torch.cat([torch.arange(c, dtype=torch.int64) * tile for c in counts]) if counts else torch.zeros(0, dtype=torch.int64)
     return tensor, start
 
 

@@ -42,7 +42,7 @@ def probe(method: str, steps: int) -> None:
             ids, mask = trim(ids, mask, "cpu")
             F.cross_entropy(model(input_ids=ids, attention_mask=mask).logits, y).backward()
             opt.step()
-            if opt._chunks:  # more physical chunks of this logical batch
+            if not opt.stepped:  # more physical chunks of this logical batch
                 continue
             done += 1
             n = opt.last_per_sample_norms  # of the last chunk (per-layer: every group together)

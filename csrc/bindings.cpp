@@ -1,5 +1,5 @@
 // pybind11 bindings of the csrc/ kernels (module anadp._cuda). Argument checks
-// that need no GPU (shapes, chunk tables, dtype codes) live in anadp/cuda_ops.py
+// that need no GPU (shapes, tile tables, dtype codes) live in anadp/cuda_ops.py
 // and anadp/update_table.py, where the CPU tests reach them; here: device,
 // dtype and contiguity of what reaches a raw pointer.
 #include <c10/cuda/CUDAGuard.h>
@@ -18,22 +18,22 @@ void check(const torch::Tensor& t, const char* name, torch::ScalarType dtype) {
 
 void ok(cudaError_t e) { TORCH_CHECK(e == cudaSuccess, "anadp CUDA kernel launch failed: ", cudaGetErrorString(e)); }
 
-void multi_tensor_update(torch::Tensor chunk_tensor, torch::Tensor chunk_start, torch::Tensor p_addr,
+void multi_tensor_update(torch::Tensor tile_tensor, torch::Tensor tile_start, torch::Tensor p_addr,
                          torch::Tensor g_addr, torch::Tensor m_addr, torch::Tensor v_addr, torch::Tensor numel,
                          torch::Tensor keys, torch::Tensor rows, torch::Tensor sens, int64_t dtype, int64_t kind,
-                         bool noise, int64_t chunk, int64_t stat) {
-  check(chunk_tensor, "chunk_tensor", torch::kInt32);
-  for (auto* t : {&chunk_start, &p_addr, &g_addr, &m_addr, &v_addr, &numel, &keys}) check(*t, "table", torch::kInt64);
+                         bool noise, int64_t tile, int64_t stat) {
+  check(tile_tensor, "tile_tensor", torch::kInt32);
+  for (auto* t : {&tile_start, &p_addr, &g_addr, &m_addr, &v_addr, &numel, &keys}) check(*t, "table", torch::kInt64);
   check(rows, "rows", torch::kFloat32);
   check(sens, "sens", torch::kFloat32);
-  TORCH_CHECK(chunk_start.numel() == chunk_tensor.numel() && sens.numel() == chunk_tensor.numel(),
-              "chunk tables and sens must have one entry per chunk");
-  TORCH_CHECK(chunk > 0 && chunk % 4 == 0, "chunk must be a positive multiple of 4 (four elements share a Philox call)");
+  TORCH_CHECK(tile_start.numel() == tile_tensor.numel() && sens.numel() == tile_tensor.numel(),
+              "tile tables and sens must have one entry per tile");
+  TORCH_CHECK(tile > 0 && tile % 4 == 0, "tile must be a positive multiple of 4 (four elements share a Philox call)");
   TORCH_CHECK(stat == 0 || stat == 1, "stat must be 0 (|p * grad|) or 1 (grad^2)");
   const c10::cuda::CUDAGuard guard(sens.device());
   ok(anadp::launch_multi_tensor_update(
-      static_cast<int>(dtype), static_cast<int>(kind), noise, static_cast<int>(stat), chunk_tensor.numel(), chunk,
-      chunk_tensor.data_ptr<int32_t>(), chunk_start.data_ptr<int64_t>(), p_addr.data_ptr<int64_t>(),
+      static_cast<int>(dtype), static_cast<int>(kind), noise, static_cast<int>(stat), tile_tensor.numel(), tile,
+      tile_tensor.data_ptr<int32_t>(), tile_start.data_ptr<int64_t>(), p_addr.data_ptr<int64_t>(),
       g_addr.data_ptr<int64_t>(), m_addr.data_ptr<int64_t>(), v_addr.data_ptr<int64_t>(), numel.data_ptr<int64_t>(),
       keys.data_ptr<int64_t>(), rows.data_ptr<float>(), sens.data_ptr<float>(), c10::cuda::getCurrentCUDAStream()));
 }

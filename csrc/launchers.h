@@ -10,8 +10,8 @@ constexpr int kThreads = 256;
 
 // dtype: 0 float32, 1 bfloat16, 2 float16 (parameters; grads and state are float32). kind: 0 SGD, 1 Adam.
 // stat: what sens sums over the privatized gradient, 0 |p * grad| (p before the update), 1 grad^2.
-cudaError_t launch_multi_tensor_update(int dtype, int kind, bool noise, int stat, int64_t n_chunks, int64_t chunk,
-                                       const int32_t* chunk_tensor, const int64_t* chunk_start,
+cudaError_t launch_multi_tensor_update(int dtype, int kind, bool noise, int stat, int64_t n_tiles, int64_t tile,
+                                       const int32_t* tile_tensor, const int64_t* tile_start,
                                        const int64_t* p_addr, const int64_t* g_addr, const int64_t* m_addr,
                                        const int64_t* v_addr, const int64_t* numel, const int64_t* keys,
                                        const float* rows, float* sens, cudaStream_t stream);

@@ -1,5 +1,5 @@
 // Noise + optimizer update + ANADP sensitivity for a list of tensors in one launch
-// (apex's multi_tensor_apply idea): block c handles chunk c of tensor chunk_tensor[c].
+// (apex's multi_tensor_apply idea): block c handles tile c of tensor tile_tensor[c].
 // Reference: the torch backend (DPOptimizer.privatize + NoiseAllocator + torch's step);
 // the same kernel in Triton: kernels/multi_tensor.py.
 #include "launchers.h"
@@ -9,14 +9,14 @@
 namespace anadp {
 
 template <typename P, int KIND, bool NOISE>
-__global__ void multi_tensor_update_kernel(int64_t chunk, const int32_t* __restrict__ chunk_tensor,
-                                           const int64_t* __restrict__ chunk_start, const int64_t* p_addr,
+__global__ void multi_tensor_update_kernel(int64_t tile, const int32_t* __restrict__ tile_tensor,
+                                           const int64_t* __restrict__ tile_start, const int64_t* p_addr,
                                            const int64_t* g_addr, const int64_t* m_addr, const int64_t* v_addr,
                                            const int64_t* numel, const int64_t* keys, const float* rows,
                                            bool stat_sq, float* sens) {
-  const int t = chunk_tensor[blockIdx.x];
-  const int64_t start = chunk_start[blockIdx.x];
-  const int64_t end = min(start + chunk, numel[t]);
+  const int t = tile_tensor[blockIdx.x];
+  const int64_t start = tile_start[blockIdx.x];
+  const int64_t end = min(start + tile, numel[t]);
   P* p = reinterpret_cast<P*>(p_addr[t]);
   const float* g = reinterpret_cast<const float*>(g_addr[t]);
   float* m = reinterpret_cast<float*>(m_addr[t]);
@@ -25,7 +25,7 @@ __global__ void multi_tensor_update_kernel(int64_t chunk, const int32_t* __restr
   const float* row = rows + static_cast<int64_t>(t) * N_COLS;
   float local = 0.0f;
   // each thread takes four consecutive elements: one Philox call gives their four Gaussians (randn4);
-  // chunks start at multiples of 4 (the launcher refuses other chunk sizes)
+  // tiles start at multiples of 4 (the launcher refuses other tile sizes)
   for (int64_t e0 = start + 4 * static_cast<int64_t>(threadIdx.x); e0 < end; e0 += 4 * static_cast<int64_t>(blockDim.x)) {
     float z[4] = {0.0f, 0.0f, 0.0f, 0.0f};
     if (NOISE) randn4(key, static_cast<uint64_t>(e0) >> 2, z);
@@ -51,38 +51,38 @@ __global__ void multi_tensor_update_kernel(int64_t chunk, const int32_t* __restr
 }
 
 template <typename P>
-static cudaError_t launch_typed(int kind, bool noise, bool stat_sq, int64_t n_chunks, int64_t chunk, const int32_t* ct,
+static cudaError_t launch_typed(int kind, bool noise, bool stat_sq, int64_t n_tiles, int64_t tile, const int32_t* ct,
                                 const int64_t* cs, const int64_t* pa, const int64_t* ga, const int64_t* ma,
                                 const int64_t* va, const int64_t* numel, const int64_t* keys, const float* rows,
                                 float* sens, cudaStream_t stream) {
-  const dim3 grid(static_cast<unsigned>(n_chunks)), block(kThreads);
+  const dim3 grid(static_cast<unsigned>(n_tiles)), block(kThreads);
   if (kind == SGD && noise)
-    multi_tensor_update_kernel<P, SGD, true><<<grid, block, 0, stream>>>(chunk, ct, cs, pa, ga, ma, va, numel, keys, rows, stat_sq, sens);
+    multi_tensor_update_kernel<P, SGD, true><<<grid, block, 0, stream>>>(tile, ct, cs, pa, ga, ma, va, numel, keys, rows, stat_sq, sens);
   else if (kind == SGD)
-    multi_tensor_update_kernel<P, SGD, false><<<grid, block, 0, stream>>>(chunk, ct, cs, pa, ga, ma, va, numel, keys, rows, stat_sq, sens);
+    multi_tensor_update_kernel<P, SGD, false><<<grid, block, 0, stream>>>(tile, ct, cs, pa, ga, ma, va, numel, keys, rows, stat_sq, sens);
   else if (noise)
-    multi_tensor_update_kernel<P, ADAM, true><<<grid, block, 0, stream>>>(chunk, ct, cs, pa, ga, ma, va, numel, keys, rows, stat_sq, sens);
+    multi_tensor_update_kernel<P, ADAM, true><<<grid, block, 0, stream>>>(tile, ct, cs, pa, ga, ma, va, numel, keys, rows, stat_sq, sens);
   else
-    multi_tensor_update_kernel<P, ADAM, false><<<grid, block, 0, stream>>>(chunk, ct, cs, pa, ga, ma, va, numel, keys, rows, stat_sq, sens);
+    multi_tensor_update_kernel<P, ADAM, false><<<grid, block, 0, stream>>>(tile, ct, cs, pa, ga, ma, va, numel, keys, rows, stat_sq, sens);
   return cudaGetLastError();
 }
 
-cudaError_t launch_multi_tensor_update(int dtype, int kind, bool noise, int stat, int64_t n_chunks, int64_t chunk,
-                                       const int32_t* chunk_tensor, const int64_t* chunk_start,
+cudaError_t launch_multi_tensor_update(int dtype, int kind, bool noise, int stat, int64_t n_tiles, int64_t tile,
+                                       const int32_t* tile_tensor, const int64_t* tile_start,
                                        const int64_t* p_addr, const int64_t* g_addr, const int64_t* m_addr,
                                        const int64_t* v_addr, const int64_t* numel, const int64_t* keys,
                                        const float* rows, float* sens, cudaStream_t stream) {
-  if (n_chunks == 0) return cudaSuccess;
+  if (n_tiles == 0) return cudaSuccess;
   if (kind != SGD && kind != ADAM) return cudaErrorInvalidValue;
-  if (chunk % 4 != 0) return cudaErrorInvalidValue;  // a thread's four elements share one Philox counter
+  if (tile % 4 != 0) return cudaErrorInvalidValue;  // a thread's four elements share one Philox counter
   if (stat != 0 && stat != 1) return cudaErrorInvalidValue;
   const bool sq = stat == 1;
   switch (dtype) {
-    case 0: return launch_typed<float>(kind, noise, sq, n_chunks, chunk, chunk_tensor, chunk_start, p_addr, g_addr,
+    case 0: return launch_typed<float>(kind, noise, sq, n_tiles, tile, tile_tensor, tile_start, p_addr, g_addr,
                                        m_addr, v_addr, numel, keys, rows, sens, stream);
-    case 1: return launch_typed<__nv_bfloat16>(kind, noise, sq, n_chunks, chunk, chunk_tensor, chunk_start, p_addr,
+    case 1: return launch_typed<__nv_bfloat16>(kind, noise, sq, n_tiles, tile, tile_tensor, tile_start, p_addr,
                                                g_addr, m_addr, v_addr, numel, keys, rows, sens, stream);
-    case 2: return launch_typed<__half>(kind, noise, sq, n_chunks, chunk, chunk_tensor, chunk_start, p_addr, g_addr,
+    case 2: return launch_typed<__half>(kind, noise, sq, n_tiles, tile, tile_tensor, tile_start, p_addr, g_addr,
                                         m_addr, v_addr, numel, keys, rows, sens, stream);
     default: return cudaErrorInvalidValue;
   }

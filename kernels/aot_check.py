@@ -50,7 +50,7 @@ def variants(everything: bool = False):
     for dt, kind, noise, stat in (itertools.product((tl.float32, tl.bfloat16, tl.float16), (0, 1), (False, True), (0, 1))
                                   if everything else multi):
         yield sig(multi_tensor._multi_tensor_update_kernel, tables,
-                  {"P_DTYPE": dt, "KIND": kind, "HAS_NOISE": noise, "STAT": stat, "CHUNK": 1 << 16, "BLOCK": 1024})
+                  {"P_DTYPE": dt, "KIND": kind, "HAS_NOISE": noise, "STAT": stat, "TILE": 1 << 16, "BLOCK": 1024})
 
 
 def main(argv=None) -> int:

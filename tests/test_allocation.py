@@ -249,7 +249,7 @@ def _run(mode, tamper=False, steps=None):
         if len(x):
             F.cross_entropy(m(x), y).backward()
             batch = o.engine.take()  # the raw per-sample material of this batch
-            o._accumulate(batch)
+            o.accumulator.on_batch(batch)
         grads = o.privatize()
         if tamper and batch is not None:
             for recs in batch.records.values():
@@ -257,8 +257,8 @@ def _run(mode, tamper=False, steps=None):
                     for attr in ("A", "G", "gs"):
                         if hasattr(r, attr):
                             setattr(r, attr, getattr(r, attr) * 1000)
-            o._summed = [None if s is None else s * 1000 for s in o._summed]
-            o._share_sum = o._share_sum * 1000
+            o.sums.summed = [None if s is None else s * 1000 for s in o.sums.summed]
+            o.feed.share_sum = o.feed.share_sum * 1000
         o.apply(grads)
         inputs.append((o.last_allocation_input, o._released[1:]))
     return o, inputs
@@ -306,14 +306,14 @@ def test_released_shares_carry_exactly_their_noise():
     """released - exact share sums = sigma_b * z, z the share stream of that step: the noise that
     the accountant assumes is the noise that was added (sigma_b = share_noise * sigma)."""
     from anadp import backends, philox
-    from anadp.optimizer import SHARE_STREAM
+    from anadp.tensors import SHARE_STREAM
     m, o, l = make_setup("sgd")
     m, o, l = anadp.make_private(m, o, l, noise_multiplier=0.9, max_grad_norm=0.5, seed=7, poisson_sampling=False)
     x, y = next(iter(l))
     F.cross_entropy(m(x), y).backward()
     o.engine.flush()
-    o._fold_shares()
-    exact = o._share_sum.clone()
+    o.feed.fold()
+    exact = o.feed.share_sum.clone()
     assert 0 < float(exact.sum()) <= len(x) + 1e-9  # each sample adds at most 1
     o.step()
     assert o.share_noise_backend.name == ("cpu" if backends.why_unavailable("cpu") is None else "torch")
@@ -352,13 +352,13 @@ class _nothing:
 
 
 def test_first_moment_energy_is_unbiased_and_less_noisy_than_one_step():
-    """Coherent energy from Adam's exp_avg (the factors of DPOptimizer._momentum_energy) against
+    """Coherent energy from Adam's exp_avg (the factors of AllocationFeed.momentum_energy) against
     the square of the last noisy step, over 40 runs of 30 steps of u_t = S + N(0, 1) in d = 2000
     coordinates, ||S||^2 = 5: both unbiased (|mean - 5| < 4 standard errors), the first moment's
     spread at least 3x smaller (theory: sqrt(2d) vs sqrt(2d / 19) noise-noise terms)."""
     from types import SimpleNamespace
 
-    from anadp.optimizer import DPOptimizer
+    from anadp.allocation_feed import AllocationFeed
     d, runs, steps = 2000, 40, 30
     S = torch.full((d,), 0.05, dtype=torch.float64)
     est_m, est_1 = [], []
@@ -369,9 +369,9 @@ def test_first_moment_energy_is_unbiased_and_less_noisy_than_one_step():
         for t in range(steps):
             p.grad = S + torch.randn(d, generator=g, dtype=torch.float64)
             opt.step()
-        stub = SimpleNamespace(original_optimizer=opt, params=[p], allocator=SimpleNamespace(updates=steps - 1),
-                               _tensor_sums=lambda v: v.double())
-        sums, noise, signal = DPOptimizer._momentum_energy(stub)
+        stub = SimpleNamespace(optimizer=opt, tensors=SimpleNamespace(params=[p], tensor_sums=lambda v: v.double()),
+                               allocator=SimpleNamespace(updates=steps - 1))
+        sums, noise, signal = AllocationFeed.momentum_energy(stub)
         est_m.append(float((sums.sum() - noise * d) / signal))
         est_1.append(float(p.grad.pow(2).sum() - d))
     m, m1 = torch.tensor(est_m), torch.tensor(est_1)

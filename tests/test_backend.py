@@ -153,8 +153,8 @@ def test_per_layer_clipping_in_the_hooks_equals_torch(monkeypatch, backend, make
         pytest.importorskip("triton")
     elif why_unavailable("cpu", torch.device("cpu")) is not None or DEV != "cpu":
         pytest.skip("the cpu backend's kernel is not built here, or the tensors are on a GPU")
-    from anadp.per_layer import PerLayerDPOptimizer
-    monkeypatch.setattr(PerLayerDPOptimizer, "RELEASE_BATCH", 1)
+    from anadp.per_layer import PerLayerAccumulator
+    monkeypatch.setattr(PerLayerAccumulator, "RELEASE_BATCH", 1)
     kw = dict(clipping="per_layer", adaptive_clipping=True, physical=5)
     monkeypatch.setenv("ANADP_BACKEND", "torch")
     ref, o_ref = _train(make, optimizer, **kw)

@@ -124,7 +124,7 @@ def test_clipped_linear_update(kind, transposed, B, T, d, p):
         ref.grad = grad
         opt_ref.step()
         m, v, row = _kernel_state(opt, out, std, inv)
-        sens = clipped_linear_update(A, G, c, out.data, kind=U.kind_of(opt), row=row, key=key, m=m, v=v, prior=pri,
+        sens = clipped_linear_update(A, G, c, out.data, kind=U.optimizer_kind(opt), row=row, key=key, m=m, v=v, prior=pri,
                                      transposed=transposed, sens=nan(n_tiles(p, d)), stat=stat)
         U.finish_step(opt, [out])
         assert rel_err(sens.sum(), sens_ref) < 1e-5
@@ -158,7 +158,7 @@ SIZES = [(33,), (7, 19), (1,), (3, 100)]
 @pytest.mark.parametrize("kind", ["nesterov", "plain_sgd", "adam", "adamw"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 def test_multi_tensor_update(u, kind, dtype):
-    """One launch over tensors of awkward sizes, chunks of 64 elements (tensors span several)."""
+    """One launch over tensors of awkward sizes, tiles of 64 elements (tensors span several)."""
     g = torch.Generator().manual_seed(5)
     inits = [torch.randn(s, generator=g).to(DEV) for s in SIZES]
     sums = [torch.randn(s, generator=g).to(DEV) for s in SIZES]
@@ -175,10 +175,10 @@ def test_multi_tensor_update(u, kind, dtype):
             sens_ref.append((r.detach() * r.grad).abs().sum() if stat == "abs_p_grad" else r.grad.pow(2).sum())
         opt_ref.step()
         states = [_kernel_state(opt, o, stds[i], inv) for i, o in enumerate(outs)]
-        n_chunks = sum(-(-o.numel() // 64) for o in outs)
+        tiles = sum(-(-o.numel() // 64) for o in outs)
         sens, owner = u.multi_tensor_update(outs, sums, [s[0] for s in states], [s[1] for s in states], keys,
-                                          torch.stack([s[2] for s in states]), kind=U.kind_of(opt), chunk=64,
-                                          sens=nan(n_chunks), stat=stat)
+                                          torch.stack([s[2] for s in states]), kind=U.optimizer_kind(opt), tile=64,
+                                          sens=nan(tiles), stat=stat)
         U.finish_step(opt, outs)
         per_tensor = torch.zeros(len(outs), dtype=torch.float64, device=DEV).index_add_(0, owner.long(), sens.double())
         tol = 1e-5 if dtype == torch.float32 else 1e-2
@@ -189,20 +189,20 @@ def test_multi_tensor_update(u, kind, dtype):
                 assert rel_err(opt.state[o][name], s) < tol, name
 
 
-def _noise_through_multi_tensor(k, shape, chunk, seed, step, group):
+def _noise_through_multi_tensor(k, shape, tile, seed, step, group):
     """z from the kernel: plain SGD with lr 1 on a zero gradient turns p into p - z."""
     p = torch.zeros(shape, device=DEV)
     row = torch.zeros(1, U.N_COLS, device=DEV)
     row[0, U.LR], row[0, U.NOISE_STD], row[0, U.INV_DENOM] = 1.0, 1.0, 1.0
     k.multi_tensor_update([p], [torch.zeros(shape, device=DEV)], [None], [None], [philox.group_key(seed, step, group)],
-                          row, kind=U.SGD, chunk=chunk)
+                          row, kind=U.SGD, tile=tile)
     return -p
 
 
 def test_multi_tensor_noise_is_the_torch_stream_whatever_the_chunking(u):
     ref = philox.gaussian(2**64 - 5, 3, 7, (37, 29), device=DEV)  # a key above 2**63 too
-    for chunk in (64, 1024, 1 << 16):
-        assert (_noise_through_multi_tensor(u, (37, 29), chunk, 2**64 - 5, 3, 7) - ref).abs().max() < 1e-6
+    for tile in (64, 1024, 1 << 16):
+        assert (_noise_through_multi_tensor(u, (37, 29), tile, 2**64 - 5, 3, 7) - ref).abs().max() < 1e-6
 
 
 def test_cpu_multi_tensor_update_stores_the_privatized_gradient():

@@ -128,7 +128,7 @@ def test_per_layer_step_equals_brute_force(make, reduction, opt, together, monke
                                            loss_reduction=reduction, seed=0, max_physical_batch_size=2,
                                            backend="torch")
     if together is not True:
-        dp.CLIP_BATCH = 0
+        dp.accumulator.CLIP_BATCH = 0
     g = torch.Generator().manual_seed(2)
     names = dp.group_names + (["<rest>"] if dp.clip.has_rest else [])
     C = {n: float(v) for n, v in zip(names, torch.rand(len(names), generator=g, dtype=torch.float64) * 0.2 + 0.01)}
@@ -141,20 +141,20 @@ def test_per_layer_step_equals_brute_force(make, reduction, opt, together, monke
     pname = {p: n for n, p in model.named_parameters()}
     group_of, feed = {}, {}
     for i, p in enumerate(dp.params):
-        col = dp._col[i]
+        col = dp.accumulator.col[i]
         group_of[pname[p]] = col
         feed[col] = 1.0 / float(w[i])
     thresholds = dict(enumerate(dp.clip.thresholds.tolist()))
     loss = _sample_loss(kind, R)
-    dp.RELEASE_BATCH = 1  # each layer released in its own hook
+    dp.accumulator.RELEASE_BATCH = 1  # each layer released in its own hook
     chunk, steps, released_in_hooks = [], 0, 0
     for ids_b, mask_b, sid_b in loader:
         dp.zero_grad()
         per = loss(_call(model, ids_b, mask_b), sid_b)
         (per.sum() if reduction == "sum" else per.mean()).backward()
-        if dp._hook_plan is not None:  # the last chunk: every group released by the end of the backward
+        if dp.accumulator.hook_plan is not None:  # the last chunk: every group released by the end of the backward
             dp.engine.flush()
-            assert dp._hook_plan.released == set(range(len(dp.params))) and not dp.engine._records
+            assert dp.accumulator.hook_plan.released == set(range(len(dp.params))) and not dp.engine._records
             released_in_hooks += 1
         chunk.append((ids_b, mask_b, sid_b))
         dp.step()
@@ -307,7 +307,7 @@ def test_adaptive_thresholds_follow_the_quantile_update(fixed_total):
     pname = {p: n for n, p in m.named_parameters()}
     sq = torch.zeros(dp.clip.n_groups, len(y), dtype=torch.float64)
     for i, p in enumerate(dp.params):
-        sq[dp._col[i]] += ref[pname[p]].flatten(1).pow(2).sum(1).double()
+        sq[dp.accumulator.col[i]] += ref[pname[p]].flatten(1).pow(2).sum(1).double()
     b = (sq.sqrt() <= C0[:, None]).double().sum(1) / dp.expected_batch_size
     want = (C0 * torch.exp(-0.5 * (b - 0.3))).clamp_min(1e-6)
     if fixed_total:

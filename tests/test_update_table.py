@@ -1,5 +1,5 @@
 """Host side of the fused update (shared by the triton and cuda backends) and of the
-CUDA build: chunk tables, hyperparameter rows, argument checks, dtype codes, the
+CUDA build: tile tables, hyperparameter rows, argument checks, dtype codes, the
 setup.py decision and the cuda backend's error without the extension."""
 import importlib.util
 import math
@@ -16,26 +16,26 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 def test_chunk_table_covers_every_element_once():
     sizes = [0, 5, 64, 65, 130]
-    tensor, start = U.chunk_table(sizes, chunk=64)
+    tensor, start = U.tile_table(sizes, tile=64)
     assert tensor.dtype == torch.int32 and start.dtype == torch.int64
     seen = {i: torch.zeros(n, dtype=torch.int64) for i, n in enumerate(sizes)}
     for t, s in zip(tensor.tolist(), start.tolist()):
         seen[t][s:s + 64] += 1
     assert all(bool((v == 1).all()) for v in seen.values())
     assert tensor.tolist() == [1, 2, 3, 3, 4, 4, 4] and start.tolist() == [0, 0, 0, 64, 0, 64, 128]
-    for bad in (0, 6):  # a chunk's start must be a multiple of 4: four elements share one Philox call
+    for bad in (0, 6):  # a tile's start must be a multiple of 4: four elements share one Philox call
         with pytest.raises(ValueError):
-            U.chunk_table([3], chunk=bad)
+            U.tile_table([3], tile=bad)
 
 
 def test_tables_hold_pointers_sizes_and_key_bits():
     ps = [torch.zeros(3), torch.zeros(2, 2)]
     gs = [torch.ones(3), torch.ones(2, 2)]
-    t = U.tables(ps, gs, [None, torch.zeros(2, 2)], [None, None], [5, 2**64 - 1], chunk=4)
+    t = U.tables(ps, gs, [None, torch.zeros(2, 2)], [None, None], [5, 2**64 - 1], tile=4)
     assert t.p_addr.tolist() == [p.data_ptr() for p in ps] and t.g_addr.tolist() == [g.data_ptr() for g in gs]
     assert t.m_addr[0] == ps[0].data_ptr()  # no state: the parameter's own pointer, never read
     assert t.numel.tolist() == [3, 4] and t.keys.tolist() == [5, -1]
-    assert t.chunk_tensor.tolist() == [0, 1]
+    assert t.tile_tensor.tolist() == [0, 1]
 
 
 @pytest.mark.parametrize("cls,kw", [(torch.optim.Adam, {"weight_decay": 0.1}), (torch.optim.AdamW, {}),
@@ -143,7 +143,7 @@ def test_the_cuda_sources_mirror_the_table():
     cols = re.search(r"enum Col \{([^}]*)\}", src).group(1).replace("\n", " ")
     names = [c.strip() for c in cols.split(",") if c.strip()]
     table = sorted((v, k) for k, v in vars(U).items() if isinstance(v, int) and k.isupper() and k not in
-                   ("SGD", "ADAM", "N_COLS", "DEFAULT_CHUNK"))
+                   ("SGD", "ADAM", "N_COLS", "DEFAULT_TILE"))
     assert names == [k for _, k in table] + ["N_COLS"]
     assert re.search(r"enum Kind \{ SGD = (\d), ADAM = (\d) \}", src).groups() == (str(U.SGD), str(U.ADAM))
     mt = open(os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "csrc",

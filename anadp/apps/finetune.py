@@ -195,7 +195,7 @@ def train_one(cfg: FinetuneConfig, method: str, epsilon: float, seed: int, train
                 l_.backward()
                 loss = l_.item()
             optimizer.step()
-            if dp and optimizer._chunks:  # more physical chunks of this logical batch
+            if dp and not optimizer.stepped:  # more physical chunks of this logical batch
                 continue
             steps += 1
             bar.update(1)

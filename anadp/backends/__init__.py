@@ -93,10 +93,10 @@ class Backend:
         raise NotImplementedError
 
     # --- fused update (optional) ----------------------------------------------------------
-    def multi_tensor_update(self, params, grads, ms, vs, keys, rows, *, kind, has_noise=True, chunk=None,
+    def multi_tensor_update(self, params, grads, ms, vs, keys, rows, *, kind, has_noise=True, tile=None,
                             sens=None, stat="abs_p_grad"):
         """One launch: grad = (clipped sum + noise_std z) * inv_denom, then the SGD / Adam update of
-        every tensor (anadp.update_table rows); returns (per-chunk sums of ``stat``, chunk owner)."""
+        every tensor (anadp.update_table rows); returns (per-tile sums of ``stat``, tile owner)."""
         raise NotImplementedError
 
     def clipped_linear_update(self, A, G, c, W, *, kind, row, key, m=None, v=None, prior=None, transposed=False,

@@ -173,12 +173,12 @@ def maximize_gain(log_x0, G2, G2_rest: float, alpha, d, n: float, adaptive: bool
 
 
 def multi_tensor_update(params: list, grads: list, ms: list, vs: list, keys: list[int], rows: torch.Tensor, *,
-                        kind: int, has_noise: bool = True, chunk: int | None = None, sens: torch.Tensor | None = None,
+                        kind: int, has_noise: bool = True, tile: int | None = None, sens: torch.Tensor | None = None,
                         stat: str = "abs_p_grad", store_grad: bool = False,
                         moment_sq: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """As anadp.kernels.multi_tensor_update, one call on the CPU; a chunk is a whole tensor (the
+    """As anadp.kernels.multi_tensor_update, one call on the CPU; a tile is a whole tensor (the
     per-tensor sums, in float64 over blocks of 1024, are what the caller adds up anyway).
-    ``chunk`` and ``sens`` (a preallocated per-chunk buffer) do not apply: the per-tensor sums are returned.
+    ``tile`` and ``sens`` (a preallocated per-tile buffer) do not apply: the per-tensor sums are returned.
     ``store_grad``: each grad is overwritten by the privatized gradient (the optimizer sets p.grad to it);
     ``moment_sq``: a (tensors,) float64 buffer that gets each tensor's sum of squares of its first moment
     after the update (what the allocation reads)."""

@@ -71,7 +71,7 @@ def embedding_sq_norms(idx: torch.Tensor, G: torch.Tensor, out: torch.Tensor | N
 
 
 def multi_tensor_update(params: list, grads: list, ms: list, vs: list, keys: list[int], rows: torch.Tensor, *,
-                        kind: int, has_noise: bool = True, chunk: int = U.DEFAULT_CHUNK,
+                        kind: int, has_noise: bool = True, tile: int = U.DEFAULT_TILE,
                         sens: torch.Tensor | None = None, stat: str = "abs_p_grad") -> tuple[torch.Tensor, torch.Tensor]:
     """As anadp.kernels.multi_tensor_update."""
     code = U.stat_code(stat)
@@ -79,13 +79,13 @@ def multi_tensor_update(params: list, grads: list, ms: list, vs: list, keys: lis
         empty = torch.zeros(0, dtype=torch.float32)
         return empty, empty.to(torch.int32)
     dtype_code = U.check_update_args(params, grads, ms, vs, kind)
-    t = U.tables(params, grads, ms, vs, keys, chunk)
-    n = t.chunk_tensor.numel()
+    t = U.tables(params, grads, ms, vs, keys, tile)
+    n = t.tile_tensor.numel()
     sens = torch.empty(n, dtype=torch.float32, device=params[0].device) if sens is None else sens
     if n:
         _ext().multi_tensor_update(*t, rows.to(device=params[0].device, dtype=torch.float32).contiguous(), sens,
-                                   dtype_code, kind, has_noise, chunk, code)
-    return sens, t.chunk_tensor
+                                   dtype_code, kind, has_noise, tile, code)
+    return sens, t.tile_tensor
 
 
 def philox_randint(key: int, offsets: torch.Tensor) -> torch.Tensor:
