@@ -54,15 +54,17 @@ def make_private(model: nn.Module, optimizer: torch.optim.Optimizer, data_loader
     (default): off, DP-Adam as Opacus has it; True: on, or an error; None: on where the wrapped optimizer
     is an Adam or AdamW that anadp's update implements, off for the others.
 
-    ``backend``: "auto" (triton kernels for CUDA tensors, torch otherwise), "torch", "triton"
-    or "cuda"; the environment variable ANADP_BACKEND overrides it.
+    ``backend``: "auto" (triton for CUDA tensors; cpu, the compiled CPU kernels, for CPU tensors where a
+    C++ compiler is, else torch), "torch", "cpu", "triton" or "cuda"; the environment variable
+    ANADP_BACKEND overrides it.
 
     Distributed (``torch.distributed`` initialized, or ``distributed=True``): call on
     every rank with the same arguments and a loader over the whole dataset whose
-    batch size is the global one; do not wrap the model in DistributedDataParallel.
-    Each rank takes its share of every Poisson batch and clips it; one all-reduce
-    sums the clipped gradients and every rank adds the same noise, so the result
-    equals the single-process run over the same logical batch.
+    batch size is the global one. The model may be wrapped in DistributedDataParallel (anadp
+    switches DDP's own all-reduce off) or sharded with FSDP2's fully_shard before this call, or
+    left as it is. Each rank takes its share of every Poisson batch and clips it; the ranks'
+    clipped sums are summed (reduce-scattered for FSDP2 shards) and every rank adds the same
+    noise, so the result equals the single-process run over the same logical batch.
     """
     if (noise_multiplier is None) == (target_epsilon is None):
         raise ValueError("give either noise_multiplier or target_epsilon (with target_delta and epochs)")

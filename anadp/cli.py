@@ -98,7 +98,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="anadp", description="DP fine-tuning with adaptive noise allocation")
     parser.add_argument("--version", action="version", version=f"anadp {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
-    fmt = argparse.ArgumentDefaultsHelpFormatter
+    fmt = _DefaultsHelp
     d = sub.add_parser("demo", help="uniform DP vs ANADP at the same epsilon on a small transformer (no network)",
                        formatter_class=fmt)
     defaults = DemoConfig()
@@ -130,7 +130,7 @@ def build_parser() -> argparse.ArgumentParser:
     from .apps.methods import DEFAULT, METHODS
     fd = FinetuneConfig()
     ft = sub.add_parser("finetune", help="pretrained encoder on real text: non-private vs uniform DP vs ANADP",
-                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                        formatter_class=_DefaultsHelp)
     ft.add_argument("--method", nargs="+", choices=list(METHODS) + ["all"], default=["all"],
                     help=f"methods to run; all = nonprivate, uniform (DP-Adam as Opacus has it) and {DEFAULT} "
                          "(make_private's defaults); <allocation>-bc: with Adam's noise correction, without it "
@@ -164,6 +164,14 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_parser("info", help="versions, devices, and which backends (torch, triton, cuda) can run and why not",
                    formatter_class=fmt)
     return parser
+
+
+class _DefaultsHelp(argparse.ArgumentDefaultsHelpFormatter):
+    """Appends "(default: ...)" except where the help already says what None means."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        return text if "(None:" in text else super()._get_help_string(action)
 
 
 def main(argv=None) -> int:

@@ -256,6 +256,7 @@ class GradSampleEngine:
         self._buffer_state: list = []
         self._take_snapshot()
         self.batch_size: Optional[int] = None
+        self._grad_forwards = 0  # forwards with gradients since the last backward (see check_batch)
         self.chunks = ChunkProtocol()  # which chunk of private data each forward runs on (anadp.chunks)
         self.chunk_id: Optional[int] = None  # the stamp of the last forward
         self._records: dict = {}
@@ -363,6 +364,8 @@ class GradSampleEngine:
         x = _first_tensor(args, kwargs)
         dim = 0 if self.batch_first else 1
         self.batch_size = x.shape[dim] if x is not None and x.dim() > dim else None
+        if torch.is_grad_enabled():
+            self._grad_forwards += 1
         self.chunk_id, self.ends_logical = self.chunks.current, self.chunks.ends_logical
 
     def to_batch_first(self, name: str, *ts):
@@ -375,6 +378,12 @@ class GradSampleEngine:
         """Check batch-first tensors against the model's batch size."""
         if self.batch_size is None:
             self.batch_size = ts[0].shape[0]
+        if ts[0].shape[0] != self.batch_size and self._grad_forwards > 1 and not torch.is_grad_enabled():
+            raise BatchMismatchError(
+                f"layer '{name}' got the gradient of a batch of {ts[0].shape[0]} in this backward, but the private "
+                f"model ran {self._grad_forwards} forwards with gradients enabled since the last backward (the last "
+                f"on a batch of {self.batch_size}): a backward belongs to the forward just before it. Run each "
+                "forward's backward before the next forward, and wrap evaluation forwards in torch.no_grad()")
         if ts[0].shape[0] != self.batch_size:
             raise BatchMismatchError(
                 f"layer '{name}' saw a batch of {ts[0].shape[0]} (tensor shape {tuple(ts[0].shape)}) but the model "
@@ -404,6 +413,7 @@ class GradSampleEngine:
         return max(1, self._readers.get((x.data_ptr(), x.shape, x.dtype), 0))
 
     def record(self, param, rec) -> None:
+        self._grad_forwards = 0
         self._records.setdefault(param, []).append(rec)
         acc = self.accumulator
         if acc is not None and acc.clips_in_backward:

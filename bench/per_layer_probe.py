@@ -14,7 +14,6 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader
 
 from anadp import make_private
-from anadp.clipping import PerLayerClipping
 from anadp.apps.finetune import FinetuneConfig, by_length, expected_batch, learning_rate, load_model, prepare, trim
 from anadp.apps.methods import method_setup
 
@@ -46,7 +45,7 @@ def probe(method: str, steps: int) -> None:
                 continue
             done += 1
             n = opt.last_per_sample_norms  # of the last chunk (per-layer: every group together)
-            if isinstance(opt.clip, PerLayerClipping):
+            if opt.max_grad_norms is not None:  # per-layer clipping
                 t, counts = opt.clip.thresholds, opt.clip.last_released_counts
                 line = (f"K {opt.clip.total:.3f}  C head {float(t[-2]):.3f}  C min {float(t[t > 0].min()):.4f}")
                 if counts is not None:

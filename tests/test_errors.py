@@ -210,3 +210,17 @@ def test_a_parameter_group_added_after_wrapping_is_refused_at_the_step():
     with pytest.raises(RuntimeError, match="add_param_group"):
         o.step()
     assert torch.equal(extra.detach(), torch.zeros(3))
+
+
+def test_a_second_forward_before_the_backward_is_named_as_such():
+    """Two forwards with gradients, then the first one's backward: the error says so, not batch_first."""
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Linear(4, 3), nn.Linear(3, 2))
+    data = torch.utils.data.TensorDataset(torch.randn(64, 4), torch.randint(0, 2, (64,)))
+    m, o, l = anadp.make_private(m, torch.optim.SGD(m.parameters(), lr=0.1), DataLoader(data, batch_size=16),
+                                 noise_multiplier=1.0, max_grad_norm=1.0, seed=0, poisson_sampling=False)
+    x, y = next(iter(l))
+    out = m(x)
+    m(x[:5])  # an evaluation forward with gradients enabled
+    with pytest.raises(anadp.BatchMismatchError, match="2 forwards with gradients enabled since the last backward"):
+        F.cross_entropy(out, y).backward()

@@ -150,6 +150,10 @@ def test_help_describes_every_option_with_its_default(capsys):
     with pytest.raises(SystemExit):
         main(["demo", "--help"])
     assert "(default: 3)" in capsys.readouterr().out  # --epochs
+    with pytest.raises(SystemExit):
+        main(["finetune", "--help"])
+    out = " ".join(capsys.readouterr().out.split())
+    assert "(None: 5e-4 with LoRA" in out and "5e-5 with --no-lora) (default" not in out  # said once, not twice
 
 
 def test_stepped_says_which_step_calls_updated_with_physical_batches():

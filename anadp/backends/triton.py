@@ -31,14 +31,15 @@ class TritonBackend(Backend):
     norms = fused_update = fused_gemm = True
 
     def why_unavailable(self, device: torch.device | None) -> str | None:
+        on_gpu = torch.cuda.is_available() if device is None else device.type == "cuda"
         try:
             import triton
-        except ImportError as e:
-            return f"triton is not installed ({e}); pip install triton"
+        except ImportError as e:  # installing it helps only where a GPU (or the interpreter) can run it
+            return f"triton is not installed ({e})" + ("; pip install triton" if on_gpu or interpreting() else
+                                                       ": it needs CUDA tensors, and there are none here")
         if _version(triton.__version__) < MIN_TRITON:
             return (f"triton {triton.__version__} is older than {'.'.join(map(str, MIN_TRITON))}, whose tl.randn4x "
                     "splits 64-bit offsets into the Philox counter the other backends use")
-        on_gpu = torch.cuda.is_available() if device is None else device.type == "cuda"
         if not on_gpu and not interpreting():
             return ("triton kernels need CUDA tensors" if device is not None else "no CUDA device") + \
                 " (or TRITON_INTERPRET=1 to interpret them on the CPU, slowly)"
