@@ -128,7 +128,11 @@ class WhitenedAccumulator(Accumulator):
             batch.drop(bad)
             norms = torch.where(bad, 0, norms)
             self.skipped_samples += int(bad.sum())
-        c = self.clip.factors(norms)
+        slack = batch.slack_rows(keys)  # 16-bit clipped sums: their rounding, absorbed by the clip factors
+        if slack is not None:
+            c = self.clip.factors(norms + (weights.whiten.to(slack.dtype) @ slack.square()).sqrt() * batch.scale)
+        else:
+            c = self.clip.factors(norms)
         if any_bad:
             c = torch.where(bad, 0, c)
         cs = c * batch.scale  # the clip factors of the records, which hold the scaled-down gradients

@@ -138,6 +138,31 @@ class PhysicalBatch:
         S = torch.cat(parts) if parts else torch.zeros(0, self.batch_size)
         return keys, S
 
+    def slack_rows(self, keys: list) -> torch.Tensor | None:
+        """(len(keys), B), row k for keys[k] of sq_rows: what the 16-bit rounding of the clipped sums
+        may add to each sample's contribution per unit of clip factor (records.LinearRecord.rounding_slack),
+        zero where the sum is exact; None where every sum is (float32 records, the CPU)."""
+        found: dict = {}
+        for st in self._linear_stacks or ():
+            s = st.rounding_slack()
+            if s is not None:
+                found.update(zip(st.keys, s.unbind(0)))
+        for p in keys:
+            if p in found:
+                continue
+            for r in self.records[p]:
+                s = r.rounding_slack() if isinstance(r, R.LinearRecord) else None
+                if s is not None:
+                    found[p] = s if p not in found else found[p] + s
+        if not found:
+            return None
+        first = next(iter(found.values()))
+        out = first.new_zeros(len(keys), self.batch_size)
+        for k, p in enumerate(keys):
+            if p in found:
+                out[k] = found[p]
+        return out
+
     def sq_norms(self, kernels=None, scaled: bool = True) -> dict:
         """param -> (B,) per-sample squared norms of its gradient, in record order (see sq_rows);
         ``scaled=False``: without the loss-reduction scale."""

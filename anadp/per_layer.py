@@ -199,7 +199,13 @@ class PerLayerAccumulator(Accumulator):
             if self.nonfinite == "skip" and (self._bad is not None or not math.isfinite(float(total.sum()))):
                 total = self._drop_nonfinite(total, batch)
                 sq = torch.where(self._bad, 0, sq)
-            c = self.clip.factors(sq.sqrt(), groups)
+            norms = sq.sqrt()
+            slack = batch.slack_rows(keys)  # 16-bit clipped sums: their rounding, absorbed by the clip factors
+            if slack is not None:
+                slack = slack.square()
+                norms = norms + (slack.sum(0, keepdim=True) if len(groups) == 1 else M.to(slack.dtype) @ slack).sqrt() \
+                    * scale
+            c = self.clip.factors(norms, groups)
             if self._bad is not None:
                 c = torch.where(self._bad, 0, c)
             cs = c * scale  # the records hold the gradients of the reduced loss

@@ -86,7 +86,7 @@ def gemm32(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     global _OUT_DTYPE
     mm = torch.bmm if x.dim() == 3 else torch.mm
     if x.dtype == y.dtype and x.dtype in HALF:
-        if x.device.type == "cuda" and _OUT_DTYPE:
+        if x.device.type in NATIVE_16BIT_DEVICES and _OUT_DTYPE:
             try:
                 return mm(x, y, out_dtype=torch.float32)
             except (TypeError, RuntimeError, NotImplementedError):  # a torch without the dtype overloads
@@ -98,30 +98,31 @@ def gemm32(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
 _OUT_DTYPE = True  # whether torch.bmm / torch.mm take out_dtype here (False after the first refusal)
 
 
-def split16(x: torch.Tensor, dtype: torch.dtype) -> list:
-    """float32 x as three bfloat16 parts whose float32 sum is x within one float32 ulp (8 + 8 + 8
-    significant bits, the same exponent range): a GEMM of each part with a 16-bit operand, accumulated in float32, gives the
-    float32 GEMM's result. The clipped sum scales one operand by the clip factors: rounding c_i a_it
-    to 16 bits could move sample i's contribution past C (the rounding errors of its tokens need not
-    cancel as the tokens' gradients do), so the scaled operand keeps float32 precision this way."""
-    parts, rest = [], x
-    for _ in range(3):
-        p = rest.to(dtype)
-        parts.append(p)
-        rest = rest - p.float()
-    return parts
+U32 = 2.0 ** -24  # float32's unit roundoff
+
+
+def rounding_gamma(dtype: torch.dtype, tokens: int) -> float:
+    """Relative bound gamma of the one-GEMM clipped sum on a native 16-bit device: for a sample i with
+    clip factor c, ||sum_t r(c g_t) a_t^T - c sum_t g_t a_t^T|| <= c gamma sum_t ||g_t|| ||a_t||, where
+    r rounds c g_t (formed in float32) to ``dtype`` (bfloat16: unit roundoff u = 2^-8; a_t and g_t are the
+    record's exact 16-bit values) and the GEMM accumulates the ``tokens`` products of an output element
+    in float32: gamma = (u + u32 + u u32) + gamma_K (1 + u)(1 + u32), gamma_K = K u32 / (1 - K u32).
+    docs/design.md ("16-bit clipped sums") has the argument."""
+    if dtype != torch.bfloat16:
+        raise ValueError(f"the one-GEMM clipped sum is bfloat16's (float16's range loses small values), not {dtype}")
+    u, k = 2.0 ** -8, tokens * U32
+    if k >= 0.5:
+        raise ValueError(f"{tokens} tokens in one GEMM: too many for the float32 accumulation bound")
+    return (u + U32 + u * U32) + k / (1 - k) * (1 + u) * (1 + U32)
 
 
 def clipped_gemm(Gs: torch.Tensor, A: torch.Tensor) -> torch.Tensor:
     """Gs^T A for the clipped sum (Gs (N, p) scaled by the clip factors, float32; A (N, d)): with a bfloat16 A
-    on a native device, three bfloat16 GEMMs of Gs's split16 parts (exact: bfloat16 has float32's
-    exponent range); else one float32 GEMM (float16's range would lose the small parts)."""
+    on a native device, one bfloat16 GEMM of Gs rounded to bfloat16 with float32 accumulation (its
+    rounding is absorbed by the clip factors: ``rounding_slack``); else one float32 GEMM (float16's range
+    would lose the small values)."""
     if _native_16bit(A) and A.dtype == torch.bfloat16:
-        out = None
-        for part in split16(Gs, A.dtype):
-            g = gemm32(part.t(), A)
-            out = g if out is None else out.add_(g)
-        return out
+        return gemm32(Gs.to(A.dtype).t(), A)
     return _acc(Gs).t() @ _acc(A)
 
 
@@ -139,9 +140,11 @@ def gram_strips(X: torch.Tensor, blocks: int = 4) -> list:
     """The upper block rows of the per-sample Gram matrices X X^T (X: (B, T, k)): strip a is
     X[:, rows a] @ X[:, rows a:]^T. A Gram matrix is symmetric, so the strips hold all of it in
     (blocks + 1) / (2 blocks) of the GEMM work (measured on the CPU: 25-30% less time for T = 128-256
-    than the whole Gram matrix). One strip (the whole matrix) below T = 64, where the blocks get small."""
+    than the whole Gram matrix). One strip (the whole matrix) below T = 64, where the blocks get small,
+    and for 16-bit records on a native device (a GPU), where each strip's launches cost more than the
+    quarter of the flops they save: one GEMM and one dot per record."""
     T = X.shape[1]
-    blocks = blocks if T >= 64 else 1
+    blocks = blocks if T >= 64 and not _native_16bit(X) else 1
     edges = [T * a // blocks for a in range(blocks + 1)]
     return [gemm32(X[:, edges[a]:edges[a + 1]], X[:, edges[a]:].transpose(1, 2)) for a in range(blocks)]
 
@@ -194,6 +197,11 @@ class LinearRecord:
     layer calls of the forward read the same input A (they share its Gram matrix)."""
 
     def __init__(self, A: torch.Tensor, G: torch.Tensor, transposed: bool = False, sharers: int = 1):
+        if G.dtype in HALF and A.dtype == torch.float32:
+            # autocast: a float32 input (after a LayerNorm) that the layer's GEMM read in G's 16 bits: its
+            # weight gradient is G^T A16, as autocast's own weight-gradient GEMM forms it; on a native
+            # device the record's GEMMs then run in 16 bits too
+            A = A.to(G.dtype)
         if not (_native_16bit(A) and A.dtype == G.dtype):  # see NATIVE_16BIT_DEVICES
             A, G = _acc(A), _acc(G)
         self.A, self.G, self.transposed = A, G, transposed  # (B,T,d), (B,T,p)
@@ -224,7 +232,8 @@ class LinearRecord:
                     cache.grams[key] = strips
             return strips_inner(strips, gram_strips(G))
         step = max(1, min(B, _INSTANTIATE_CHUNK // (p * d)))
-        out = A.new_empty(B)
+        out = A.new_empty(B, dtype=torch.float32 if A.dtype in HALF else A.dtype)  # not 16-bit: its rounding
+        # would understate a norm by up to 2^-9 and let a clipped sample past C
         for i in range(0, B, step):
             n = min(step, B - i)
             if _native_16bit(A):
@@ -233,6 +242,17 @@ class LinearRecord:
                 g = torch.bmm(G[i:i + n].transpose(1, 2), A[i:i + n], out=cache.scratch(0, (n, p, d), A))
             out[i:i + n] = rowdot(g, g)
         return out
+
+    def rounding_slack(self) -> torch.Tensor | None:
+        """(B,) per sample, what the one-GEMM clipped sum's rounding may add to its norm, per unit of
+        clip factor: gamma sum_t ||g_t|| ||a_t|| (``rounding_gamma``); None where the sum is exact
+        (float32 records, off a native 16-bit device)."""
+        A, G = self.A, self.G
+        if not (_native_16bit(A) and A.dtype == torch.bfloat16):
+            return None
+        tokens = A.shape[0] * A.shape[1]  # the GEMM sums the whole batch's tokens into each element
+        per_token = torch.linalg.vector_norm(A.float(), dim=2) * torch.linalg.vector_norm(G.float(), dim=2)
+        return rounding_gamma(A.dtype, tokens) * per_token.sum(1)
 
     def dense(self) -> torch.Tensor:
         """The per-sample gradients (B, *weight.shape), contiguous."""
@@ -245,7 +265,7 @@ class LinearRecord:
         """A^T diag(c) G as one GEMM, c applied to the narrower of A and G (16-bit A and G: the scaled
         one in float32, through clipped_gemm)."""
         A, G = self.A, self.G
-        if _native_16bit(A):
+        if _native_16bit(A):  # the scaled operand rounded to 16 bits (bfloat16: covered by rounding_slack)
             c32 = c.float()[:, None, None]
             if A.shape[2] <= G.shape[2]:
                 g = clipped_gemm((A.float() * c32).flatten(0, 1), G.flatten(0, 1)).t()
@@ -419,18 +439,29 @@ class LinearStack:
         u, B, T, d = self.A.shape
         n, p = self.G.shape[0], self.G.shape[3]
         A, G = self.A.view(u * B, T, d), self.G.view(n * B, T, p)
-        GA = torch.bmm(A, A.transpose(1, 2)).view(u, B, T * T)
+        GA = gemm32(A, A.transpose(1, 2)).view(u, B, T * T)  # 16-bit stacks: float32 accumulation and output
         if self.index is not None:
             GA = GA.index_select(0, self.index)
-        GG = torch.bmm(G, G.transpose(1, 2)).view(n, B, T * T)
+        GG = gemm32(G, G.transpose(1, 2)).view(n, B, T * T)
         return torch.linalg.vecdot(GA, GG)
+
+    def rounding_slack(self) -> torch.Tensor | None:
+        """(n, B): LinearRecord.rounding_slack of each stacked record (None off a native 16-bit device)."""
+        if not (_native_16bit(self.G) and self.G.dtype == torch.bfloat16):
+            return None
+        u, B, T, d = self.A.shape
+        na = torch.linalg.vector_norm(self.A.float(), dim=3)  # (u, B, T)
+        if self.index is not None:
+            na = na.index_select(0, self.index)
+        ng = torch.linalg.vector_norm(self.G.float(), dim=3)  # (n, B, T)
+        return rounding_gamma(self.G.dtype, B * T) * (na * ng).sum(2)
 
     def fill_token_sums(self, biases: dict) -> None:
         """Form the per-sample gradients of the TokenSumRecords in ``biases`` (id of a weight record ->
         its bias's record) whose weights are in this stack, in one sum over the tokens."""
         want = [(k, biases[id(r)]) for k, r in enumerate(self.records) if id(r) in biases]
         if want:
-            sums = self.G.sum(2)  # (n, B, p)
+            sums = self.G.sum(2, dtype=torch.float32 if self.G.dtype in HALF else None)  # (n, B, p)
             for k, b in want:
                 b.gs = sums[k]
 
@@ -439,9 +470,14 @@ class LinearStack:
         u, B, T, d = self.A.shape
         n, p = self.G.shape[0], self.G.shape[3]
         A = self.A if self.index is None else self.A.index_select(0, self.index)
-        c = c.to(self.G.dtype)
-        Gc = (self.G * (c[None, :, None, None] if c.dim() == 1 else c[:, :, None, None])).view(n, B * T, p)
-        A = A.view(n, B * T, d)
+        A = A.reshape(n, B * T, d)
+        c = c[None, :, None, None] if c.dim() == 1 else c[:, :, None, None]
+        if _native_16bit(self.G):  # the scaled operand rounded to 16 bits, one GEMM (rounding_slack)
+            if self.G.dtype != torch.bfloat16:
+                raise ValueError("16-bit stacks on a native device are bfloat16's (float16: see clipped_gemm)")
+            Gc = (self.G.float() * c.float()).to(self.G.dtype).view(n, B * T, p)
+            return gemm32(A.transpose(1, 2), Gc) if self.transposed else gemm32(Gc.transpose(1, 2), A)
+        Gc = (self.G * c.to(self.G.dtype)).view(n, B * T, p)
         if self.transposed:  # Conv1D weight (d, p)
             return torch.bmm(A.transpose(1, 2), Gc)
         return torch.bmm(Gc.transpose(1, 2), A)
@@ -452,8 +488,8 @@ def linear_stacks(records: dict) -> list:
     dtype, device and layout, two or more and small (``_STACK_MAX`` numbers with their Gram
     matrices: large layers keep their own, blocked, products)."""
     by: dict = {}
-    for key, r in records.items():  # (16-bit records on a native device take their own GEMMs)
-        if r.A.shape[1] > 1 and r.use_ghost() and not _native_16bit(r.A):
+    for key, r in records.items():  # (float16 records on a native device keep their own float32 GEMMs)
+        if r.A.shape[1] > 1 and r.use_ghost() and not (_native_16bit(r.A) and r.A.dtype != torch.bfloat16):
             by.setdefault((tuple(r.A.shape), tuple(r.G.shape), r.A.dtype, r.A.device, r.transposed), []).append(key)
     out = []
     for (a, g, _, _, _), keys in by.items():
