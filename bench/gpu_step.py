@@ -272,10 +272,17 @@ def kernel_rows(n: int, steps: int, warmup: int, norm_shape) -> list[dict]:
     wgrad16 = _timed(lambda: G16.reshape(B * T, pp).t() @ A16.reshape(B * T, d), steps, warmup)
     rows.append({"kernel": f"layer weight-gradient GEMM G^T A, torch, {shape16}", "seconds": wgrad16, "of_gemm": 1.0})
     rec16 = LinearRecord(A16, G16)
-    for label, fn in (("per-sample norms, torch backend", rec16.sq_norm),
-                      ("clipped sum, torch backend (3 bf16 GEMMs)", lambda: rec16.clipped_sum(c))):
+    # a Linear after a LayerNorm under autocast: a float32 input, a bf16 output gradient (the record reads A in bf16)
+    mixed = LinearRecord(A, G16)
+    shape_mixed = shape.replace("float32", "A float32 (after a LayerNorm), G bf16")
+    for label, fn, where in (("per-sample norms, torch backend", rec16.sq_norm, shape16),
+                             ("clipped sum, torch backend (1 bf16 GEMM)", lambda: rec16.clipped_sum(c), shape16),
+                             ("rounding slack of the clipped sum", rec16.rounding_slack, shape16),
+                             ("record of a mixed-dtype Linear", lambda: LinearRecord(A, G16), shape_mixed),
+                             ("per-sample norms, torch backend", mixed.sq_norm, shape_mixed),
+                             ("clipped sum, torch backend (1 bf16 GEMM)", lambda: mixed.clipped_sum(c), shape_mixed)):
         t = _timed(fn, steps, warmup)
-        rows.append({"kernel": f"{label}, {shape16}", "seconds": t, "of_gemm": t / wgrad16})
+        rows.append({"kernel": f"{label}, {where}", "seconds": t, "of_gemm": t / wgrad16})
 
     def norms16(k):
         t = _timed(lambda: k.linear_sq_norms(A16, G16), steps, warmup)

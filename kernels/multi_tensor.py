@@ -1,7 +1,7 @@
 """Noise + optimizer update + sensitivity for a list of tensors in one launch.
 
-apex's multi_tensor_apply idea: a table of addresses (parameter, clipped sum,
-state) per tensor and one program per tile of one tensor. Each program adds the
+apex's multi_tensor_apply idea: a table of element offsets (parameter, clipped sum,
+state; from one base pointer each) per tensor and one program per tile of one tensor. Each program adds the
 group's Philox noise to its tile of the clipped sum, scales it, writes the
 partial sum of the allocation's statistic over the privatized gradient
 (|p * grad| or grad^2) and updates the parameter and its state in place.
@@ -23,24 +23,46 @@ _TL_DTYPE = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float
 
 
 @triton.jit
-def _multi_tensor_update_kernel(CHUNK_TENSOR, CHUNK_START, P_ADDR, G_ADDR, M_ADDR, V_ADDR, NUMEL, KEYS, ROWS, SENS,  # U.Tables order
+def _multi_tensor_update_kernel(TILE_TENSOR, TILE_START, P_OFF, G_OFF, M_OFF, V_OFF, NUMEL, KEYS, ROWS, SENS,
+                                P_BASE, G_BASE, M_BASE, V_BASE,
                                 P_DTYPE: tl.constexpr, KIND: tl.constexpr, HAS_NOISE: tl.constexpr,
-                                STAT: tl.constexpr, TILE: tl.constexpr, BLOCK: tl.constexpr):
+                                STAT: tl.constexpr, TILE: tl.constexpr, BLOCK: tl.constexpr, ALIGN: tl.constexpr):
+    """Tensor t's elements are at X_BASE + X_OFF[t] (element offsets from one base pointer per operand):
+    with ALIGN > 1 every offset is a multiple of ALIGN elements (16 bytes), so Triton knows the
+    alignment of every address and loads and stores whole blocks as 16-byte vectors."""
     pid = tl.program_id(0)
-    t = tl.load(CHUNK_TENSOR + pid)
-    start = tl.load(CHUNK_START + pid)
+    t = tl.load(TILE_TENSOR + pid)
+    start = tl.load(TILE_START + pid)
     n = tl.load(NUMEL + t)
-    P = tl.load(P_ADDR + t).to(tl.pointer_type(P_DTYPE))
-    G = tl.load(G_ADDR + t).to(tl.pointer_type(tl.float32))
-    M = tl.load(M_ADDR + t).to(tl.pointer_type(tl.float32))
-    V = tl.load(V_ADDR + t).to(tl.pointer_type(tl.float32))
+    p_off = tl.load(P_OFF + t)
+    g_off = tl.load(G_OFF + t)
+    m_off = tl.load(M_OFF + t)
+    v_off = tl.load(V_OFF + t)
+    if ALIGN > 1:  # tiles start at multiples of TILE (a multiple of 4); the host checked the offsets
+        start = tl.multiple_of(start, 4)
+        p_off = tl.multiple_of(p_off, ALIGN)
+        g_off = tl.multiple_of(g_off, 4)
+        m_off = tl.multiple_of(m_off, 4)
+        v_off = tl.multiple_of(v_off, 4)
+    P = P_BASE + p_off
+    G = G_BASE + g_off
+    M = M_BASE + m_off
+    V = V_BASE + v_off
     key = tl.load(KEYS + t)
     row = ROWS + t * update.N_COLS
     sens = tl.zeros((BLOCK,), dtype=tl.float32)
-    for b0 in range(0, tl.minimum(TILE, n - start), BLOCK):
+    length = tl.minimum(TILE, n - start)
+    full = (length // BLOCK) * BLOCK
+    every = tl.full((BLOCK,), 1, tl.int1)
+    for b0 in range(0, full, BLOCK):  # whole blocks: no mask, so the loads and stores are vectors
         offs = start + b0 + tl.arange(0, BLOCK)
+        grad = update.privatize_block(tl.load(G + offs), key, start + b0, row, HAS_NOISE, BLOCK)
+        sens += update.apply(P, M, V, offs, every, grad, row, KIND, STAT)
+    if full < length:  # the tile's last, partial block
+        offs = start + full + tl.arange(0, BLOCK)
         mask = offs < n
-        grad = update.privatize_block(tl.load(G + offs, mask=mask, other=0.0), key, start + b0, row, HAS_NOISE, BLOCK)
+        grad = update.privatize_block(tl.load(G + offs, mask=mask, other=0.0), key, start + full, row, HAS_NOISE,
+                                      BLOCK)
         sens += update.apply(P, M, V, offs, mask, grad, row, KIND, STAT)
     tl.store(SENS + pid, tl.sum(sens))
 
@@ -61,8 +83,20 @@ def multi_tensor_update(params: list, grads: list, ms: list, vs: list, keys: lis
     sens = torch.empty(n, dtype=torch.float32, device=params[0].device) if sens is None else sens
     if n == 0:
         return sens, t.tile_tensor
+    # one base pointer per operand and every tensor's element offset from it (a state a tensor does not
+    # have, never read: offset 0); ALIGN where every address is 16-byte aligned
+    bases, offsets = [], []
+    for ts in (params, grads, ms, vs):
+        base = next((x for x in ts if x is not None), grads[0])
+        bases.append(base)
+        offsets.append([(x.data_ptr() - base.data_ptr()) // base.element_size() if x is not None else 0 for x in ts])
+    offsets = torch.tensor(offsets, dtype=torch.int64).to(params[0].device)
+    addresses = [x.data_ptr() for x in bases] + [x.data_ptr() for ts in (params, grads, ms, vs) for x in ts
+                                                 if x is not None]
+    align = 16 // params[0].element_size() if all(a % 16 == 0 for a in addresses) else 1
     _multi_tensor_update_kernel[(n,)](
-        *t, rows.to(device=params[0].device, dtype=torch.float32).contiguous(), sens,
+        t.tile_tensor, t.tile_start, *offsets.unbind(0), t.numel, t.keys,
+        rows.to(device=params[0].device, dtype=torch.float32).contiguous(), sens, *bases,
         P_DTYPE=_TL_DTYPE[params[0].dtype], KIND=kind, HAS_NOISE=has_noise, STAT=code, TILE=tile,
-        BLOCK=min(tile, 1024))
+        BLOCK=min(tile, 1024), ALIGN=align)
     return sens, t.tile_tensor
