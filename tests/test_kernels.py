@@ -9,6 +9,8 @@ before the launch; in-place updates (parameters, moments) are checked element
 by element against torch, and with noise on every element an element left
 unwritten keeps its old value and fails the comparison.
 """
+import math
+
 import pytest
 import torch
 
@@ -189,14 +191,27 @@ def test_multi_tensor_update(u, kind, dtype):
                 assert rel_err(opt.state[o][name], s) < tol, name
 
 
-def _noise_through_multi_tensor(k, shape, tile, seed, step, group):
-    """z from the kernel: plain SGD with lr 1 on a zero gradient turns p into p - z."""
-    p = torch.zeros(shape, device=DEV)
+def _noise_through_multi_tensor(k, shape, tile, seed, step, group, offset=0):
+    """z from the kernel: plain SGD with lr 1 on a zero gradient turns p into p - z. ``offset``: the
+    parameter and its gradient start that many elements into their storage (unaligned for offset 1)."""
+    n = math.prod(shape)
+    p = torch.zeros(n + offset, device=DEV)[offset:].view(shape)
+    grad = torch.zeros(n + offset, device=DEV)[offset:].view(shape)
+    assert (p.data_ptr() % 16 != 0) == (offset % 4 != 0)  # torch's own allocations are aligned
     row = torch.zeros(1, U.N_COLS, device=DEV)
     row[0, U.LR], row[0, U.NOISE_STD], row[0, U.INV_DENOM] = 1.0, 1.0, 1.0
-    k.multi_tensor_update([p], [torch.zeros(shape, device=DEV)], [None], [None], [philox.group_key(seed, step, group)],
-                          row, kind=U.SGD, tile=tile)
+    k.multi_tensor_update([p], [grad], [None], [None], [philox.group_key(seed, step, group)], row, kind=U.SGD,
+                          tile=tile)
     return -p
+
+
+def test_unaligned_tensors_get_the_same_update(k):
+    """A parameter 4 bytes into its storage: no 16-byte alignment, so the launcher gives no vector hint
+    (ALIGN 1, scalar loads); the numbers are the aligned launch's, whole blocks and the tail alike."""
+    shape = (37, 29)
+    aligned = _noise_through_multi_tensor(k, shape, 1024, 2**64 - 5, 3, 7)
+    unaligned = _noise_through_multi_tensor(k, shape, 1024, 2**64 - 5, 3, 7, offset=1)
+    assert torch.equal(aligned, unaligned) and float(aligned.abs().sum()) > 0
 
 
 def test_multi_tensor_noise_is_the_torch_stream_whatever_the_chunking(u):
