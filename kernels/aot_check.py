@@ -30,18 +30,20 @@ def variants(everything: bool = False):
 
     for dt in ("fp32", "bf16"):
         p = {"A": f"*{dt}", "G": f"*{dt}", "W_OUT": "*fp32", "B_OUT": "*fp32"}
-        yield sig(norms._ghost_norm_kernel, p, {"BT": 32, "BK": 64})
-        if everything or dt == "fp32":
-            yield sig(norms._instantiated_norm_kernel, p, {"BP": 64, "BD": 64, "BT": 32})
+        yield sig(norms._ghost_norm_kernel, p, {"BT": 32, "BK": 64, "DOT16": dt != "fp32"})
+        yield sig(norms._instantiated_norm_kernel, p, {"BP": 64, "BD": 64, "BT": 32, "DOT16": dt != "fp32"})
     yield sig(norms._embedding_norm_kernel, {"IDX": "*i64", "G": "*fp32", "OUT": "*fp32"}, {"BT": 32, "BK": 64})
-    gemm = [("fp32", 0, False, True, 0), ("fp32", 1, True, True, 1), ("bf16", 1, False, False, 0),
-            ("fp16", 0, True, False, 1), ("bf16", 0, True, True, 1)]
-    for dt, kind, prior, noise, stat in (itertools.product(("fp32", "bf16", "fp16"), (0, 1), (False, True),
-                                                           (False, True), (0, 1)) if everything else gemm):
-        p = {"A": "*fp32", "G": "*fp32", "C": "*fp32", "W": f"*{dt}", "M": "*fp32", "V": "*fp32", "PRIOR": "*fp32",
+    # (weight dtype, records' dtype, kind, prior, noise, stat)
+    gemm = [("fp32", "fp32", 0, False, True, 0), ("fp32", "fp32", 1, True, True, 1), ("bf16", "fp32", 1, False, False, 0),
+            ("fp16", "fp32", 0, True, False, 1), ("bf16", "bf16", 0, True, True, 1), ("fp32", "bf16", 1, False, True, 0)]
+    for dt, rec, kind, prior, noise, stat in (itertools.product(("fp32", "bf16", "fp16"), ("fp32", "bf16"), (0, 1),
+                                                                (False, True), (False, True), (0, 1))
+                                              if everything else gemm):
+        p = {"A": f"*{rec}", "G": f"*{rec}", "C": "*fp32", "W": f"*{dt}", "M": "*fp32", "V": "*fp32", "PRIOR": "*fp32",
              "KEYS": "*i64", "ROW": "*fp32", "SENS": "*fp32"}
         yield sig(fused_linear._clipped_linear_update_kernel, p,
-                  {"KIND": kind, "HAS_PRIOR": prior, "HAS_NOISE": noise, "STAT": stat, "BP": 64, "BD": 64, "BK": 32})
+                  {"KIND": kind, "HAS_PRIOR": prior, "HAS_NOISE": noise, "STAT": stat, "BP": 64, "BD": 64, "BK": 32,
+                   "DOT16": rec != "fp32"})
     yield from multi_tensor_variants(everything)
 
 

@@ -19,7 +19,16 @@ import triton.language as tl
 from anadp import update_table as U
 
 from . import update
-from .launch import block_size, rows_contiguous
+from .launch import block_size, dot16, rows_contiguous
+
+
+@triton.jit
+def _round_bf16(x):
+    """float32 x rounded to the nearest bfloat16 (ties to even), as float32: done on the bits, so that
+    the interpreter (whose casts truncate) and a GPU round alike."""
+    bits = x.to(tl.int32, bitcast=True)
+    bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & -65536
+    return bits.to(tl.float32, bitcast=True)
 
 
 @triton.jit
@@ -27,7 +36,7 @@ def _clipped_linear_update_kernel(
         A, G, C, W, M, V, PRIOR, KEYS, ROW, SENS,
         R, T, d, p, stride_ar, stride_gr, stride_wp, stride_wd,
         KIND: tl.constexpr, HAS_PRIOR: tl.constexpr, HAS_NOISE: tl.constexpr, STAT: tl.constexpr,
-        BP: tl.constexpr, BD: tl.constexpr, BK: tl.constexpr):
+        BP: tl.constexpr, BD: tl.constexpr, BK: tl.constexpr, DOT16: tl.constexpr):
     pid_p = tl.program_id(0)
     pid_d = tl.program_id(1)
     rp = pid_p * BP + tl.arange(0, BP)
@@ -38,10 +47,17 @@ def _clipped_linear_update_kernel(
         rr = r0 + rk
         c = tl.load(C + rr // T, mask=rr < R, other=0.0)
         g = tl.load(G + rr[:, None].to(tl.int64) * stride_gr + rp[None, :], mask=(rr[:, None] < R) & (rp[None, :] < p),
-                    other=0.0).to(tl.float32)
+                    other=0.0)
         a = tl.load(A + rr[:, None].to(tl.int64) * stride_ar + rd[None, :], mask=(rr[:, None] < R) & (rd[None, :] < d),
-                    other=0.0).to(tl.float32)
-        acc += tl.dot(tl.trans(g * c[:, None]), a, input_precision="ieee")
+                    other=0.0)
+        if G.dtype.element_ty == tl.float32:
+            acc += tl.dot(tl.trans(g * c[:, None]), a, input_precision="ieee")
+        else:  # bfloat16: c g rounded to it (the clip factors absorb that: records.rounding_slack)
+            gc = _round_bf16(g.to(tl.float32) * c[:, None])
+            if DOT16:  # tensor cores (gc is a bfloat16 value: exact in the cast)
+                acc += tl.dot(tl.trans(gc.to(tl.bfloat16)), a)
+            else:
+                acc += tl.dot(tl.trans(gc), a.to(tl.float32), input_precision="ieee")
 
     mask = (rp[:, None] < p) & (rd[None, :] < d)
     offs = rp[:, None].to(tl.int64) * stride_wp + rd[None, :].to(tl.int64) * stride_wd  # index in W as stored
@@ -80,6 +96,10 @@ def clipped_linear_update(A: torch.Tensor, G: torch.Tensor, c: torch.Tensor, W: 
     p = G.shape[2]
     if W.shape != ((d, p) if transposed else (p, d)):
         raise ValueError(f"weight of shape {tuple(W.shape)} does not match A (.., {d}) and G (.., {p})")
+    if A.dtype != G.dtype or G.dtype not in (torch.float32, torch.bfloat16):
+        # one 16-bit dtype on tensor cores: bfloat16, whose rounding of c g the clip factors absorb
+        # (records.rounding_slack); float16 (and mixed inputs) in exact float32
+        A, G = A.float(), G.float()
     A2 = rows_contiguous(A.reshape(B * T, d))
     G2 = rows_contiguous(G.reshape(B * T, p))
     if kind == U.ADAM and (m is None or v is None):
@@ -100,5 +120,6 @@ def clipped_linear_update(A: torch.Tensor, G: torch.Tensor, c: torch.Tensor, W: 
         A2, G2, c.to(torch.float32).contiguous(), W, unused if m is None else m, unused if v is None else v,
         unused if prior is None else prior, keys, row, sens,
         B * T, T, d, p, A2.stride(0), G2.stride(0), stride_wp, stride_wd,
-        KIND=kind, HAS_PRIOR=prior is not None, HAS_NOISE=has_noise, STAT=code, BP=BP, BD=BD, BK=BK)
+        KIND=kind, HAS_PRIOR=prior is not None, HAS_NOISE=has_noise, STAT=code, BP=BP, BD=BD, BK=BK,
+        DOT16=dot16(A2))
     return sens

@@ -21,11 +21,11 @@ import triton.language as tl
 
 from anadp.records import ghost_is_cheaper
 
-from .launch import block_size, rows_contiguous
+from .launch import block_size, dot16, rows_contiguous
 
 
 @triton.jit
-def _gram_tile(X, stride_t, T, i0, j0, K, BT: tl.constexpr, BK: tl.constexpr):
+def _gram_tile(X, stride_t, T, i0, j0, K, BT: tl.constexpr, BK: tl.constexpr, DOT16: tl.constexpr):
     """(BT, BT) tile of X X^T for rows i0.., j0.. of one sample, X (T, K) with unit stride in K."""
     ri = i0 + tl.arange(0, BT)
     rj = j0 + tl.arange(0, BT)
@@ -35,13 +35,16 @@ def _gram_tile(X, stride_t, T, i0, j0, K, BT: tl.constexpr, BK: tl.constexpr):
         kk = k0 + rk
         xi = tl.load(X + ri[:, None] * stride_t + kk[None, :], mask=(ri[:, None] < T) & (kk[None, :] < K), other=0.0)
         xj = tl.load(X + rj[:, None] * stride_t + kk[None, :], mask=(rj[:, None] < T) & (kk[None, :] < K), other=0.0)
-        acc += tl.dot(xi.to(tl.float32), tl.trans(xj.to(tl.float32)), input_precision="ieee")
+        if DOT16:  # 16-bit: tensor cores, exact products, float32 accumulation
+            acc += tl.dot(xi, tl.trans(xj))
+        else:  # exact float32 products (torch's float32 GEMMs, TF32 off)
+            acc += tl.dot(xi.to(tl.float32), tl.trans(xj.to(tl.float32)), input_precision="ieee")
     return acc
 
 
 @triton.jit
 def _ghost_norm_kernel(A, G, W_OUT, B_OUT, T, d, p, stride_ab, stride_at, stride_gb, stride_gt, n_i,
-                       BT: tl.constexpr, BK: tl.constexpr):
+                       BT: tl.constexpr, BK: tl.constexpr, DOT16: tl.constexpr):
     b = tl.program_id(0)
     i = tl.program_id(1)
     i0 = i * BT
@@ -50,8 +53,8 @@ def _ghost_norm_kernel(A, G, W_OUT, B_OUT, T, d, p, stride_ab, stride_at, stride
     w_sq = 0.0
     b_sq = 0.0
     for j0 in range(i0, T, BT):  # upper triangle of tiles; off-diagonal tiles count twice
-        aa = _gram_tile(Ab, stride_at, T, i0, j0, d, BT, BK)
-        gg = _gram_tile(Gb, stride_gt, T, i0, j0, p, BT, BK)
+        aa = _gram_tile(Ab, stride_at, T, i0, j0, d, BT, BK, DOT16)
+        gg = _gram_tile(Gb, stride_gt, T, i0, j0, p, BT, BK, DOT16)
         f = tl.where(j0 == i0, 1.0, 2.0)
         w_sq += f * tl.sum(aa * gg)
         b_sq += f * tl.sum(gg)
@@ -61,7 +64,7 @@ def _ghost_norm_kernel(A, G, W_OUT, B_OUT, T, d, p, stride_ab, stride_at, stride
 
 @triton.jit
 def _instantiated_norm_kernel(A, G, W_OUT, B_OUT, T, d, p, stride_ab, stride_at, stride_gb, stride_gt, n_i,
-                              BP: tl.constexpr, BD: tl.constexpr, BT: tl.constexpr):
+                              BP: tl.constexpr, BD: tl.constexpr, BT: tl.constexpr, DOT16: tl.constexpr):
     b = tl.program_id(0)
     i = tl.program_id(1)
     Ab = A + b.to(tl.int64) * stride_ab
@@ -77,12 +80,15 @@ def _instantiated_norm_kernel(A, G, W_OUT, B_OUT, T, d, p, stride_ab, stride_at,
         for t0 in range(0, T, BT):
             tt = t0 + rt
             g = tl.load(Gb + tt[:, None] * stride_gt + rp[None, :], mask=(tt[:, None] < T) & (rp[None, :] < p),
-                        other=0.0).to(tl.float32)
+                        other=0.0)
             a = tl.load(Ab + tt[:, None] * stride_at + dd[None, :], mask=(tt[:, None] < T) & (dd[None, :] < d),
-                        other=0.0).to(tl.float32)
-            acc += tl.dot(tl.trans(g), a, input_precision="ieee")
+                        other=0.0)
+            if DOT16:  # 16-bit: tensor cores, exact products, float32 accumulation
+                acc += tl.dot(tl.trans(g), a)
+            else:
+                acc += tl.dot(tl.trans(g.to(tl.float32)), a.to(tl.float32), input_precision="ieee")
             if d0 == 0:  # bias gradient of this row tile, on the first pass over T only
-                gsum += tl.sum(g, axis=0)
+                gsum += tl.sum(g.to(tl.float32), axis=0)
         w_sq += tl.sum(acc * acc)
     tl.store(W_OUT + b * n_i + i, w_sq)
     tl.store(B_OUT + b * n_i + i, tl.sum(gsum * gsum))
@@ -102,7 +108,7 @@ def _embedding_norm_kernel(IDX, G, OUT, T, d, stride_ib, stride_it, stride_gb, s
     for j0 in range(i0, T, BT):
         rj = j0 + tl.arange(0, BT)
         idx_j = tl.load(IDX + b.to(tl.int64) * stride_ib + rj * stride_it, mask=rj < T, other=-2)
-        gg = _gram_tile(Gb, stride_gt, T, i0, j0, d, BT, BK)
+        gg = _gram_tile(Gb, stride_gt, T, i0, j0, d, BT, BK, False)
         same = idx_i[:, None] == idx_j[None, :]
         f = tl.where(j0 == i0, 1.0, 2.0)
         total += f * tl.sum(tl.where(same, gg, 0.0))
@@ -115,6 +121,8 @@ def linear_sq_norms(A: torch.Tensor, G: torch.Tensor, out: torch.Tensor | None =
     gradients sum_t G_b[t]; A (B, T, d), G (B, T, p). ``ghost=None``: the torch backend's cost rule."""
     if A.dim() != 3 or G.dim() != 3 or A.shape[:2] != G.shape[:2]:
         raise ValueError(f"need A (B, T, d) and G (B, T, p) with the same B, T; got {tuple(A.shape)}, {tuple(G.shape)}")
+    if A.dtype != G.dtype:  # the dots take one dtype: 16-bit on tensor cores (exact products) or float32
+        A, G = A.float(), G.float()
     A, G = rows_contiguous(A), rows_contiguous(G)
     B, T, d = A.shape
     p = G.shape[2]
@@ -130,14 +138,15 @@ def linear_sq_norms(A: torch.Tensor, G: torch.Tensor, out: torch.Tensor | None =
         w_part = torch.empty(B, n_i, dtype=torch.float32, device=A.device)
         b_part = torch.empty_like(w_part)
         _ghost_norm_kernel[(B, n_i)](A, G, w_part, b_part, T, d, p, A.stride(0), A.stride(1), G.stride(0),
-                                     G.stride(1), n_i, BT=BT, BK=block_size(max(d, p), hi=64))
+                                     G.stride(1), n_i, BT=BT, BK=block_size(max(d, p), hi=64), DOT16=dot16(A))
     else:
         BP = block_size(p, hi=64)
         n_i = triton.cdiv(p, BP)
         w_part = torch.empty(B, n_i, dtype=torch.float32, device=A.device)
         b_part = torch.empty_like(w_part)
         _instantiated_norm_kernel[(B, n_i)](A, G, w_part, b_part, T, d, p, A.stride(0), A.stride(1), G.stride(0),
-                                            G.stride(1), n_i, BP=BP, BD=block_size(d, hi=64), BT=block_size(T, hi=32))
+                                            G.stride(1), n_i, BP=BP, BD=block_size(d, hi=64), BT=block_size(T, hi=32),
+                                            DOT16=dot16(A))
     torch.sum(w_part, 1, out=out)
     torch.sum(b_part, 1, out=out_bias)
     return out, out_bias

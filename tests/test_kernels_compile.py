@@ -43,3 +43,29 @@ def test_the_multi_tensor_update_loads_and_stores_vectors_on_sm90():
             assert "ld.global.v4" in vectors and "st.global.v4" in vectors, (dtype, kind, vectors)
         else:
             assert vectors == "", (dtype, kind, vectors)
+
+
+MMA = """
+import re
+from anadp.kernels.aot_check import compile_for, variants
+for fn, sig, consts in variants(False):
+    if fn.__name__ in ("_ghost_norm_kernel", "_instantiated_norm_kernel", "_clipped_linear_update_kernel"):
+        ptx = compile_for(fn, sig, consts, 90).asm["ptx"]
+        print(fn.__name__, sig.get("G"), int(bool(re.search(r"\\b(wgmma[.]mma_async|mma[.]sync)", ptx))))
+"""
+
+
+def test_the_gemm_shaped_kernels_use_tensor_cores_on_16bit_records():
+    """Every GEMM-shaped Triton kernel (the norms' Gram and per-sample products, the clipped GEMM) runs
+    its 16-bit variants' dots on tensor cores (mma / wgmma in the sm_90 PTX); float32 records keep exact
+    float32 products, as torch's float32 GEMMs do with TF32 off."""
+    pytest.importorskip("triton")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
+    run = subprocess.run([sys.executable, "-c", MMA], env=env, capture_output=True, text=True, timeout=900)
+    assert run.returncode == 0, run.stderr[-3000:]
+    rows = [line.split(" ") for line in run.stdout.strip().splitlines()]
+    assert {name for name, _, _ in rows} == {"_ghost_norm_kernel", "_instantiated_norm_kernel",
+                                             "_clipped_linear_update_kernel"}
+    for name, dtype, mma in rows:
+        assert mma == ("0" if dtype == "*fp32" else "1"), (name, dtype)
