@@ -38,29 +38,6 @@ void multi_tensor_update(torch::Tensor tile_tensor, torch::Tensor tile_start, to
       keys.data_ptr<int64_t>(), rows.data_ptr<float>(), sens.data_ptr<float>(), c10::cuda::getCurrentCUDAStream()));
 }
 
-void linear_sq_norms(torch::Tensor A, torch::Tensor G, torch::Tensor w_part, torch::Tensor b_part, bool ghost) {
-  TORCH_CHECK(A.is_cuda() && G.is_cuda() && A.dim() == 3 && G.dim() == 3, "A, G: CUDA tensors (B, T, d), (B, T, p)");
-  TORCH_CHECK(A.scalar_type() == torch::kFloat32 && G.scalar_type() == torch::kFloat32, "A, G must be float32");
-  TORCH_CHECK(A.stride(2) == 1 && G.stride(2) == 1, "A, G need unit stride in the last dim");
-  check(w_part, "w_part", torch::kFloat32);
-  check(b_part, "b_part", torch::kFloat32);
-  const c10::cuda::CUDAGuard guard(A.device());
-  ok(anadp::launch_linear_sq_norms(ghost, A.size(0), A.size(1), A.size(2), G.size(2), A.data_ptr<float>(), A.stride(0),
-                                   A.stride(1), G.data_ptr<float>(), G.stride(0), G.stride(1), w_part.data_ptr<float>(),
-                                   b_part.data_ptr<float>(), c10::cuda::getCurrentCUDAStream()));
-}
-
-void embedding_sq_norms(torch::Tensor idx, torch::Tensor G, torch::Tensor part) {
-  TORCH_CHECK(idx.is_cuda() && idx.scalar_type() == torch::kInt64 && idx.dim() == 2, "idx: int64 CUDA tensor (B, T)");
-  TORCH_CHECK(G.is_cuda() && G.scalar_type() == torch::kFloat32 && G.dim() == 3 && G.stride(2) == 1,
-              "G: float32 CUDA tensor (B, T, d) with unit stride in the last dim");
-  check(part, "part", torch::kFloat32);
-  const c10::cuda::CUDAGuard guard(G.device());
-  ok(anadp::launch_embedding_sq_norms(G.size(0), G.size(1), G.size(2), idx.data_ptr<int64_t>(), idx.stride(0),
-                                      idx.stride(1), G.data_ptr<float>(), G.stride(0), G.stride(1),
-                                      part.data_ptr<float>(), c10::cuda::getCurrentCUDAStream()));
-}
-
 torch::Tensor philox_randint(int64_t key, torch::Tensor offsets) {
   check(offsets, "offsets", torch::kInt64);
   auto out = torch::empty({2, offsets.numel()}, offsets.options().dtype(torch::kInt32));
@@ -73,9 +50,7 @@ torch::Tensor philox_randint(int64_t key, torch::Tensor offsets) {
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.doc() = "anadp CUDA kernels: multi-tensor noise + update, per-sample norms, Philox";
+  m.doc() = "anadp CUDA kernels: multi-tensor noise + update, Philox";
   m.def("multi_tensor_update", &multi_tensor_update);
-  m.def("linear_sq_norms", &linear_sq_norms);
-  m.def("embedding_sq_norms", &embedding_sq_norms);
   m.def("philox_randint", &philox_randint);
 }

@@ -16,18 +16,6 @@ cudaError_t launch_multi_tensor_update(int dtype, int kind, bool noise, int stat
                                        const int64_t* v_addr, const int64_t* numel, const int64_t* keys,
                                        const float* rows, float* sens, cudaStream_t stream);
 
-// per-sample squared norms; A (B, T, d), G (B, T, p) float32, unit stride in the last dim.
-// ghost: partials (B, T); instantiated: partials (B, ceil(p / kPTile)); the caller sums dim 1.
-constexpr int kPTile = 8;
-cudaError_t launch_linear_sq_norms(bool ghost, int64_t B, int64_t T, int64_t d, int64_t p, const float* A,
-                                   int64_t stride_ab, int64_t stride_at, const float* G, int64_t stride_gb,
-                                   int64_t stride_gt, float* w_part, float* b_part, cudaStream_t stream);
-
-// embedding: idx (B, T) int64, G (B, T, d) float32; partials (B, T)
-cudaError_t launch_embedding_sq_norms(int64_t B, int64_t T, int64_t d, const int64_t* idx, int64_t stride_ib,
-                                      int64_t stride_it, const float* G, int64_t stride_gb, int64_t stride_gt,
-                                      float* part, cudaStream_t stream);
-
 // the first two uint32 words of tl.randint4x(key, offsets[i]) (bit-equality tests)
 cudaError_t launch_philox_randint(uint64_t key, int64_t n, const int64_t* offsets, int32_t* out, cudaStream_t stream);
 

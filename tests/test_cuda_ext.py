@@ -48,7 +48,6 @@ def test_device_philox_words_bit_equal():
 @needs_cuda_backend
 def test_training_on_the_cuda_backend_equals_torch(monkeypatch):
     from test_backend import _bert, _train
-    monkeypatch.setenv("ANADP_KERNELS", "all")  # its norm kernel too, whatever kernel_choice picks
     monkeypatch.setenv("ANADP_BACKEND", "torch")
     ref, _ = _train(_bert, "adamw")
     monkeypatch.setenv("ANADP_BACKEND", "cuda")

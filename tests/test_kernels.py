@@ -30,7 +30,7 @@ DEV = "cuda" if torch.cuda.is_available() else "cpu"
 
 @pytest.fixture(params=["triton", "cuda"])
 def k(request):
-    """The kernels of one backend (norms and the multi-tensor update exist in both)."""
+    """The kernels of one backend with a multi-tensor update on CUDA tensors."""
     why = why_unavailable(request.param, torch.device(DEV))
     if why is not None:
         pytest.skip(f"{request.param} backend: {why}")
@@ -46,6 +46,15 @@ def u(request):
     return backend_kernels(request.param)
 
 
+@pytest.fixture()
+def nk():
+    """The backend with per-sample norm kernels: triton (the cuda backend's scalar-loop kernel was deleted)."""
+    why = why_unavailable("triton", torch.device(DEV))
+    if why is not None:
+        pytest.skip(f"triton backend: {why}")
+    return backend_kernels("triton")
+
+
 SHAPES = [(3, 7, 19, 33), (3, 1, 19, 33), (2, 40, 5, 6), (1, 3, 70, 3)]
 
 
@@ -55,31 +64,31 @@ def nan(*shape):
 
 @pytest.mark.parametrize("B,T,d,p", SHAPES)
 @pytest.mark.parametrize("ghost", [True, False])
-def test_linear_norms(k, B, T, d, p, ghost):
+def test_linear_norms(nk, B, T, d, p, ghost):
     g = torch.Generator().manual_seed(B * T + d)
     A, G = torch.randn(B, T, d, generator=g).to(DEV), torch.randn(B, T, p, generator=g).to(DEV)
     out, out_bias = nan(B), nan(B)
-    k.linear_sq_norms(A, G, out=out, out_bias=out_bias, ghost=ghost)
+    nk.linear_sq_norms(A, G, out=out, out_bias=out_bias, ghost=ghost)
     assert rel_err(out, LinearRecord(A, G).sq_norm()) < 1e-5
     assert rel_err(out_bias, G.sum(1).pow(2).sum(1)) < 1e-5
 
 
-def test_linear_norms_bf16_and_cost_rule(k):
+def test_linear_norms_bf16_and_cost_rule(nk):
     g = torch.Generator().manual_seed(1)
     A, G = torch.randn(3, 7, 19, generator=g).to(DEV), torch.randn(3, 7, 33, generator=g).to(DEV)
     ref = LinearRecord(A, G).sq_norm()
-    w, _ = k.linear_sq_norms(A.bfloat16(), G.bfloat16())  # ghost=None: the torch backend's rule
+    w, _ = nk.linear_sq_norms(A.bfloat16(), G.bfloat16())  # ghost=None: the torch backend's rule
     assert rel_err(w, ref) < 1e-2
     A2, G2 = A[:, :1].contiguous(), G[:, :1].contiguous()
-    assert rel_err(k.linear_sq_norms(A2, G2)[0], LinearRecord(A2, G2).sq_norm()) < 1e-5
+    assert rel_err(nk.linear_sq_norms(A2, G2)[0], LinearRecord(A2, G2).sq_norm()) < 1e-5
 
 
-def test_embedding_norms_repeated_rows_and_padding(k):
+def test_embedding_norms_repeated_rows_and_padding(nk):
     g = torch.Generator().manual_seed(2)
     idx = torch.randint(0, 5, (3, 37), generator=g).to(DEV)  # many repeats, T > one tile
     rec = EmbeddingRecord(idx, torch.randn(3, 37, 19, generator=g).to(DEV), 5, padding_idx=2)
     out = nan(3)
-    k.embedding_sq_norms(rec.idx, rec.G, out=out)
+    nk.embedding_sq_norms(rec.idx, rec.G, out=out)
     assert rel_err(out, rec.sq_norm()) < 1e-5
 
 
@@ -152,6 +161,24 @@ def test_clipped_linear_update_bf16_weights_fp32_state():
     assert out.dtype == torch.bfloat16 and opt.state[out]["exp_avg"].dtype == torch.float32
     assert rel_err(out.float(), ref) < 1e-2
     assert rel_err(opt.state[out]["exp_avg"], opt_ref.state[ref]["exp_avg"]) < 1e-2
+
+
+def test_clipped_linear_update_bf16_records_round_the_scaled_operand():
+    """bf16 records: the kernel's GEMM reads c g rounded to bf16 (one tensor-core GEMM; the clip factors
+    absorb that rounding, records.rounding_slack), the same sum as the torch reference of that rounding,
+    and not the float32-scaled one (which differs by ~2^-9)."""
+    B, T, d, p = 3, 7, 19, 33
+    g = torch.Generator().manual_seed(6)
+    A = torch.randn(B, T, d, generator=g).to(DEV).bfloat16()
+    G = torch.randn(B, T, p, generator=g).to(DEV).bfloat16()
+    c = torch.rand(B, generator=g).to(DEV)
+    W = torch.zeros(p, d, device=DEV)
+    row = torch.zeros(U.N_COLS, device=DEV)
+    row[U.LR], row[U.INV_DENOM] = 1.0, 1.0  # plain SGD, lr 1, no noise: W becomes -sum
+    clipped_linear_update(A, G, c, W, kind=U.SGD, row=row, key=1, has_noise=False)
+    rounded = (G.float() * c[:, None, None]).bfloat16().float().flatten(0, 1).t() @ A.float().flatten(0, 1)
+    exact = (G.float() * c[:, None, None]).flatten(0, 1).t() @ A.float().flatten(0, 1)
+    assert rel_err(-W, rounded) < 1e-6 and rel_err(-W, exact) > 1e-4
 
 
 SIZES = [(33,), (7, 19), (1,), (3, 100)]
@@ -251,8 +278,9 @@ def test_gemm_epilogue_noise_is_the_torch_stream():
 
 def test_kernel_input_errors(k):
     A, G = torch.randn(3, 7, 19, device=DEV), torch.randn(3, 7, 33, device=DEV)
-    with pytest.raises(ValueError, match="same B, T"):
-        k.linear_sq_norms(A, G[:2])
+    if k.norms:
+        with pytest.raises(ValueError, match="same B, T"):
+            k.linear_sq_norms(A, G[:2])
     row = torch.zeros(1, U.N_COLS, device=DEV)
     with pytest.raises(ValueError, match="Adam needs both moments"):
         k.multi_tensor_update([torch.zeros(3, device=DEV)], [torch.zeros(3, device=DEV)], [None], [None], [1], row,
