@@ -12,38 +12,44 @@ template <typename P, int KIND, bool NOISE>
 __global__ void multi_tensor_update_kernel(int64_t tile, const int32_t* __restrict__ tile_tensor,
                                            const int64_t* __restrict__ tile_start, const int64_t* p_addr,
                                            const int64_t* g_addr, const int64_t* m_addr, const int64_t* v_addr,
-                                           const int64_t* numel, const int64_t* keys, const float* rows,
+                                           const int64_t* numel, const int64_t* keys, const float* __restrict__ rows,
                                            bool stat_sq, float* sens) {
   const int t = tile_tensor[blockIdx.x];
   const int64_t start = tile_start[blockIdx.x];
   const int64_t end = min(start + tile, numel[t]);
-  P* p = reinterpret_cast<P*>(p_addr[t]);
-  const float* g = reinterpret_cast<const float*>(g_addr[t]);
-  float* m = reinterpret_cast<float*>(m_addr[t]);
-  float* v = reinterpret_cast<float*>(v_addr[t]);
+  P* __restrict__ p = reinterpret_cast<P*>(p_addr[t]);
+  const float* __restrict__ g = reinterpret_cast<const float*>(g_addr[t]);
+  float* __restrict__ m = reinterpret_cast<float*>(m_addr[t]);
+  float* __restrict__ v = reinterpret_cast<float*>(v_addr[t]);
   const uint64_t key = static_cast<uint64_t>(keys[t]);
-  const float* row = rows + static_cast<int64_t>(t) * N_COLS;
+  // the hyperparameters once, into registers: read through a pointer, every store to p, m or v below
+  // (which may alias it as far as the compiler knows) would make it read them again per element
+  float row[N_COLS];
+#pragma unroll
+  for (int k = 0; k < N_COLS; ++k) row[k] = rows[static_cast<int64_t>(t) * N_COLS + k];
   float local = 0.0f;
   // each thread takes four consecutive elements: one Philox call gives their four Gaussians (randn4);
   // tiles start at multiples of 4 (the launcher refuses other tile sizes)
   for (int64_t e0 = start + 4 * static_cast<int64_t>(threadIdx.x); e0 < end; e0 += 4 * static_cast<int64_t>(blockDim.x)) {
     float z[4] = {0.0f, 0.0f, 0.0f, 0.0f};
     if (NOISE) randn4(key, static_cast<uint64_t>(e0) >> 2, z);
-    for (int q = 0; q < 4; ++q) {
+#pragma unroll
+    for (int q = 0; q < 4; ++q) {  // unrolled, no break: z stays in registers
       const int64_t e = e0 + q;
-      if (e >= end) break;
-      float grad = g[e];
-      if (NOISE) grad += row[NOISE_STD] * z[q];
-      grad *= row[INV_DENOM];
-      float w = to_float(p[e]);
-      local += stat_sq ? grad * grad : fabsf(w * grad);
-      if (KIND == SGD) {
-        float unused = 0.0f;
-        w = sgd(w, grad, row[BETA1] != 0.0f ? m + e : &unused, row);
-      } else {
-        w = adam(w, grad, m + e, v + e, row);
+      if (e < end) {
+        float grad = g[e];
+        if (NOISE) grad += row[NOISE_STD] * z[q];
+        grad *= row[INV_DENOM];
+        float w = to_float(p[e]);
+        local += stat_sq ? grad * grad : fabsf(w * grad);
+        if (KIND == SGD) {
+          float unused = 0.0f;
+          w = sgd(w, grad, row[BETA1] != 0.0f ? m + e : &unused, row);
+        } else {
+          w = adam(w, grad, m + e, v + e, row);
+        }
+        p[e] = from_float<P>(w);
       }
-      p[e] = from_float<P>(w);
     }
   }
   const float total = block_sum(local);
