@@ -23,7 +23,7 @@ import torch
 from . import records as R
 from .accumulator import Accumulator, report_nonfinite
 from .clipping import AdaptiveClipping, PerLayerClipping
-from .engine import PhysicalBatch, reduction_scale
+from .physical_batch import PhysicalBatch, reduction_scale
 
 
 def total_threshold(max_grad_norm) -> float:

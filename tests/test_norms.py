@@ -541,6 +541,7 @@ def test_stacked_small_linear_records_equal_the_per_record_algebra():
     norms, one batched GEMM for their clipped sums; query, key and value share one input): the same
     norms and clipped sums as each record's own, for nn.Linear and the Conv1D layout."""
     from anadp import records as R
+    from anadp import stacks as S
     torch.manual_seed(14)
     B, T, d, p = 3, 4, 16, 16  # ghost: T (p + d / 3) < p d
     A = torch.randn(B, T, d, dtype=torch.float64)
@@ -548,7 +549,7 @@ def test_stacked_small_linear_records_equal_the_per_record_algebra():
     recs += [R.LinearRecord(torch.randn(B, T, d, dtype=torch.float64), torch.randn(B, T, p, dtype=torch.float64),
                             transposed=t, sharers=3) for t in (True, True)]
     keys = [torch.nn.Parameter(torch.zeros(1)) for _ in recs]
-    stacks = R.linear_stacks(dict(zip(keys, recs)))
+    stacks = S.linear_stacks(dict(zip(keys, recs)))
     assert sorted(len(s.keys) for s in stacks) == [2, 3] and any(s.index is not None for s in stacks)
     c = torch.rand(B, dtype=torch.float64)
     of = {id(k): r for k, r in zip(keys, recs)}
