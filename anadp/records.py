@@ -141,6 +141,8 @@ def gram_strips(X: torch.Tensor, blocks: int = 4) -> list:
     quarter of the flops they save: one GEMM and one dot per record."""
     T = X.shape[1]
     blocks = blocks if T >= 64 and not _native_16bit(X) else 1
+    if blocks == 1:  # the whole matrix: no slices (each a dispatched op)
+        return [gemm32(X, X.transpose(1, 2))]
     edges = [T * a // blocks for a in range(blocks + 1)]
     return [gemm32(X[:, edges[a]:edges[a + 1]], X[:, edges[a]:].transpose(1, 2)) for a in range(blocks)]
 
@@ -247,7 +249,8 @@ class LinearRecord:
         if not (_native_16bit(A) and A.dtype == torch.bfloat16):
             return None
         tokens = A.shape[0] * A.shape[1]  # the GEMM sums the whole batch's tokens into each element
-        per_token = torch.linalg.vector_norm(A.float(), dim=2) * torch.linalg.vector_norm(G.float(), dim=2)
+        per_token = (torch.linalg.vector_norm(A, dim=2, dtype=torch.float32)
+                     * torch.linalg.vector_norm(G, dim=2, dtype=torch.float32))
         return rounding_gamma(A.dtype, tokens) * per_token.sum(1)
 
     def dense(self) -> torch.Tensor:
@@ -263,10 +266,10 @@ class LinearRecord:
         A, G = self.A, self.G
         if _native_16bit(A):  # the scaled operand rounded to 16 bits (bfloat16: covered by rounding_slack)
             c32 = c.float()[:, None, None]
-            if A.shape[2] <= G.shape[2]:
-                g = clipped_gemm((A.float() * c32).flatten(0, 1), G.flatten(0, 1)).t()
+            if A.shape[2] <= G.shape[2]:  # bf16 x float32: the product in float32, no separate upcast
+                g = clipped_gemm((A * c32).flatten(0, 1), G.flatten(0, 1)).t()
             else:
-                g = clipped_gemm((G.float() * c32).flatten(0, 1), A.flatten(0, 1))
+                g = clipped_gemm((G * c32).flatten(0, 1), A.flatten(0, 1))
             return g.t() if self.transposed else g
         c = c.to(A.dtype)[:, None, None]
         if A.shape[2] <= G.shape[2]:

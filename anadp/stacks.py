@@ -61,10 +61,10 @@ class LinearStack:
         if not (_native_16bit(self.G) and self.G.dtype == torch.bfloat16):
             return None
         u, B, T, d = self.A.shape
-        na = torch.linalg.vector_norm(self.A.float(), dim=3)  # (u, B, T)
+        na = torch.linalg.vector_norm(self.A, dim=3, dtype=torch.float32)  # (u, B, T)
         if self.index is not None:
             na = na.index_select(0, self.index)
-        ng = torch.linalg.vector_norm(self.G.float(), dim=3)  # (n, B, T)
+        ng = torch.linalg.vector_norm(self.G, dim=3, dtype=torch.float32)  # (n, B, T)
         return rounding_gamma(self.G.dtype, B * T) * (na * ng).sum(2)
 
     def fill_token_sums(self, biases: dict) -> None:
@@ -86,7 +86,7 @@ class LinearStack:
         if _native_16bit(self.G):  # the scaled operand rounded to 16 bits, one GEMM (rounding_slack)
             if self.G.dtype != torch.bfloat16:
                 raise ValueError("16-bit stacks on a native device are bfloat16's (float16: see clipped_gemm)")
-            Gc = (self.G.float() * c.float()).to(self.G.dtype).view(n, B * T, p)
+            Gc = (self.G * c.float()).to(self.G.dtype).view(n, B * T, p)  # the product in float32
             return gemm32(A.transpose(1, 2), Gc) if self.transposed else gemm32(Gc.transpose(1, 2), A)
         Gc = (self.G * c.to(self.G.dtype)).view(n, B * T, p)
         if self.transposed:  # Conv1D weight (d, p)

@@ -39,6 +39,13 @@ CANDIDATES = {
     "lora-all-linear": ("lora", "uniform", {"lora_targets": ("query", "key", "value", "dense")}),
     "lora-r16": ("lora", "uniform", {"lora_r": 16}),
     "lora-nonprivate": ("lora", "nonprivate", {}),
+    # after the first screen (warm-up + linear decay +10 points on the proxy): decay with each other lever
+    "lora-decay-c0.1": ("lora", "uniform", {"max_grad_norm": 0.1, "warmup": 0.1, "decay": "linear"}),
+    "lora-decay-lr2e-2": ("lora", "uniform", {"dp_lr": 2e-2, "warmup": 0.1, "decay": "linear"}),
+    "lora-decay-all-linear": ("lora", "uniform", {"lora_targets": ("query", "key", "value", "dense"),
+                                                  "warmup": 0.1, "decay": "linear"}),
+    "lora-decay-b256": ("lora", "uniform", {"batch_size": 256, "dp_lr": 1.5e-2, "warmup": 0.1, "decay": "linear"}),
+    "full-decay": ("full", "uniform", {"warmup": 0.1, "decay": "linear"}),
     "full-base": ("full", "uniform", {}),
     "full-c0.1-decay": ("full", "uniform", {"max_grad_norm": 0.1, "warmup": 0.1, "decay": "linear"}),
     "full-lr5e-4-e6": ("full", "uniform", {"dp_lr": 5e-4, "epochs": 6, "warmup": 0.1, "decay": "linear"}),
