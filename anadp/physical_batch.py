@@ -113,12 +113,8 @@ class PhysicalBatch:
                     found[p] = s if p not in found else found[p] + s
         if not found:
             return None
-        first = next(iter(found.values()))
-        out = first.new_zeros(len(keys), self.batch_size)
-        for k, p in enumerate(keys):
-            if p in found:
-                out[k] = found[p]
-        return out
+        zero = next(iter(found.values())).new_zeros(self.batch_size)
+        return torch.stack([found.get(p, zero) for p in keys])  # one op, not a row copy per key
 
     def sq_norms(self, kernels=None, scaled: bool = True) -> dict:
         """param -> (B,) per-sample squared norms of its gradient, in record order (see sq_rows);

@@ -265,7 +265,7 @@ class LinearRecord:
         one in float32, through clipped_gemm)."""
         A, G = self.A, self.G
         if _native_16bit(A):  # the scaled operand rounded to 16 bits (bfloat16: covered by rounding_slack)
-            c32 = c.float()[:, None, None]
+            c32 = c.float().view(-1, 1, 1)
             if A.shape[2] <= G.shape[2]:  # bf16 x float32: the product in float32, no separate upcast
                 g = clipped_gemm((A * c32).flatten(0, 1), G.flatten(0, 1)).t()
             else:
