@@ -78,25 +78,28 @@ def multi_tensor_update(params: list, grads: list, ms: list, vs: list, keys: lis
         empty = torch.zeros(0, dtype=torch.float32)
         return empty, empty.to(torch.int32)
     U.check_update_args(params, grads, ms, vs, kind)
-    t = U.tables(params, grads, ms, vs, keys, tile)
-    n = t.tile_tensor.numel()
-    sens = torch.empty(n, dtype=torch.float32, device=params[0].device) if sens is None else sens
+    device = params[0].device
+    tile_tensor, tile_start = U.tile_table([p.numel() for p in params], tile)
+    n = tile_tensor.numel()
+    sens = torch.empty(n, dtype=torch.float32, device=device) if sens is None else sens
     if n == 0:
-        return sens, t.tile_tensor
+        return sens, tile_tensor.to(device)
     # one base pointer per operand and every tensor's element offset from it (a state a tensor does not
-    # have, never read: offset 0); ALIGN where every address is 16-byte aligned
-    bases, offsets = [], []
+    # have, never read: offset 0); ALIGN where every address is 16-byte aligned. The offsets, sizes and
+    # keys go to the device in one copy (U.tables' address table is the cuda backend's)
+    bases, table = [], []
     for ts in (params, grads, ms, vs):
         base = next((x for x in ts if x is not None), grads[0])
         bases.append(base)
-        offsets.append([(x.data_ptr() - base.data_ptr()) // base.element_size() if x is not None else 0 for x in ts])
-    offsets = torch.tensor(offsets, dtype=torch.int64).to(params[0].device)
-    addresses = [x.data_ptr() for x in bases] + [x.data_ptr() for ts in (params, grads, ms, vs) for x in ts
-                                                 if x is not None]
+        table.append([(x.data_ptr() - base.data_ptr()) // base.element_size() if x is not None else 0 for x in ts])
+    table += [[p.numel() for p in params], [U.as_signed64(k) for k in keys]]
+    p_off, g_off, m_off, v_off, numel, key_bits = torch.tensor(table, dtype=torch.int64).to(device).unbind(0)
+    addresses = [x.data_ptr() for ts in (params, grads, ms, vs) for x in ts if x is not None]
     align = 16 // params[0].element_size() if all(a % 16 == 0 for a in addresses) else 1
+    tile_tensor = tile_tensor.to(device)
     _multi_tensor_update_kernel[(n,)](
-        t.tile_tensor, t.tile_start, *offsets.unbind(0), t.numel, t.keys,
-        rows.to(device=params[0].device, dtype=torch.float32).contiguous(), sens, *bases,
+        tile_tensor, tile_start.to(device), p_off, g_off, m_off, v_off, numel, key_bits,
+        rows.to(device=device, dtype=torch.float32).contiguous(), sens, *bases,
         P_DTYPE=_TL_DTYPE[params[0].dtype], KIND=kind, HAS_NOISE=has_noise, STAT=code, TILE=tile,
         BLOCK=min(tile, 1024), ALIGN=align)
-    return sens, t.tile_tensor
+    return sens, tile_tensor
