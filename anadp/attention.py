@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .layers import Layer, _linear, _trainable, record_linear, register
+from .layers import Layer, _linear, _own, _trainable, record_linear, register
 from .records import DenseRecord, token_sum
 
 
@@ -30,7 +30,7 @@ class _InProjFn(torch.autograd.Function):
         ctx.save_for_backward(xq, xk, xv, wq, wk, wv)
         ctx.on_backward = on_backward
         bq, bk, bv = bias.chunk(3) if bias is not None else (None, None, None)
-        return F.linear(xq, wq, bq), F.linear(xk, wk, bk), F.linear(xv, wv, bv)
+        return _own(F.linear(xq, wq, bq)), _own(F.linear(xk, wk, bk)), _own(F.linear(xv, wv, bv))
 
     @staticmethod
     def backward(ctx, gq, gk, gv):

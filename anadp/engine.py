@@ -10,24 +10,27 @@ from typing import Optional
 import torch
 from torch import nn
 
-from . import attention  # noqa: F401 - registers nn.MultiheadAttention's layer
+from . import attention, conv  # noqa: F401 - register nn.MultiheadAttention's and the convolutions' layers
 from .chunks import ChunkProtocol
-from .layers import layer_class
+from .generic import GenericLayer
+from .layers import UnsupportedModuleError, layer_class
 from .physical_batch import PhysicalBatch, reduction_scale
+from .relative_bias import RelativeBias
+from .relative_bias import applies as uses_relative_bias
 from .sharding import is_sharded
 
-
-class UnsupportedModuleError(ValueError):
-    pass
-
-
-SUPPORTED = ("nn.Linear, nn.Embedding, nn.LayerNorm, nn.RMSNorm, nn.MultiheadAttention (and so "
-             "nn.TransformerEncoderLayer / TransformerDecoderLayer), Hugging Face's Conv1D (GPT-2's linear layer) "
-             "and Llama-style RMSNorm")
 
 
 class BatchMismatchError(RuntimeError):
     pass
+
+
+# Ops whose output row r depends only on their inputs' rows r (elementwise, casts, copies): they keep a
+# flattened batch's row blocks (see GradSampleEngine.flat_rows)
+_ROW_WISE = frozenset(f"{op}Backward0" for op in (
+    "Gelu", "Relu", "Silu", "Tanh", "Sigmoid", "NativeDropout", "ToCopy", "Clone", "Alias", "Mul", "Add", "Sub",
+    "Div", "Neg", "Exp", "Pow", "Hardtanh", "LeakyRelu", "Elu", "Mish", "Hardswish",
+    "Erf", "Sqrt", "Rsqrt"))
 
 
 def check_loss_reduction(loss_reduction: str) -> None:
@@ -83,27 +86,29 @@ class GradSampleEngine:
             if module in covered:
                 continue
             cls = layer_class(module)
+            if cls is None and any(p.requires_grad for p in module.parameters(recurse=False)):
+                cls = GenericLayer  # its per-sample gradients from its per-sample forward (anadp.generic)
             whole = cls is not None and cls.whole
             own = [n for n, p in module.named_parameters(recurse=whole) if p.requires_grad]
             if not own:
                 continue
             what = f"module '{name or '<root>'}' of type {type(module).__module__}.{type(module).__qualname__}"
-            if cls is None:
+            if type(module).__name__ == "FullyShardedDataParallel":
                 raise UnsupportedModuleError(
-                    f"{what} has trainable parameters {own} and anadp cannot compute its per-sample gradients. "
-                    f"Freeze them (p.requires_grad_(False)) or replace the module by a supported one ({SUPPORTED})."
-                    + (" Convolutions are not supported (Hugging Face's Conv1D, which is, is a linear layer)."
-                       if isinstance(module, nn.modules.conv._ConvNd) else "")
-                    + (" FSDP1 (FullyShardedDataParallel) flattens the layers' parameters into one: shard with "
-                       "FSDP2's torch.distributed.fsdp.fully_shard instead, which anadp supports."
-                       if type(module).__name__ == "FullyShardedDataParallel" else ""))
+                    f"{what}: FSDP1 (FullyShardedDataParallel) flattens the layers' parameters into one: shard with "
+                    "FSDP2's torch.distributed.fsdp.fully_shard instead, which anadp supports.")
             why = cls.refusal(module)
             if why is not None:
                 raise UnsupportedModuleError(f"{what}: {why}")
-            if whole:
-                covered.update(module.modules())
             if any(layer.module is module for layer in self.layers):
                 continue  # the same module reached under two names
+            if whole:
+                inner = [layer.name for layer in self.layers if any(m is layer.module for m in module.modules())]
+                if inner:
+                    raise UnsupportedModuleError(
+                        f"{what} contains module '{inner[0]}', which is also reached outside it: anadp computes the "
+                        "per-sample gradients of its whole subtree, and cannot do both. Do not share the module")
+                covered.update(module.modules())
             layer = cls(module, name, self)
             layer.slot = len(self.layers)
             self.layers.append(layer)
@@ -135,8 +140,16 @@ class GradSampleEngine:
         # (records.instantiate_at_backward); off when a kernel backend computes the norms from (A, G)
         self.instantiate_linear = True
         self._readers: dict = {}  # input -> Linear calls reading it
+        # this forward's hooked outputs that are flattened batches: autograd node -> tokens per sample,
+        # and id -> (tensor, tokens per sample) for those without a node (integer indices)
+        self._row_fns: dict = {}
+        self._row_tensors: dict = {}
+        # modules whose code is adapted so that per-sample gradients reach a hooked layer (anadp.relative_bias)
+        self.adapters = [RelativeBias(m, n, self) for n, m in model.named_modules() if uses_relative_bias(m)]
         for layer in self.layers:
             layer.install()
+        for adapter in self.adapters:
+            adapter.install()
         self._hook = model.register_forward_pre_hook(self._pre_forward, with_kwargs=True)
         # the hooked layers return no gradient for their parameters: autograd delivering one means a
         # use outside them, whose contribution the engine would never see
@@ -230,6 +243,8 @@ class GradSampleEngine:
         self.flush()
         self._buffer_state = self._buffer_versions()
         self._readers.clear()
+        if self._row_fns or self._row_tensors:
+            self._row_fns, self._row_tensors = {}, {}
         self.calls = [0] * len(self.layers)
         x = _first_tensor(args, kwargs)
         dim = 0 if self.batch_first else 1
@@ -271,6 +286,45 @@ class GradSampleEngine:
         shape = list(idx.shape)
         shape[dim] = B
         return idx.expand(shape)
+
+    def flat_rows(self, x: torch.Tensor) -> int:
+        """k where ``x`` (B k, ...) provably holds the batch's samples as consecutive blocks of k rows (a
+        model that flattens (B, T, d) into tokens, as OPT's feed-forward and mixture-of-experts layers do),
+        else 0. Provably: ``x`` is a contiguous view of a contiguous batch-first tensor of as many numbers,
+        or a hooked layer returned it (``mark_rows``), or row-wise ops (``_ROW_WISE``) made it from such
+        tensors alone. Anything else (a gather, a sort, a permutation of rows) is not proved, and the
+        layer then refuses the batch rather than guess."""
+        B = self.batch_size
+        if not self.batch_first or B is None or B < 1 or x.dim() < 1:
+            return 0
+        N = x.shape[0]
+        if N == B or N % B:
+            return 0
+        base = x._base
+        if (base is not None and base.dim() > 1 and base.shape[0] == B and base.numel() == x.numel()
+                and x.data_ptr() == base.data_ptr() and base.is_contiguous() and x.is_contiguous()):
+            return N // B
+        hit = self._row_tensors.get(id(x))
+        if hit is not None and hit[0] is x:
+            return hit[1]
+        return self._node_rows(x.grad_fn, N // B, 8)
+
+    def _node_rows(self, fn, k: int, depth: int) -> int:
+        if fn is None or depth == 0:
+            return 0
+        if self._row_fns.get(fn) == k:
+            return k
+        if type(fn).__name__ not in _ROW_WISE:
+            return 0
+        inputs = [f for f, _ in fn.next_functions if f is not None]
+        return k if inputs and all(self._node_rows(f, k, depth - 1) == k for f in inputs) else 0
+
+    def mark_rows(self, t: torch.Tensor, k: int) -> None:
+        """A hooked layer returns ``t``, a flattened batch of k rows per sample (see flat_rows)."""
+        if t.grad_fn is not None:
+            self._row_fns[t.grad_fn] = k
+        else:
+            self._row_tensors[id(t)] = (t, k)
 
     def count_reader(self, x: torch.Tensor) -> None:
         """A Linear call of this forward reads ``x`` (forward side, for ``readers``)."""
@@ -355,6 +409,8 @@ class GradSampleEngine:
     def remove(self) -> None:
         for layer in self.layers:
             layer.remove()
+        for adapter in self.adapters:
+            adapter.remove()
         self._hook.remove()
         for h in self._grad_hooks:
             h.remove()

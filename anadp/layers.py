@@ -37,6 +37,13 @@ def _direct_apply(fn: type):
     return apply
 
 
+def _own(y: torch.Tensor) -> torch.Tensor:
+    """``y`` as a tensor of its own where an op returned it as a view of an intermediate (F.linear with a
+    bias on a 3-D input, F.embedding on a 2-D index): autograd forbids writing in place into views made
+    inside a custom Function, and models write into layer outputs (``h[:, 0] += ...``). Same storage, no copy."""
+    return torch.ops.aten._unsafe_view(y, y.shape) if y._base is not None else y
+
+
 class _LinearFn(torch.autograd.Function):
     """y = x W^T + b (or x W + b for Conv1D); backward: input gradient only."""
 
@@ -47,7 +54,7 @@ class _LinearFn(torch.autograd.Function):
         if transposed:
             y = x @ weight
             return y + bias if bias is not None else y
-        return F.linear(x, weight, bias)
+        return _own(F.linear(x, weight, bias))
 
     @staticmethod
     def backward(ctx, g):
@@ -65,7 +72,7 @@ class _EmbeddingFn(torch.autograd.Function):
     def forward(ctx, idx, weight, padding_idx, on_backward):
         ctx.save_for_backward(idx)
         ctx.on_backward = on_backward
-        return F.embedding(idx, weight, padding_idx)
+        return _own(F.embedding(idx, weight, padding_idx))
 
     @staticmethod
     def backward(ctx, g):
@@ -125,6 +132,10 @@ class _LayerNormFn(torch.autograd.Function):
         return gx, None, None, None, None, None
 
 
+class UnsupportedModuleError(ValueError):
+    """A module anadp cannot train privately as it is (the message says why and what to do)."""
+
+
 _linear = _direct_apply(_LinearFn)
 _embedding = _direct_apply(_EmbeddingFn)
 _affine = _direct_apply(_AffineFn)
@@ -157,6 +168,27 @@ def record_linear(engine, weight, bias, A, G, transposed=False, readers=1):
         engine.record(bias, TokenSumRecord(rec) if isinstance(rec, LinearRecord) else DenseRecord(token_sum(G)))
 
 
+def call_on_blocks(layer, module, x, *rest):
+    """``layer.forward`` on a flattened batch ``x`` (B k, ...) whose rows are the samples' k tokens in
+    blocks (engine.flat_rows): run on the (B, k, ...) view, so that its records are batch first, and
+    the output flattened back (and marked as a flattened batch for the layers after it); None where
+    ``x`` is not provably such a batch."""
+    engine = layer.engine
+    k = engine.flat_rows(x)
+    if not k:
+        return None
+    y = layer.forward(module, x.view(engine.batch_size, k, *x.shape[1:]), *rest)
+    y = y.flatten(0, 1)
+    engine.mark_rows(y, k)
+    return y
+
+
+def _flattened(engine, x) -> bool:
+    """Whether x may be a flattened batch: 2-D with more rows than the batch (cheap; call_on_blocks decides)."""
+    B = engine.batch_size
+    return x.dim() == 2 and B is not None and x.shape[0] != B and engine.batch_first
+
+
 class Layer:
     """One hooked module: installs its forward and turns backward calls into records."""
 
@@ -181,6 +213,11 @@ class Layer:
         """Why this module cannot be trained privately as configured (checked at wrap time), or None."""
         return None
 
+    @staticmethod
+    def fits(module: nn.Module) -> bool:
+        """Whether this layer's math is the module's as configured (else the generic path takes it)."""
+        return True
+
     def install(self):
         self.module.forward = types.MethodType(self.forward, self.module)
 
@@ -203,6 +240,10 @@ class LinearLayer(Layer):
     def forward(self, module, x):
         if not torch.is_grad_enabled():
             return type(module).forward(module, x)
+        if x.dim() == 2 and _flattened(self.engine, x):
+            y = call_on_blocks(self, module, x)
+            if y is not None:
+                return y
         self.engine.calls[self.slot] += 1
         self.engine.count_reader(x)
         weight, bias = _weight_and_bias(module)
@@ -238,12 +279,39 @@ class EmbeddingLayer(Layer):
             return type(module).forward(module, idx)
         self.engine.calls[self.slot] += 1
         idx = self.engine.broadcast_indices(self.name, idx)
+        B, dim = self.engine.batch_size, (0 if self.engine.batch_first else 1)
+        if B is not None and (idx.dim() <= dim or idx.shape[dim] != B):
+            raise UnsupportedModuleError(
+                f"module '{self.name}' is indexed by a tensor of shape {tuple(idx.shape)} without the batch dimension "
+                f"({B} samples): its output is shared by the batch, and autograd sums the samples' gradients before "
+                "they reach it, so its per-sample gradients cannot be formed. Index it per sample (expand the index "
+                "to the batch), or freeze it (weight.requires_grad_(False))")
         return _embedding(idx, module.weight, module.padding_idx, self.on_backward)
 
     def on_backward(self, idx, g):
         idx, g = self.engine.to_batch_first(self.name, idx, g)
         m = self.module
         self.engine.record(self.param("weight"), EmbeddingRecord(_tokens(idx, 0), _tokens(g), m.num_embeddings, m.padding_idx))
+
+
+class ScaledEmbeddingLayer(EmbeddingLayer):
+    """An embedding whose forward scales the lookup: weight[idx] * embed_scale (Gemma, BART, M2M100 ...;
+    recognized by ``recognize``). The scale is applied by autograd after the hooked lookup, so the
+    lookup's output gradient, which the records keep, already carries it."""
+
+    @staticmethod
+    def lookup(module, idx):
+        scale = module.embed_scale
+        if isinstance(scale, torch.Tensor):
+            scale = scale.to(module.weight.dtype)
+        return F.embedding(idx, module.weight, module.padding_idx) * scale
+
+    def forward(self, module, idx):
+        if not torch.is_grad_enabled():
+            return type(module).forward(module, idx)
+        scale = module.embed_scale
+        out = super().forward(module, idx)
+        return out * (scale.to(module.weight.dtype) if isinstance(scale, torch.Tensor) else scale)
 
 
 class NormLayer(Layer):
@@ -256,6 +324,10 @@ class NormLayer(Layer):
     def forward(self, module, x):
         if not torch.is_grad_enabled():
             return type(module).forward(module, x)
+        if _flattened(self.engine, x) and module.weight.dim() == 1:
+            y = call_on_blocks(self, module, x)
+            if y is not None:
+                return y
         self.engine.calls[self.slot] += 1
         xhat = self.normalize(module, x)
         return _affine(xhat, module.weight, getattr(module, "bias", None), x,
@@ -278,6 +350,10 @@ class LayerNormLayer(NormLayer):
     def forward(self, module, x):
         if not torch.is_grad_enabled():
             return type(module).forward(module, x)
+        if _flattened(self.engine, x) and len(module.normalized_shape) == 1:
+            y = call_on_blocks(self, module, x)
+            if y is not None:
+                return y
         self.engine.calls[self.slot] += 1
         return _layer_norm(x, module.weight, module.bias, module.normalized_shape, module.eps, self.on_backward)
 
@@ -294,6 +370,15 @@ class HFRMSNormLayer(NormLayer):
         h = x.to(torch.float32)
         h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + module.variance_epsilon)
         return h.to(x.dtype)
+
+
+class T5NormLayer(NormLayer):
+    """T5's RMSNorm: the mean square in float32, the input (in its own dtype) times its rsqrt, cast to a
+    16-bit weight's dtype, then scaled."""
+
+    def normalize(self, module, x):
+        h = x * torch.rsqrt(x.to(torch.float32).pow(2).mean(-1, keepdim=True) + module.variance_epsilon)
+        return h.to(module.weight.dtype) if module.weight.dtype in (torch.float16, torch.bfloat16) else h
 
 
 try:
@@ -324,14 +409,53 @@ def module_type(module: nn.Module) -> type:
 
 
 def layer_class(module: nn.Module):
-    """The Layer class that handles this module, or None."""
+    """The Layer class that handles this module, or None (then anadp.generic's, if it has trainable
+    parameters). A subclass of a registered layer is that layer only if it keeps the parent's forward,
+    or if its forward is recognized (``recognize``): never by assuming the parent's math."""
     cls = module_type(module)
-    if cls in REGISTRY:
-        return REGISTRY[cls]
-    name = cls.__name__
-    if name == "Conv1D" and cls.__module__.startswith("transformers"):
-        return Conv1DLayer
-    # Llama-style: weight * normalize(x.float()).to(dtype); Gemma's (1 + weight) has no variance_epsilon
-    if (name.endswith("RMSNorm") or name == "T5LayerNorm") and hasattr(module, "variance_epsilon"):
-        return HFRMSNormLayer
+    layer = REGISTRY.get(cls)
+    if layer is None:
+        name = cls.__name__
+        if name == "Conv1D" and cls.__module__.startswith("transformers"):
+            return Conv1DLayer
+        # Llama-style: weight * normalize(x.float()).to(dtype); Gemma's (1 + weight) has no variance_epsilon
+        if name.endswith("RMSNorm") and hasattr(module, "variance_epsilon"):
+            return HFRMSNormLayer
+        if name.endswith("T5LayerNorm") and hasattr(module, "variance_epsilon"):
+            return T5NormLayer
+        parent = next((b for b in cls.__mro__[1:] if b in REGISTRY), None)
+        if parent is None:
+            return None
+        layer = REGISTRY[parent] if cls.forward is parent.forward else recognize(module, parent)
+    return layer if layer is not None and layer.fits(module) else None
+
+
+def recognize(module: nn.Module, parent: type):
+    """The Layer for a subclass of a registered layer with its own forward, where that forward is provably
+    the parent's math on a random probe input: Falcon's FalconLinear (x W^T + b written out) as a Linear,
+    and the scaled word embeddings of Gemma, BART and others (the lookup times ``embed_scale``) as
+    ``ScaledEmbeddingLayer``. None otherwise (the generic path, exact for any forward)."""
+    w = getattr(module, "weight", None)
+    if not isinstance(w, torch.Tensor) or w.device.type == "meta" or not w.is_floating_point():
+        return None
+    g = torch.Generator(device=w.device).manual_seed(0)
+    try:
+        with torch.no_grad():
+            if parent is nn.Linear:
+                x = torch.randn(2, 3, w.shape[1], generator=g, device=w.device, dtype=w.dtype)
+                same = _close(type(module).forward(module, x), F.linear(x, w, module.bias))
+                return LinearLayer if same else None
+            if parent is nn.Embedding and hasattr(module, "embed_scale") and module.max_norm is None:
+                idx = torch.randint(0, w.shape[0], (2, 3), generator=g, device=w.device)
+                same = _close(type(module).forward(module, idx), ScaledEmbeddingLayer.lookup(module, idx))
+                return ScaledEmbeddingLayer if same else None
+    except (TypeError, ValueError, RuntimeError, IndexError, AttributeError):  # a forward of another signature
+        return None
     return None
+
+
+def _close(a, b) -> bool:
+    if not isinstance(a, torch.Tensor) or a.shape != b.shape or a.dtype != b.dtype:
+        return False
+    tol = {torch.float64: 1e-12, torch.float32: 1e-6}.get(a.dtype, 1e-2)
+    return bool(((a.double() - b.double()).norm() <= tol * b.double().norm()).item())

@@ -172,10 +172,12 @@ class BatchCache:
         self._scaled = None
 
     def scaled(self, A: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
-        """diag(c) A, kept for the next call (query, key and value read one A: scaled once)."""
+        """diag(c) A for clip factors ``c`` (B,), kept for the next call with the same A and the same factors
+        tensor (query, key and value read one A: scaled once). The same tensor, not equal values: comparing
+        values would read them back to the host (a device sync)."""
         key = gram_key(A)
-        if self._scaled is None or self._scaled[0] != key or not torch.equal(self._scaled[1], c):
-            self._scaled = (key, c, A * c)
+        if self._scaled is None or self._scaled[0] != key or self._scaled[1] is not c:
+            self._scaled = (key, c, A * c.to(A.dtype)[:, None, None])
         return self._scaled[2]
 
     def scratch(self, slot: int, shape, like: torch.Tensor) -> torch.Tensor:
@@ -271,11 +273,10 @@ class LinearRecord:
             else:
                 g = clipped_gemm((G * c32).flatten(0, 1), A.flatten(0, 1))
             return g.t() if self.transposed else g
-        c = c.to(A.dtype)[:, None, None]
         if A.shape[2] <= G.shape[2]:
-            A = A * c if cache is None else cache.scaled(A, c)
+            A = A * c.to(A.dtype)[:, None, None] if cache is None else cache.scaled(A, c)
         else:
-            G = torch.mul(G, c, out=None if cache is None else cache.scratch(0, G.shape, G))
+            G = torch.mul(G, c.to(A.dtype)[:, None, None], out=None if cache is None else cache.scratch(0, G.shape, G))
         g = G.flatten(0, 1).t() @ A.flatten(0, 1)
         return g.t() if self.transposed else g
 
@@ -318,6 +319,19 @@ class LinearRecord:
         self.G = torch.where(bad[:, None, None], 0, self.G)
 
 
+def key_segments(keys: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(seg, seg_keys) for integer ``keys`` (N,): seg[r] is the rank of keys[r] among the distinct keys
+    (torch.unique's inverse) and seg_keys[s] the s-th distinct key, in N slots (those past the number of
+    distinct keys hold 0): torch.unique's answer in fixed shapes, without reading the count back to the
+    host (a device sync; a wall against CUDA-graph capture)."""
+    sorted_keys, perm = torch.sort(keys, stable=True)
+    new = torch.ones_like(sorted_keys, dtype=torch.bool)
+    new[1:] = sorted_keys[1:] != sorted_keys[:-1]
+    rank = torch.cumsum(new, 0) - 1
+    seg = torch.empty_like(rank).scatter_(0, perm, rank)
+    return seg, torch.zeros_like(keys).scatter_(0, rank, sorted_keys)
+
+
 class EmbeddingRecord:
     """Weight of an embedding lookup: per-sample gradient scatters g_t into row idx_t."""
 
@@ -332,17 +346,18 @@ class EmbeddingRecord:
         return self.idx.shape[0]
 
     def rows(self):
-        """Non-zero rows of the per-sample gradients: (sample of row, key b*V+v, row sums)."""
+        """The per-sample gradients' rows, (keys b V + v, row sums): one slot per token (B T), the distinct
+        (sample, index) pairs first in key order, zero rows after them (``key_segments``)."""
         B = self.idx.shape[0]
         keys = (torch.arange(B, device=self.idx.device)[:, None] * self.V + self.idx).flatten()
-        uniq, inv = torch.unique(keys, return_inverse=True)
-        R = self.G.new_zeros(uniq.numel(), self.G.shape[-1]).index_add_(0, inv, self.G.flatten(0, 1))
-        return uniq, R
+        seg, seg_keys = key_segments(keys)
+        R = self.G.new_zeros(keys.numel(), self.G.shape[-1]).index_add_(0, seg, self.G.flatten(0, 1))
+        return seg_keys, R
 
     def sq_norm(self) -> torch.Tensor:
-        # O(BTd) via unique (sample, index) pairs; cheaper than the O(BT^2 d) ghost sum
-        uniq, R = self.rows()
-        return R.new_zeros(self.batch_size).index_add_(0, uniq // self.V, R.pow(2).sum(1))
+        # O(BTd) via the distinct (sample, index) pairs; cheaper than the O(BT^2 d) ghost sum
+        keys, R = self.rows()
+        return R.new_zeros(self.batch_size).index_add_(0, keys // self.V, R.pow(2).sum(1))
 
     def dense(self) -> torch.Tensor:
         B, d = self.G.shape[0], self.G.shape[-1]
@@ -405,6 +420,31 @@ class TokenSumRecord(DenseRecord):
         self._gs = value
 
 
+class ConvRecord:
+    """A convolution's weight (out, in, *kernel): the Linear record of its unfolded input (A: the B x L
+    patches, G: the output gradient at the L positions), its clipped sum and per-sample gradients
+    viewed in the weight's shape."""
+
+    def __init__(self, rec: LinearRecord, shape: torch.Size):
+        self.rec, self.shape = rec, shape
+
+    @property
+    def batch_size(self) -> int:
+        return self.rec.batch_size
+
+    def sq_norm(self) -> torch.Tensor:
+        return self.rec.sq_norm()
+
+    def dense(self) -> torch.Tensor:
+        return self.rec.dense().view(-1, *self.shape)
+
+    def clipped_sum(self, c: torch.Tensor) -> torch.Tensor:
+        return self.rec.clipped_sum(c).view(self.shape)
+
+    def drop(self, bad: torch.Tensor) -> None:
+        self.rec.drop(bad)
+
+
 def inner(r: object, s: object) -> torch.Tensor:
     """Per-sample <g_r, g_s> of two contributions to the same parameter, (B,)."""
     if isinstance(r, LinearRecord) and isinstance(s, LinearRecord) and r.transposed == s.transposed:
@@ -419,7 +459,7 @@ def inner(r: object, s: object) -> torch.Tensor:
     if isinstance(r, EmbeddingRecord) and isinstance(s, EmbeddingRecord):
         ur, Rr = r.rows()
         us, Rs = s.rows()
-        keys, inv = torch.unique(torch.cat([ur, us]), return_inverse=True)
+        inv, keys = key_segments(torch.cat([ur, us]))
         Sr = Rr.new_zeros(keys.numel(), Rr.shape[1]).index_add_(0, inv[:ur.numel()], Rr)
         Ss = Rs.new_zeros(keys.numel(), Rs.shape[1]).index_add_(0, inv[ur.numel():], Rs)
         return Sr.new_zeros(r.batch_size).index_add_(0, keys // r.V, (Sr * Ss).sum(1))
@@ -434,6 +474,8 @@ def kept_numel(r: object) -> int:
         return r.G.numel()
     if isinstance(r, TokenSumRecord):
         return 0 if r._gs is None else r._gs.numel()
+    if isinstance(r, ConvRecord):
+        return kept_numel(r.rec)
     return r.gs.numel()
 
 

@@ -223,29 +223,10 @@ def test_hf_models(dtype, make):
 
 # --- wrap-time errors -----------------------------------------------------------------
 
-class WithParam(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.fc = nn.Linear(4, 4)
-        self.scale = nn.Parameter(torch.ones(4))
-
-    def forward(self, x):
-        return self.fc(x) * self.scale
-
-
 def test_unsupported_module_is_named():
     m = nn.Sequential(nn.Linear(4, 4), nn.BatchNorm1d(4))
-    with pytest.raises(UnsupportedModuleError, match=r"module '1' of type torch\.nn\.modules\.batchnorm\.BatchNorm1d"):
+    with pytest.raises(UnsupportedModuleError, match=r"module '1' \(BatchNorm1d\) is in train mode"):
         GradSampleEngine(m)
-    with pytest.raises(UnsupportedModuleError, match=r"'<root>'.*WithParam.*\['scale'\]"):
-        GradSampleEngine(WithParam())
-
-
-def test_a_convolution_is_not_told_to_use_conv1d():
-    """nn.Conv1d is a convolution; Hugging Face's Conv1D, which anadp supports, is a linear layer."""
-    with pytest.raises(UnsupportedModuleError, match="Convolutions are not supported") as e:
-        GradSampleEngine(nn.Sequential(nn.Conv1d(4, 4, 1)))
-    assert "GPT-2's linear layer" in str(e.value)
 
 
 class _HandTiedHead(nn.Module):

@@ -1,0 +1,109 @@
+"""Tiny Hugging Face models of many families (random weights, built from configs, float64), each
+with a batch that has a padded sample: the model zoo of tests/test_model_zoo.py."""
+from __future__ import annotations
+
+import torch
+
+VOCAB, HIDDEN, T = 64, 32, 7
+
+_COMMON = dict(vocab_size=VOCAB, hidden_size=HIDDEN, num_hidden_layers=2, num_attention_heads=4,
+               intermediate_size=48, max_position_embeddings=32)
+_DECODER = dict(_COMMON, num_key_value_heads=2, pad_token_id=0, tie_word_embeddings=False)
+
+# name -> (config class, config kwargs, model class, kind); kind: "lm" (causal LM), "cls" (sequence
+# classification), "seq2seq" (encoder-decoder LM), "image" (image classification)
+FAMILIES = {
+    "llama": ("LlamaConfig", _DECODER, "LlamaForCausalLM", "lm"),
+    "mistral": ("MistralConfig", _DECODER, "MistralForCausalLM", "lm"),
+    "qwen2": ("Qwen2Config", _DECODER, "Qwen2ForCausalLM", "lm"),
+    "qwen3": ("Qwen3Config", dict(_DECODER, head_dim=8), "Qwen3ForCausalLM", "lm"),
+    "phi": ("PhiConfig", dict(_COMMON, pad_token_id=0), "PhiForCausalLM", "lm"),
+    "phi3": ("Phi3Config", dict(_DECODER, pad_token_id=0), "Phi3ForCausalLM", "lm"),
+    "gemma": ("GemmaConfig", dict(_DECODER, head_dim=8), "GemmaForCausalLM", "lm"),
+    "gemma2": ("Gemma2Config", dict(_DECODER, head_dim=8), "Gemma2ForCausalLM", "lm"),
+    "gpt_neox": ("GPTNeoXConfig", dict(_COMMON, pad_token_id=0), "GPTNeoXForCausalLM", "lm"),
+    "bloom": ("BloomConfig", dict(vocab_size=VOCAB, hidden_size=HIDDEN, n_layer=2, n_head=4, pad_token_id=0),
+              "BloomForCausalLM", "lm"),
+    "gptj": ("GPTJConfig", dict(vocab_size=VOCAB, n_embd=HIDDEN, n_layer=2, n_head=4, rotary_dim=4, n_positions=32,
+                                pad_token_id=0), "GPTJForCausalLM", "lm"),
+    "gpt2": ("GPT2Config", dict(vocab_size=VOCAB, n_embd=HIDDEN, n_layer=2, n_head=4, n_positions=32),
+             "GPT2LMHeadModel", "lm"),
+    "gpt_bigcode": ("GPTBigCodeConfig", dict(vocab_size=VOCAB, n_embd=HIDDEN, n_layer=2, n_head=4, n_positions=32),
+                    "GPTBigCodeForCausalLM", "lm"),
+    "opt": ("OPTConfig", dict(vocab_size=VOCAB, hidden_size=HIDDEN, num_hidden_layers=2, num_attention_heads=4,
+                              ffn_dim=48, max_position_embeddings=32, word_embed_proj_dim=HIDDEN, pad_token_id=1),
+            "OPTForCausalLM", "lm"),
+    "falcon": ("FalconConfig", dict(vocab_size=VOCAB, hidden_size=HIDDEN, num_hidden_layers=2, num_attention_heads=4,
+                                    pad_token_id=0), "FalconForCausalLM", "lm"),
+    "mixtral": ("MixtralConfig", dict(_DECODER, num_local_experts=4, num_experts_per_tok=2), "MixtralForCausalLM", "lm"),
+    "mamba": ("MambaConfig", dict(vocab_size=VOCAB, hidden_size=HIDDEN, state_size=4, num_hidden_layers=2, expand=2,
+                                  conv_kernel=3, pad_token_id=0, use_cache=False), "MambaForCausalLM", "lm"),
+    "bert": ("BertConfig", dict(_COMMON, num_labels=3), "BertForSequenceClassification", "cls"),
+    "roberta": ("RobertaConfig", dict(_COMMON, num_labels=3, pad_token_id=1), "RobertaForSequenceClassification",
+                "cls"),
+    "distilbert": ("DistilBertConfig", dict(vocab_size=VOCAB, dim=HIDDEN, n_layers=2, n_heads=4, hidden_dim=48,
+                                            max_position_embeddings=32, num_labels=3),
+                   "DistilBertForSequenceClassification", "cls"),
+    "albert": ("AlbertConfig", dict(_COMMON, embedding_size=16, num_labels=3), "AlbertForSequenceClassification",
+               "cls"),
+    "electra": ("ElectraConfig", dict(_COMMON, embedding_size=16, num_labels=3), "ElectraForSequenceClassification",
+                "cls"),
+    "deberta_v2": ("DebertaV2Config", dict(_COMMON, num_labels=3), "DebertaV2ForSequenceClassification", "cls"),
+    "modernbert": ("ModernBertConfig", dict(_COMMON, num_labels=3, pad_token_id=0, global_attn_every_n_layers=2,
+                                            local_attention=16), "ModernBertForSequenceClassification", "cls"),
+    "t5": ("T5Config", dict(vocab_size=VOCAB, d_model=HIDDEN, d_kv=8, d_ff=48, num_layers=2, num_heads=4,
+                            relative_attention_num_buckets=8, relative_attention_max_distance=16,
+                            decoder_start_token_id=0, pad_token_id=0), "T5ForConditionalGeneration", "seq2seq"),
+    "bart": ("BartConfig", dict(vocab_size=VOCAB, d_model=HIDDEN, encoder_layers=1, decoder_layers=1,
+                                encoder_attention_heads=4, decoder_attention_heads=4, encoder_ffn_dim=48,
+                                decoder_ffn_dim=48, max_position_embeddings=32, scale_embedding=True, pad_token_id=1),
+             "BartForConditionalGeneration", "seq2seq"),
+    "vit": ("ViTConfig", dict(hidden_size=HIDDEN, num_hidden_layers=2, num_attention_heads=4, intermediate_size=48,
+                              image_size=8, patch_size=4, num_labels=3), "ViTForImageClassification", "image"),
+}
+
+
+def make(name: str, dtype=torch.float64, seed: int = 0):
+    """(model in eval mode, kind): the family's tiny model with random weights (parameters that start at
+    zero or one, such as LoRA B, are drawn too, so that every gradient is non-trivial)."""
+    import transformers
+    lora = name.endswith("+lora")
+    cfg_name, kwargs, model_name, kind = FAMILIES[name.removesuffix("+lora")]
+    torch.manual_seed(seed)
+    cfg = getattr(transformers, cfg_name)(**kwargs)
+    if hasattr(cfg, "_attn_implementation"):
+        cfg._attn_implementation = "eager"
+    if hasattr(cfg, "_experts_implementation"):
+        cfg._experts_implementation = "eager"  # torch._grouped_mm has no float64
+    for k in ("hidden_dropout_prob", "attention_probs_dropout_prob", "dropout", "attention_dropout"):
+        if hasattr(cfg, k):
+            setattr(cfg, k, 0.0)
+    model = getattr(transformers, model_name)(cfg)
+    if lora:
+        from peft import LoraConfig, get_peft_model
+        model = get_peft_model(model, LoraConfig(r=2, lora_alpha=4, target_modules=["q_proj", "v_proj"]))
+        with torch.no_grad():
+            for n, p in model.named_parameters():
+                if "lora_B" in n:
+                    p.normal_(std=0.1)
+    return model.to(dtype).eval(), kind
+
+
+def batch(kind: str, B: int = 4, dtype=torch.float64, seed: int = 1) -> dict:
+    """Inputs of B samples; sample 1 is padded (mask 0 on its last tokens)."""
+    g = torch.Generator().manual_seed(seed)
+    if kind == "image":
+        return {"pixel_values": torch.randn(B, 3, 8, 8, generator=g, dtype=dtype)}
+    ids = torch.randint(2, VOCAB, (B, T), generator=g)
+    mask = torch.ones(B, T, dtype=torch.long)
+    if B > 1:
+        mask[1, T - 3:] = 0
+        ids[1, T - 3:] = 1
+    out = {"input_ids": ids, "attention_mask": mask}
+    if kind == "seq2seq":
+        out["decoder_input_ids"] = torch.randint(2, VOCAB, (B, 5), generator=g)
+    return out
+
+
+def logits(out) -> torch.Tensor:
+    return out.logits
