@@ -277,7 +277,7 @@ class NoiseAllocator:
                               stat_noise=stat_noise, stat_signal=stat_signal)
         if score is None:
             return
-        if not torch.isfinite(score).all() or not torch.isfinite(self.energy_bar).all():
+        if not bool(torch.isfinite(score).all() & torch.isfinite(self.energy_bar).all()):  # one read back
             raise FloatingPointError("non-finite allocation statistic: a privatized gradient or parameter is "
                                      "not finite")
         if self.updates < self.config.warmup_steps:
