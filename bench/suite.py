@@ -29,7 +29,7 @@ METHODS = ["nonprivate", "opacus_hooks", "opacus_ghost", "anadp_uniform", "anadp
 @dataclass
 class Config:
     name: str
-    kind: str           # linear | seqlinear | embedding | layernorm | bert | gpt2 | llama
+    kind: str           # linear | seqlinear | embedding | layernorm | bert | gpt2 | llama | vit (seq: image side)
     batch: int
     seq: int = 1
     width: int = 512
@@ -53,6 +53,12 @@ def model_configs(smoke: bool) -> list[Config]:
     # CPU-sized: widths/depths reduced so a configuration takes seconds (BERT-base is 768 x 12)
     return [Config("bert-like 256x4", "bert", 32, 128, 256, 4), Config("gpt2-like 256x4", "gpt2", 16, 256, 256, 4, 50257),
             Config("llama-like 256x4", "llama", 16, 256, 256, 4, 32000)]
+
+
+def vit_config(smoke: bool) -> Config:
+    """A ViT-like model (64 x 64 images, 8 x 8 patches: 64 tokens + [CLS]): its embeddings (cls_token, position
+    embeddings and the patch convolution) take anadp's generic path (anadp.generic)."""
+    return Config("vit-tiny", "vit", 4, 16, 32, 1) if smoke else Config("vit-like 256x4", "vit", 32, 64, 256, 4)
 
 
 class _Head(nn.Module):
@@ -81,6 +87,13 @@ def build(cfg: Config, seed: int = 0):
         return _Head(nn.Embedding(cfg.vocab, d), d), {"x": torch.randint(0, cfg.vocab, (B, T), generator=g)}, y
     if cfg.kind == "layernorm":
         return _Head(nn.LayerNorm(d), d), {"x": torch.randn(B, T, d, generator=g)}, y
+    if cfg.kind == "vit":
+        from transformers import ViTConfig, ViTForImageClassification
+        m = ViTForImageClassification(ViTConfig(
+            hidden_size=d, num_hidden_layers=cfg.layers, num_attention_heads=max(1, d // 64), intermediate_size=4 * d,
+            image_size=T, patch_size=max(2, T // 8), num_labels=2, hidden_dropout_prob=0.0,
+            attention_probs_dropout_prob=0.0))
+        return m, {"pixel_values": torch.randn(B, 3, T, T, generator=g)}, y
     ids = torch.randint(1, cfg.vocab, (B, T), generator=g)
     pos = torch.arange(T)[None].expand(B, T).contiguous()  # see the module docstring (Opacus workaround)
     heads = max(1, d // 64)

@@ -113,3 +113,14 @@ def test_fsdp_rows():
     assert [r["setting"].split(",")[0] for r in rows] == ["FSDP2", "1 process x 1 thread"]
     assert all(r["nonprivate"] > 0 and r["anadp"] > 0 and r["ratio"] == r["anadp"] / r["nonprivate"] for r in rows)
     assert fsdp.table(rows).count("\n") == len(rows) + 1
+
+
+def test_the_generic_path_row_runs_every_method(capsys):
+    """bench.generic_path --smoke: the ViT-like row, every method measured (in subprocesses), a table."""
+    from bench.generic_path import METHODS as GENERIC_METHODS, main
+    assert main(["--smoke"]) == 0
+    rows = {line.split("|")[1].strip(): line.split("|")[2].strip() for line in capsys.readouterr().out.splitlines()
+            if line.startswith("| ") and line.split("|")[1].strip() in GENERIC_METHODS}
+    assert set(rows) == set(GENERIC_METHODS)
+    for m in ("nonprivate", "anadp_uniform", "anadp_per_layer"):
+        assert float(rows[m]) > 0, rows[m]  # a step time, not an error
