@@ -11,7 +11,7 @@ _COMMON = dict(vocab_size=VOCAB, hidden_size=HIDDEN, num_hidden_layers=2, num_at
 _DECODER = dict(_COMMON, num_key_value_heads=2, pad_token_id=0, tie_word_embeddings=False)
 
 # name -> (config class, config kwargs, model class, kind); kind: "lm" (causal LM), "cls" (sequence
-# classification), "seq2seq" (encoder-decoder LM), "image" (image classification)
+# classification), "seq2seq" (encoder-decoder LM), "speech" (speech to text), "image" (image classification)
 FAMILIES = {
     "llama": ("LlamaConfig", _DECODER, "LlamaForCausalLM", "lm"),
     "mistral": ("MistralConfig", _DECODER, "MistralForCausalLM", "lm"),
@@ -58,6 +58,14 @@ FAMILIES = {
                                 encoder_attention_heads=4, decoder_attention_heads=4, encoder_ffn_dim=48,
                                 decoder_ffn_dim=48, max_position_embeddings=32, scale_embedding=True, pad_token_id=1),
              "BartForConditionalGeneration", "seq2seq"),
+    "whisper": ("WhisperConfig", dict(vocab_size=VOCAB, num_mel_bins=8, d_model=HIDDEN, encoder_layers=1,
+                                      decoder_layers=1, encoder_attention_heads=4, decoder_attention_heads=4,
+                                      encoder_ffn_dim=48, decoder_ffn_dim=48, max_source_positions=16,
+                                      max_target_positions=32, pad_token_id=0, decoder_start_token_id=1),
+                "WhisperForConditionalGeneration", "speech"),
+    "clip_vision": ("CLIPConfig", dict(vision_config=dict(hidden_size=HIDDEN, intermediate_size=48, num_hidden_layers=2,
+                                                          num_attention_heads=4, image_size=8, patch_size=4),
+                                       num_labels=3), "CLIPForImageClassification", "image"),
     "vit": ("ViTConfig", dict(hidden_size=HIDDEN, num_hidden_layers=2, num_attention_heads=4, intermediate_size=48,
                               image_size=8, patch_size=4, num_labels=3), "ViTForImageClassification", "image"),
 }
@@ -94,6 +102,9 @@ def batch(kind: str, B: int = 4, dtype=torch.float64, seed: int = 1) -> dict:
     g = torch.Generator().manual_seed(seed)
     if kind == "image":
         return {"pixel_values": torch.randn(B, 3, 8, 8, generator=g, dtype=dtype)}
+    if kind == "speech":  # 8 mel bins x 32 frames (the encoder's two convolutions halve them to 16 positions)
+        return {"input_features": torch.randn(B, 8, 32, generator=g, dtype=dtype),
+                "decoder_input_ids": torch.randint(2, VOCAB, (B, 5), generator=g)}
     ids = torch.randint(2, VOCAB, (B, T), generator=g)
     mask = torch.ones(B, T, dtype=torch.long)
     if B > 1:
