@@ -28,7 +28,7 @@ def make_private(model: nn.Module, optimizer: torch.optim.Optimizer, data_loader
                  max_physical_batch_size: int | None = None, batch_first: bool = True,
                  nonfinite: str = "raise", distributed: bool | None = None, backend: str = "auto",
                  adaptive_clipping: AdaptiveClipping | bool | None = None,
-                 adam_noise_correction: bool | float | None = False):
+                 adam_noise_correction: bool | float | None = False, static_shapes: bool = False):
     """Wrap for DP training; returns ``(model, dp_optimizer, dp_data_loader)``.
 
     The model is hooked in place (same object, same state_dict keys). Give
@@ -53,6 +53,13 @@ def make_private(model: nn.Module, optimizer: torch.optim.Optimizer, data_loader
     normalizes the noise away (after Tang et al., DP-AdamBC); post-processing, the same epsilon. False
     (default): off, DP-Adam as Opacus has it; True: on, or an error; None: on where the wrapped optimizer
     is an Adam or AdamW that anadp's update implements, off for the others.
+
+    ``static_shapes=True`` (with ``max_physical_batch_size`` M): every chunk the loader yields has exactly M
+    rows, the Poisson batch's samples first and copies of its first sample after them (``loader.real_rows``
+    says how many are real), for torch.compile and CUDA graphs, which need fixed shapes. The padded rows'
+    per-sample gradients are zeroed before any norm or sum, so the step and epsilon are those of the
+    unpadded batch; a batch larger than M is split into chunks, never truncated. Losses and metrics the
+    training loop reports should weight the padded rows out.
 
     ``backend``: "auto" (triton for CUDA tensors; cpu, the compiled CPU kernels, for CPU tensors where a
     C++ compiler is, else torch), "torch", "cpu", "triton" or "cuda"; the environment variable
@@ -94,6 +101,12 @@ def make_private(model: nn.Module, optimizer: torch.optim.Optimizer, data_loader
                          "(whitened clipping takes one float)")
     if max_physical_batch_size is not None and max_physical_batch_size < 1:
         raise ValueError("max_physical_batch_size must be >= 1")
+    if static_shapes and max_physical_batch_size is None:
+        raise ValueError("static_shapes=True pads every chunk to a fixed size: give max_physical_batch_size")
+    if static_shapes and adaptive_clipping is not None:
+        raise ValueError("static_shapes=True with adaptive_clipping: the noisy counts of samples under each "
+                         "threshold would count the padded rows (zero gradients, under every threshold) and their "
+                         "sensitivity would no longer hold; use fixed thresholds with static shapes")
     sample_rate = 1 / len(data_loader)
     budget_steps = None
     if target_epsilon is not None:
@@ -142,7 +155,8 @@ def make_private(model: nn.Module, optimizer: torch.optim.Optimizer, data_loader
                 seed = sampler_seed ^ 0x5EED
     generator = torch.Generator().manual_seed(sampler_seed)
     loader = DPDataLoader(data_loader, poisson_sampling=poisson_sampling, generator=generator, engine=engine,
-                          max_physical_batch_size=max_physical_batch_size, rank=rank, world_size=world_size)
+                          max_physical_batch_size=max_physical_batch_size, rank=rank, world_size=world_size,
+                          static_shapes=static_shapes)
     dp_optimizer = DPOptimizer(optimizer, engine, noise_multiplier=noise_multiplier, max_grad_norm=max_grad_norm,
                                expected_batch_size=loader.expected_batch_size, sample_rate=sample_rate,
                                allocation=allocation, allocation_config=allocation_config, clipping=clipping,

@@ -21,22 +21,24 @@ class ChunkProtocol:
         self.current: Optional[int] = None  # the chunk of private data being used (None: none handed out)
         self.ends_logical = True  # whether it is the last chunk of its logical batch
         self.accepted = 0  # the last chunk a backward was accepted for
+        self.real_rows: Optional[int] = None  # padded chunk (static shapes): its first rows are its samples
 
-    def begin(self, ends_logical: bool = True) -> int:
-        """A new chunk of distinct samples: the forward passes that follow run on it."""
+    def begin(self, ends_logical: bool = True, real_rows: Optional[int] = None) -> int:
+        """A new chunk of distinct samples: the forward passes that follow run on it. ``real_rows``: a chunk
+        padded to a fixed size holds its samples in its first ``real_rows`` rows, copies after them."""
         self.begun += 1
-        self.current, self.ends_logical = self.begun, ends_logical
+        self.current, self.ends_logical, self.real_rows = self.begun, ends_logical, real_rows
         return self.current
 
-    def hand_out(self, chunks: list) -> Iterator:
+    def hand_out(self, chunks: list, real_rows: Optional[list] = None) -> Iterator:
         """Yield the chunks of one logical batch, each begun first, the last marked as ending it;
         a consumer that stops early leaves no logical batch open."""
         try:
             for k, chunk in enumerate(chunks):
-                self.begin(ends_logical=k == len(chunks) - 1)
+                self.begin(ends_logical=k == len(chunks) - 1, real_rows=None if real_rows is None else real_rows[k])
                 yield chunk
         finally:
-            self.ends_logical = True
+            self.ends_logical, self.real_rows = True, None
 
     def accept(self, chunk_id: Optional[int]) -> None:
         """A backward on chunk ``chunk_id`` (the stamp of its forward): raise unless it is a chunk
@@ -54,8 +56,8 @@ class ChunkProtocol:
         self.accepted = chunk_id
 
 
-def hand_out(protocol: Optional[ChunkProtocol], chunks: Iterable) -> Iterator:
+def hand_out(protocol: Optional[ChunkProtocol], chunks: Iterable, real_rows: Optional[list] = None) -> Iterator:
     """``protocol.hand_out(chunks)``, or the chunks as they are where there is no protocol (a loader
     made without an engine)."""
     chunks = list(chunks)
-    return iter(chunks) if protocol is None else protocol.hand_out(chunks)
+    return iter(chunks) if protocol is None else protocol.hand_out(chunks, real_rows)

@@ -82,6 +82,26 @@ def split_evenly(batch, n: int) -> list:
             for a, b in zip(bounds, bounds[1:])]
 
 
+def pad_rows(batch, size: int, filler) -> tuple:
+    """(the batch with ``size`` rows, its real row count): rows past the batch's own are copies of its first
+    row (of ``filler``, a collated batch of one, where the batch is empty). Copies of a real row keep the
+    forward finite; their gradients are zeroed by the engine (GradSampleEngine.record)."""
+    B = batch_size_of(batch)
+    if B == size:
+        return batch, B
+    if B > size:
+        raise ValueError(f"a chunk of {B} samples cannot be padded to {size}")
+    source = batch if B else filler()
+
+    def pad(t):
+        if not isinstance(t, torch.Tensor) or not t.dim():
+            return t
+        copies = t[:1].expand(size - B, *t.shape[1:])
+        return torch.cat([t, copies]) if B else copies.clone()
+
+    return tree_map(pad, source), B
+
+
 def split_batch(batch, size: int) -> list:
     """Physical chunks of at most ``size`` samples of a collated batch (tensors sliced on dim 0)."""
     B = batch_size_of(batch)
@@ -99,8 +119,11 @@ class DPDataLoader:
     """
 
     def __init__(self, loader: DataLoader, *, poisson_sampling: bool, max_physical_batch_size: int | None,
-                 generator: torch.Generator, engine=None, rank: int = 0, world_size: int = 1):
+                 generator: torch.Generator, engine=None, rank: int = 0, world_size: int = 1,
+                 static_shapes: bool = False):
         self.original = loader
+        self.static_shapes = static_shapes
+        self.real_rows: int | None = None  # static shapes: the samples of the chunk just yielded (its first rows)
         self.sample_rate = 1 / len(loader)
         self.expected_batch_size = int(len(loader.dataset) * self.sample_rate)  # as Opacus (global)
         self.generator, self.engine = generator, engine
@@ -143,11 +166,20 @@ class DPDataLoader:
             # samples than there are chunks (some models, Hugging Face GPT-2, cannot take a batch of 0)
             n = max(1, -(-(largest if self.world_size > 1 else B) // M)) if M is not None else 1
             chunks = [batch] if n == 1 else split_batch(batch, M) if self.world_size == 1 else split_evenly(batch, n)
-            for chunk in hand_out(None if self.engine is None else self.engine.chunks, chunks):
-                self.last_batch_empty = batch_size_of(chunk) == 0
+            rows = None
+            if self.static_shapes:  # every chunk M rows: its samples first, then copies (zeroed in the engine)
+                chunks, rows = map(list, zip(*(pad_rows(c, M, self._filler) for c in chunks)))
+            for k, chunk in enumerate(hand_out(None if self.engine is None else self.engine.chunks, chunks, rows)):
+                self.real_rows = None if rows is None else rows[k]
+                self.last_batch_empty = (batch_size_of(chunk) if rows is None else rows[k]) == 0
                 yield chunk
         self.last_batch_empty = False
         self._position, self._state = 0, self.generator.get_state()
+
+    def _filler(self):
+        """A collated batch of one sample (the dataset's first), the rows of a padded empty chunk."""
+        collate = self.original.collate_fn or default_collate
+        return collate([self.dataset[0]])
 
     def state_dict(self) -> dict:
         return {"generator": self._state.clone(), "position": self._position}

@@ -134,6 +134,8 @@ class GradSampleEngine:
         self._grad_forwards = 0  # forwards with gradients since the last backward (see check_batch)
         self.chunks = ChunkProtocol()  # which chunk of private data each forward runs on (anadp.chunks)
         self.chunk_id: Optional[int] = None  # the stamp of the last forward
+        self.real_rows: Optional[int] = None  # a padded chunk's samples (its first rows; static shapes)
+        self._padding: Optional[torch.Tensor] = None
         self._records: dict = {}
         self.ends_logical = True  # whether the last forward's chunk ends its logical batch
         # Linear layers form their per-sample gradients at backward time where that is cheaper
@@ -252,6 +254,7 @@ class GradSampleEngine:
         if torch.is_grad_enabled():
             self._grad_forwards += 1
         self.chunk_id, self.ends_logical = self.chunks.current, self.chunks.ends_logical
+        self.real_rows, self._padding = self.chunks.real_rows, None
 
     def to_batch_first(self, name: str, *ts):
         """Move the batch dim first and check it against the model's batch size."""
@@ -338,11 +341,21 @@ class GradSampleEngine:
 
     def record(self, param, rec) -> None:
         self._grad_forwards = 0
+        if self.real_rows is not None and rec.batch_size > self.real_rows:
+            rec.drop(self._padded_rows(rec.batch_size, param.device))
         self._records.setdefault(param, []).append(rec)
         acc = self.accumulator
         if acc is not None and acc.clips_in_backward:
             self._seen_batch = rec.batch_size
             acc.on_record(param)
+
+    def _padded_rows(self, batch: int, device) -> torch.Tensor:
+        """(batch,) True on the padded rows of a static-shape chunk: their records are zeroed, so that they
+        are absent from every norm, clipped sum and released statistic (a mask, not a slice: the shapes stay
+        fixed)."""
+        if self._padding is None or self._padding.device != device or self._padding.numel() != batch:
+            self._padding = torch.arange(batch, device=device) >= self.real_rows
+        return self._padding
 
     def pop_records(self, params) -> dict:
         """{param: its records} of ``params`` that have records, taken out of the pending batch (an
