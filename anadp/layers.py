@@ -54,7 +54,11 @@ class _LinearFn(torch.autograd.Function):
         if transposed:
             y = x @ weight
             return y + bias if bias is not None else y
-        return _own(F.linear(x, weight, bias))
+        if bias is not None and x.dim() > 2 and x.is_contiguous():
+            # F.linear's own path (addmm on the flattened input) with an output of its own, not a view
+            y = torch.addmm(bias, x.view(-1, x.shape[-1]), weight.t())
+            return torch.ops.aten._unsafe_view(y, (*x.shape[:-1], weight.shape[0]))
+        return F.linear(x, weight, bias)
 
     @staticmethod
     def backward(ctx, g):
