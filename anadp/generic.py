@@ -59,7 +59,10 @@ class _Tap(torch.autograd.Function):
 
 
 def _tolerance(dtype: torch.dtype) -> float:
-    return {torch.float64: 1e-9, torch.float32: 1e-4}.get(dtype, 3e-2)
+    """How far the batched and per-sample forwards may differ by rounding alone (different kernels and
+    reduction orders: Mamba-2's chunked scan differs by 1e-9 in float64); a module that mixes samples
+    differs by orders of magnitude more."""
+    return {torch.float64: 1e-7, torch.float32: 1e-4}.get(dtype, 3e-2)
 
 
 class Inputs(NamedTuple):
@@ -82,6 +85,9 @@ class GenericLayer(Layer):
         super().__init__(module, name, engine)
         self.names = [n for n, p in self.params.items() if p is not None and p.requires_grad]
         self.mode = None  # "vmap" or "loop", chosen (and the module checked) at its first call
+        # outputs that the batched forward returns flattened, (B k, ...), from inputs it flattens itself
+        # (a router's (B T, experts) logits): the per-sample outputs (B, k, ...) are flattened alike
+        self.flatten_outputs: set = set()
         self._warned = False
 
     @staticmethod
@@ -117,14 +123,20 @@ class GenericLayer(Layer):
             elif dim == 0 and (r := engine.flat_rows(t)) and k in (0, r):
                 rows.append(j)
                 k = r
+        if not batched and not rows:
+            raise UnsupportedModuleError(
+                f"module '{self.name or '<root>'}' ({type(module).__name__}) is called without any input that carries "
+                f"the batch ({B} samples): its output is shared by the batch (a bias table, Swin's relative position "
+                "bias) and autograd sums the samples' gradients where it is broadcast, so its per-sample gradients "
+                "cannot be formed here. Freeze its parameters (requires_grad_(False))")
         params = [self.param(n) for n in self.names]
         inputs = Inputs(leaves, spec, batched, rows, k, B, dim)
         if self.mode is None:
             self._first_call(module, inputs, params)
         copies = _Tap.apply(B, self.on_backward, *[p.detach().requires_grad_() for p in params])
         out, flat = self._per_sample(module, inputs, copies, self.mode)
-        for o in flat:
-            engine.mark_rows(o, k)
+        for o, rows_per_sample in flat:
+            engine.mark_rows(o, rows_per_sample)
         return out
 
     def _per_sample(self, module, inputs, copies, mode):
@@ -155,13 +167,17 @@ class GenericLayer(Layer):
         xs = [x.leaves[j] for j in x.batched] + [x.leaves[j].view(B, k, *x.leaves[j].shape[1:]) for j in x.rows]
         dims = (dim,) * len(x.batched) + (0,) * len(x.rows)
         if mode == "vmap":
-            outs = torch.func.vmap(one, in_dims=(0,) + dims, out_dims=dim, randomness="different")(tuple(copies), *xs)
+            outs = tuple(torch.func.vmap(one, in_dims=(0,) + dims, out_dims=dim, randomness="different")(
+                tuple(copies), *xs))
         else:
             per = [one(tuple(c[i] for c in copies), *(v.select(d, i) for v, d in zip(xs, dims))) for i in range(B)]
             outs = tuple(torch.stack(o, dim) for o in zip(*per)) if per else ()
         s, fixed, kinds = out_spec[0]
-        outs = [o.flatten(0, 1) if kind == "rows" else o for o, kind in zip(outs, kinds)]
-        flat = [o for o, kind in zip(outs, kinds) if kind == "rows"]
+        flat = []  # (output, its rows per sample): flattened batches
+        for j, kind in enumerate(kinds):
+            if kind == "rows" or j in self.flatten_outputs:  # (B, k, ...) -> (B k, ...), as the batched forward
+                flat.append((outs[j].flatten(0, 1), outs[j].shape[1]))
+                outs = outs[:j] + (flat[-1][0],) + outs[j + 1:]
         it = iter(outs)
         return tree_unflatten([next(it) if f is None else f for f in fixed], s), flat
 
@@ -198,7 +214,11 @@ class GenericLayer(Layer):
     def _check_same(self, ref: list, out: list, dim: int) -> None:
         what = f"module '{self.name or '<root>'}' ({type(self.module).__module__}.{type(self.module).__qualname__})"
         for k, (r, o) in enumerate(zip(ref, out)):
-            if r.dim() == o.dim() > dim and r.shape[dim] == 1 and o.shape[dim] > 1:
+            if dim == 0 and o.dim() >= 2 and r.dim() == o.dim() - 1 and r.shape[0] == o.shape[0] * o.shape[1] \
+                    and r.shape[1:] == o.shape[2:]:
+                self.flatten_outputs.add(k)  # the module flattened its samples' rows itself
+                o = o.flatten(0, 1)
+            elif r.dim() == o.dim() > dim and r.shape[dim] == 1 and o.shape[dim] > 1:
                 # an output shared by the batch (positions of batch 1): returned per sample, so that each
                 # sample's gradient reaches the module before the broadcast sums them
                 r = r.expand_as(o)

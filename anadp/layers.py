@@ -188,9 +188,10 @@ def call_on_blocks(layer, module, x, *rest):
 
 
 def _flattened(engine, x) -> bool:
-    """Whether x may be a flattened batch: 2-D with more rows than the batch (cheap; call_on_blocks decides)."""
+    """Whether x may be a flattened batch: more rows than the batch (tokens of (B T, d); Swin's windows of
+    (B n_windows, N, d)) (cheap; call_on_blocks decides)."""
     B = engine.batch_size
-    return x.dim() == 2 and B is not None and x.shape[0] != B and engine.batch_first
+    return B is not None and x.dim() >= 2 and x.shape[0] != B and engine.batch_first
 
 
 class Layer:
@@ -244,7 +245,7 @@ class LinearLayer(Layer):
     def forward(self, module, x):
         if not torch.is_grad_enabled():
             return type(module).forward(module, x)
-        if x.dim() == 2 and _flattened(self.engine, x):
+        if _flattened(self.engine, x):
             y = call_on_blocks(self, module, x)
             if y is not None:
                 return y

@@ -11,6 +11,7 @@ Checked when installed: the replacement, on one sample, equals the model's own c
 """
 from __future__ import annotations
 
+import inspect
 import types
 
 import torch
@@ -19,9 +20,20 @@ from torch import nn
 from .layers import UnsupportedModuleError
 
 
+def _parameters(fn) -> list:
+    try:
+        return list(inspect.signature(fn).parameters)
+    except (TypeError, ValueError):
+        return []
+
+
 def applies(module: nn.Module) -> bool:
+    """T5's form: compute_bias(query_length, key_length, ...) indexing relative_attention_bias by buckets of
+    key - query positions (LongT5's local attention, compute_bias(block_length), is another form: its
+    embedding is refused as shared-index)."""
     emb = getattr(module, "relative_attention_bias", None)
-    return (isinstance(emb, nn.Embedding) and emb.weight.requires_grad and callable(getattr(module, "compute_bias", None))
+    return (isinstance(emb, nn.Embedding) and emb.weight.requires_grad
+            and _parameters(getattr(module, "compute_bias", None))[:2] == ["query_length", "key_length"]
             and callable(getattr(module, "_relative_position_bucket", None)))
 
 
@@ -31,9 +43,11 @@ def _buckets(module, query_length: int, key_length: int, device, past, cache_pos
     else:
         context = torch.arange(query_length, dtype=torch.long, device=device)[:, None] + past
     memory = torch.arange(key_length, dtype=torch.long, device=device)[None, :]
-    return module._relative_position_bucket(memory - context, bidirectional=not module.is_decoder,
-                                            num_buckets=module.relative_attention_num_buckets,
-                                            max_distance=module.relative_attention_max_distance)
+    bucket = module._relative_position_bucket
+    if "bidirectional" not in _parameters(bucket):  # UMT5's reads its settings from the module
+        return bucket(memory - context)
+    return bucket(memory - context, bidirectional=not module.is_decoder,
+                  num_buckets=module.relative_attention_num_buckets, max_distance=module.relative_attention_max_distance)
 
 
 class RelativeBias:
@@ -57,10 +71,14 @@ class RelativeBias:
         return m.relative_attention_bias(idx).permute(0, 3, 1, 2)  # (B, heads, Tq, Tk)
 
     def install(self):
-        with torch.no_grad():  # the embedding's plain forward: the model's own bias against ours
-            want = self.original(3, 5)
-            got = self.values(3, 5, None, 1)
-        if want.shape != got.shape or not torch.equal(want, got):
+        try:
+            with torch.no_grad():  # the embedding's plain forward: the model's own bias against ours
+                want = self.original(3, 5)
+                got = self.values(3, 5, None, 1)
+            same = want.shape == got.shape and torch.equal(want, got)
+        except (TypeError, ValueError, RuntimeError, AttributeError):
+            same = False
+        if not same:
             raise UnsupportedModuleError(
                 f"module '{self.name}' ({type(self.module).__name__}): its relative position bias is not the T5 form "
                 "anadp knows (buckets of key - query positions indexing relative_attention_bias), so its per-sample "

@@ -71,12 +71,67 @@ FAMILIES = {
 }
 
 
+_SMALL = dict(_COMMON, num_key_value_heads=4, pad_token_id=0)
+_ENC_DEC = dict(vocab_size=VOCAB, d_model=HIDDEN, encoder_layers=1, decoder_layers=1, encoder_attention_heads=4,
+                decoder_attention_heads=4, encoder_ffn_dim=48, decoder_ffn_dim=48, max_position_embeddings=32)
+_VISION = dict(hidden_size=HIDDEN, num_hidden_layers=2, num_attention_heads=4, intermediate_size=48, image_size=8,
+               patch_size=4, num_labels=3)
+# more families, each with something the ones above lack
+FAMILIES.update({
+    "qwen2_moe": ("Qwen2MoeConfig", dict(_SMALL, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=16,
+                                         shared_expert_intermediate_size=16), "Qwen2MoeForCausalLM", "lm"),
+    "deepseek_v3": ("DeepseekV3Config", dict(_SMALL, n_routed_experts=4, num_experts_per_tok=2, moe_intermediate_size=16,
+                                             first_k_dense_replace=1, q_lora_rank=16, kv_lora_rank=16,
+                                             qk_rope_head_dim=4, qk_nope_head_dim=4, v_head_dim=8, n_group=1,
+                                             topk_group=1), "DeepseekV3ForCausalLM", "lm"),
+    "mpt": ("MptConfig", dict(vocab_size=VOCAB, d_model=HIDDEN, n_layers=2, n_heads=4, max_seq_len=32, pad_token_id=0),
+            "MptForCausalLM", "lm"),
+    "gpt_neo": ("GPTNeoConfig", dict(vocab_size=VOCAB, hidden_size=HIDDEN, num_layers=2, num_heads=4,
+                                     attention_types=[[["global", "local"], 1]], max_position_embeddings=32,
+                                     pad_token_id=0), "GPTNeoForCausalLM", "lm"),
+    "mamba2": ("Mamba2Config", dict(vocab_size=VOCAB, hidden_size=HIDDEN, state_size=8, num_hidden_layers=2, expand=2,
+                                    conv_kernel=3, head_dim=8, num_heads=8, n_groups=1, pad_token_id=0, use_cache=False,
+                                    chunk_size=8), "Mamba2ForCausalLM", "lm"),
+    "convbert": ("ConvBertConfig", dict(_COMMON, num_labels=3, embedding_size=HIDDEN), "ConvBertForSequenceClassification",
+                 "cls"),
+    "squeezebert": ("SqueezeBertConfig", dict(_COMMON, num_labels=3, embedding_size=HIDDEN, q_groups=2, k_groups=2,
+                                              v_groups=2, post_attention_groups=2, intermediate_groups=2,
+                                              output_groups=2), "SqueezeBertForSequenceClassification", "cls"),
+    "umt5": ("UMT5Config", dict(vocab_size=VOCAB, d_model=HIDDEN, d_kv=8, d_ff=48, num_layers=2, num_heads=4,
+                                relative_attention_num_buckets=8, decoder_start_token_id=0, pad_token_id=0),
+             "UMT5ForConditionalGeneration", "seq2seq"),
+    "m2m100": ("M2M100Config", dict(_ENC_DEC, pad_token_id=1), "M2M100ForConditionalGeneration", "seq2seq"),
+    "beit": ("BeitConfig", dict(_VISION, use_relative_position_bias=True), "BeitForImageClassification", "image"),
+    "convnext": ("ConvNextConfig", dict(num_stages=2, hidden_sizes=[8, 16], depths=[1, 1], image_size=8, num_labels=3),
+                 "ConvNextForImageClassification", "image"),
+    "siglip": ("SiglipConfig", dict(vision_config={k: v for k, v in _VISION.items() if k != "num_labels"},
+                                    num_labels=3), "SiglipForImageClassification", "image"),
+})
+
+# float64 agreement of a private step with the brute force; looser where the model computes in float32 itself
+# (DeepSeek-V3's router casts to float32; Mamba-2's chunked scan, exp of cumulative sums, rounds differently on
+# a batch and on one sample: 1e-9 in its forward already): the batched and per-sample forwards round differently
+STEP_TOLERANCE = {"deepseek_v3": 1e-6, "mamba2": 1e-6}
+
+# families whose per-sample gradients anadp cannot form and refuses, naming the module (never silently wrong)
+REFUSED = {
+    "mpnet": ("MPNetConfig", dict(_COMMON, num_labels=3, pad_token_id=1), "MPNetForSequenceClassification", "cls"),
+    "longt5": ("LongT5Config", dict(vocab_size=VOCAB, d_model=HIDDEN, d_kv=8, d_ff=48, num_layers=2, num_heads=4,
+                                    relative_attention_num_buckets=8, decoder_start_token_id=0, pad_token_id=0),
+               "LongT5ForConditionalGeneration", "seq2seq"),
+    "swin": ("SwinConfig", dict(image_size=8, patch_size=2, embed_dim=16, depths=[1, 1], num_heads=[2, 2],
+                                window_size=2, num_labels=3), "SwinForImageClassification", "image"),
+    "funnel": ("FunnelConfig", dict(vocab_size=VOCAB, d_model=HIDDEN, n_head=4, d_head=8, d_inner=48, block_sizes=[1, 1],
+                                    num_labels=3), "FunnelForSequenceClassification", "cls"),
+}
+
+
 def make(name: str, dtype=torch.float64, seed: int = 0):
     """(model in eval mode, kind): the family's tiny model with random weights (parameters that start at
     zero or one, such as LoRA B, are drawn too, so that every gradient is non-trivial)."""
     import transformers
     lora = name.endswith("+lora")
-    cfg_name, kwargs, model_name, kind = FAMILIES[name.removesuffix("+lora")]
+    cfg_name, kwargs, model_name, kind = {**FAMILIES, **REFUSED}[name.removesuffix("+lora")]
     torch.manual_seed(seed)
     cfg = getattr(transformers, cfg_name)(**kwargs)
     if hasattr(cfg, "_attn_implementation"):
