@@ -15,8 +15,7 @@ from .chunks import ChunkProtocol
 from .generic import GenericLayer
 from .layers import UnsupportedModuleError, layer_class
 from .physical_batch import PhysicalBatch, reduction_scale
-from .relative_bias import RelativeBias
-from .relative_bias import applies as uses_relative_bias
+from .relative_bias import ADAPTERS
 from .sharding import is_sharded
 
 
@@ -147,7 +146,7 @@ class GradSampleEngine:
         self._row_fns: dict = {}
         self._row_tensors: dict = {}
         # modules whose code is adapted so that per-sample gradients reach a hooked layer (anadp.relative_bias)
-        self.adapters = [RelativeBias(m, n, self) for n, m in model.named_modules() if uses_relative_bias(m)]
+        self.adapters = [cls(m, n, self) for n, m in model.named_modules() for cls in ADAPTERS if cls.applies(m)]
         for layer in self.layers:
             layer.install()
         for adapter in self.adapters:

@@ -99,7 +99,7 @@ def test_a_private_step_equals_the_brute_force(name, clipping, reduction):
 
 @pytest.mark.parametrize("name", sorted(zoo.REFUSED))
 def test_the_families_it_cannot_train_are_refused_by_name(name):
-    """MPNet's relative bias (a shared-index embedding), LongT5's local-attention bias, Swin's bias table
+    """LongT5's local-attention bias (a shared-index embedding of another form), Swin's bias table
     (no batched input), Funnel's attention (its batched and per-sample forwards differ): refused at wrap
     time or at the first forward, naming the module, never a silently wrong step."""
     model, kind = zoo.make(name)

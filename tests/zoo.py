@@ -104,6 +104,7 @@ FAMILIES.update({
     "beit": ("BeitConfig", dict(_VISION, use_relative_position_bias=True), "BeitForImageClassification", "image"),
     "convnext": ("ConvNextConfig", dict(num_stages=2, hidden_sizes=[8, 16], depths=[1, 1], image_size=8, num_labels=3),
                  "ConvNextForImageClassification", "image"),
+    "mpnet": ("MPNetConfig", dict(_COMMON, num_labels=3, pad_token_id=1), "MPNetForSequenceClassification", "cls"),
     "siglip": ("SiglipConfig", dict(vision_config={k: v for k, v in _VISION.items() if k != "num_labels"},
                                     num_labels=3), "SiglipForImageClassification", "image"),
 })
@@ -115,7 +116,6 @@ STEP_TOLERANCE = {"deepseek_v3": 1e-6, "mamba2": 1e-6}
 
 # families whose per-sample gradients anadp cannot form and refuses, naming the module (never silently wrong)
 REFUSED = {
-    "mpnet": ("MPNetConfig", dict(_COMMON, num_labels=3, pad_token_id=1), "MPNetForSequenceClassification", "cls"),
     "longt5": ("LongT5Config", dict(vocab_size=VOCAB, d_model=HIDDEN, d_kv=8, d_ff=48, num_layers=2, num_heads=4,
                                     relative_attention_num_buckets=8, decoder_start_token_id=0, pad_token_id=0),
                "LongT5ForConditionalGeneration", "seq2seq"),
