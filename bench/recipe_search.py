@@ -50,6 +50,13 @@ CANDIDATES = {
     "full-c0.1-decay": ("full", "uniform", {"max_grad_norm": 0.1, "warmup": 0.1, "decay": "linear"}),
     "full-lr5e-4-e6": ("full", "uniform", {"dp_lr": 5e-4, "epochs": 6, "warmup": 0.1, "decay": "linear"}),
     "full-nonprivate": ("full", "nonprivate", {}),
+    # after full-decay (0.550: expected batch 1024 is ~25 steps on this data set): more, smaller steps
+    "full-b256-decay": ("full", "uniform", {"batch_size": 256, "dp_lr": 1e-3, "warmup": 0.1, "decay": "linear"}),
+    "full-b256-lr3e-3-decay": ("full", "uniform", {"batch_size": 256, "dp_lr": 3e-3, "warmup": 0.1,
+                                                   "decay": "linear"}),
+    # after full-b256-decay (0.550 again: the constant prediction): a lower rate
+    "full-b256-lr3e-4-decay": ("full", "uniform", {"batch_size": 256, "dp_lr": 3e-4, "warmup": 0.1,
+                                                   "decay": "linear"}),
 }
 
 
