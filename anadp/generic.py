@@ -84,7 +84,9 @@ class GenericLayer(Layer):
     def __init__(self, module: nn.Module, name: str, engine):
         super().__init__(module, name, engine)
         self.names = [n for n, p in self.params.items() if p is not None and p.requires_grad]
-        self.mode = None  # "vmap" or "loop", chosen (and the module checked) at its first call
+        # (input structure, leaves read as batched, as flattened) -> (the leaves taken as batched, as flattened,
+        # "vmap" or "loop"): chosen, and the module checked, at the first call with that reading (_new_reading)
+        self.readings: dict = {}
         # outputs that the batched forward returns flattened, (B k, ...), from inputs it flattens itself
         # (a router's (B T, experts) logits): the per-sample outputs (B, k, ...) are flattened alike
         self.flatten_outputs: set = set()
@@ -131,13 +133,48 @@ class GenericLayer(Layer):
                 "cannot be formed here. Freeze its parameters (requires_grad_(False))")
         params = [self.param(n) for n in self.names]
         inputs = Inputs(leaves, spec, batched, rows, k, B, dim)
-        if self.mode is None:
-            self._first_call(module, inputs, params)
+        key = (repr(spec), tuple(batched), tuple(rows))
+        chosen = self.readings.get(key)
+        if chosen is None:
+            chosen = self.readings[key] = self._new_reading(module, inputs, params, key)
+        use_batched, use_rows, mode = chosen
+        if (use_batched, use_rows) != key[1:]:
+            inputs = inputs._replace(batched=list(use_batched), rows=list(use_rows), k=k if use_rows else 0)
         copies = _Tap.apply(B, self.on_backward, *[p.detach().requires_grad_() for p in params])
-        out, flat = self._per_sample(module, inputs, copies, self.mode)
+        out, flat = self._per_sample(module, inputs, copies, mode)
         for o, rows_per_sample in flat:
             engine.mark_rows(o, rows_per_sample)
         return out
+
+    def _new_reading(self, module, inputs, params, key) -> tuple:
+        """(leaves with the batch, flattened leaves, "vmap" / "loop") for a reading of the inputs not seen before.
+        Which inputs carry the batch is read off their shapes, so a shared tensor whose first size happens to be
+        B (positions when T = B) reads as batched: the readings kept before for this input structure are tried
+        first (those whose batched inputs still have B rows), then the new one, then (the very first reading)
+        the new one without its 1-D inputs; each is checked as the first call was (``_first_call``), the first to
+        pass is kept, and if none does the module is refused: never a guess that was not checked."""
+        B, dim = inputs.B, inputs.dim
+        tried = set()
+        for (structure, _, _), (batched, rows, _) in list(self.readings.items()):
+            if structure != key[0] or rows or (batched, rows) == key[1:] or batched in tried:
+                continue
+            tried.add(batched)
+            if not all(inputs.leaves[j].shape[dim] == B for j in batched):
+                continue
+            try:
+                mode = self._first_call(module, inputs._replace(batched=list(batched), rows=[], k=0), params)
+            except UnsupportedModuleError:
+                continue
+            return batched, (), mode
+        try:
+            return key[1], key[2], self._first_call(module, inputs, params)
+        except UnsupportedModuleError:
+            # the first reading of all: a 1-D input of B entries (positions when T = B) is more likely shared
+            vectors = [j for j in key[1] if inputs.leaves[j].dim() == 1]
+            if not vectors or len(vectors) == len(key[1]):
+                raise
+            batched = tuple(j for j in key[1] if j not in vectors)
+            return batched, key[2], self._first_call(module, inputs._replace(batched=list(batched)), params)
 
     def _per_sample(self, module, inputs, copies, mode):
         """(outputs, the outputs that are flattened batches): the module's outputs on each sample alone
@@ -181,8 +218,8 @@ class GenericLayer(Layer):
         it = iter(outs)
         return tree_unflatten([next(it) if f is None else f for f in fixed], s), flat
 
-    def _first_call(self, module, x, params):
-        """Choose vmap or the loop, and check that the module treats samples independently."""
+    def _first_call(self, module, x, params) -> str:
+        """Choose vmap or the loop ("vmap" / "loop"), and check that the module treats samples independently."""
         B = x.B
         numbers = B * sum(p.numel() for p in params)
         if numbers > _WARN_NUMBERS and not self._warned:
@@ -209,7 +246,7 @@ class GenericLayer(Layer):
             for m, t in training:
                 m.training = t
         self._check_same(ref, out, x.dim)
-        self.mode = mode
+        return mode
 
     def _check_same(self, ref: list, out: list, dim: int) -> None:
         what = f"module '{self.name or '<root>'}' ({type(self.module).__module__}.{type(self.module).__qualname__})"

@@ -286,7 +286,43 @@ def test_generic_path_falls_back_to_a_loop_where_vmap_cannot_run():
     check_norms(model, torch.randn(B, 7, 6, dtype=torch.float64), B, torch.float64)
     engine = GradSampleEngine(model)
     model(torch.randn(B, 7, 6, dtype=torch.float64))
-    assert [layer.mode for layer in engine.layers if isinstance(layer, GenericLayer)] == ["loop"]
+    assert [[r[2] for r in layer.readings.values()] for layer in engine.layers if isinstance(layer, GenericLayer)] \
+        == [["loop"]]
+
+
+class PositionScale(nn.Module):
+    """Scales each token by a learned row of its position, the positions passed in shared by the batch (T,)."""
+
+    def __init__(self):
+        super().__init__()
+        self.table = nn.Parameter(torch.randn(16, 6, dtype=torch.float64))
+
+    def forward(self, x, positions):
+        return x * self.table[positions]
+
+
+class WithPositions(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.scale, self.head = PositionScale(), nn.Linear(6, 2).double()
+
+    def forward(self, x):
+        return self.head(self.scale(x, torch.arange(x.shape[1])))
+
+
+def test_a_shared_input_whose_size_is_the_batch_is_not_split():
+    """The positions (T,) are shared; when T = B they read as batched by their shape: the earlier reading
+    (shared) is checked and kept, and the step stays exact."""
+    torch.manual_seed(0)
+    model = WithPositions()
+    check_norms(model, torch.randn(B, 7, 6, dtype=torch.float64), B, torch.float64)  # T = 7: shared
+    engine = GradSampleEngine(model)
+    model(torch.randn(B, 7, 6, dtype=torch.float64))
+    model(torch.randn(B, B, 6, dtype=torch.float64))  # T = B
+    layer = next(lay for lay in engine.layers if isinstance(lay, GenericLayer))
+    assert all(chosen[0] == (0,) for chosen in layer.readings.values())  # x alone carries the batch
+    engine.remove()
+    check_norms(WithPositions(), torch.randn(B, B, 6, dtype=torch.float64), B, torch.float64)
 
 
 # --- convolutions ---------------------------------------------------------------------------
