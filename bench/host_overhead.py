@@ -3,7 +3,8 @@
 method's step time against non-private and the aten ops one step dispatches (deterministic: the
 count a GPU step would launch, less the ops that are views).
 
-    python -m bench.host_overhead          # table; bench.run writes it with its other rows
+    python -m bench.host_overhead            # table; bench.run writes it with its other rows
+    python -m bench.host_overhead --compile  # the same with torch.compile'd forwards, and the graph breaks
 """
 from __future__ import annotations
 
@@ -41,22 +42,30 @@ def op_counts(step) -> collections.Counter:
     return mode.ops
 
 
-def rows(rounds: int = 20, cfg: Config = CONFIG) -> list[dict]:
+def graph_breaks(method: str, cfg: Config = CONFIG) -> int:
+    """Graph breaks of torch.compile in the (wrapped) model's forward (torch._dynamo.explain)."""
+    model, inputs, labels = build(cfg)
+    _, wrapped = make_step(method, model, inputs, labels)
+    torch._dynamo.reset()
+    return torch._dynamo.explain(wrapped)(**inputs).graph_break_count
+
+
+def rows(rounds: int = 20, cfg: Config = CONFIG, compile: bool = False, methods=METHODS) -> list[dict]:
     """Each method's median host time of a step on one thread, the methods' steps interleaved
     (the shared machine's speed drifts: each method sees the same drift), after 3 warm-up steps;
-    and the ops one step dispatches."""
+    and the ops one step dispatches. ``compile``: forwards through torch.compile."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             steps = {}
-            for method in METHODS:
+            for method in methods:
                 model, inputs, labels = build(cfg)
-                steps[method] = make_step(method, model, inputs, labels)[0]
+                steps[method] = make_step(method, model, inputs, labels, compile=compile)[0]
                 for _ in range(3):
                     steps[method]()
-            times = {m: [] for m in METHODS}
+            times = {m: [] for m in methods}
             for _ in range(rounds):
                 for method, step in steps.items():
                     t = time.perf_counter()
@@ -65,8 +74,12 @@ def rows(rounds: int = 20, cfg: Config = CONFIG) -> list[dict]:
             ops = {m: op_counts(step) for m, step in steps.items()}
     finally:
         torch.set_num_threads(threads)
-    out = [{"config": cfg.name, "method": m, "seconds": statistics.median(times[m]), "ops": sum(ops[m].values()),
-            "top_ops": dict(ops[m].most_common(8))} for m in METHODS]
+    out = [{"config": cfg.name + (", compiled" if compile else ""), "method": m,
+            "seconds": statistics.median(times[m]), "ops": sum(ops[m].values()),
+            "top_ops": dict(ops[m].most_common(8))} for m in methods]
+    if compile:
+        for r in out:
+            r["graph_breaks"] = graph_breaks(r["method"], cfg)
     for r in out:
         r["x_nonprivate"] = r["seconds"] / out[0]["seconds"]
         r["ops_x_nonprivate"] = r["ops"] / out[0]["ops"]
@@ -74,13 +87,18 @@ def rows(rounds: int = 20, cfg: Config = CONFIG) -> list[dict]:
 
 
 def table(rows: list[dict]) -> str:
-    lines = ["| host overhead (compute-free) | method | ms/step | x non-private | aten ops | ops x non-private |",
-             "|---|---|---|---|---|---|"]
+    breaks = "graph_breaks" in rows[0]
+    lines = ["| host overhead (compute-free) | method | ms/step | x non-private | aten ops | ops x non-private |"
+             + (" graph breaks (forward) |" if breaks else ""), "|---|---|---|---|---|---|" + ("---|" if breaks else "")]
     for k, r in enumerate(rows):
         lines.append(f"| {r['config'] if k == 0 else ''} | {r['method']} | {r['seconds'] * 1e3:.1f} | "
-                     f"{r['x_nonprivate']:.2f} | {r['ops']} | {r['ops_x_nonprivate']:.2f} |")
+                     f"{r['x_nonprivate']:.2f} | {r['ops']} | {r['ops_x_nonprivate']:.2f} |"
+                     + (f" {r['graph_breaks']} |" if breaks else ""))
     return "\n".join(lines)
 
 
 if __name__ == "__main__":
-    print(table(rows()))
+    import sys
+    compiled = "--compile" in sys.argv[1:]
+    print(table(rows(compile=compiled, methods=["nonprivate", "anadp_uniform", "anadp_per_layer"] if compiled
+                     else METHODS)))
