@@ -11,7 +11,8 @@ _COMMON = dict(vocab_size=VOCAB, hidden_size=HIDDEN, num_hidden_layers=2, num_at
 _DECODER = dict(_COMMON, num_key_value_heads=2, pad_token_id=0, tie_word_embeddings=False)
 
 # name -> (config class, config kwargs, model class, kind); kind: "lm" (causal LM), "cls" (sequence
-# classification), "seq2seq" (encoder-decoder LM), "speech" (speech to text), "image" (image classification)
+# classification), "seq2seq" (encoder-decoder LM), "speech" (speech to text), "image" (image classification),
+# "vlm" (image tokens in a causal LM's input)
 FAMILIES = {
     "llama": ("LlamaConfig", _DECODER, "LlamaForCausalLM", "lm"),
     "mistral": ("MistralConfig", _DECODER, "MistralForCausalLM", "lm"),
@@ -104,6 +105,11 @@ FAMILIES.update({
     "beit": ("BeitConfig", dict(_VISION, use_relative_position_bias=True), "BeitForImageClassification", "image"),
     "convnext": ("ConvNextConfig", dict(num_stages=2, hidden_sizes=[8, 16], depths=[1, 1], image_size=8, num_labels=3),
                  "ConvNextForImageClassification", "image"),
+    "llava": ("LlavaConfig", dict(vision_config={"model_type": "clip_vision_model", **{k: v for k, v in _VISION.items()
+                                                                                    if k != "num_labels"}},
+                                  text_config={"model_type": "llama", **_DECODER}, image_token_index=VOCAB - 1,
+                                  vision_feature_layer=-1, vision_feature_select_strategy="full", image_seq_length=5),
+              "LlavaForConditionalGeneration", "vlm"),
     "mpnet": ("MPNetConfig", dict(_COMMON, num_labels=3, pad_token_id=1), "MPNetForSequenceClassification", "cls"),
     "siglip": ("SiglipConfig", dict(vision_config={k: v for k, v in _VISION.items() if k != "num_labels"},
                                     num_labels=3), "SiglipForImageClassification", "image"),
@@ -134,8 +140,9 @@ def make(name: str, dtype=torch.float64, seed: int = 0):
     cfg_name, kwargs, model_name, kind = {**FAMILIES, **REFUSED}[name.removesuffix("+lora")]
     torch.manual_seed(seed)
     cfg = getattr(transformers, cfg_name)(**kwargs)
-    if hasattr(cfg, "_attn_implementation"):
-        cfg._attn_implementation = "eager"
+    for c in [cfg] + [getattr(cfg, n) for n in getattr(cfg, "sub_configs", {}) if getattr(cfg, n, None) is not None]:
+        if hasattr(c, "_attn_implementation"):
+            c._attn_implementation = "eager"
     if hasattr(cfg, "_experts_implementation"):
         cfg._experts_implementation = "eager"  # torch._grouped_mm has no float64
     for k in ("hidden_dropout_prob", "attention_probs_dropout_prob", "dropout", "attention_dropout"):
@@ -160,12 +167,15 @@ def batch(kind: str, B: int = 4, dtype=torch.float64, seed: int = 1) -> dict:
     if kind == "speech":  # 8 mel bins x 32 frames (the encoder's two convolutions halve them to 16 positions)
         return {"input_features": torch.randn(B, 8, 32, generator=g, dtype=dtype),
                 "decoder_input_ids": torch.randint(2, VOCAB, (B, 5), generator=g)}
-    ids = torch.randint(2, VOCAB, (B, T), generator=g)
-    mask = torch.ones(B, T, dtype=torch.long)
+    ids = torch.randint(2, VOCAB - 1, (B, T + (5 if kind == "vlm" else 0)), generator=g)
+    mask = torch.ones(*ids.shape, dtype=torch.long)
     if B > 1:
-        mask[1, T - 3:] = 0
-        ids[1, T - 3:] = 1
+        mask[1, -3:] = 0
+        ids[1, -3:] = 1
     out = {"input_ids": ids, "attention_mask": mask}
+    if kind == "vlm":  # one 8 x 8 image a sample: its 5 features (4 patches and CLS) take tokens 1-5
+        ids[:, 1:6] = VOCAB - 1
+        out["pixel_values"] = torch.randn(B, 3, 8, 8, generator=g, dtype=dtype)
     if kind == "seq2seq":
         out["decoder_input_ids"] = torch.randint(2, VOCAB, (B, 5), generator=g)
     return out
