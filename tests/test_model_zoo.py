@@ -122,6 +122,7 @@ def test_a_noisy_step_is_the_same_on_each_backend(name):
         opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
         model, opt, loader = anadp.make_private(model, opt, loader, noise_multiplier=1.0, max_grad_norm=1.0,
                                                 poisson_sampling=False, backend=backend, seed=5)
+        assert opt.backend == backend
         for xs in loader:
             zoo.logits(model(**dict(zip(keys, xs)))).float().pow(2).mean().backward()
             opt.step()
