@@ -150,8 +150,8 @@ class GenericLayer(Layer):
         """(leaves with the batch, flattened leaves, "vmap" / "loop") for a reading of the inputs not seen before.
         Which inputs carry the batch is read off their shapes, so a shared tensor whose first size happens to be
         B (positions when T = B) reads as batched: the readings kept before for this input structure are tried
-        first (those whose batched inputs still have B rows), then the new one, then (the very first reading)
-        the new one without its 1-D inputs; each is checked as the first call was (``_first_call``), the first to
+        first (those whose batched inputs still have B rows), then the new one, then the new one without its
+        1-D inputs; each is checked as the first call was (``_first_call``), the first to
         pass is kept, and if none does the module is refused: never a guess that was not checked."""
         B, dim = inputs.B, inputs.dim
         tried = set()
@@ -169,7 +169,7 @@ class GenericLayer(Layer):
         try:
             return key[1], key[2], self._first_call(module, inputs, params)
         except UnsupportedModuleError:
-            # the first reading of all: a 1-D input of B entries (positions when T = B) is more likely shared
+            # a 1-D input of B entries (positions when T = B) is more likely shared than per sample
             vectors = [j for j in key[1] if inputs.leaves[j].dim() == 1]
             if not vectors or len(vectors) == len(key[1]):
                 raise
