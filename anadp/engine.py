@@ -12,7 +12,7 @@ from torch import nn
 
 from . import attention, conv  # noqa: F401 - register nn.MultiheadAttention's and the convolutions' layers
 from .chunks import ChunkProtocol
-from .generic import GenericLayer
+from .generic import GenericLayer, shared_output_parents
 from .layers import UnsupportedModuleError, layer_class
 from .physical_batch import PhysicalBatch, reduction_scale
 from .relative_bias import ADAPTERS
@@ -81,10 +81,11 @@ class GradSampleEngine:
             self.names.setdefault(p, n)
         self._check_devices()
         self.layers, covered = [], set()
+        whole_generic = shared_output_parents(model)
         for name, module in model.named_modules(remove_duplicate=False):
             if module in covered:
                 continue
-            cls = layer_class(module)
+            cls = GenericLayer if module in whole_generic else layer_class(module)
             if cls is None and any(p.requires_grad for p in module.parameters(recurse=False)):
                 cls = GenericLayer  # its per-sample gradients from its per-sample forward (anadp.generic)
             whole = cls is not None and cls.whole

@@ -20,6 +20,8 @@ a module is one of them.
 """
 from __future__ import annotations
 
+import inspect
+import itertools
 import math
 import warnings
 from typing import NamedTuple
@@ -30,6 +32,7 @@ from torch.utils._pytree import tree_flatten, tree_unflatten
 
 from .layers import Layer, UnsupportedModuleError
 from .records import DenseRecord
+from .relative_bias import ADAPTERS
 from .sharding import is_sharded
 
 try:
@@ -41,6 +44,33 @@ except ImportError:  # pragma: no cover - every torch >= 2.0 has it
 _WARN_NUMBERS = 1 << 27
 
 _RECURRENT = (nn.RNNBase,)
+
+
+def _takes_no_input(module: nn.Module) -> bool:
+    try:
+        params = inspect.signature(type(module).forward).parameters
+    except (TypeError, ValueError):
+        return False
+    return list(params) == ["self"]
+
+
+def shared_output_parents(model: nn.Module) -> set:
+    """Modules to take whole on the generic path because a trainable child's output is shared by the batch:
+    a child whose forward takes no input (Swin's relative position bias table), or an attention whose
+    relative-bias embedding is indexed by a bucket matrix of a form no adapter knows (LongT5's local
+    attention). Alone, such a child's per-sample gradients cannot be formed (the batch's gradients meet where
+    its output is broadcast); within its parent's per-sample forward they can."""
+    out = set()
+    for _, parent in model.named_modules():
+        for child in parent.children():
+            trainable = any(p.requires_grad for p in child.parameters())
+            if trainable and _takes_no_input(child):
+                out.add(parent)
+        emb = getattr(parent, "relative_attention_bias", None)
+        if (isinstance(emb, nn.Embedding) and emb.weight.requires_grad and callable(getattr(parent, "compute_bias", None))
+                and not any(a.applies(parent) for a in ADAPTERS)):
+            out.add(parent)
+    return out
 
 
 class _Tap(torch.autograd.Function):
@@ -150,8 +180,8 @@ class GenericLayer(Layer):
         """(leaves with the batch, flattened leaves, "vmap" / "loop") for a reading of the inputs not seen before.
         Which inputs carry the batch is read off their shapes, so a shared tensor whose first size happens to be
         B (positions when T = B) reads as batched: the readings kept before for this input structure are tried
-        first (those whose batched inputs still have B rows), then the new one, then the new one without its
-        1-D inputs; each is checked as the first call was (``_first_call``), the first to
+        first (those whose batched inputs still have B rows), then the new one, then the new one with fewer
+        batched inputs; each is checked as the first call was (``_first_call``), the first to
         pass is kept, and if none does the module is refused: never a guess that was not checked."""
         B, dim = inputs.B, inputs.dim
         tried = set()
@@ -168,13 +198,17 @@ class GenericLayer(Layer):
             return batched, (), mode
         try:
             return key[1], key[2], self._first_call(module, inputs, params)
-        except UnsupportedModuleError:
-            # a 1-D input of B entries (positions when T = B) is more likely shared than per sample
-            vectors = [j for j in key[1] if inputs.leaves[j].dim() == 1]
-            if not vectors or len(vectors) == len(key[1]):
-                raise
-            batched = tuple(j for j in key[1] if j not in vectors)
-            return batched, key[2], self._first_call(module, inputs._replace(batched=list(batched)), params)
+        except UnsupportedModuleError as refusal:
+            # a shared input whose first size happens to be B (positions when T = B, Funnel's pooled masks): the
+            # readings with fewer batched inputs, most batched first, each checked (a truly batched input taken
+            # as shared broadcasts against one sample and fails the check)
+            for n in range(len(key[1]) - 1, 0, -1):
+                for batched in itertools.combinations(key[1], n):
+                    try:
+                        return batched, key[2], self._first_call(module, inputs._replace(batched=list(batched)), params)
+                    except UnsupportedModuleError:
+                        continue
+            raise refusal
 
     def _per_sample(self, module, inputs, copies, mode):
         """(outputs, the outputs that are flattened batches): the module's outputs on each sample alone

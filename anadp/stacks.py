@@ -28,7 +28,8 @@ def dense_stacks(records: dict) -> list:
     for (shape, _, _), keys in by.items():
         if len(keys) >= 2 and math.prod(shape) * len(keys) <= _STACK_MAX:
             X = torch.stack([records[k].gs for k in keys])
-            out.append((keys, X if X.dim() == 3 else X.view(len(keys), shape[0], math.prod(shape[1:]))))
+            # reshape: the generic path's per-sample gradients may come in a permuted memory format, kept by stack
+            out.append((keys, X if X.dim() == 3 else X.reshape(len(keys), shape[0], math.prod(shape[1:]))))
     return out
 
 

@@ -110,6 +110,15 @@ FAMILIES.update({
                                   text_config={"model_type": "llama", **_DECODER}, image_token_index=VOCAB - 1,
                                   vision_feature_layer=-1, vision_feature_select_strategy="full", image_seq_length=5),
               "LlavaForConditionalGeneration", "vlm"),
+    # a child whose output the batch shares (Swin's bias table, LongT5's local bias): taken with its parent
+    "swin": ("SwinConfig", dict(image_size=8, patch_size=2, embed_dim=16, depths=[1, 1], num_heads=[2, 2],
+                                window_size=2, num_labels=3), "SwinForImageClassification", "image"),
+    "longt5": ("LongT5Config", dict(vocab_size=VOCAB, d_model=HIDDEN, d_kv=8, d_ff=48, num_layers=2, num_heads=4,
+                                    relative_attention_num_buckets=8, decoder_start_token_id=0, pad_token_id=0),
+               "LongT5ForConditionalGeneration", "seq2seq"),
+    # pooled attention inputs of B rows by chance (T' = B), shared by the batch
+    "funnel": ("FunnelConfig", dict(vocab_size=VOCAB, d_model=HIDDEN, n_head=4, d_head=8, d_inner=48, block_sizes=[1, 1],
+                                    num_labels=3), "FunnelForSequenceClassification", "cls"),
     "mpnet": ("MPNetConfig", dict(_COMMON, num_labels=3, pad_token_id=1), "MPNetForSequenceClassification", "cls"),
     "siglip": ("SiglipConfig", dict(vision_config={k: v for k, v in _VISION.items() if k != "num_labels"},
                                     num_labels=3), "SiglipForImageClassification", "image"),
@@ -120,24 +129,12 @@ FAMILIES.update({
 # a batch and on one sample: 1e-9 in its forward already): the batched and per-sample forwards round differently
 STEP_TOLERANCE = {"deepseek_v3": 1e-6, "mamba2": 1e-6}
 
-# families whose per-sample gradients anadp cannot form and refuses, naming the module (never silently wrong)
-REFUSED = {
-    "longt5": ("LongT5Config", dict(vocab_size=VOCAB, d_model=HIDDEN, d_kv=8, d_ff=48, num_layers=2, num_heads=4,
-                                    relative_attention_num_buckets=8, decoder_start_token_id=0, pad_token_id=0),
-               "LongT5ForConditionalGeneration", "seq2seq"),
-    "swin": ("SwinConfig", dict(image_size=8, patch_size=2, embed_dim=16, depths=[1, 1], num_heads=[2, 2],
-                                window_size=2, num_labels=3), "SwinForImageClassification", "image"),
-    "funnel": ("FunnelConfig", dict(vocab_size=VOCAB, d_model=HIDDEN, n_head=4, d_head=8, d_inner=48, block_sizes=[1, 1],
-                                    num_labels=3), "FunnelForSequenceClassification", "cls"),
-}
-
-
 def make(name: str, dtype=torch.float64, seed: int = 0):
     """(model in eval mode, kind): the family's tiny model with random weights (parameters that start at
     zero or one, such as LoRA B, are drawn too, so that every gradient is non-trivial)."""
     import transformers
     lora = name.endswith("+lora")
-    cfg_name, kwargs, model_name, kind = {**FAMILIES, **REFUSED}[name.removesuffix("+lora")]
+    cfg_name, kwargs, model_name, kind = FAMILIES[name.removesuffix("+lora")]
     torch.manual_seed(seed)
     cfg = getattr(transformers, cfg_name)(**kwargs)
     for c in [cfg] + [getattr(cfg, n) for n in getattr(cfg, "sub_configs", {}) if getattr(cfg, n, None) is not None]:
