@@ -4,10 +4,11 @@ Function whose backward returns the input gradient only and hands
 the weight gradient; the engine forms the clipped sum later, from (A, G) or,
 where they are smaller, from per-sample gradients formed in the hook.
 
-Supported: nn.Linear, Hugging Face Conv1D, nn.Embedding, nn.LayerNorm,
-nn.RMSNorm and the Hugging Face Llama-style RMSNorm modules (here), and
-nn.MultiheadAttention (attention.py). PEFT LoRA layers are made of nn.Linear
-modules and need nothing more.
+Here: nn.Linear, Hugging Face Conv1D, nn.Embedding (and scaled word
+embeddings), nn.LayerNorm, nn.RMSNorm, the Hugging Face Llama-style and T5
+RMSNorm modules; nn.MultiheadAttention in attention.py, convolutions in
+conv.py; every other module with trainable parameters in generic.py. PEFT LoRA
+layers are made of nn.Linear modules and need nothing more.
 """
 from __future__ import annotations
 
