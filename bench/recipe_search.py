@@ -57,6 +57,17 @@ CANDIDATES = {
     # after full-b256-decay (0.550 again: the constant prediction): a lower rate
     "full-b256-lr3e-4-decay": ("full", "uniform", {"batch_size": 256, "dp_lr": 3e-4, "warmup": 0.1,
                                                    "decay": "linear"}),
+    # after every full run ended at the constant prediction: fewer noisy coordinates (the word embeddings are half
+    # of the 22.7M parameters), and BitFit (biases, norms, head: Bu et al. 2022's DP-BiTFiT)
+    "full-noemb-decay": ("full", "uniform", {"freeze": ("pooler", "embeddings"), "warmup": 0.1, "decay": "linear"}),
+    "full-noemb-lr5e-4-decay": ("full", "uniform", {"freeze": ("pooler", "embeddings"), "dp_lr": 5e-4,
+                                                    "warmup": 0.1, "decay": "linear"}),
+    "bitfit-decay": ("full", "uniform", {"train_only": ("bias", "LayerNorm", "classifier"), "dp_lr": 1e-2,
+                                         "warmup": 0.1, "decay": "linear"}),
+    "bitfit-b256-decay": ("full", "uniform", {"train_only": ("bias", "LayerNorm", "classifier"), "dp_lr": 1e-2,
+                                              "batch_size": 256, "warmup": 0.1, "decay": "linear"}),
+    "full-noemb-b256-lr1e-4-decay": ("full", "uniform", {"freeze": ("pooler", "embeddings"), "dp_lr": 1e-4,
+                                                         "batch_size": 256, "warmup": 0.1, "decay": "linear"}),
 }
 
 

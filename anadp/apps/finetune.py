@@ -53,6 +53,8 @@ class FinetuneConfig:
     warmup: float = 0.0            # fraction of the steps with a linear learning-rate warm-up
     decay: str = "none"            # "linear": the rate falls linearly to 0 over the run
     lora_targets: tuple = ("query", "value")
+    freeze: tuple = ("pooler",)    # full fine-tuning: parameters whose names hold one of these stay frozen
+    train_only: tuple | None = None  # full fine-tuning: if given, only parameters whose names hold one of these train
     device: str = "cpu"
     backend: str = "auto"
     out: str = "finetune-out"
@@ -96,7 +98,8 @@ def default_model_path() -> str:
     return str(get_model_path())
 
 
-def load_model(path: str, num_labels: int, lora: bool, r: int, targets=("query", "value")):
+def load_model(path: str, num_labels: int, lora: bool, r: int, targets=("query", "value"), freeze=("pooler",),
+               train_only=None):
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     if not os.path.isdir(path):
         raise FileNotFoundError(f"model {path!r} is not a local directory; anadp never downloads models: "
@@ -116,10 +119,12 @@ def load_model(path: str, num_labels: int, lora: bool, r: int, targets=("query",
         heads = [n for n in ("classifier", "score") if any(k.endswith(n) for k, _ in model.named_modules())]
         model = get_peft_model(model, LoraConfig(r=r, lora_alpha=2 * r, lora_dropout=0.0,
                                                  target_modules=list(targets), modules_to_save=heads))
-    else:
+    else:  # the pretrained pooler stays frozen by default, as under LoRA
         for n, p in model.named_parameters():
-            if "pooler" in n:  # as under LoRA: the pretrained pooler stays frozen
-                p.requires_grad_(False)
+            keep = train_only is None or any(k in n for k in train_only)
+            p.requires_grad_(keep and not any(k in n for k in freeze))
+        if not any(p.requires_grad for p in model.parameters()):
+            raise ValueError(f"freeze={freeze!r} and train_only={train_only!r} leave no parameter to train")
     return model
 
 
@@ -160,7 +165,7 @@ def train_one(cfg: FinetuneConfig, method: str, epsilon: float, seed: int, train
     """One run. Paired across methods: the seed fixes the head's initialization, the Poisson
     batches and the noise stream (DP), or the shuffling (non-private)."""
     torch.manual_seed(seed)
-    model = load_model(model_path, 2, cfg.lora, cfg.lora_r, cfg.lora_targets).to(cfg.device)
+    model = load_model(model_path, 2, cfg.lora, cfg.lora_r, cfg.lora_targets, cfg.freeze, cfg.train_only).to(cfg.device)
     params = [p for p in model.parameters() if p.requires_grad]
     dp = method != "nonprivate"
     base_lr = learning_rate(cfg, dp)
