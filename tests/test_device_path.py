@@ -39,6 +39,20 @@ def test_device_path_gemms_are_16bit_and_its_ops_within_budget():
         assert r["gemm_flops_float32"] == 0, (method, r["float32_gemms"])
 
 
+def test_device_path_at_bert_base_widths_stacks_the_records_within_budget():
+    """BERT-base's widths (768, FFN 3072, T = 256; 2 layers, B = 2), where the records keep (A, G) and take
+    ghost norms: on the device path the Linear records of one shape are stacked (stacks._STACK_MAX_NATIVE),
+    so the whitened DP steps dispatch at most 1.3x the non-private step's ops on the device (the ANADP
+    allocation's host-side ops apart) and still run no float32 GEMM. Unstacked they dispatched ~1.6x."""
+    from bench.device_path import WIDE, rows
+    out = {r["method"]: r for r in rows(WIDE, methods=("nonprivate", "anadp_uniform", "anadp"))}
+    for method in ("anadp_uniform", "anadp"):
+        r = out[method]
+        assert r["ops_x_nonprivate"] <= 1.3, (method, r["ops"], out["nonprivate"]["ops"])
+        assert r["gemm_flops_float32"] == 0, (method, r["float32_gemms"])
+    assert out["anadp"]["host_ops"] > 0 and out["anadp_uniform"]["host_ops"] == 0
+
+
 def _native(monkeypatch):
     from anadp import records as R
     monkeypatch.setattr(R, "NATIVE_16BIT_DEVICES", {"cuda", "cpu"})  # the CPU stands in for a GPU

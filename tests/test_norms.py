@@ -622,3 +622,35 @@ def test_one_pass_applies_where_its_transient_is_bounded():
     assert LinearRecord(torch.randn(4, 8, 16), torch.randn(4, 8, 16)).one_pass_applies()  # 256 <= 1024
     assert not LinearRecord(torch.randn(1, 8, 64), torch.randn(1, 8, 64)).one_pass_applies()  # 4096 > 1024
     assert not LinearRecord(torch.randn(4, 1, 16), torch.randn(4, 1, 16)).one_pass_applies()  # no token axis
+
+
+def test_native_16bit_linear_stacks_come_in_chunks_equal_to_the_per_record_algebra(monkeypatch):
+    """On a native 16-bit device (the CPU standing in) Linear records of one shape are stacked in chunks of
+    at most stacks._STACK_MAX_NATIVE numbers (here small: 5 records -> chunks of 2 and 3): the same norms,
+    rounding slack as each record's own (float32 accumulation of exact bf16 products, in another order: 1e-5), and
+    one-GEMM clipped sums within their rounding bound of the exact sum: ||sum - exact|| <= sum_i c_i slack_i."""
+    from anadp import records as R
+    from anadp import stacks as S
+    monkeypatch.setattr(R, "NATIVE_16BIT_DEVICES", {"cuda", "cpu"})
+    torch.manual_seed(15)
+    B, T, d, p = 3, 4, 16, 16
+    monkeypatch.setattr(S, "_STACK_MAX_NATIVE", 3 * B * T * (d + p + 2 * T))
+    A = torch.randn(B, T, d).to(torch.bfloat16)
+    recs = [R.LinearRecord(A, torch.randn(B, T, p).to(torch.bfloat16), sharers=2) for _ in range(2)]
+    recs += [R.LinearRecord(torch.randn(B, T, d).to(torch.bfloat16), torch.randn(B, T, p).to(torch.bfloat16),
+                            sharers=1) for _ in range(3)]
+    keys = [torch.nn.Parameter(torch.zeros(1)) for _ in recs]
+    stacks = S.linear_stacks(dict(zip(keys, recs)))
+    assert sorted(len(s.keys) for s in stacks) == [2, 3] and all(s.A.dtype == torch.bfloat16 for s in stacks)
+    c = torch.rand(B)
+    of = {id(k): r for k, r in zip(keys, recs)}
+    seen = 0
+    for st in stacks:
+        for k, sq, sl, s in zip(st.keys, st.sq_norms(), st.rounding_slack(), st.clipped_sums(c)):
+            r = of[id(k)]
+            assert rel_err(sq, r.sq_norm()) < 1e-5 and rel_err(sl, r.rounding_slack()) < 1e-5
+            exact = R.LinearRecord(r.A.double(), r.G.double()).clipped_sum(c.double())
+            bound = float((c.double() * sl.double()).sum())
+            assert 0 < float((s.double() - exact).norm()) <= bound and s.shape == exact.shape
+            seen += 1
+    assert seen == len(recs)
