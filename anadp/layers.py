@@ -50,6 +50,10 @@ class _LinearFn(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, weight, bias, transposed, on_backward):
+        kind = x.device.type
+        if torch.is_autocast_enabled(kind) and weight.dtype != torch.get_autocast_dtype(kind) and weight.is_floating_point():
+            # the cast autocast would make (and cache) here, made once and kept for the backward's input gradient
+            weight = weight.to(torch.get_autocast_dtype(kind))
         ctx.save_for_backward(x, weight)
         ctx.transposed, ctx.on_backward = transposed, on_backward
         if transposed:
@@ -66,7 +70,7 @@ class _LinearFn(torch.autograd.Function):
         x, weight = ctx.saved_tensors
         gx = None
         if ctx.needs_input_grad[0]:
-            weight = weight.to(g.dtype)  # under autocast g is 16-bit and the saved weight float32, as autocast would cast
+            weight = weight.to(g.dtype)  # a no-op where the forward kept autocast's cast
             gx = g @ weight.t() if ctx.transposed else g @ weight
         ctx.on_backward(x, g)
         return gx, None, None, None, None
