@@ -10,7 +10,7 @@ from typing import Optional
 import torch
 from torch import nn
 
-from . import attention, conv  # noqa: F401 - register nn.MultiheadAttention's and the convolutions' layers
+from . import attention, compiled, conv  # noqa: F401 - register nn.MultiheadAttention's and the convolutions' layers
 from .chunks import ChunkProtocol
 from .generic import GenericLayer, shared_output_parents
 from .layers import UnsupportedModuleError, layer_class
@@ -18,6 +18,9 @@ from .physical_batch import PhysicalBatch, reduction_scale
 from .relative_bias import ADAPTERS
 from .sharding import is_sharded
 
+
+
+_compiling = getattr(torch.compiler, "is_compiling", lambda: False)
 
 
 class BatchMismatchError(RuntimeError):
@@ -152,6 +155,7 @@ class GradSampleEngine:
             layer.install()
         for adapter in self.adapters:
             adapter.install()
+        self.key = compiled.register(self)
         self._hook = model.register_forward_pre_hook(self._pre_forward, with_kwargs=True)
         # the hooked layers return no gradient for their parameters: autograd delivering one means a
         # use outside them, whose contribution the engine would never see
@@ -240,7 +244,20 @@ class GradSampleEngine:
 
     # --- forward / backward side -------------------------------------------------
     def _pre_forward(self, module, args, kwargs):
-        if module.training:  # model.train() puts batch norms back into train mode
+        x = _first_tensor(args, kwargs)
+        if _compiling():  # the book-keeping as an op that runs it eagerly (anadp.compiled); the batch size
+            if x is None:  # for the traced layers too
+                raise ValueError("a compiled private model needs a tensor argument (its batch)")
+            compiled.begin(self, x)
+            dim = 0 if self.batch_first else 1
+            self.batch_size = x.shape[dim] if x.dim() > dim else None
+            return
+        self.begin_forward(x, torch.is_grad_enabled())
+
+    def begin_forward(self, x: Optional[torch.Tensor], grad: bool) -> None:
+        """Before each forward of the model (``x``: its first tensor argument; ``grad``: whether it runs
+        with gradients): the last backward's records go to the accumulator, and the counts start afresh."""
+        if self.model.training:  # model.train() puts batch norms back into train mode
             self._check_mixing()
         self.flush()
         self._buffer_state = self._buffer_versions()
@@ -248,10 +265,9 @@ class GradSampleEngine:
         if self._row_fns or self._row_tensors:
             self._row_fns, self._row_tensors = {}, {}
         self.calls = [0] * len(self.layers)
-        x = _first_tensor(args, kwargs)
         dim = 0 if self.batch_first else 1
         self.batch_size = x.shape[dim] if x is not None and x.dim() > dim else None
-        if torch.is_grad_enabled():
+        if grad:
             self._grad_forwards += 1
         self.chunk_id, self.ends_logical = self.chunks.current, self.chunks.ends_logical
         self.real_rows, self._padding = self.chunks.real_rows, None
@@ -425,6 +441,7 @@ class GradSampleEngine:
         for adapter in self.adapters:
             adapter.remove()
         self._hook.remove()
+        compiled.unregister(self.key)
         for h in self._grad_hooks:
             h.remove()
         self._records = {}

@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import compiled
 from .records import (DenseRecord, EmbeddingRecord, LinearRecord, TokenSumRecord, _acc, instantiate_at_backward,
                       token_sum)
 
@@ -45,6 +46,22 @@ def _own(y: torch.Tensor) -> torch.Tensor:
     return torch.ops.aten._unsafe_view(y, y.shape) if y._base is not None else y
 
 
+def _linear_out(x, weight, bias, transposed):
+    if transposed:
+        y = x @ weight
+        return y + bias if bias is not None else y
+    if bias is not None and x.dim() > 2 and x.is_contiguous():
+        # F.linear's own path (addmm on the flattened input) with an output of its own, not a view
+        y = torch.addmm(bias, x.view(-1, x.shape[-1]), weight.t())
+        return torch.ops.aten._unsafe_view(y, (*x.shape[:-1], weight.shape[0]))
+    return F.linear(x, weight, bias)
+
+
+def _linear_input_grad(g, weight, transposed):
+    weight = weight.to(g.dtype)  # a no-op where the forward kept autocast's cast
+    return g @ weight.t() if transposed else g @ weight
+
+
 class _LinearFn(torch.autograd.Function):
     """y = x W^T + b (or x W + b for Conv1D); backward: input gradient only."""
 
@@ -56,22 +73,12 @@ class _LinearFn(torch.autograd.Function):
             weight = weight.to(torch.get_autocast_dtype(kind))
         ctx.save_for_backward(x, weight)
         ctx.transposed, ctx.on_backward = transposed, on_backward
-        if transposed:
-            y = x @ weight
-            return y + bias if bias is not None else y
-        if bias is not None and x.dim() > 2 and x.is_contiguous():
-            # F.linear's own path (addmm on the flattened input) with an output of its own, not a view
-            y = torch.addmm(bias, x.view(-1, x.shape[-1]), weight.t())
-            return torch.ops.aten._unsafe_view(y, (*x.shape[:-1], weight.shape[0]))
-        return F.linear(x, weight, bias)
+        return _linear_out(x, weight, bias, transposed)
 
     @staticmethod
     def backward(ctx, g):
         x, weight = ctx.saved_tensors
-        gx = None
-        if ctx.needs_input_grad[0]:
-            weight = weight.to(g.dtype)  # a no-op where the forward kept autocast's cast
-            gx = g @ weight.t() if ctx.transposed else g @ weight
+        gx = _linear_input_grad(g, weight, ctx.transposed) if ctx.needs_input_grad[0] else None
         ctx.on_backward(x, g)
         return gx, None, None, None, None
 
@@ -130,15 +137,21 @@ class _LayerNormFn(torch.autograd.Function):
     @staticmethod
     def backward(ctx, g):
         x, weight = ctx.saved_tensors
-        x = x.to(ctx.dtype)  # what the forward normalized (float32 under CUDA autocast)
-        xhat, mean, rstd = torch.native_layer_norm(_acc(x), ctx.shape, None, None, ctx.eps)
-        gx = None
-        if ctx.needs_input_grad[0]:
-            stat = torch.promote_types(x.dtype, weight.dtype)  # the fused kernels' statistics dtype
-            gx = torch.ops.aten.native_layer_norm_backward(g, x, ctx.shape, mean.to(stat), rstd.to(stat), weight,
-                                                          None, [True, False, False])[0]
+        xhat, gx = _layer_norm_backward(x.to(ctx.dtype), weight, g, ctx.shape, ctx.eps, ctx.needs_input_grad[0])
         ctx.on_backward(xhat, g)
         return gx, None, None, None, None, None
+
+
+def _layer_norm_backward(x, weight, g, shape, eps, input_grad: bool):
+    """(xhat, input gradient or None) of y = LayerNorm(x) w + b; ``x`` as the forward normalized it (float32
+    under CUDA autocast)."""
+    xhat, mean, rstd = torch.native_layer_norm(_acc(x), shape, None, None, eps)
+    gx = None
+    if input_grad:
+        stat = torch.promote_types(x.dtype, weight.dtype)  # the fused kernels' statistics dtype
+        gx = torch.ops.aten.native_layer_norm_backward(g, x, shape, mean.to(stat), rstd.to(stat), weight,
+                                                      None, [True, False, False])[0]
+    return xhat, gx
 
 
 class UnsupportedModuleError(ValueError):
@@ -149,6 +162,9 @@ _linear = _direct_apply(_LinearFn)
 _embedding = _direct_apply(_EmbeddingFn)
 _affine = _direct_apply(_AffineFn)
 _layer_norm = _direct_apply(_LayerNormFn)
+
+
+_compiling = getattr(torch.compiler, "is_compiling", lambda: False)
 
 
 def _trainable(p) -> bool:
@@ -229,10 +245,44 @@ class Layer:
         return True
 
     def install(self):
-        self.module.forward = types.MethodType(self.forward, self.module)
+        forward = self.forward
+        if not hasattr(self, "op_forward") and hasattr(torch.compiler, "disable"):
+            # a layer with no op for the compiler (convolutions, attention, the generic path) runs eagerly
+            # inside a compiled model: a graph break there, never a trace of its book-keeping
+            forward = torch.compiler.disable(forward)
+        self.module.forward = types.MethodType(forward, self.module)
+        self.key = compiled.register(self)
 
     def remove(self):
         self.module.__dict__.pop("forward", None)
+        compiled.unregister(self.key)
+
+    # Inside torch.compile's tracing a layer's call is the op anadp::hooked (anadp.compiled), whose body is
+    # op_forward and whose backward's op_backward; op_saved: the tensors the backward gets; the *_fake
+    # methods: the outputs' shapes and dtypes, for the compiler.
+    def compiled_forward(self, module, x):
+        if _flattened(self.engine, x):
+            raise UnsupportedModuleError(
+                f"module '{self.name}' is called on a flattened batch of shape {tuple(x.shape)} ({self.engine.batch_size} "
+                "samples) inside torch.compile, which anadp supports only uncompiled: run the model uncompiled")
+        params = module._parameters  # (a norm may have no bias attribute at all)
+        weight, bias = (params["weight"], params.get("bias")) if "weight" in params else _weight_and_bias(module)
+        kind = x.device.type
+        if self.autocast is not None and torch.is_autocast_enabled(kind):
+            # the op's body runs without autocast: its casts here, in the graph (a 16-bit GEMM, a float32 norm)
+            dtype = torch.get_autocast_dtype(kind) if self.autocast == "low" else torch.float32
+            x, weight = x.to(dtype), weight.to(dtype)
+            bias = bias.to(dtype) if bias is not None else None
+        return compiled.call(self, x, weight, bias)
+
+    # what autocast makes of the layer's op: "low" (its 16-bit dtype), "float32", or None (nothing)
+    autocast = None
+
+    def op_saved(self, x, weight, bias) -> list:
+        return [x, weight]
+
+    def op_input_grad_fake(self, saved, g):
+        return saved[0].new_empty(saved[0].shape)
 
 
 def _weight_and_bias(module: nn.Module) -> tuple:
@@ -246,10 +296,13 @@ def _weight_and_bias(module: nn.Module) -> tuple:
 
 class LinearLayer(Layer):
     transposed = False
+    autocast = "low"
 
     def forward(self, module, x):
         if not torch.is_grad_enabled():
             return type(module).forward(module, x)
+        if _compiling():
+            return self.compiled_forward(module, x)
         if _flattened(self.engine, x):
             y = call_on_blocks(self, module, x)
             if y is not None:
@@ -259,9 +312,27 @@ class LinearLayer(Layer):
         weight, bias = _weight_and_bias(module)
         return _linear(x, weight, bias, self.transposed, self.on_backward)
 
-    def on_backward(self, x, g):
+    def op_forward(self, x, weight, bias):
+        self.engine.calls[self.slot] += 1
+        self.engine.count_reader(x)
+        return _linear_out(x, weight, bias, self.transposed)
+
+    def op_fake(self, x, weight, bias):
+        return x.new_empty(*x.shape[:-1], weight.shape[1] if self.transposed else weight.shape[0])
+
+    def op_backward(self, saved, g, input_grad):
+        x, weight = saved
+        gx = _linear_input_grad(g, weight, self.transposed) if input_grad else None
+        self.on_backward(x, g, copy=True)
+        return gx
+
+    def on_backward(self, x, g, copy=False):
+        """``copy``: keep copies of x and g (a compiled graph reuses their memory once the op returns, knowing
+        nothing of the records that hold them)."""
         engine = self.engine
         readers = engine.readers(x)
+        if copy:
+            x, g = x.clone(), g.clone()
         x, g = engine.to_batch_first(self.name, x, g)
         weight, bias = self.param("weight"), self.param("bias")
         record_linear(engine, weight, bias, _tokens(x), _tokens(g), self.transposed, readers)
@@ -287,7 +358,8 @@ class EmbeddingLayer(Layer):
     def forward(self, module, idx):
         if not torch.is_grad_enabled():
             return type(module).forward(module, idx)
-        self.engine.calls[self.slot] += 1
+        if not _compiling():
+            self.engine.calls[self.slot] += 1
         idx = self.engine.broadcast_indices(self.name, idx)
         B, dim = self.engine.batch_size, (0 if self.engine.batch_first else 1)
         if B is not None and (idx.dim() <= dim or idx.shape[dim] != B):
@@ -296,7 +368,23 @@ class EmbeddingLayer(Layer):
                 f"({B} samples): its output is shared by the batch, and autograd sums the samples' gradients before "
                 "they reach it, so its per-sample gradients cannot be formed. Index it per sample (expand the index "
                 "to the batch), or freeze it (weight.requires_grad_(False))")
+        if _compiling():
+            return compiled.call(self, idx, module.weight, None)
         return _embedding(idx, module.weight, module.padding_idx, self.on_backward)
+
+    def op_forward(self, idx, weight, bias):
+        self.engine.calls[self.slot] += 1
+        return _own(F.embedding(idx, weight, self.module.padding_idx))
+
+    def op_fake(self, idx, weight, bias):
+        return weight.new_empty(*idx.shape, weight.shape[1])
+
+    def op_saved(self, idx, weight, bias):
+        return [idx]
+
+    def op_backward(self, saved, g, input_grad):
+        self.on_backward(saved[0].clone(), g.clone())  # copies: see LinearLayer.on_backward
+        return None
 
     def on_backward(self, idx, g):
         idx, g = self.engine.to_batch_first(self.name, idx, g)
@@ -334,6 +422,8 @@ class NormLayer(Layer):
     def forward(self, module, x):
         if not torch.is_grad_enabled():
             return type(module).forward(module, x)
+        if _compiling():
+            return self.compiled_forward(module, x)
         if _flattened(self.engine, x) and module.weight.dim() == 1:
             y = call_on_blocks(self, module, x)
             if y is not None:
@@ -342,6 +432,28 @@ class NormLayer(Layer):
         xhat = self.normalize(module, x)
         return _affine(xhat, module.weight, getattr(module, "bias", None), x,
                        lambda t: self.normalize(module, t), self.on_backward)
+
+    # compiled (every NormLayer but LayerNorm normalizes by the root mean square: xhat = x r, r = (mean x^2 + eps)^-1/2)
+    def op_forward(self, x, weight, bias):
+        self.engine.calls[self.slot] += 1
+        y = self.normalize(self.module, x) * weight
+        return y + bias if bias is not None else y
+
+    def op_fake(self, x, weight, bias):
+        return torch.empty_like(x, dtype=torch.result_type(x, weight), memory_format=torch.contiguous_format)
+
+    def op_backward(self, saved, g, input_grad):
+        x, weight = saved
+        xhat = self.normalize(self.module, x)
+        gx = None
+        if input_grad:  # d(x r)/dx v = r (v - xhat mean(v xhat)), in float32
+            xf, v = x.float(), (g * weight).float()
+            eps = getattr(self.module, "variance_epsilon", getattr(self.module, "eps", None))
+            r = torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + (torch.finfo(xf.dtype).eps if eps is None else eps))
+            h = xf * r
+            gx = (r * (v - h * (v * h).mean(-1, keepdim=True))).to(x.dtype)
+        self.on_backward(xhat, g)
+        return gx
 
     def on_backward(self, xhat, g):
         weight, bias = self.param("weight"), self.param("bias")
@@ -356,16 +468,31 @@ class NormLayer(Layer):
 
 class LayerNormLayer(NormLayer):
     """nn.LayerNorm, whole, through one fused function (``_LayerNormFn``)."""
+    autocast = "float32"
 
     def forward(self, module, x):
         if not torch.is_grad_enabled():
             return type(module).forward(module, x)
+        if _compiling():
+            return self.compiled_forward(module, x)
         if _flattened(self.engine, x) and len(module.normalized_shape) == 1:
             y = call_on_blocks(self, module, x)
             if y is not None:
                 return y
         self.engine.calls[self.slot] += 1
         return _layer_norm(x, module.weight, module.bias, module.normalized_shape, module.eps, self.on_backward)
+
+    def op_forward(self, x, weight, bias):
+        self.engine.calls[self.slot] += 1
+        m = self.module
+        return F.layer_norm(x, m.normalized_shape, weight, bias, m.eps)
+
+    def op_backward(self, saved, g, input_grad):
+        x, weight = saved
+        m = self.module
+        xhat, gx = _layer_norm_backward(x, weight, g, m.normalized_shape, m.eps, input_grad)
+        self.on_backward(xhat, g)
+        return gx
 
 
 class RMSNormLayer(NormLayer):
