@@ -50,7 +50,7 @@ def _finetune(args) -> int:
                          methods=methods, epsilons=args.epsilon, delta=args.delta, epochs=args.epochs,
                          seeds=args.seed, lora=args.lora, max_steps=args.max_steps, train_size=args.train_size,
                          test_size=args.test_size, out=args.out, lr=args.lr, dp_lr=args.dp_lr,
-                         batch_size=args.batch_size, device=args.device)
+                         batch_size=args.batch_size, warmup=args.warmup, decay=args.decay, device=args.device)
     res = run_finetune(cfg, progress=not args.no_progress)
     with open(f"{args.out}/results.md") as f:
         print(f.read())
@@ -158,6 +158,10 @@ def build_parser() -> argparse.ArgumentParser:
                     help="DP AdamW learning rate (None: 1e-2 with LoRA, 2e-3 with --no-lora)")
     ft.add_argument("--batch-size", type=_positive(int), default=fd.batch_size,
                     help="expected logical batch size of the DP runs (None: 128 with LoRA, 1024 with --no-lora)")
+    ft.add_argument("--warmup", type=float, default=fd.warmup,
+                    help="fraction of each run's steps with a linear learning-rate warm-up")
+    ft.add_argument("--decay", choices=["linear", "none"], default=fd.decay,
+                    help="after the warm-up: linear decay of the rate to 0, or none (constant)")
     ft.add_argument("--device", default=fd.device, help="torch device (cpu, cuda)")
     ft.add_argument("--out", default=fd.out, help="output directory (results.json, results.md, plots)")
     ft.add_argument("--no-progress", action="store_true", help="no progress bars")

@@ -26,19 +26,21 @@ from torch.utils.data import TensorDataset
 
 from anadp.apps.finetune import FinetuneConfig, prepare, train_one
 
-# name -> (mode, method, overrides); the proxy (--max-len, one seed, one epsilon) is set on the command line
+# name -> (mode, method, overrides); the proxy (--max-len, one seed, one epsilon) is set on the command line.
+# The first screen ran before warm-up + linear decay became the default: its candidates name the constant rate.
+CONSTANT = {"warmup": 0.0, "decay": "none"}
 CANDIDATES = {
-    "lora-base": ("lora", "uniform", {}),
-    "lora-c0.1": ("lora", "uniform", {"max_grad_norm": 0.1}),
+    "lora-base": ("lora", "uniform", CONSTANT),
+    "lora-c0.1": ("lora", "uniform", {"max_grad_norm": 0.1, **CONSTANT}),
     "lora-decay": ("lora", "uniform", {"warmup": 0.1, "decay": "linear"}),
-    "lora-b512": ("lora", "uniform", {"batch_size": 512, "dp_lr": 2e-2}),
+    "lora-b512": ("lora", "uniform", {"batch_size": 512, "dp_lr": 2e-2, **CONSTANT}),
     "lora-b512-e6-decay": ("lora", "uniform", {"batch_size": 512, "epochs": 6, "dp_lr": 2e-2,
                                                "warmup": 0.1, "decay": "linear"}),
-    "lora-lr3e-3": ("lora", "uniform", {"dp_lr": 3e-3}),
+    "lora-lr3e-3": ("lora", "uniform", {"dp_lr": 3e-3, **CONSTANT}),
     "lora-lr3e-2-decay": ("lora", "uniform", {"dp_lr": 3e-2, "warmup": 0.1, "decay": "linear"}),
-    "lora-all-linear": ("lora", "uniform", {"lora_targets": ("query", "key", "value", "dense")}),
-    "lora-r16": ("lora", "uniform", {"lora_r": 16}),
-    "lora-nonprivate": ("lora", "nonprivate", {}),
+    "lora-all-linear": ("lora", "uniform", {"lora_targets": ("query", "key", "value", "dense"), **CONSTANT}),
+    "lora-r16": ("lora", "uniform", {"lora_r": 16, **CONSTANT}),
+    "lora-nonprivate": ("lora", "nonprivate", CONSTANT),
     # after the first screen (warm-up + linear decay +10 points on the proxy): decay with each other lever
     "lora-decay-c0.1": ("lora", "uniform", {"max_grad_norm": 0.1, "warmup": 0.1, "decay": "linear"}),
     "lora-decay-lr2e-2": ("lora", "uniform", {"dp_lr": 2e-2, "warmup": 0.1, "decay": "linear"}),
@@ -46,10 +48,10 @@ CANDIDATES = {
                                                   "warmup": 0.1, "decay": "linear"}),
     "lora-decay-b256": ("lora", "uniform", {"batch_size": 256, "dp_lr": 1.5e-2, "warmup": 0.1, "decay": "linear"}),
     "full-decay": ("full", "uniform", {"warmup": 0.1, "decay": "linear"}),
-    "full-base": ("full", "uniform", {}),
+    "full-base": ("full", "uniform", CONSTANT),
     "full-c0.1-decay": ("full", "uniform", {"max_grad_norm": 0.1, "warmup": 0.1, "decay": "linear"}),
     "full-lr5e-4-e6": ("full", "uniform", {"dp_lr": 5e-4, "epochs": 6, "warmup": 0.1, "decay": "linear"}),
-    "full-nonprivate": ("full", "nonprivate", {}),
+    "full-nonprivate": ("full", "nonprivate", CONSTANT),
     # after full-decay (0.550: expected batch 1024 is ~25 steps on this data set): more, smaller steps
     "full-b256-decay": ("full", "uniform", {"batch_size": 256, "dp_lr": 1e-3, "warmup": 0.1, "decay": "linear"}),
     "full-b256-lr3e-3-decay": ("full", "uniform", {"batch_size": 256, "dp_lr": 3e-3, "warmup": 0.1,

@@ -14,7 +14,8 @@ def test_lr_factor_warms_up_then_decays_to_zero():
     assert f[0] == pytest.approx(0.1) and f[9] == pytest.approx(1.0)  # 10 warm-up steps
     assert all(a > b for a, b in zip(f[10:], f[11:]))  # strictly falling after the warm-up
     assert f[-1] == pytest.approx(1 / 90)
-    assert lr_factor(FinetuneConfig(), 57, 100) == 1.0  # the default: constant
+    assert lr_factor(FinetuneConfig(warmup=0.0, decay="none"), 57, 100) == 1.0  # constant
+    assert lr_factor(FinetuneConfig(), 57, 100) == lr_factor(cfg, 57, 100)  # the default: warm-up + linear decay
 
 
 def test_carve_is_a_disjoint_fixed_split():
