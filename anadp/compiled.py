@@ -7,13 +7,12 @@ out, and traces the rest of the model whole (``fullgraph=True``).
 
 The backward op and the book-keeping op return nothing the graph needs (the layers' parameters get no
 gradient from autograd: the engine forms it), so they are registered as ordered side effects
-(torch.library's ``register_effect``): the compiler keeps them, in program order, instead of removing
+(torch.library's effect registry): the compiler keeps them, in program order, instead of removing
 them as dead code.
 """
 from __future__ import annotations
 
 import itertools
-from typing import Optional
 
 import torch
 
@@ -36,54 +35,73 @@ def unregister(key: int) -> None:
     _OBJECTS.pop(key, None)
 
 
-_EFFECTS = hasattr(torch.library, "custom_op")
-if _EFFECTS:
-    @torch.library.custom_op("anadp::hooked", mutates_args=())
-    def hooked(x: torch.Tensor, weight: Optional[torch.Tensor], bias: Optional[torch.Tensor],
-               key: int) -> torch.Tensor:
-        """The layer ``key``'s forward (Layer.op_forward): book-keeping and its output."""
-        return _OBJECTS[key].op_forward(x, weight, bias)
+def _hooked(x, weight, bias, key):
+    return _OBJECTS[key].op_forward(x, weight, bias)
 
-    @hooked.register_fake
-    def _(x, weight, bias, key):
-        return _OBJECTS[key].op_fake(x, weight, bias)
 
-    @torch.library.custom_op("anadp::hooked_backward", mutates_args=())
-    def hooked_backward(saved: list[torch.Tensor], g: torch.Tensor, key: int, input_grad: bool) -> torch.Tensor:
-        """The layer ``key``'s backward (Layer.op_backward): records for the engine, and the input gradient
-        (an empty tensor where the input needs none)."""
-        gx = _OBJECTS[key].op_backward(saved, g, input_grad)
-        return gx if gx is not None else g.new_empty(0)
+def _hooked_fake(x, weight, bias, key):
+    return _OBJECTS[key].op_fake(x, weight, bias)
 
-    @hooked_backward.register_fake
-    def _(saved, g, key, input_grad):
-        return _OBJECTS[key].op_input_grad_fake(saved, g) if input_grad else g.new_empty(0)
 
-    @torch.library.custom_op("anadp::begin_forward", mutates_args=())
-    def begin_forward(x: torch.Tensor, key: int, grad: bool) -> None:
-        """The engine ``key``'s forward pre-hook (GradSampleEngine.begin_forward) on the model input ``x``."""
-        _OBJECTS[key].begin_forward(x, grad)
+def _hooked_backward(saved, g, key, input_grad):
+    gx = _OBJECTS[key].op_backward(saved, g, input_grad)
+    return gx if gx is not None else g.new_empty(0)
 
-    @begin_forward.register_fake
-    def _(x, key, grad):
-        return None
 
-    def _setup(ctx, inputs, output):
-        x, weight, bias, key = inputs
+def _hooked_backward_fake(saved, g, key, input_grad):
+    return _OBJECTS[key].op_input_grad_fake(saved, g) if input_grad else g.new_empty(0)
+
+
+def _begin_forward(x, key, grad):
+    _OBJECTS[key].begin_forward(x, grad)
+
+
+class _HookedFn(torch.autograd.Function):
+    """anadp::hooked's autograd: the op below autograd, and its backward the op anadp::hooked_backward. (The ops
+    are defined with torch.library.Library, not torch.library.custom_op, whose Python dispatch layers cost
+    ~20 us more a call: ~100 calls a step in a 12-layer model.)"""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, key):
+        with torch._C._AutoDispatchBelowAutograd():
+            y = torch.ops.anadp.hooked.default(x, weight, bias, key)
         ctx.key = key
         ctx.save_for_backward(*_OBJECTS[key].op_saved(x, weight, bias))
+        return y
 
-    def _backward(ctx, g):
-        gx = torch.ops.anadp.hooked_backward(list(ctx.saved_tensors), g, ctx.key, ctx.needs_input_grad[0])
+    @staticmethod
+    def backward(ctx, g):
+        gx = torch.ops.anadp.hooked_backward.default(list(ctx.saved_tensors), g, ctx.key, ctx.needs_input_grad[0])
         return (gx if ctx.needs_input_grad[0] else None), None, None, None
 
-    hooked.register_autograd(_backward, setup_context=_setup)
-    try:
-        from torch._library.effects import EffectType
-        hooked_backward.register_effect(EffectType.ORDERED)
-        begin_forward.register_effect(EffectType.ORDERED)
-    except (ImportError, AttributeError):  # a torch whose custom ops cannot declare side effects
-        _EFFECTS = False
+
+def _hooked_autograd(x, weight, bias, key):
+    if torch.is_grad_enabled() and (x.requires_grad or (weight is not None and weight.requires_grad)):
+        return _HookedFn.apply(x, weight, bias, key)
+    with torch._C._AutoDispatchBelowAutograd():
+        return torch.ops.anadp.hooked.default(x, weight, bias, key)
+
+
+_EFFECTS = False
+try:
+    from torch._library.effects import EffectType
+    _lib = torch.library.Library("anadp", "FRAGMENT")
+    _lib.define("hooked(Tensor x, Tensor? weight, Tensor? bias, int key) -> Tensor")
+    _lib.define("hooked_backward(Tensor[] saved, Tensor g, int key, bool input_grad) -> Tensor")
+    _lib.define("begin_forward(Tensor x, int key, bool grad) -> ()")
+    for _name, _fn in (("hooked", _hooked), ("hooked_backward", _hooked_backward), ("begin_forward", _begin_forward)):
+        _lib.impl(_name, _fn, "CompositeExplicitAutograd")
+    _lib.impl("hooked", _hooked_autograd, "Autograd")
+    torch.library.register_fake("anadp::hooked", _hooked_fake, lib=_lib)
+    torch.library.register_fake("anadp::hooked_backward", _hooked_backward_fake, lib=_lib)
+    torch.library.register_fake("anadp::begin_forward", lambda x, key, grad: None, lib=_lib)
+    # the backward op and the book-keeping op return nothing the graph needs: as ordered side effects the
+    # compiler keeps them, in program order, instead of removing them as dead code
+    _lib._register_effectful_op("anadp::hooked_backward", EffectType.ORDERED)
+    _lib._register_effectful_op("anadp::begin_forward", EffectType.ORDERED)
+    _EFFECTS = True
+except (ImportError, AttributeError, RuntimeError, TypeError):  # a torch whose custom ops cannot declare effects
+    pass
 
 
 def call(layer, x, weight, bias) -> torch.Tensor:

@@ -4,6 +4,7 @@ behind, handed as a physical batch (anadp.physical_batch) to the optimizer's acc
 from __future__ import annotations
 
 import operator
+import weakref
 
 from typing import Optional
 
@@ -145,6 +146,7 @@ class GradSampleEngine:
         # (records.instantiate_at_backward); off when a kernel backend computes the norms from (A, G)
         self.instantiate_linear = True
         self._readers: dict = {}  # input -> Linear calls reading it
+        self._copies: dict = {}  # see copy_of
         # this forward's hooked outputs that are flattened batches: autograd node -> tokens per sample,
         # and id -> (tensor, tokens per sample) for those without a node (integer indices)
         self._row_fns: dict = {}
@@ -262,6 +264,8 @@ class GradSampleEngine:
         self.flush()
         self._buffer_state = self._buffer_versions()
         self._readers.clear()
+        if self._copies:
+            self._copies = {}
         if self._row_fns or self._row_tensors:
             self._row_fns, self._row_tensors = {}, {}
         self.calls = [0] * len(self.layers)
@@ -344,6 +348,17 @@ class GradSampleEngine:
             self._row_fns[t.grad_fn] = k
         else:
             self._row_tensors[id(t)] = (t, k)
+
+    def copy_of(self, t: torch.Tensor) -> torch.Tensor:
+        """A copy of ``t``, the same for every call with this tensor object until the next forward: the records
+        of layers reading one input (q, k and v) share it, and with it its Gram matrix. Keyed by the object,
+        held weakly: a compiled graph hands a new object for memory it reuses."""
+        hit = self._copies.get(id(t))
+        if hit is not None and hit[0]() is t:
+            return hit[1]
+        c = t.clone()
+        self._copies[id(t)] = (weakref.ref(t), c)
+        return c
 
     def count_reader(self, x: torch.Tensor) -> None:
         """A Linear call of this forward reads ``x`` (forward side, for ``readers``)."""

@@ -179,14 +179,18 @@ def _tokens(t: torch.Tensor, feature_dims: int = 1) -> torch.Tensor:
     return t.unsqueeze(1) if k == 1 else t.flatten(1, k - 1)
 
 
-def record_linear(engine, weight, bias, A, G, transposed=False, readers=1):
+def record_linear(engine, weight, bias, A, G, transposed=False, readers=1, copy=False):
     """Record the weight (and bias) of y = A W^T + b from its input A (B, T, d) and output gradient
-    G (B, T, p): as (A, G), or as per-sample gradients where those are smaller."""
+    G (B, T, p): as (A, G), or as per-sample gradients where those are smaller. ``copy``: a kept A or G
+    is copied unless the record made its own already (see LinearLayer.on_backward)."""
     rec = LinearRecord(A, G, transposed, readers) if _trainable(weight) else None
     if rec is not None and engine.instantiate_linear and instantiate_at_backward(A.shape[1], A.shape[2], G.shape[2],
                                                                                  readers):
         with torch.no_grad():
             rec = DenseRecord(rec.dense())  # A and G are not kept
+    if copy and isinstance(rec, LinearRecord):
+        rec.A = engine.copy_of(A) if rec.A is A else rec.A  # one copy of an input that q, k and v read
+        rec.G = rec.G.clone() if rec.G is G else rec.G
     if rec is not None:
         engine.record(weight, rec)
     if _trainable(bias):  # source: a norm kernel gives the bias norm with the weight's
@@ -331,11 +335,9 @@ class LinearLayer(Layer):
         nothing of the records that hold them)."""
         engine = self.engine
         readers = engine.readers(x)
-        if copy:
-            x, g = x.clone(), g.clone()
         x, g = engine.to_batch_first(self.name, x, g)
         weight, bias = self.param("weight"), self.param("bias")
-        record_linear(engine, weight, bias, _tokens(x), _tokens(g), self.transposed, readers)
+        record_linear(engine, weight, bias, _tokens(x), _tokens(g), self.transposed, readers, copy)
 
 
 class Conv1DLayer(LinearLayer):
