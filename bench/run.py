@@ -254,8 +254,11 @@ def main(argv=None):
     rows = run(args.smoke, rounds, isolate=not args.smoke, methods=methods, repeats=repeats,
                models_only=args.models_only)
     noise = [] if args.models_only else noise_rows(1 << (16 if args.smoke else 24), rounds)
-    host = host_overhead.rows(rounds=2 if args.smoke else 20,
-                              cfg=host_overhead.SMOKE_CONFIG if args.smoke else host_overhead.CONFIG)
+    host_cfg = host_overhead.SMOKE_CONFIG if args.smoke else host_overhead.CONFIG
+    host = host_overhead.rows(rounds=2 if args.smoke else 20, cfg=host_cfg)
+    # the same model compiled (torch.compile, fullgraph-able: anadp.compiled), DP against non-private compiled
+    host_compiled = host_overhead.rows(rounds=2 if args.smoke else 20, cfg=host_cfg, compile=True,
+                                       methods=["nonprivate", "anadp_uniform", "anadp_per_layer"])
     sharded = fsdp.rows(rounds=1 if args.smoke else rounds, repeats=1 if args.smoke else repeats,
                         cfg=fsdp.SMOKE_CONFIG if args.smoke else fsdp.CONFIG)
     machine = f"{platform.machine()}-{os.cpu_count()}cpu" + ("-smoke" if args.smoke else "")
@@ -267,17 +270,20 @@ def main(argv=None):
             + (" --models-only" if args.models_only else "")
             + (f" --methods {' '.join(args.methods)}" if methods != METHODS else ""), "date": datetime.datetime.now().isoformat(timespec="seconds")}
     with open(stem + ".json", "w") as f:
-        json.dump({"meta": meta, "rows": rows, "noise": noise, "host_overhead": host, "fsdp": sharded}, f, indent=1)
+        json.dump({"meta": meta, "rows": rows, "noise": noise, "host_overhead": host,
+                   "host_overhead_compiled": host_compiled, "fsdp": sharded}, f, indent=1)
     md = f"# {meta['command']} — {meta['date']}, {meta['machine']}, torch {meta['torch']}, {meta['threads']} threads\n\n"
     with open(stem + ".md", "w") as f:
         f.write(md + table(rows) + "\n\n" + noise_table(noise) + "\n\n" + host_overhead.table(host) + "\n\n"
-                + fsdp.table(sharded) + "\n")
+                + host_overhead.table(host_compiled) + "\n\n" + fsdp.table(sharded) + "\n")
     plot(rows, stem + ".png")
     print(table(rows))
     print()
     print(noise_table(noise))
     print()
     print(host_overhead.table(host))
+    print()
+    print(host_overhead.table(host_compiled))
     print()
     print(fsdp.table(sharded))
     print(f"\nwrote {stem}.json, .md, .png")

@@ -75,3 +75,15 @@ def test_the_layers_are_the_ops_inside_the_compiled_graph():
     logits(torch.compile(private, fullgraph=True, backend=backend)(**inputs)).sum().backward()
     assert ops.count("anadp.hooked") == len(opt.engine.layers) > 10  # BERT's layers are each called once
     assert ops.count("anadp.begin_forward") == 1
+
+
+def test_host_overhead_compiled_row_has_no_graph_break():
+    """bench.host_overhead's compiled row (bench.run prints it) at smoke size: DP and non-private compiled, each
+    step timed, and no graph break in the private forwards (a deterministic count)."""
+    from bench.host_overhead import SMOKE_CONFIG, rows
+    torch._dynamo.reset()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        out = rows(rounds=1, cfg=SMOKE_CONFIG, compile=True, methods=["nonprivate", "anadp_uniform", "anadp_per_layer"])
+    assert [r["graph_breaks"] for r in out] == [0, 0, 0]
+    assert all(r["seconds"] > 0 for r in out)
