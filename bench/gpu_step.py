@@ -6,7 +6,8 @@ Workloads (random weights, the same data and initial weights for every method), 
 BERT-base full fine-tuning (hidden 768, 12 layers, B=32, T=256) in float32 and under bf16 autocast;
 BERT-base with LoRA (r = 8 on query and value, PEFT) in both precisions; a Llama-like decoder
 (hidden 2048, 16 layers, T = 1024, B = 4) under bf16 autocast with LoRA (r = 16 on q/k/v/o) and with
-full fine-tuning. Methods: non-private; anadp ANADP (whitened and per-layer clipping) and uniform on
+full fine-tuning; BERT-base full under bf16 autocast with the forward through torch.compile (non-private,
+uniform and ANADP, each compiled). Methods: non-private; anadp ANADP (whitened and per-layer clipping) and uniform on
 the default backend (triton on a
 GPU: its multi-tensor noise + update, the norms and clipped sums in cuBLAS where kernel_choice says
 so); Opacus ghost clipping when opacus is installed; for BERT-base full also anadp ANADP on the cuda
@@ -84,6 +85,10 @@ CORE = [("nonprivate", "nonprivate", None, {}), ("anadp ANADP", "anadp", None, {
 EXTRA = [("anadp ANADP, cuda, every kernel", "anadp", "cuda", {"ANADP_KERNELS": "all"}),
          ("anadp ANADP, triton, every kernel", "anadp", "triton", {"ANADP_KERNELS": "all"}),
          ("opacus hooks", "opacus_hooks", None, {})]
+# the model's forward through torch.compile (anadp.compiled: the hooked layers as custom ops), against non-private
+# compiled the same way
+COMPILED = [("nonprivate", "nonprivate", None, {}), ("anadp uniform", "anadp_uniform", None, {}),
+            ("anadp ANADP", "anadp", None, {})]
 PRECISIONS = {"float32": None, "bf16 autocast": torch.bfloat16}
 PROFILED = ("nonprivate", "anadp ANADP")
 
@@ -103,6 +108,8 @@ def workloads(dry_run: bool) -> list[dict]:
         {"name": f"{llama.name}, LoRA r=16 q/k/v/o", "cfg": llama, "lora": (16, ["q_proj", "k_proj", "v_proj", "o_proj"]),
          "precisions": ["bf16 autocast"], "methods": CORE},
         {"name": f"{llama.name}, full", "cfg": llama, "lora": None, "precisions": ["bf16 autocast"], "methods": CORE},
+        {"name": f"{bert.name}, full, torch.compile", "cfg": bert, "lora": None, "precisions": ["bf16 autocast"],
+         "methods": COMPILED, "compile": True},
         {"name": f"{bert.name}, full", "cfg": bert, "lora": None, "precisions": ["bf16 autocast", "float32"],
          "methods": EXTRA},
     ]
@@ -158,7 +165,8 @@ def step_rows(workload: dict, steps: int, warmup: int, rows: list, checkpoint=No
                     model = copy.deepcopy(base_model)  # the same initial weights for every method
                     if DEV.type == "cuda":
                         torch.cuda.reset_peak_memory_stats()
-                    step, _ = make_step(method, model, inputs, labels, backend=backend or "auto", autocast=dtype)
+                    step, _ = make_step(method, model, inputs, labels, backend=backend or "auto", autocast=dtype,
+                                        compile=workload.get("compile", False))
                     row["seconds"] = _timed(step, steps, warmup)
                     row["peak_mb"] = torch.cuda.max_memory_allocated() / 2**20 if DEV.type == "cuda" else None
                     if profiles is not None and workload.get("profile") and name in PROFILED:
