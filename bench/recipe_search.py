@@ -75,6 +75,10 @@ CANDIDATES = {
                                         "batch_size": 128}),
     "bitfit-b256-e6": ("full", "uniform", {"train_only": ("bias", "LayerNorm", "classifier"), "dp_lr": 1e-2,
                                            "batch_size": 256, "epochs": 6}),
+    # full fine-tuning under whitened clipping: the head's share of a clipped 22M-number gradient is small, its
+    # noise the same as every coordinate's; per-layer clipping gives each group its own threshold
+    "full-perlayer-b256": ("full", "per_layer", {"batch_size": 256, "dp_lr": 5e-4}),
+    "full-perlayer-shares-b256": ("full", "per_layer-shares", {"batch_size": 256, "dp_lr": 5e-4}),
 }
 
 

@@ -52,7 +52,7 @@ def test_gpu_check_dry_run(tmp_path):
     result = json.loads((tmp_path / "gpu-check.json").read_text())
     steps = {(r["workload"], r["precision"], r["method"]): r for r in result["steps"]}
     workloads = {r["workload"] for r in result["steps"]}
-    assert len(workloads) == 4  # BERT full and LoRA, Llama-like LoRA and full
+    assert len(workloads) == 5  # BERT full and LoRA, Llama-like LoRA and full, BERT full compiled
     for w in workloads:
         for method in ("nonprivate", "anadp ANADP", "anadp uniform"):
             row = steps[(w, "bf16 autocast", method)]
