@@ -52,6 +52,8 @@ class PerLayerAccumulator(Accumulator):
     # until CLIP_BATCH numbers wait: their norms and clipped sums then take one product per stack of
     # one shape (PhysicalBatch), not ~35 small ops per group; the records they keep bound the memory
     CLIP_BATCH = 1 << 22
+    # on a device whose GEMMs take 16-bit inputs (a GPU), where each op is a launch, as stacks.linear_stacks
+    CLIP_BATCH_NATIVE = 1 << 27
 
     def __init__(self, *args, release, begin_step, loss_reduction: str, allocator, in_hook: bool, **kwargs):
         """``release``: anadp.release.Release; ``begin_step()``: the plan of a step released in the
@@ -155,13 +157,15 @@ class PerLayerAccumulator(Accumulator):
         """A complete group: clipped now (large records), or kept to be clipped with others."""
         self._clipped.add(g)
         numel = sum(R.kept_numel(r) for rs in recs.values() for r in rs)
-        if numel > self.CLIP_BATCH // 4:
+        native = any(isinstance(r, R.LinearRecord) and R._native_16bit(r.A) for rs in recs.values() for r in rs)
+        limit = self.CLIP_BATCH_NATIVE if native else self.CLIP_BATCH
+        if numel > limit // 4:
             self._clip_groups([g], recs)
             return
         self._pending_groups.append(g)
         self._pending.update(recs)
         self._pending_numel += numel
-        if self._pending_numel >= self.CLIP_BATCH:
+        if self._pending_numel >= limit:
             self._clip_pending()
 
     def _clip_pending(self) -> None:

@@ -45,10 +45,12 @@ def test_device_path_at_bert_base_widths_stacks_the_records_within_budget():
     so the whitened DP steps dispatch at most 1.3x the non-private step's ops on the device (the ANADP
     allocation's host-side ops apart) and still run no float32 GEMM. Unstacked they dispatched ~1.6x."""
     from bench.device_path import WIDE, rows
-    out = {r["method"]: r for r in rows(WIDE, methods=("nonprivate", "anadp_uniform", "anadp"))}
-    for method in ("anadp_uniform", "anadp"):
+    out = {r["method"]: r for r in rows(WIDE)}
+    for method, bound in (("anadp_uniform", 1.3), ("anadp", 1.3), ("anadp_per_layer", 1.4)):
+        # per-layer clipping clips groups as they complete in the backward, up to
+        # PerLayerAccumulator.CLIP_BATCH_NATIVE numbers together (was one by one: 1.88x)
         r = out[method]
-        assert r["ops_x_nonprivate"] <= 1.3, (method, r["ops"], out["nonprivate"]["ops"])
+        assert r["ops_x_nonprivate"] <= bound, (method, r["ops"], out["nonprivate"]["ops"])
         assert r["gemm_flops_float32"] == 0, (method, r["float32_gemms"])
     assert out["anadp"]["host_ops"] > 0 and out["anadp_uniform"]["host_ops"] == 0
 
