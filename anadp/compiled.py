@@ -13,10 +13,13 @@ them as dead code.
 from __future__ import annotations
 
 import itertools
+import weakref
 
 import torch
 
-_OBJECTS: dict = {}  # key -> the Layer or engine an op call stands for (ops take ints, not objects)
+# key -> the Layer or engine an op call stands for (ops take ints, not objects); held weakly, so that a
+# private model nobody holds is freed with its engine
+_OBJECTS: weakref.WeakValueDictionary = weakref.WeakValueDictionary()
 _next_key = itertools.count()
 
 
