@@ -87,3 +87,19 @@ def test_host_overhead_compiled_row_has_no_graph_break():
         out = rows(rounds=1, cfg=SMOKE_CONFIG, compile=True, methods=["nonprivate", "anadp_uniform", "anadp_per_layer"])
     assert [r["graph_breaks"] for r in out] == [0, 0, 0]
     assert all(r["seconds"] > 0 for r in out)
+
+
+def test_a_private_model_nobody_holds_is_freed():
+    """The ops' registry (anadp.compiled) holds the layers and the engine weakly: wrapping models in a loop
+    does not keep them alive."""
+    import gc
+
+    from tests.models import make_setup
+    gc.collect()
+    before = len(compiled._OBJECTS)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for _ in range(3):
+            anadp.make_private(*make_setup(), noise_multiplier=1.0, max_grad_norm=1.0)
+    gc.collect()
+    assert len(compiled._OBJECTS) == before
