@@ -264,6 +264,37 @@ class Layer:
     # Inside torch.compile's tracing a layer's call is the op anadp::hooked (anadp.compiled), whose body is
     # op_forward and whose backward's op_backward; op_saved: the tensors the backward gets; the *_fake
     # methods: the outputs' shapes and dtypes, for the compiler.
+    def op_saved(self, x, weight, bias) -> list:
+        return [x, weight]
+
+    def op_input_grad_fake(self, saved, g):
+        return saved[0].new_empty(saved[0].shape)
+
+
+class RowwiseLayer(Layer):
+    """A layer that treats every row (token) of its input alike (Linear, the norms): one forward for the
+    three ways it is called (uncompiled, inside torch.compile, on a flattened batch); ``hooked_forward``
+    is the layer's own."""
+
+    def forward(self, module, x):
+        if not torch.is_grad_enabled():
+            return type(module).forward(module, x)
+        if _compiling():
+            return self.compiled_forward(module, x)
+        if _flattened(self.engine, x) and self.takes_blocks(module):
+            y = call_on_blocks(self, module, x)
+            if y is not None:
+                return y
+        return self.hooked_forward(module, x)
+
+    def hooked_forward(self, module, x):
+        raise NotImplementedError
+
+    @staticmethod
+    def takes_blocks(module) -> bool:
+        """Whether a flattened batch (B k, ...) may be run as (B, k, ...) (see call_on_blocks)."""
+        return True
+
     def compiled_forward(self, module, x):
         if _flattened(self.engine, x):
             raise UnsupportedModuleError(
@@ -282,12 +313,6 @@ class Layer:
     # what autocast makes of the layer's op: "low" (its 16-bit dtype), "float32", or None (nothing)
     autocast = None
 
-    def op_saved(self, x, weight, bias) -> list:
-        return [x, weight]
-
-    def op_input_grad_fake(self, saved, g):
-        return saved[0].new_empty(saved[0].shape)
-
 
 def _weight_and_bias(module: nn.Module) -> tuple:
     """module.weight, module.bias, read from the parameter dict where they are there (nn.Module's
@@ -298,19 +323,11 @@ def _weight_and_bias(module: nn.Module) -> tuple:
     return module.weight, module.bias  # a parametrization or a property
 
 
-class LinearLayer(Layer):
+class LinearLayer(RowwiseLayer):
     transposed = False
     autocast = "low"
 
-    def forward(self, module, x):
-        if not torch.is_grad_enabled():
-            return type(module).forward(module, x)
-        if _compiling():
-            return self.compiled_forward(module, x)
-        if _flattened(self.engine, x):
-            y = call_on_blocks(self, module, x)
-            if y is not None:
-                return y
+    def hooked_forward(self, module, x):
         self.engine.calls[self.slot] += 1
         self.engine.count_reader(x)
         weight, bias = _weight_and_bias(module)
@@ -414,22 +431,18 @@ class ScaledEmbeddingLayer(EmbeddingLayer):
         return out * (scale.to(module.weight.dtype) if isinstance(scale, torch.Tensor) else scale)
 
 
-class NormLayer(Layer):
+class NormLayer(RowwiseLayer):
     """LayerNorm / RMSNorm: normalization through autograd, affine tail hooked (``_AffineFn``);
     LayerNorm overrides the forward with one fused function."""
 
     def normalize(self, module, x):
         raise NotImplementedError
 
-    def forward(self, module, x):
-        if not torch.is_grad_enabled():
-            return type(module).forward(module, x)
-        if _compiling():
-            return self.compiled_forward(module, x)
-        if _flattened(self.engine, x) and module.weight.dim() == 1:
-            y = call_on_blocks(self, module, x)
-            if y is not None:
-                return y
+    @staticmethod
+    def takes_blocks(module) -> bool:
+        return module.weight.dim() == 1
+
+    def hooked_forward(self, module, x):
         self.engine.calls[self.slot] += 1
         xhat = self.normalize(module, x)
         return _affine(xhat, module.weight, getattr(module, "bias", None), x,
@@ -472,15 +485,11 @@ class LayerNormLayer(NormLayer):
     """nn.LayerNorm, whole, through one fused function (``_LayerNormFn``)."""
     autocast = "float32"
 
-    def forward(self, module, x):
-        if not torch.is_grad_enabled():
-            return type(module).forward(module, x)
-        if _compiling():
-            return self.compiled_forward(module, x)
-        if _flattened(self.engine, x) and len(module.normalized_shape) == 1:
-            y = call_on_blocks(self, module, x)
-            if y is not None:
-                return y
+    @staticmethod
+    def takes_blocks(module) -> bool:
+        return len(module.normalized_shape) == 1
+
+    def hooked_forward(self, module, x):
         self.engine.calls[self.slot] += 1
         return _layer_norm(x, module.weight, module.bias, module.normalized_shape, module.eps, self.on_backward)
 
