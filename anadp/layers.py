@@ -167,6 +167,15 @@ _layer_norm = _direct_apply(_LayerNormFn)
 _compiling = getattr(torch.compiler, "is_compiling", lambda: False)
 
 
+def _eagerly(fn, *args):
+    """fn(*args), run uncompiled inside torch.compile's tracing (a graph break)."""
+    return fn(*args)
+
+
+if hasattr(torch.compiler, "disable"):
+    _eagerly = torch.compiler.disable(_eagerly)
+
+
 def _trainable(p) -> bool:
     return p is not None and p.requires_grad
 
@@ -280,7 +289,18 @@ class RowwiseLayer(Layer):
         if not torch.is_grad_enabled():
             return type(module).forward(module, x)
         if _compiling():
-            return self.compiled_forward(module, x)
+            if not _flattened(self.engine, x):
+                return self.compiled_forward(module, x)
+            return _eagerly(self.refuse_flattened, x)  # raised uncompiled: the error reaches the caller as it is
+        return self.uncompiled_forward(module, x)
+
+    def refuse_flattened(self, x):
+        raise UnsupportedModuleError(
+            f"module '{self.name}' is called on a flattened batch of shape {tuple(x.shape)} ({self.engine.batch_size} "
+            "samples) inside torch.compile: anadp proves the rows of a flattened batch from autograd's graph, which "
+            "the compiled model replaces, so it cannot form their per-sample gradients there. Run this model uncompiled")
+
+    def uncompiled_forward(self, module, x):
         if _flattened(self.engine, x) and self.takes_blocks(module):
             y = call_on_blocks(self, module, x)
             if y is not None:
@@ -296,10 +316,6 @@ class RowwiseLayer(Layer):
         return True
 
     def compiled_forward(self, module, x):
-        if _flattened(self.engine, x):
-            raise UnsupportedModuleError(
-                f"module '{self.name}' is called on a flattened batch of shape {tuple(x.shape)} ({self.engine.batch_size} "
-                "samples) inside torch.compile, which anadp supports only uncompiled: run the model uncompiled")
         params = module._parameters  # (a norm may have no bias attribute at all)
         weight, bias = (params["weight"], params.get("bias")) if "weight" in params else _weight_and_bias(module)
         kind = x.device.type

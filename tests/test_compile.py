@@ -103,3 +103,17 @@ def test_a_private_model_nobody_holds_is_freed():
             anadp.make_private(*make_setup(), noise_multiplier=1.0, max_grad_norm=1.0)
     gc.collect()
     assert len(compiled._OBJECTS) == before
+
+
+def test_a_flattened_batch_under_compile_is_refused_by_name():
+    """OPT's feed-forward flattens (B, T, d) into tokens: the proof that its rows are the samples' blocks reads
+    autograd's graph, which a compiled model replaces, so under torch.compile the layer refuses it by name (not
+    a batch-size mismatch at the backward, nor a tracing error)."""
+    from anadp.layers import UnsupportedModuleError
+    from anadp.engine import GradSampleEngine
+    model, kind = make("opt", torch.float32)
+    engine = GradSampleEngine(model, loss_reduction="sum")
+    torch._dynamo.reset()
+    with pytest.raises(UnsupportedModuleError, match="flattened batch .* inside torch.compile"):
+        logits(torch.compile(model)(**batch(kind, B=4, dtype=torch.float32))).sum().backward()
+    engine.remove()
