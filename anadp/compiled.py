@@ -23,6 +23,10 @@ _OBJECTS: weakref.WeakValueDictionary = weakref.WeakValueDictionary()
 _next_key = itertools.count()
 
 
+# whether dynamo is tracing the caller (the layers' and the engine's forward side switch to the ops there)
+compiling = getattr(torch.compiler, "is_compiling", lambda: False)
+
+
 def available() -> bool:
     """Whether this torch can compile a private model: custom ops whose side effects the compiler keeps."""
     return _EFFECTS

@@ -21,9 +21,6 @@ from .sharding import is_sharded
 
 
 
-_compiling = getattr(torch.compiler, "is_compiling", lambda: False)
-
-
 class BatchMismatchError(RuntimeError):
     pass
 
@@ -247,7 +244,7 @@ class GradSampleEngine:
     # --- forward / backward side -------------------------------------------------
     def _pre_forward(self, module, args, kwargs):
         x = _first_tensor(args, kwargs)
-        if _compiling():  # the book-keeping as an op that runs it eagerly (anadp.compiled); the batch size
+        if compiled.compiling():  # the book-keeping as an op that runs it eagerly (anadp.compiled); the batch size
             if x is None:  # for the traced layers too
                 raise ValueError("a compiled private model needs a tensor argument (its batch)")
             compiled.begin(self, x)

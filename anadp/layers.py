@@ -164,9 +164,6 @@ _affine = _direct_apply(_AffineFn)
 _layer_norm = _direct_apply(_LayerNormFn)
 
 
-_compiling = getattr(torch.compiler, "is_compiling", lambda: False)
-
-
 def _eagerly(fn, *args):
     """fn(*args), run uncompiled inside torch.compile's tracing (a graph break)."""
     return fn(*args)
@@ -288,7 +285,7 @@ class RowwiseLayer(Layer):
     def forward(self, module, x):
         if not torch.is_grad_enabled():
             return type(module).forward(module, x)
-        if _compiling():
+        if compiled.compiling():
             if not _flattened(self.engine, x):
                 return self.compiled_forward(module, x)
             return _eagerly(self.refuse_flattened, x)  # raised uncompiled: the error reaches the caller as it is
@@ -393,7 +390,7 @@ class EmbeddingLayer(Layer):
     def forward(self, module, idx):
         if not torch.is_grad_enabled():
             return type(module).forward(module, idx)
-        if not _compiling():
+        if not compiled.compiling():
             self.engine.calls[self.slot] += 1
         idx = self.engine.broadcast_indices(self.name, idx)
         B, dim = self.engine.batch_size, (0 if self.engine.batch_first else 1)
@@ -403,7 +400,7 @@ class EmbeddingLayer(Layer):
                 f"({B} samples): its output is shared by the batch, and autograd sums the samples' gradients before "
                 "they reach it, so its per-sample gradients cannot be formed. Index it per sample (expand the index "
                 "to the batch), or freeze it (weight.requires_grad_(False))")
-        if _compiling():
+        if compiled.compiling():
             return compiled.call(self, idx, module.weight, None)
         return _embedding(idx, module.weight, module.padding_idx, self.on_backward)
 
