@@ -27,6 +27,15 @@ _next_key = itertools.count()
 compiling = getattr(torch.compiler, "is_compiling", lambda: False)
 
 
+def eagerly(fn, *args, **kwargs):
+    """fn(*args, **kwargs), run uncompiled where dynamo traces the caller (a graph break there). The
+    disabled wrapper is made only there: importing anadp does not import dynamo (~1 s), and an
+    uncompiled call costs one check, not dynamo's disable context."""
+    if compiling():
+        return torch.compiler.disable(fn)(*args, **kwargs)
+    return fn(*args, **kwargs)
+
+
 def available() -> bool:
     """Whether this torch can compile a private model: custom ops whose side effects the compiler keeps."""
     return _EFFECTS

@@ -12,6 +12,7 @@ layers are made of nn.Linear modules and need nothing more.
 """
 from __future__ import annotations
 
+import functools
 import types
 
 import torch
@@ -164,15 +165,6 @@ _affine = _direct_apply(_AffineFn)
 _layer_norm = _direct_apply(_LayerNormFn)
 
 
-def _eagerly(fn, *args):
-    """fn(*args), run uncompiled inside torch.compile's tracing (a graph break)."""
-    return fn(*args)
-
-
-if hasattr(torch.compiler, "disable"):
-    _eagerly = torch.compiler.disable(_eagerly)
-
-
 def _trainable(p) -> bool:
     return p is not None and p.requires_grad
 
@@ -256,10 +248,10 @@ class Layer:
 
     def install(self):
         forward = self.forward
-        if not hasattr(self, "op_forward") and hasattr(torch.compiler, "disable"):
+        if not hasattr(self, "op_forward"):
             # a layer with no op for the compiler (convolutions, attention, the generic path) runs eagerly
             # inside a compiled model: a graph break there, never a trace of its book-keeping
-            forward = torch.compiler.disable(forward)
+            forward = functools.partial(compiled.eagerly, self.forward)
         self.module.forward = types.MethodType(forward, self.module)
         self.key = compiled.register(self)
 
@@ -288,7 +280,7 @@ class RowwiseLayer(Layer):
         if compiled.compiling():
             if not _flattened(self.engine, x):
                 return self.compiled_forward(module, x)
-            return _eagerly(self.refuse_flattened, x)  # raised uncompiled: the error reaches the caller as it is
+            return compiled.eagerly(self.refuse_flattened, x)  # raised uncompiled: the error reaches the caller as it is
         return self.uncompiled_forward(module, x)
 
     def refuse_flattened(self, x):
