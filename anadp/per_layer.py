@@ -48,6 +48,9 @@ class PerLayerAccumulator(Accumulator):
     clips_in_backward = True
     # released per layer, at the latest when this many elements wait (1: every layer in its own hook)
     RELEASE_BATCH = 1 << 20
+    # on a device where each op is a launch (a GPU): each release is preceded by one host read (the
+    # finite check), which stalls the launches queued behind it; BERT-base's 110M numbers release once
+    RELEASE_BATCH_NATIVE = 1 << 27
     # complete groups whose records hold at most CLIP_BATCH / 4 numbers wait to be clipped together,
     # until CLIP_BATCH numbers wait: their norms and clipped sums then take one product per stack of
     # one shape (PhysicalBatch), not ~35 small ops per group; the records they keep bound the memory
@@ -66,6 +69,7 @@ class PerLayerAccumulator(Accumulator):
         for i, g in enumerate(self.col):
             self.members.setdefault(g, []).append(i)
         self.in_hook = in_hook
+        self._launches = bool(self.tensors.params) and self.tensors.params[0].device.type in R.NATIVE_16BIT_DEVICES
         self.hook_plan = None
         self.reset()
 
@@ -136,7 +140,7 @@ class PerLayerAccumulator(Accumulator):
         multi-tensor noise (+ update) launch per batch, not one per layer."""
         self._waiting += idx
         self._waiting_numel += sum(self.tensors.params[i].numel() for i in idx)
-        if self._waiting_numel >= self.RELEASE_BATCH:
+        if self._waiting_numel >= (self.RELEASE_BATCH_NATIVE if self._launches else self.RELEASE_BATCH):
             self._release_waiting()
 
     def _release_waiting(self) -> None:
@@ -293,7 +297,9 @@ class PerLayerAccumulator(Accumulator):
         self.sums.count_chunk(batch.ends_logical)
         if self.hook_plan is not None:
             with torch.no_grad():
-                self._release_waiting()
-                self._check_finite()
+                self._check_finite()  # once, for the waiting tensors and the rest
+                if self._waiting:
+                    self.release.release(self.hook_plan, self._waiting)
+                self._waiting, self._waiting_numel = [], 0
                 self.release.release(self.hook_plan, self.hook_plan.unreleased(len(self.tensors)))
         self._sq_total = None
