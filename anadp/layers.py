@@ -332,15 +332,18 @@ class LinearLayer(RowwiseLayer):
     transposed = False
     autocast = "low"
 
-    def hooked_forward(self, module, x):
+    def count_call(self, x):
+        """The engine's count of this layer's calls and of x's readers (q, k and v share one input)."""
         self.engine.calls[self.slot] += 1
         self.engine.count_reader(x)
+
+    def hooked_forward(self, module, x):
+        self.count_call(x)
         weight, bias = _weight_and_bias(module)
         return _linear(x, weight, bias, self.transposed, self.on_backward)
 
     def op_forward(self, x, weight, bias):
-        self.engine.calls[self.slot] += 1
-        self.engine.count_reader(x)
+        self.count_call(x)
         return _linear_out(x, weight, bias, self.transposed)
 
     def op_fake(self, x, weight, bias):
