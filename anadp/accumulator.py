@@ -93,6 +93,9 @@ class Accumulator:
         """The plan of a step released in the backward (per-layer clipping), else None."""
         return None
 
+    def check_finite(self) -> None:
+        """Before a step is released: the non-finite check of its logical batch, where it was deferred."""
+
     def before_zero_grad(self) -> None:
         """zero_grad() is about to discard the pending records (per-layer clipping may refuse)."""
 
@@ -111,6 +114,20 @@ class WhitenedAccumulator(Accumulator):
     def __init__(self, *args, norm_kernels=None, defer_linear: bool = False, reducer=None, **kwargs):
         super().__init__(*args, **kwargs)
         self.norm_kernels, self.defer_linear, self.reducer = norm_kernels, defer_linear, reducer
+        self.reset()
+
+    def reset(self) -> None:
+        # nonfinite="raise": the logical batch's non-finite samples, counted on the device and read once,
+        # before its step is released (check_finite): one host read a step, not one per physical batch
+        self._nonfinite, self._nonfinite_rows, self._samples = None, [], 0
+
+    def check_finite(self) -> None:
+        count, self._nonfinite = self._nonfinite, None
+        rows, self._nonfinite_rows = self._nonfinite_rows, []
+        samples, self._samples = self._samples, 0
+        if count is not None and int(count):
+            names = [self.tensors.names[p] for keys, sq in rows for p, s in zip(keys, sq) if not torch.isfinite(s).all()]
+            report_nonfinite(int(count), samples, names, "raise")
 
     @torch.no_grad()
     def on_batch(self, batch) -> None:
@@ -121,7 +138,12 @@ class WhitenedAccumulator(Accumulator):
         weights = self.feed.weights(keys, sq.dtype, sq.device)
         norms = (weights.whiten @ sq).sqrt() * batch.scale
         bad = ~torch.isfinite(norms)
-        any_bad = bool(bad.any())
+        any_bad = self.nonfinite == "skip" and bool(bad.any())  # "skip" drops them from the records now
+        if self.nonfinite == "raise":  # nothing leaves before check_finite; sums of a bad batch are not released
+            n = bad.sum()
+            self._nonfinite = n if self._nonfinite is None else self._nonfinite + n
+            self._nonfinite_rows.append((keys, sq))  # the parameters' names, read only if it raises
+            self._samples += batch.batch_size
         if any_bad:
             names = [self.tensors.names[p] for p, s in zip(keys, sq) if not torch.isfinite(s).all()]
             report_nonfinite(int(bad.sum()), batch.batch_size, names, self.nonfinite)

@@ -251,6 +251,7 @@ class DPOptimizer(Optimizer):
             self.tensors.check_no_shard_grads()
         if self.sums.mid_logical_batch:
             return None
+        self.accumulator.check_finite()
         if self.reducer is not None:
             self.reducer.all_reduce()
         k = self.sums.logical_batches

@@ -86,6 +86,7 @@ class PerLayerAccumulator(Accumulator):
         self._pending_numel = 0
         self._bad = None
         self._sq_total = None
+        self._unchecked: list = []  # earlier chunks' per-sample totals, read with the next check (_check_finite)
 
     def released_plan(self):
         plan, self.hook_plan = self.hook_plan, None
@@ -150,12 +151,18 @@ class PerLayerAccumulator(Accumulator):
         self._waiting, self._waiting_numel = [], 0
 
     def _check_finite(self) -> None:
-        """nonfinite="raise": no clipped sum of a non-finite per-sample gradient is released (one check
-        of the norms clipped since the last release, not one per layer)."""
-        sq = self._sq_total
-        if self.nonfinite == "raise" and sq is not None and not math.isfinite(float(sq.sum())):
-            report_nonfinite(int((~torch.isfinite(sq)).sum()), len(sq), None, "raise", raise_note=(
-                ". Under per-layer clipping the layers released earlier in this backward have taken their step"))
+        """nonfinite="raise": no clipped sum of a non-finite per-sample gradient is released (one host read
+        of the norms clipped since the last release and of the logical batch's earlier chunks, not one
+        per layer or chunk)."""
+        parts = self._unchecked + ([self._sq_total] if self._sq_total is not None else [])
+        self._unchecked = []
+        if self.nonfinite == "raise" and parts and not math.isfinite(float(sum(t.sum() for t in parts))):
+            report_nonfinite(sum(int((~torch.isfinite(t)).sum()) for t in parts), sum(len(t) for t in parts), None,
+                             "raise", raise_note=(". Under per-layer clipping the layers released earlier in this "
+                                                  "backward have taken their step"))
+
+    def check_finite(self) -> None:
+        self._check_finite()
 
     def _pend(self, g: int, recs: dict) -> None:
         """A complete group: clipped now (large records), or kept to be clipped with others."""
@@ -289,8 +296,8 @@ class PerLayerAccumulator(Accumulator):
         if self._bad is not None:
             self.skipped_samples += int(self._bad.sum())
             self._bad = None
-        if self.hook_plan is None:
-            self._check_finite()
+        if self.hook_plan is None and self._sq_total is not None:  # nothing of it leaves before step()
+            self._unchecked.append(self._sq_total)
         self.last_per_sample_norms = None if self._sq_total is None else self._sq_total.sqrt()
         self._cache = R.BatchCache()
         self._chunk_open = False

@@ -38,6 +38,21 @@ def test_nan_loss_raises_by_default():
         o.step()
 
 
+@pytest.mark.parametrize("clipping", ["whitened", "per_layer"])
+def test_nan_in_an_earlier_physical_batch_raises_before_anything_is_released(clipping):
+    """The check is read once a step (a host read), not once per physical batch: a NaN in the first of two
+    chunks is still caught before the step is released (whitened: at step(); per-layer: in the last chunk's
+    backward, before its first release), counted over the logical batch, and the parameters are unchanged."""
+    m, o, l = private(poisson_sampling=False, max_physical_batch_size=8, clipping=clipping)
+    before = [p.detach().clone() for p in m.parameters()]
+    with pytest.raises(FloatingPointError, match="non-finite per-sample gradient in 8 of 16 samples"):
+        for k, (x, y) in enumerate(l):
+            (F.cross_entropy(m(x), y) * (float("nan") if k == 0 else 1.0)).backward()
+            o.step()
+    assert k == 1
+    assert all(torch.equal(a, p) for a, p in zip(before, m.parameters()))
+
+
 def test_inf_sample_is_dropped_and_counted_with_skip():
     m, o, l = private(poisson_sampling=False, nonfinite="skip", noise_multiplier=0.0)
     ref_m, ref_o, ref_l = private(poisson_sampling=False, noise_multiplier=0.0)

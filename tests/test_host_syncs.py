@@ -58,8 +58,9 @@ def _model(kind):
                                                           pad_token_id=0))
 
 
-def _syncs(kind, clipping, steps=4):
-    """anadp's syncs (backward, optimizer.step()) of each step of a private ``kind`` model."""
+def _syncs(kind, clipping, steps=4, physical=None):
+    """anadp's syncs (backward, optimizer.step()) of each step of a private ``kind`` model (batches of 8;
+    ``physical``: in physical chunks of that many samples, their syncs summed over each step's chunks)."""
     torch.manual_seed(0)
     model = _model(kind)
     ids, y = torch.randint(1, 50, (8 * steps, 8)), torch.randint(0, 2, (8 * steps,))
@@ -69,16 +70,19 @@ def _syncs(kind, clipping, steps=4):
                                                 DataLoader(TensorDataset(ids, y), batch_size=8),
                                                 noise_multiplier=1.0, max_grad_norm=1.0, clipping=clipping,
                                                 poisson_sampling=False, backend="torch", seed=0,
-                                                allocation_config=anadp.AllocationConfig(warmup_steps=0))
-    out = []
+                                                allocation_config=anadp.AllocationConfig(warmup_steps=0),
+                                                max_physical_batch_size=physical)
+    out, backward, step = [], SyncCounter(), SyncCounter()
     for x, t in loader:
-        backward, step = SyncCounter(), SyncCounter()
         with backward:
             torch.nn.functional.cross_entropy(model(input_ids=x).logits, t).backward()
         with step:
             opt.step()
-        opt.zero_grad()
-        out.append((backward.where, step.where))
+        if opt.stepped:
+            opt.zero_grad()
+            out.append((backward.where, step.where))
+            backward, step = SyncCounter(), SyncCounter()
+    assert len(out) == steps
     return out
 
 
@@ -91,6 +95,14 @@ def test_no_host_sync_in_forward_and_backward_and_one_in_the_step(kind, clipping
     for backward, step in _syncs(kind, clipping)[1:]:
         assert backward == [], backward
         assert len(step) <= 1, step
+
+
+@pytest.mark.parametrize("clipping", ["whitened", "per_layer"])
+def test_one_host_sync_a_step_however_many_physical_batches(clipping):
+    """A logical batch of 8 in 4 physical chunks of 2: the non-finite check is counted on the device and read
+    once, before the step is released (was once per chunk)."""
+    for backward, step in _syncs("bert", clipping, steps=2, physical=2)[1:]:
+        assert len(backward) + len(step) <= 1, (backward, step)
 
 
 def test_per_layer_clipping_on_a_device_releases_in_few_batches(monkeypatch):
