@@ -7,7 +7,8 @@ BERT-base full fine-tuning (hidden 768, 12 layers, B=32, T=256) in float32 and u
 BERT-base with LoRA (r = 8 on query and value, PEFT) in both precisions; a Llama-like decoder
 (hidden 2048, 16 layers, T = 1024, B = 4) under bf16 autocast with LoRA (r = 16 on q/k/v/o) and with
 full fine-tuning; BERT-base full under bf16 autocast with the forward through torch.compile (non-private,
-uniform and ANADP, each compiled). Methods: non-private; anadp ANADP (whitened and per-layer clipping) and uniform on
+uniform and ANADP, each compiled), and in mode "reduce-overhead" (CUDA graphs; non-private and uniform: where
+inductor cannot capture the private graph, whose ops run Python, it says so and runs it uncaptured). Methods: non-private; anadp ANADP (whitened and per-layer clipping) and uniform on
 the default backend (triton on a
 GPU: its multi-tensor noise + update, the norms and clipped sums in cuBLAS where kernel_choice says
 so); Opacus ghost clipping when opacus is installed; for BERT-base full also anadp ANADP on the cuda
@@ -110,6 +111,8 @@ def workloads(dry_run: bool) -> list[dict]:
         {"name": f"{llama.name}, full", "cfg": llama, "lora": None, "precisions": ["bf16 autocast"], "methods": CORE},
         {"name": f"{bert.name}, full, torch.compile", "cfg": bert, "lora": None, "precisions": ["bf16 autocast"],
          "methods": COMPILED, "compile": True},
+        {"name": f"{bert.name}, full, torch.compile reduce-overhead (CUDA graphs)", "cfg": bert, "lora": None,
+         "precisions": ["bf16 autocast"], "methods": COMPILED[:2], "compile": "reduce-overhead"},
         {"name": f"{bert.name}, full", "cfg": bert, "lora": None, "precisions": ["bf16 autocast", "float32"],
          "methods": EXTRA},
     ]

@@ -125,12 +125,13 @@ def _logits(out):
 
 def make_step(method: str, model: nn.Module, inputs: dict, labels: torch.Tensor, *, sigma: float = 1.0,
               clip: float = 1.0, seed: int = 0, optimizer: str = "adamw", backend: str = "auto",
-              autocast: torch.dtype | None = None, poisson_sampling: bool = False, compile: bool = False):
+              autocast: torch.dtype | None = None, poisson_sampling: bool = False, compile: bool | str = False):
     """A closure doing one full training step (forward, backward, clip, noise, update), and the
     (wrapped) model; the closure's ``optimizer`` is the optimizer it steps. ``autocast``: run the
     forward and the loss under torch.autocast with that dtype. ``poisson_sampling``: what anadp's
     loader is made with (distributed runs need it; the closure feeds the same batch either way).
-    ``compile``: the (wrapped) model's forward through torch.compile (inductor)."""
+    ``compile``: the (wrapped) model's forward through torch.compile (inductor; a string: its mode, e.g.
+    "reduce-overhead", CUDA graphs)."""
     B = len(labels)
     # the multi-tensor (foreach) update for every method: torch's default on a GPU, and what anadp sets
     # on the CPU too (the for-loop default there would charge the non-private step ~200 small ops more)
@@ -162,7 +163,7 @@ def make_step(method: str, model: nn.Module, inputs: dict, labels: torch.Tensor,
         elif method != "nonprivate":
             raise ValueError(method)
 
-    forward = torch.compile(model) if compile else model
+    forward = torch.compile(model, mode=compile if isinstance(compile, str) else None) if compile else model
     chunks = getattr(getattr(opt, "engine", None), "chunks", None)
     begin = chunks.begin if chunks is not None else lambda: None
 

@@ -52,9 +52,9 @@ def test_gpu_check_dry_run(tmp_path):
     result = json.loads((tmp_path / "gpu-check.json").read_text())
     steps = {(r["workload"], r["precision"], r["method"]): r for r in result["steps"]}
     workloads = {r["workload"] for r in result["steps"]}
-    assert len(workloads) == 5  # BERT full and LoRA, Llama-like LoRA and full, BERT full compiled
-    for w in workloads:
-        for method in ("nonprivate", "anadp ANADP", "anadp uniform"):
+    assert len(workloads) == 6  # BERT full and LoRA, Llama-like LoRA and full, BERT full compiled, and as CUDA graphs
+    for w in workloads:  # the CUDA-graph workload times non-private and uniform only
+        for method in ("nonprivate", "anadp uniform") + (("anadp ANADP",) if "reduce-overhead" not in w else ()):
             row = steps[(w, "bf16 autocast", method)]
             assert row["seconds"] > 0 and row["time_ratio"] > 0, row
     assert steps[("bert-tiny, full", "float32", "anadp ANADP, triton, every kernel")]["seconds"] > 0
