@@ -126,8 +126,11 @@ class WhitenedAccumulator(Accumulator):
         rows, self._nonfinite_rows = self._nonfinite_rows, []
         samples, self._samples = self._samples, 0
         if count is not None and int(count):
-            names = [self.tensors.names[p] for keys, sq in rows for p, s in zip(keys, sq) if not torch.isfinite(s).all()]
-            report_nonfinite(int(count), samples, names, "raise")
+            report_nonfinite(int(count), samples, [n for keys, sq in rows for n in self._nonfinite_names(keys, sq)],
+                             "raise")
+
+    def _nonfinite_names(self, keys: list, sq: torch.Tensor) -> list:
+        return [self.tensors.names[p] for p, s in zip(keys, sq) if not torch.isfinite(s).all()]
 
     @torch.no_grad()
     def on_batch(self, batch) -> None:
@@ -145,8 +148,7 @@ class WhitenedAccumulator(Accumulator):
             self._nonfinite_rows.append((keys, sq))  # the parameters' names, read only if it raises
             self._samples += batch.batch_size
         if any_bad:
-            names = [self.tensors.names[p] for p, s in zip(keys, sq) if not torch.isfinite(s).all()]
-            report_nonfinite(int(bad.sum()), batch.batch_size, names, self.nonfinite)
+            report_nonfinite(int(bad.sum()), batch.batch_size, self._nonfinite_names(keys, sq), self.nonfinite)
             batch.drop(bad)
             norms = torch.where(bad, 0, norms)
             self.skipped_samples += int(bad.sum())

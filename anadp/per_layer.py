@@ -86,7 +86,7 @@ class PerLayerAccumulator(Accumulator):
         self._pending_numel = 0
         self._bad = None
         self._sq_total = None
-        self._unchecked: list = []  # earlier chunks' per-sample totals, read with the next check (_check_finite)
+        self._unchecked: list = []  # earlier chunks' per-sample totals, read with the next check (check_finite)
 
     def released_plan(self):
         plan, self.hook_plan = self.hook_plan, None
@@ -144,13 +144,14 @@ class PerLayerAccumulator(Accumulator):
         if self._waiting_numel >= (self.RELEASE_BATCH_NATIVE if self._launches else self.RELEASE_BATCH):
             self._release_waiting()
 
-    def _release_waiting(self) -> None:
+    def _release_waiting(self, checked: bool = False) -> None:
         if self._waiting:
-            self._check_finite()
+            if not checked:
+                self.check_finite()
             self.release.release(self.hook_plan, self._waiting)
         self._waiting, self._waiting_numel = [], 0
 
-    def _check_finite(self) -> None:
+    def check_finite(self) -> None:
         """nonfinite="raise": no clipped sum of a non-finite per-sample gradient is released (one host read
         of the norms clipped since the last release and of the logical batch's earlier chunks, not one
         per layer or chunk)."""
@@ -160,9 +161,6 @@ class PerLayerAccumulator(Accumulator):
             report_nonfinite(sum(int((~torch.isfinite(t)).sum()) for t in parts), sum(len(t) for t in parts), None,
                              "raise", raise_note=(". Under per-layer clipping the layers released earlier in this "
                                                   "backward have taken their step"))
-
-    def check_finite(self) -> None:
-        self._check_finite()
 
     def _pend(self, g: int, recs: dict) -> None:
         """A complete group: clipped now (large records), or kept to be clipped with others."""
@@ -208,7 +206,7 @@ class PerLayerAccumulator(Accumulator):
                 M[pos, range(len(keys))] = 1
                 sq = M @ sq_rows
             sq = sq * scale ** 2  # (groups, B): each sample's squared norm in each group
-            # "raise": checked once per release (_check_finite), before anything of these groups leaves;
+            # "raise": checked once per release (check_finite), before anything of these groups leaves;
             # "skip": here, so that the bad samples can be dropped from the records still at hand
             total = sq.sum(0)
             if self.nonfinite == "skip" and (self._bad is not None or not math.isfinite(float(total.sum()))):
@@ -304,9 +302,7 @@ class PerLayerAccumulator(Accumulator):
         self.sums.count_chunk(batch.ends_logical)
         if self.hook_plan is not None:
             with torch.no_grad():
-                self._check_finite()  # once, for the waiting tensors and the rest
-                if self._waiting:
-                    self.release.release(self.hook_plan, self._waiting)
-                self._waiting, self._waiting_numel = [], 0
+                self.check_finite()  # once, for the waiting tensors and the rest
+                self._release_waiting(checked=True)
                 self.release.release(self.hook_plan, self.hook_plan.unreleased(len(self.tensors)))
         self._sq_total = None
