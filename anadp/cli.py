@@ -49,7 +49,7 @@ def _finetune(args) -> int:
     cfg = FinetuneConfig(model=args.model, data=args.data, text_field=args.text_field, label_field=args.label_field,
                          methods=methods, epsilons=args.epsilon, delta=args.delta, epochs=args.epochs,
                          seeds=args.seed, lora=args.lora, max_steps=args.max_steps, train_size=args.train_size,
-                         test_size=args.test_size, out=args.out, lr=args.lr, dp_lr=args.dp_lr,
+                         test_size=args.test_size, out=args.out, lr=args.lr, dp_lr=args.dp_lr, head_lr=args.head_lr,
                          batch_size=args.batch_size, warmup=args.warmup, decay=args.decay, device=args.device)
     res = run_finetune(cfg, progress=not args.no_progress)
     with open(f"{args.out}/results.md") as f:
@@ -156,6 +156,8 @@ def build_parser() -> argparse.ArgumentParser:
                     help="non-private AdamW learning rate (None: 5e-4 with LoRA, 5e-5 with --no-lora)")
     ft.add_argument("--dp-lr", type=_positive(float), default=fd.dp_lr,
                     help="DP AdamW learning rate (None: 1e-2 with LoRA, 2e-3 with --no-lora)")
+    ft.add_argument("--head-lr", type=_positive(float), default=fd.head_lr,
+                    help="DP AdamW learning rate of the new classification head (None: --dp-lr)")
     ft.add_argument("--batch-size", type=_positive(int), default=fd.batch_size,
                     help="expected logical batch size of the DP runs (None: 128 with LoRA, 1024 with --no-lora)")
     ft.add_argument("--warmup", type=float, default=fd.warmup,

@@ -162,6 +162,10 @@ def main(argv=None) -> int:
     ap.add_argument("--batch-size", type=int, default=None,
                     help="expected logical batch (default per mode: finetune.expected_batch)")
     ap.add_argument("--epochs", type=int, default=FinetuneConfig.epochs)
+    ap.add_argument("--dp-lr", type=float, default=None, help="DP learning rate (default: the mode's)")
+    ap.add_argument("--head-lr", type=float, default=FinetuneConfig.head_lr, help="DP rate of the head")
+    ap.add_argument("--warmup", type=float, default=FinetuneConfig.warmup)
+    ap.add_argument("--decay", choices=["linear", "none"], default=FinetuneConfig.decay)
     ap.add_argument("--tag", default="", help="appended to the output file names")
     ap.add_argument("--physical-batch-size", type=int, default=FinetuneConfig.physical_batch_size,
                     help="physical chunk of a logical batch (results do not depend on it beyond rounding)")
@@ -174,7 +178,8 @@ def main(argv=None) -> int:
     ap.add_argument("--smoke", action="store_true", help="tiny sizes (CI): 2 steps a run")
     args = ap.parse_args(argv)
     cfg = FinetuneConfig(model=args.model, device=args.device, backend=args.backend, batch_size=args.batch_size,
-                         epochs=args.epochs, physical_batch_size=args.physical_batch_size)
+                         epochs=args.epochs, physical_batch_size=args.physical_batch_size, dp_lr=args.dp_lr,
+                         head_lr=args.head_lr, warmup=args.warmup, decay=args.decay)
     if args.smoke:
         cfg = replace(cfg, train_size=96, test_size=32, max_steps=2, batch_size=32, physical_batch_size=16)
     if args.prepared:

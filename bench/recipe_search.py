@@ -79,6 +79,15 @@ CANDIDATES = {
     # noise the same as every coordinate's; per-layer clipping gives each group its own threshold
     "full-perlayer-b256": ("full", "per_layer", {"batch_size": 256, "dp_lr": 5e-4}),
     "full-perlayer-shares-b256": ("full", "per_layer-shares", {"batch_size": 256, "dp_lr": 5e-4}),
+    # a DP linear probe on the frozen model's pooled features leaves the constant prediction in 30 steps only at
+    # rate ~0.1 (1e-2 and 2e-3, the full and LoRA rates, stay there): the head at its own rate
+    "full-head1e-1-decay": ("full", "uniform", {"head_lr": 0.1, "warmup": 0.1, "decay": "linear"}),
+    "full-head1e-1-lr5e-4-decay": ("full", "uniform", {"head_lr": 0.1, "dp_lr": 5e-4, "warmup": 0.1,
+                                                       "decay": "linear"}),
+    "full-b256-head1e-1-lr5e-4-decay": ("full", "uniform", {"head_lr": 0.1, "dp_lr": 5e-4, "batch_size": 256,
+                                                            "warmup": 0.1, "decay": "linear"}),
+    "lora-head1e-1-decay": ("lora", "uniform", {"head_lr": 0.1, "warmup": 0.1, "decay": "linear"}),
+    "lora-head3e-2-decay": ("lora", "uniform", {"head_lr": 3e-2, "warmup": 0.1, "decay": "linear"}),
 }
 
 

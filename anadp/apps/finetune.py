@@ -48,6 +48,9 @@ class FinetuneConfig:
     physical_batch_size: int = 64
     lr: float | None = None     # non-private; None: 5e-4 with LoRA, 5e-5 for full fine-tuning
     dp_lr: float | None = None  # None: 1e-2 with LoRA, 2e-3 for full fine-tuning (see learning_rate)
+    # DP runs: the new classification head's rate (None: dp_lr). A head trained from a random start under DP noise
+    # needs ~0.1 to leave the constant prediction in ~30-200 steps (bench/results/recipe-search-2026-12-06-head*)
+    head_lr: float | None = None
     max_grad_norm: float = 1.0
     weight_decay: float = 0.0
     # the rate's schedule, every run (DP and non-private): a linear warm-up over this fraction of the steps, then
@@ -71,6 +74,21 @@ def learning_rate(cfg: FinetuneConfig, dp: bool) -> float:
     if dp:
         return cfg.dp_lr if cfg.dp_lr is not None else (1e-2 if cfg.lora else 2e-3)
     return cfg.lr if cfg.lr is not None else (5e-4 if cfg.lora else 5e-5)
+
+
+def param_groups(model: torch.nn.Module, cfg: FinetuneConfig, dp: bool) -> list[dict]:
+    """The trainable parameters as AdamW groups: the head (a module named classifier or score) at
+    ``head_lr`` in DP runs, every other parameter at the run's rate; each group keeps its ``base_lr``
+    for the schedule. One group where the head takes the run's rate."""
+    base = learning_rate(cfg, dp)
+    head_lr = cfg.head_lr if dp and cfg.head_lr is not None else base
+    if head_lr == base:
+        return [{"params": [p for p in model.parameters() if p.requires_grad], "lr": base, "base_lr": base}]
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    is_head = [any(f"{k}." in n for k in ("classifier", "score")) for n, _ in named]
+    groups = [{"params": [p for (_, p), h in zip(named, is_head) if not h], "lr": base, "base_lr": base},
+              {"params": [p for (_, p), h in zip(named, is_head) if h], "lr": head_lr, "base_lr": head_lr}]
+    return [g for g in groups if g["params"]]
 
 
 def expected_batch(cfg: FinetuneConfig) -> int:
@@ -171,10 +189,8 @@ def train_one(cfg: FinetuneConfig, method: str, epsilon: float, seed: int, train
         raise ValueError(f"warmup must be in [0, 1) and decay 'linear' or 'none', got {cfg.warmup!r}, {cfg.decay!r}")
     torch.manual_seed(seed)
     model = load_model(model_path, 2, cfg.lora, cfg.lora_r, cfg.lora_targets, cfg.freeze, cfg.train_only).to(cfg.device)
-    params = [p for p in model.parameters() if p.requires_grad]
     dp = method != "nonprivate"
-    base_lr = learning_rate(cfg, dp)
-    optimizer = torch.optim.AdamW(params, lr=base_lr, weight_decay=cfg.weight_decay)
+    optimizer = torch.optim.AdamW(param_groups(model, cfg, dp), weight_decay=cfg.weight_decay)
     g = torch.Generator().manual_seed(seed)
     if dp:
         loader = DataLoader(train, batch_size=expected_batch(cfg), collate_fn=by_length)
@@ -196,7 +212,7 @@ def train_one(cfg: FinetuneConfig, method: str, epsilon: float, seed: int, train
         for ids, mask, y in loader:
             if scheduled:
                 for group in optimizer.param_groups:
-                    group["lr"] = base_lr * lr_factor(cfg, steps, total)
+                    group["lr"] = group["base_lr"] * lr_factor(cfg, steps, total)
             optimizer.zero_grad()
             if len(y):
                 ids, mask = trim(ids, mask, cfg.device)
