@@ -86,6 +86,21 @@ CANDIDATES = {
                                                        "decay": "linear"}),
     "full-b256-head1e-1-lr5e-4-decay": ("full", "uniform", {"head_lr": 0.1, "dp_lr": 5e-4, "batch_size": 256,
                                                             "warmup": 0.1, "decay": "linear"}),
+    # after full-head1e-1-decay (0.550 again): the body's noisy steps, not the head, hold full fine-tuning back
+    "full-head1e-1-lr1e-4-decay": ("full", "uniform", {"head_lr": 0.1, "dp_lr": 1e-4, "warmup": 0.1,
+                                                       "decay": "linear"}),
+    "full-head1e-1-lr2e-5-decay": ("full", "uniform", {"head_lr": 0.1, "dp_lr": 2e-5, "warmup": 0.1,
+                                                       "decay": "linear"}),
+    "probe-head1e-1-decay": ("full", "uniform", {"train_only": ("classifier",), "dp_lr": 0.1, "warmup": 0.1,
+                                                 "decay": "linear"}),
+    # after full fine-tuning with the head at 0.1 stayed at the constant prediction, whatever the body's rate: the same
+    # head, alone and beside a body at rate 1e-9, on a 3000-sample training part (--train-size 3000), batch 256
+    "probe-b256-head1e-1-decay": ("full", "uniform", {"train_only": ("classifier",), "dp_lr": 0.1,
+                                                      "batch_size": 256, "warmup": 0.1, "decay": "linear"}),
+    "full-b256-head1e-1-lr1e-9-decay": ("full", "uniform", {"head_lr": 0.1, "dp_lr": 1e-9, "batch_size": 256,
+                                                            "warmup": 0.1, "decay": "linear"}),
+    "full-b256-head1e-1-lr1e-9-perlayer-shares": ("full", "per_layer-shares", {
+        "head_lr": 0.1, "dp_lr": 1e-9, "batch_size": 256, "warmup": 0.1, "decay": "linear"}),
     "lora-head1e-1-decay": ("lora", "uniform", {"head_lr": 0.1, "warmup": 0.1, "decay": "linear"}),
     "lora-head3e-2-decay": ("lora", "uniform", {"head_lr": 3e-2, "warmup": 0.1, "decay": "linear"}),
 }
@@ -126,6 +141,7 @@ def main(argv=None) -> int:
     ap.add_argument("--seed", type=int, nargs="+", default=[0])
     ap.add_argument("--max-len", type=int, default=32, help="the proxy's truncation (the benchmark's: 64)")
     ap.add_argument("--val-fraction", type=float, default=0.15)
+    ap.add_argument("--train-size", type=int, default=None, help="the first N of the carved training part (a quicker proxy)")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--model", default=None, help="local model directory (default: the packaged MiniLM-L6)")
     ap.add_argument("--resume", help="a search JSON whose finished runs are kept")
@@ -137,6 +153,8 @@ def main(argv=None) -> int:
         cfg = replace(cfg, train_size=120, test_size=8, max_steps=2, batch_size=32, physical_batch_size=16)
     data = prepare(cfg)
     train, val = carve(data["train"], args.val_fraction)
+    if args.train_size:
+        train = TensorDataset(*(t[:args.train_size] for t in train.tensors))
     delta = 1 / len(train) ** 1.1
     date = datetime.date.today().isoformat()
     stem = os.path.join(args.out, f"recipe-search-{date}{'-smoke' if args.smoke else ''}{args.tag}")
