@@ -90,6 +90,10 @@ class AllocationConfig:
     stats_beta: float = 0.9     # clip, anadp: EMA of the released statistics
     pooling: float = 0.75       # clip, anadp: weight of the mean over a group's kind (its matrix in every layer)
     share_noise: float = 10.0   # clip, anadp: noise of the share release, in units of sigma (gradient: +0.5%)
+    # the first step's w of the named groups (optimizer.group_names; the others 1), chosen before any data is
+    # seen: e.g. {"classifier": 0.1} clips a new head in its own budget (the full fine-tuning recipe). Uniform
+    # keeps them, the adaptive allocations start from them. Whitened clipping: exact for any w > 0
+    scales: dict | None = None
 
     def __post_init__(self):
         if not (0 <= self.beta1 < 1 and 0 <= self.beta2 < 1 and 0 <= self.stats_beta < 1):
@@ -100,6 +104,8 @@ class AllocationConfig:
             raise ValueError("power and warmup_steps must be >= 0")
         if not 0 <= self.pooling <= 1:
             raise ValueError(f"pooling must be in [0, 1], got {self.pooling}")
+        if self.scales is not None and not all(float(w) > 0 for w in self.scales.values()):
+            raise ValueError(f"scales must be > 0, got {self.scales}")
         if not self.share_noise > 1:
             raise ValueError(f"share_noise must be > 1 (the share release takes 1/share_noise^2 of the budget), "
                              f"got {self.share_noise}")
@@ -122,6 +128,15 @@ def noise_groups(names: list[str], shapes: list[torch.Size]) -> tuple[list[int],
             index[m] = len(group_names)
             group_names.append(m or "<top>")
     return [index.get(m, -1) for m in modules], group_names
+
+
+def named_scales(scales: dict, names: list[str]) -> torch.Tensor:
+    """Group scales from {group name: w} (the groups not named: 1)."""
+    unknown = sorted(set(scales) - set(names))
+    if unknown:
+        raise ValueError(f"AllocationConfig.scales names groups this model does not have: {unknown}; its groups "
+                         f"(optimizer.group_names): {names[:8]}{' ...' if len(names) > 8 else ''}")
+    return torch.tensor([float(scales.get(n, 1.0)) for n in names], dtype=torch.float64)
 
 
 def _normalize(u: torch.Tensor, weights: torch.Tensor, exponent: float, w_min: float, w_max: float) -> torch.Tensor:

@@ -21,7 +21,7 @@ from torch.optim import Optimizer
 from . import adam_correction, checkpoint, philox
 from .accounting import PrivacyLedger
 from .accumulator import ClippedSums, WhitenedAccumulator
-from .allocation import AllocationConfig, NoiseAllocator, kind_of, noise_groups
+from .allocation import AllocationConfig, NoiseAllocator, kind_of, named_scales, noise_groups
 from .clipping import AdaptiveClipping, FlatClipping, PerLayerClipping
 from .engine import GradSampleEngine, check_loss_reduction
 from .allocation_feed import AllocationFeed
@@ -116,6 +116,11 @@ class DPOptimizer(Optimizer):
                                         saturation=1.0 if self.noise_variance is None else self.noise_variance.floor)
         self.clip = (per_layer_clipping(thresholds, adaptive_clipping, self.allocator, self.group_names, distributed)
                      if clipping == "per_layer" else FlatClipping(self.max_grad_norm, whitened=clipping != "global"))
+        if self.allocator.config.scales:  # chosen before the data: public
+            if clipping != "whitened":
+                raise ValueError(f"AllocationConfig.scales needs clipping='whitened' (got {clipping!r}): there the "
+                                 "clip weighs each group by 1 / w^2, so any w keeps the guarantee exact")
+            self.allocator.group_scales = named_scales(self.allocator.config.scales, self.group_names)
         # the budget the noise was calibrated for (None: noise_multiplier given, no budget to keep)
         self.ledger = PrivacyLedger(accountant, self.noise_multiplier, sample_rate, target_epsilon, target_delta,
                                     budget_steps)

@@ -443,3 +443,52 @@ def test_the_compiled_maximizer_equals_the_numpy_loop(adaptive):
     a.compiled = False
     ref = a._best_for_step()
     assert rel_err(compiled, ref) < 1e-10 and float(ref.max() / ref.min()) > 1.5  # the maximizer moved w
+
+
+def test_fixed_scales_weigh_a_group_in_the_clip_and_its_noise():
+    """AllocationConfig.scales={"head": w}: each sample's clipped norm counts the head's gradient by 1 / w^2
+    (norm^2 = sum_g ||g_g||^2 / w_g^2), the head's noise is w sigma C / B, uniform keeps w, epsilon is uniform's."""
+    sigma, C, w = 1.2, 0.5, 0.25
+    runs = {}
+    for scales in (None, {"head": w}):
+        for s in (0.0, sigma):
+            m, o, l = make_setup("sgd")
+            with pytest.warns(UserWarning) if s == 0 else _nothing():
+                m, o, l = anadp.make_private(m, o, l, noise_multiplier=s, max_grad_norm=C, poisson_sampling=False, seed=3,
+                                             allocation="uniform", allocation_config=AllocationConfig(scales=scales))
+            x, y = next(iter(l))
+            F.cross_entropy(m(x), y).backward()
+            out = o.privatize()
+            runs[(scales is None, s)] = (o, out, o.accumulator.last_per_sample_norms.double())
+    o, _, norms = runs[(False, 0.0)]
+    assert o.noise_scales["head"] == w and {v for k, v in o.noise_scales.items() if k != "head"} == {1.0}
+    # the head's per-sample energy, by autograd one sample at a time
+    m, _, l = make_setup("sgd")
+    x, y = next(iter(l))
+    head_sq = torch.tensor([sum(float(g.pow(2).sum()) for g in torch.autograd.grad(
+        F.cross_entropy(m(x[i:i + 1]), y[i:i + 1]) / len(x), [m.head.weight, m.head.bias])) for i in range(len(x))],
+        dtype=torch.float64)
+    plain = runs[(True, 0.0)][2]
+    assert rel_err(norms.square(), plain.square() + (w ** -2 - 1) * head_sq * len(x) ** 2) < 1e-5
+    # noise: w sigma_g C / B on the head's coordinates, sigma_g C / B elsewhere
+    head = [i for i, p in enumerate(o.params) if o.tensors.names[p].startswith("head")]
+    o_n, noisy, _ = runs[(False, sigma)]
+    clean = runs[(False, 0.0)][1]
+    unit = o_n.gradient_noise_multiplier * C / o_n.expected_batch_size
+    for idx, expect in ((head, w * unit), ([i for i in range(len(clean)) if i not in head], unit)):
+        noise = torch.cat([(noisy[i] - clean[i]).flatten() for i in idx])
+        assert abs(float(noise.std()) - expect) < 4 * expect / math.sqrt(2 * (noise.numel() - 1))
+    assert o_n.ledger.accountant.history == runs[(True, sigma)][0].ledger.accountant.history
+
+
+def test_fixed_scales_are_checked():
+    m, o, l = make_setup("sgd")
+    with pytest.raises(ValueError, match="does not have: \\['nope'\\]"):
+        anadp.make_private(m, o, l, noise_multiplier=1.0, max_grad_norm=1.0, allocation_config=AllocationConfig(
+            scales={"nope": 0.5}))
+    m, o, l = make_setup("sgd")
+    with pytest.raises(ValueError, match="clipping='whitened'"):
+        anadp.make_private(m, o, l, noise_multiplier=1.0, max_grad_norm=1.0, clipping="global", allocation="uniform",
+                           allocation_config=AllocationConfig(scales={"head": 0.5}))
+    with pytest.raises(ValueError, match="must be > 0"):
+        AllocationConfig(scales={"head": 0.0})

@@ -127,3 +127,15 @@ def test_the_head_takes_its_own_rate_in_dp_runs(tiny_model_dir, lora):
     for dp, c in ((False, cfg), (True, FinetuneConfig(lora=lora))):
         (only,) = param_groups(model, c, dp)
         assert only["lr"] == learning_rate(c, dp) and len(only["params"]) == len(trainable)
+
+
+@pytest.mark.parametrize("lora", [True, False])
+def test_head_scale_sets_the_heads_w_in_dp_runs(tiny_model_dir, lora):
+    from anadp.apps.finetune import FinetuneConfig, prepare, train_one
+    cfg = FinetuneConfig(model=tiny_model_dir, lora=lora, lora_r=4, head_scale=0.2, train_size=64, test_size=16,
+                         batch_size=32, physical_batch_size=16, max_steps=2, epochs=1)
+    data = prepare(cfg)
+    row = train_one(cfg, "uniform", 8.0, 0, data["train"], data["test"], 1e-3, data["model_path"], progress=False)
+    head = [k for k in row["noise_scales"] if k.endswith("classifier") or k.endswith("classifier.modules_to_save.default")]
+    assert len(head) == 1 and row["noise_scales"][head[0]] == pytest.approx(0.2)
+    assert all(v == 1.0 for k, v in row["noise_scales"].items() if k != head[0])

@@ -23,6 +23,7 @@ from torch.utils.data._utils.collate import default_collate
 from tqdm.auto import tqdm
 
 from . import textdata
+from ..allocation import AllocationConfig
 from ..api import make_private
 from .methods import DEFAULT, method_setup, uses_anadp
 
@@ -51,6 +52,10 @@ class FinetuneConfig:
     # DP runs: the new classification head's rate (None: dp_lr). A head trained from a random start under DP noise
     # needs ~0.1 to leave the constant prediction in ~30-200 steps (bench/results/recipe-search-2026-12-06-head*)
     head_lr: float | None = None
+    # DP runs (whitened clipping): the head's w (AllocationConfig.scales; None: 1). A head at a learning rate fast
+    # enough grows, and the body's per-sample gradients through it grow with it (~10x at entries of 0.3) and take
+    # the clip from the head; a w < 1 weighs the head by 1 / w^2 in the clip and gives it w times the noise
+    head_scale: float | None = None
     max_grad_norm: float = 1.0
     weight_decay: float = 0.0
     # the rate's schedule, every run (DP and non-private): a linear warm-up over this fraction of the steps, then
@@ -89,6 +94,16 @@ def param_groups(model: torch.nn.Module, cfg: FinetuneConfig, dp: bool) -> list[
     groups = [{"params": [p for (_, p), h in zip(named, is_head) if not h], "lr": base, "base_lr": base},
               {"params": [p for (_, p), h in zip(named, is_head) if h], "lr": head_lr, "base_lr": head_lr}]
     return [g for g in groups if g["params"]]
+
+
+def head_group(model: torch.nn.Module) -> str:
+    """The noise group (its module's name) of the trainable head matrix."""
+    names = [n.rsplit(".", 1)[0] for n, p in model.named_parameters()
+             if p.requires_grad and p.dim() >= 2 and any(f"{k}." in n for k in ("classifier", "score"))]
+    if len(names) != 1:
+        raise ValueError(f"head_scale needs one trainable head matrix (a module named classifier or score), found "
+                         f"{names or 'none'}")
+    return names[0]
 
 
 def expected_batch(cfg: FinetuneConfig) -> int:
@@ -199,7 +214,9 @@ def train_one(cfg: FinetuneConfig, method: str, epsilon: float, seed: int, train
             model, optimizer, loader = make_private(
                 model, optimizer, loader, target_epsilon=epsilon, target_delta=delta, epochs=cfg.epochs,
                 max_grad_norm=cfg.max_grad_norm, seed=seed, **method_setup(method),
-                max_physical_batch_size=cfg.physical_batch_size, backend=cfg.backend)
+                max_physical_batch_size=cfg.physical_batch_size, backend=cfg.backend,
+                **({} if cfg.head_scale is None else
+                   {"allocation_config": AllocationConfig(scales={head_group(model): cfg.head_scale})}))
     else:
         loader = DataLoader(train, batch_size=cfg.physical_batch_size, shuffle=True, generator=g)
     total = cfg.epochs * len(loader)
