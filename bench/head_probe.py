@@ -3,6 +3,12 @@ model's pooled features (a linear probe), at the recipe search's proxy (max_len 
 from the training split; the test split is not read).
 
     python -m bench.head_probe --out bench/results          # ~1 min on 2 cores
+    python -m bench.head_probe --norms --out bench/results  # why full fine-tuning starves such a head
+
+``--norms``: each sample's gradient norm over the whole model and the head's share of its square, at the
+head's initialization and with its entries set to +-0.1 and +-0.3 (where a few Adam steps at rate 0.1 take
+them): the body's gradients flow through the head, so they grow with it, and whitened clipping then scales
+the head's part down with them.
 
 The head's per-sample gradient is (softmax - onehot) x feature, formed in closed form, clipped to C = 1,
 summed with Gaussian noise (sigma from Opacus' PRV accountant for the epsilon, the Poisson rate and the
@@ -71,6 +77,30 @@ def dp_probe(x: torch.Tensor, y: torch.Tensor, xv: torch.Tensor, yv: torch.Tenso
     return float(((xv @ w + b).argmax(-1) == yv).double().mean())
 
 
+def norm_shares(model, data, samples: int = 16, entries=(None, 0.1, 0.3)) -> list[dict]:
+    """Median per-sample gradient norm (all trainable parameters) and median head share of its square."""
+    import copy
+    ids, mask, y = data.tensors
+    rows = []
+    for e in entries:
+        m = copy.deepcopy(model)
+        if e is not None:
+            with torch.no_grad():
+                w = m.classifier.weight
+                w.copy_(e * torch.sign(torch.randn(w.shape, generator=torch.Generator().manual_seed(0))))
+        total, head = [], []
+        for i in range(samples):
+            m.zero_grad()
+            k = int(mask[i].sum())
+            F.cross_entropy(m(input_ids=ids[i:i + 1, :k], attention_mask=mask[i:i + 1, :k]).logits, y[i:i + 1]).backward()
+            sq = {n: float(p.grad.pow(2).sum()) for n, p in m.named_parameters() if p.grad is not None}
+            total.append(sum(sq.values()))
+            head.append(sum(v for n, v in sq.items() if n.startswith("classifier.")))
+        rows.append(dict(entries=e, norm=float(torch.tensor(total).sqrt().median()),
+                         head_share=float((torch.tensor(head) / torch.tensor(total)).median())))
+    return rows
+
+
 def main(argv=None) -> int:
     from opacus.accountants.utils import get_noise_multiplier
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
@@ -80,12 +110,28 @@ def main(argv=None) -> int:
     ap.add_argument("--lrs", type=float, nargs="+", default=[2e-3, 1e-2, 3e-2, 1e-1, 3e-1])
     ap.add_argument("--seed", type=int, nargs="+", default=[0, 1, 2])
     ap.add_argument("--epochs", type=int, default=3)
+    ap.add_argument("--norms", action="store_true", help="the per-sample norms and the head's share instead")
     args = ap.parse_args(argv)
     cfg = FinetuneConfig(max_len=32, lora=False)
     data = prepare(cfg)
     train, val = carve(data["train"], 0.15)
     torch.manual_seed(0)
     model = load_model(data["model_path"], 2, False, cfg.lora_r).eval()
+    date = datetime.date.today().isoformat()
+    os.makedirs(args.out, exist_ok=True)
+    if args.norms:
+        rows = norm_shares(model, train)
+        lines = [f"# The head's share of the clipped gradient, {date}", "",
+                 "MiniLM-L6 for sequence classification, full fine-tuning's trainable parameters (the pooler frozen), "
+                 "the first 16 samples of the carved training part, max_len 32, eval mode "
+                 "(`python -m bench.head_probe --norms`). Medians over the samples.", "",
+                 "| head entries | per-sample gradient norm | head's share of its square |", "|---|---|---|"]
+        lines += [f"| {'initialization (std 0.02)' if r['entries'] is None else '+-' + str(r['entries'])} | "
+                  f"{r['norm']:.2f} | {r['head_share']:.3f} |" for r in rows]
+        with open(os.path.join(args.out, f"head-probe-{date}-norms.md"), "w") as f:
+            f.write("\n".join(lines) + "\n")
+        print("\n".join(lines))
+        return 0
     x, xv = pooled_features(model, train), pooled_features(model, val)
     y, yv = train.tensors[2], val.tensors[2]
     n, delta = len(x), 1 / len(x) ** 1.1
@@ -99,9 +145,7 @@ def main(argv=None) -> int:
             rows.append(dict(batch=batch, steps=steps, sigma=sigma, lr=lr, accuracy=accs))
             print(f"batch {batch} steps {steps} sigma {sigma:.3f} lr {lr:g}: {accs}", flush=True)
     majority = float((yv == yv.mode().values).double().mean())
-    date = datetime.date.today().isoformat()
     stem = os.path.join(args.out, f"head-probe-{date}")
-    os.makedirs(args.out, exist_ok=True)
     with open(stem + ".json", "w") as f:
         json.dump({"date": date, "epsilon": args.epsilon, "delta": delta, "train": n, "validation": len(xv),
                    "majority": majority, "rows": rows}, f, indent=1)
