@@ -101,6 +101,15 @@ CANDIDATES = {
                                                             "warmup": 0.1, "decay": "linear"}),
     "full-b256-head1e-1-lr1e-9-perlayer-shares": ("full", "per_layer-shares", {
         "head_lr": 0.1, "dp_lr": 1e-9, "batch_size": 256, "warmup": 0.1, "decay": "linear"}),
+    # the mechanism (a head at rate 0.1 grows, the body's per-sample gradients through it grow ~10x and take the
+    # whitened clip from it): does anadp's allocation, which can weigh the groups in the clip, find it?
+    "full-b256-head1e-1-lr5e-4-decay-anadp": ("full", "anadp", {"head_lr": 0.1, "dp_lr": 5e-4, "batch_size": 256,
+                                                                "warmup": 0.1, "decay": "linear"}),
+    # it does not (w stays ~1); a fixed w for the head, chosen before the data (AllocationConfig.scales)
+    "full-b256-head1e-1-lr5e-4-w0.1-decay": ("full", "uniform", {"head_lr": 0.1, "head_scale": 0.1, "dp_lr": 5e-4,
+                                                                 "batch_size": 256, "warmup": 0.1, "decay": "linear"}),
+    "full-b256-head1e-1-lr5e-4-w0.3-decay": ("full", "uniform", {"head_lr": 0.1, "head_scale": 0.3, "dp_lr": 5e-4,
+                                                                 "batch_size": 256, "warmup": 0.1, "decay": "linear"}),
     "lora-head1e-1-decay": ("lora", "uniform", {"head_lr": 0.1, "warmup": 0.1, "decay": "linear"}),
     "lora-head3e-2-decay": ("lora", "uniform", {"head_lr": 3e-2, "warmup": 0.1, "decay": "linear"}),
 }
