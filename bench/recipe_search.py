@@ -110,6 +110,15 @@ CANDIDATES = {
                                                                  "batch_size": 256, "warmup": 0.1, "decay": "linear"}),
     "full-b256-head1e-1-lr5e-4-w0.3-decay": ("full", "uniform", {"head_lr": 0.1, "head_scale": 0.3, "dp_lr": 5e-4,
                                                                  "batch_size": 256, "warmup": 0.1, "decay": "linear"}),
+    # without noise the frozen-body run still ends at the constant prediction at C = 1 and 5 and learns at C = 20:
+    # every sample clipped is the cause. w = 0.1 for the head with C = 10 is w = 10 for the body with C = 1: the
+    # body counts 1/100 in each norm (gets 10x the noise), the samples stay under C, the head's noise is sigma
+    "full-b256-head1e-1-lr1e-9-w0.1-c10-decay": ("full", "uniform", {
+        "head_lr": 0.1, "head_scale": 0.1, "max_grad_norm": 10.0, "dp_lr": 1e-9, "batch_size": 256,
+        "warmup": 0.1, "decay": "linear"}),
+    "full-b256-head1e-1-lr5e-4-w0.1-c10-decay": ("full", "uniform", {
+        "head_lr": 0.1, "head_scale": 0.1, "max_grad_norm": 10.0, "dp_lr": 5e-4, "batch_size": 256,
+        "warmup": 0.1, "decay": "linear"}),
     "lora-head1e-1-decay": ("lora", "uniform", {"head_lr": 0.1, "warmup": 0.1, "decay": "linear"}),
     "lora-head3e-2-decay": ("lora", "uniform", {"head_lr": 3e-2, "warmup": 0.1, "decay": "linear"}),
 }
