@@ -81,6 +81,14 @@ def learning_rate(cfg: FinetuneConfig, dp: bool) -> float:
     return cfg.lr if cfg.lr is not None else (5e-4 if cfg.lora else 5e-5)
 
 
+HEADS = ("classifier", "score")  # the new classification head's module, by name (BERT-like, GPT-2/Llama-like)
+
+
+def is_head(name: str) -> bool:
+    """Whether a parameter name is the head's (under PEFT: its trained copy's too)."""
+    return any(f"{k}." in name for k in HEADS)
+
+
 def param_groups(model: torch.nn.Module, cfg: FinetuneConfig, dp: bool) -> list[dict]:
     """The trainable parameters as AdamW groups: the head (a module named classifier or score) at
     ``head_lr`` in DP runs, every other parameter at the run's rate; each group keeps its ``base_lr``
@@ -90,16 +98,15 @@ def param_groups(model: torch.nn.Module, cfg: FinetuneConfig, dp: bool) -> list[
     if head_lr == base:
         return [{"params": [p for p in model.parameters() if p.requires_grad], "lr": base, "base_lr": base}]
     named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
-    is_head = [any(f"{k}." in n for k in ("classifier", "score")) for n, _ in named]
-    groups = [{"params": [p for (_, p), h in zip(named, is_head) if not h], "lr": base, "base_lr": base},
-              {"params": [p for (_, p), h in zip(named, is_head) if h], "lr": head_lr, "base_lr": head_lr}]
+    groups = [{"params": [p for n, p in named if not is_head(n)], "lr": base, "base_lr": base},
+              {"params": [p for n, p in named if is_head(n)], "lr": head_lr, "base_lr": head_lr}]
     return [g for g in groups if g["params"]]
 
 
 def head_group(model: torch.nn.Module) -> str:
     """The noise group (its module's name) of the trainable head matrix."""
     names = [n.rsplit(".", 1)[0] for n, p in model.named_parameters()
-             if p.requires_grad and p.dim() >= 2 and any(f"{k}." in n for k in ("classifier", "score"))]
+             if p.requires_grad and p.dim() >= 2 and is_head(n)]
     if len(names) != 1:
         raise ValueError(f"head_scale needs one trainable head matrix (a module named classifier or score), found "
                          f"{names or 'none'}")
@@ -152,7 +159,7 @@ def load_model(path: str, num_labels: int, lora: bool, r: int, targets=("query",
     if lora:
         from peft import LoraConfig, get_peft_model
         # the head is trained in full; the (pretrained) pooler stays frozen
-        heads = [n for n in ("classifier", "score") if any(k.endswith(n) for k, _ in model.named_modules())]
+        heads = [n for n in HEADS if any(k.endswith(n) for k, _ in model.named_modules())]
         model = get_peft_model(model, LoraConfig(r=r, lora_alpha=2 * r, lora_dropout=0.0,
                                                  target_modules=list(targets), modules_to_save=heads))
     else:  # the pretrained pooler stays frozen by default, as under LoRA
