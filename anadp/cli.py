@@ -50,7 +50,7 @@ def _finetune(args) -> int:
                          methods=methods, epsilons=args.epsilon, delta=args.delta, epochs=args.epochs,
                          seeds=args.seed, lora=args.lora, max_steps=args.max_steps, train_size=args.train_size,
                          test_size=args.test_size, out=args.out, lr=args.lr, dp_lr=args.dp_lr, head_lr=args.head_lr,
-                         head_scale=args.head_scale,
+                         head_scale=args.head_scale, pooling=args.pooling,
                          batch_size=args.batch_size, warmup=args.warmup, decay=args.decay, device=args.device)
     res = run_finetune(cfg, progress=not args.no_progress)
     with open(f"{args.out}/results.md") as f:
@@ -162,6 +162,10 @@ def build_parser() -> argparse.ArgumentParser:
     ft.add_argument("--head-scale", type=_positive(float), default=fd.head_scale,
                     help="DP runs: the head's noise scale w (it counts 1/w^2 in the clip, gets w times the noise; "
                          "None: 1)")
+    ft.add_argument("--pooling", choices=["auto", "mean", "cls"], default=fd.pooling,
+                    help="the head's input: the masked mean of the token states, normalized (the sentence embedding "
+                         "of sentence-transformers checkpoints), the model's own head (BERT: its pooler on [CLS]), or "
+                         "auto: the one the checkpoint was trained with")
     ft.add_argument("--batch-size", type=_positive(int), default=fd.batch_size,
                     help="expected logical batch size of the DP runs (None: 128 with LoRA, 1024 with --no-lora)")
     ft.add_argument("--warmup", type=float, default=fd.warmup,

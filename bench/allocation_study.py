@@ -165,6 +165,8 @@ def main(argv=None) -> int:
     ap.add_argument("--dp-lr", type=float, default=None, help="DP learning rate (default: the mode's)")
     ap.add_argument("--head-lr", type=float, default=FinetuneConfig.head_lr, help="DP rate of the head")
     ap.add_argument("--head-scale", type=float, default=FinetuneConfig.head_scale, help="DP: the head's w")
+    ap.add_argument("--pooling", choices=["auto", "mean", "cls"], default=FinetuneConfig.pooling,
+                    help="the head's input (finetune --pooling)")
     ap.add_argument("--warmup", type=float, default=FinetuneConfig.warmup)
     ap.add_argument("--decay", choices=["linear", "none"], default=FinetuneConfig.decay)
     ap.add_argument("--tag", default="", help="appended to the output file names")
@@ -180,7 +182,8 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     cfg = FinetuneConfig(model=args.model, device=args.device, backend=args.backend, batch_size=args.batch_size,
                          epochs=args.epochs, physical_batch_size=args.physical_batch_size, dp_lr=args.dp_lr,
-                         head_lr=args.head_lr, head_scale=args.head_scale, warmup=args.warmup, decay=args.decay)
+                         head_lr=args.head_lr, head_scale=args.head_scale, pooling=args.pooling, warmup=args.warmup,
+                         decay=args.decay)
     if args.smoke:
         cfg = replace(cfg, train_size=96, test_size=32, max_steps=2, batch_size=32, physical_batch_size=16)
     if args.prepared:

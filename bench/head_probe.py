@@ -4,6 +4,7 @@ from the training split; the test split is not read).
 
     python -m bench.head_probe --out bench/results          # ~1 min on 2 cores
     python -m bench.head_probe --norms --out bench/results  # why full fine-tuning starves such a head
+    python -m bench.head_probe --features pooler mean --tag=-features  # which sentence feature the head reads
 
 ``--norms``: each sample's gradient norm over the whole model and the head's share of its square, at the
 head's initialization and with its entries set to +-0.1 and +-0.3 (where a few Adam steps at rate 0.1 take
@@ -32,12 +33,39 @@ from anadp.apps.finetune import FinetuneConfig, load_model, prepare
 from bench.recipe_search import carve
 
 
+FEATURES = ("pooler", "mean")  # BERT's pooler on [CLS]; the masked mean of the token states, L2-normalized
+
+
 @torch.no_grad()
-def pooled_features(model, data, batch: int = 256) -> torch.Tensor:
+def pooled_features(model, data, kinds=("pooler",), batch: int = 256) -> dict[str, torch.Tensor]:
+    """The frozen model's sentence features of each kind: "pooler" (what AutoModelForSequenceClassification's
+    head reads) and "mean" (what sentence_head.SentenceClassifier's head reads)."""
     ids, mask, _ = data.tensors
     body = model.base_model
-    return torch.cat([body(input_ids=ids[i:i + batch], attention_mask=mask[i:i + batch]).pooler_output
-                      for i in range(0, len(ids), batch)])
+    out = {k: [] for k in kinds}
+    for i in range(0, len(ids), batch):
+        o = body(input_ids=ids[i:i + batch], attention_mask=mask[i:i + batch])
+        if "pooler" in out:
+            out["pooler"].append(o.pooler_output)
+        if "mean" in out:
+            m = mask[i:i + batch, :, None].to(o.last_hidden_state.dtype)
+            out["mean"].append(F.normalize((o.last_hidden_state * m).sum(1) / m.sum(1), dim=-1))
+    return {k: torch.cat(v) for k, v in out.items()}
+
+
+def logistic_regression(x: torch.Tensor, y: torch.Tensor, xv: torch.Tensor, yv: torch.Tensor) -> float:
+    """Validation accuracy of a non-private head fitted to convergence (L-BFGS, L2 1e-4): the features' ceiling."""
+    w = torch.zeros(x.shape[1], 2, dtype=x.dtype, requires_grad=True)
+    b = torch.zeros(2, dtype=x.dtype, requires_grad=True)
+    opt = torch.optim.LBFGS([w, b], max_iter=300)
+
+    def loss():
+        opt.zero_grad()
+        v = F.cross_entropy(x @ w + b, y) + 1e-4 * w.pow(2).sum()
+        v.backward()
+        return v
+    opt.step(loss)
+    return float(((xv @ w + b).argmax(-1) == yv).double().mean())
 
 
 def lr_factor(step: int, total: int, warmup: float = 0.1) -> float:
@@ -111,6 +139,10 @@ def main(argv=None) -> int:
     ap.add_argument("--seed", type=int, nargs="+", default=[0, 1, 2])
     ap.add_argument("--epochs", type=int, default=3)
     ap.add_argument("--norms", action="store_true", help="the per-sample norms and the head's share instead")
+    ap.add_argument("--features", nargs="+", choices=FEATURES, default=["pooler"],
+                    help="the head's input: the pooler on [CLS] (AutoModelForSequenceClassification's), the "
+                         "normalized masked mean (finetune --pooling mean)")
+    ap.add_argument("--tag", default="", help="suffix of the result files")
     args = ap.parse_args(argv)
     cfg = FinetuneConfig(max_len=32, lora=False)
     data = prepare(cfg)
@@ -132,34 +164,46 @@ def main(argv=None) -> int:
             f.write("\n".join(lines) + "\n")
         print("\n".join(lines))
         return 0
-    x, xv = pooled_features(model, train), pooled_features(model, val)
+    feats, feats_v = pooled_features(model, train, args.features), pooled_features(model, val, args.features)
     y, yv = train.tensors[2], val.tensors[2]
-    n, delta = len(x), 1 / len(x) ** 1.1
-    rows = []
-    for batch in args.batches:
-        steps = int(args.epochs * n / batch)
-        sigma = get_noise_multiplier(target_epsilon=args.epsilon, target_delta=delta, sample_rate=batch / n,
-                                     steps=steps, accountant="prv")
-        for lr in args.lrs:
-            accs = [dp_probe(x, y, xv, yv, batch=batch, steps=steps, sigma=sigma, lr=lr, seed=s) for s in args.seed]
-            rows.append(dict(batch=batch, steps=steps, sigma=sigma, lr=lr, accuracy=accs))
-            print(f"batch {batch} steps {steps} sigma {sigma:.3f} lr {lr:g}: {accs}", flush=True)
+    n, delta = len(y), 1 / len(y) ** 1.1
+    rows, ceiling = [], {}
+    for kind in args.features:
+        x, xv = feats[kind], feats_v[kind]
+        ceiling[kind] = logistic_regression(x, y, xv, yv)
+        print(f"{kind}: non-private logistic regression {ceiling[kind]:.4f}", flush=True)
+        for batch in args.batches:
+            steps = int(args.epochs * n / batch)
+            sigma = get_noise_multiplier(target_epsilon=args.epsilon, target_delta=delta, sample_rate=batch / n,
+                                         steps=steps, accountant="prv")
+            for lr in args.lrs:
+                accs = [dp_probe(x, y, xv, yv, batch=batch, steps=steps, sigma=sigma, lr=lr, seed=s)
+                        for s in args.seed]
+                rows.append(dict(features=kind, batch=batch, steps=steps, sigma=sigma, lr=lr, accuracy=accs))
+                print(f"{kind} batch {batch} steps {steps} sigma {sigma:.3f} lr {lr:g}: {accs}", flush=True)
     majority = float((yv == yv.mode().values).double().mean())
-    stem = os.path.join(args.out, f"head-probe-{date}")
+    stem = os.path.join(args.out, f"head-probe-{date}{args.tag}")
     with open(stem + ".json", "w") as f:
-        json.dump({"date": date, "epsilon": args.epsilon, "delta": delta, "train": n, "validation": len(xv),
-                   "majority": majority, "rows": rows}, f, indent=1)
-    lines = [f"# DP linear probe: the head's rate, {date}", "",
-             f"DP-AdamW on the classification head alone over MiniLM-L6's frozen pooled features (`python -m "
-             f"bench.head_probe`); Rotten Tomatoes, {n} train / {len(xv)} validation carved from the training split, "
-             f"max_len 32; epsilon {args.epsilon:g}, delta {delta:.2e}, C = 1, {args.epochs} epochs, warm-up 10% then "
-             f"linear decay. The constant prediction scores {majority:.4f}. Validation accuracy, seeds "
+        json.dump({"date": date, "epsilon": args.epsilon, "delta": delta, "train": n, "validation": len(yv),
+                   "majority": majority, "logistic_regression": ceiling, "rows": rows}, f, indent=1)
+    command = "python -m bench.head_probe" + (f" --features {' '.join(args.features)}"
+                                             if args.features != ["pooler"] else "")
+    lines = [f"# DP linear probe: the head's rate and input, {date}", "",
+             f"DP-AdamW on the classification head alone over MiniLM-L6's frozen sentence features (`{command}`); "
+             f"Rotten Tomatoes, {n} train / {len(yv)} validation carved from the training split, max_len 32; "
+             f"epsilon {args.epsilon:g}, delta {delta:.2e}, C = 1, {args.epochs} epochs, warm-up 10% then linear "
+             f"decay. The constant prediction scores {majority:.4f}. Features: `pooler` is BERT's pooler on [CLS] "
+             "(the input of AutoModelForSequenceClassification's head), `mean` the masked mean of the token states, "
+             "L2-normalized (the sentence embedding the checkpoint was trained to give; `finetune --pooling mean`). "
+             "Non-private ceiling (logistic regression fitted to convergence): "
+             + ", ".join(f"{k} {v:.4f}" for k, v in ceiling.items()) + f". Validation accuracy, seeds "
              f"{', '.join(map(str, args.seed))}.", "",
-             "| expected batch | steps | sigma | head rate | accuracy (mean) | per seed |", "|---|---|---|---|---|---|"]
+             "| features | expected batch | steps | sigma | head rate | accuracy (mean) | per seed |",
+             "|---|---|---|---|---|---|---|"]
     for r in rows:
         a = r["accuracy"]
-        lines.append(f"| {r['batch']} | {r['steps']} | {r['sigma']:.3f} | {r['lr']:g} | {sum(a) / len(a):.4f} | "
-                     + ", ".join(f"{v:.4f}" for v in a) + " |")
+        lines.append(f"| {r['features']} | {r['batch']} | {r['steps']} | {r['sigma']:.3f} | {r['lr']:g} | "
+                     f"{sum(a) / len(a):.4f} | " + ", ".join(f"{v:.4f}" for v in a) + " |")
     with open(stem + ".md", "w") as f:
         f.write("\n".join(lines) + "\n")
     print("\n".join(lines))

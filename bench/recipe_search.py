@@ -121,6 +121,20 @@ CANDIDATES = {
         "warmup": 0.1, "decay": "linear"}),
     "lora-head1e-1-decay": ("lora", "uniform", {"head_lr": 0.1, "warmup": 0.1, "decay": "linear"}),
     "lora-head3e-2-decay": ("lora", "uniform", {"head_lr": 3e-2, "warmup": 0.1, "decay": "linear"}),
+    # the default MiniLM-L6 was trained to give the masked mean of its token states, normalized, as the sentence
+    # embedding; the BERT pooler on [CLS] under AutoModelForSequenceClassification's head was not. A linear probe
+    # on the frozen features: 0.747 on the mean against 0.697 on the pooler, and 0.747 under DP at epsilon 3
+    # (bench/results/head-probe-2026-12-06-features.md): the head on the mean (pooling="mean", sentence_head.py)
+    "lora-mean-decay": ("lora", "uniform", {"pooling": "mean", "warmup": 0.1, "decay": "linear"}),
+    "lora-mean-head1e-1-decay": ("lora", "uniform", {"pooling": "mean", "head_lr": 0.1, "warmup": 0.1,
+                                                     "decay": "linear"}),
+    "lora-mean-nonprivate": ("lora", "nonprivate", {"pooling": "mean", "warmup": 0.1, "decay": "linear"}),
+    "full-mean-decay": ("full", "uniform", {"pooling": "mean", "warmup": 0.1, "decay": "linear"}),
+    "full-mean-head1e-1-decay": ("full", "uniform", {"pooling": "mean", "head_lr": 0.1, "warmup": 0.1,
+                                                     "decay": "linear"}),
+    "full-mean-b256-head1e-1-lr5e-4-decay": ("full", "uniform", {"pooling": "mean", "head_lr": 0.1, "dp_lr": 5e-4,
+                                                                 "batch_size": 256, "warmup": 0.1, "decay": "linear"}),
+    "full-mean-nonprivate": ("full", "nonprivate", {"pooling": "mean", "warmup": 0.1, "decay": "linear"}),
 }
 
 

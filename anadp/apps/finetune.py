@@ -26,6 +26,7 @@ from . import textdata
 from ..allocation import AllocationConfig
 from ..api import make_private
 from .methods import DEFAULT, method_setup, uses_anadp
+from .sentence_head import SentenceClassifier, checkpoint_pooling
 
 
 @dataclass
@@ -64,6 +65,10 @@ class FinetuneConfig:
     warmup: float = 0.1
     decay: str = "linear"
     lora_targets: tuple = ("query", "value")
+    # the head's input: "auto" the pooling the checkpoint was trained with (sentence-transformers' mean pooling for
+    # the default MiniLM-L6), "mean" the masked mean of the token states, L2-normalized (sentence_head.py), "cls"
+    # the model's own head (BERT: a pooler on [CLS])
+    pooling: str = "cls"
     freeze: tuple = ("pooler",)    # full fine-tuning: parameters whose names hold one of these stay frozen
     train_only: tuple | None = None  # full fine-tuning: if given, only parameters whose names hold one of these train
     device: str = "cpu"
@@ -142,18 +147,29 @@ def default_model_path() -> str:
 
 
 def load_model(path: str, num_labels: int, lora: bool, r: int, targets=("query", "value"), freeze=("pooler",),
-               train_only=None):
+               train_only=None, pooling: str = "cls"):
+    """The model to fine-tune: the checkpoint's own sequence classification model ("cls"), or its encoder
+    under a head on the masked mean of its token states ("mean", :class:`SentenceClassifier`; "auto": the
+    pooling the checkpoint was trained with)."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     if not os.path.isdir(path):
         raise FileNotFoundError(f"model {path!r} is not a local directory; anadp never downloads models: "
                                 "give the path of a directory with config.json and the weights")
-    from transformers import AutoModelForSequenceClassification
+    from transformers import AutoModel, AutoModelForSequenceClassification
     from transformers.utils import logging as hf_logging
+    if pooling == "auto":
+        pooling = checkpoint_pooling(path)
+    if pooling not in ("cls", "mean"):
+        raise ValueError(f"pooling must be 'auto', 'cls' or 'mean', got {pooling!r}")
     verbosity = hf_logging.get_verbosity()
     hf_logging.set_verbosity_error()  # "newly initialized classifier" is expected here
     try:  # float32 whatever the checkpoint's dtype: the DP arithmetic and the optimizer state want it
-        model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=num_labels, dtype=torch.float32,
-                                                                   local_files_only=True)
+        if pooling == "mean":
+            model = SentenceClassifier(AutoModel.from_pretrained(path, dtype=torch.float32, local_files_only=True),
+                                       num_labels)
+        else:
+            model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=num_labels,
+                                                                       dtype=torch.float32, local_files_only=True)
     finally:
         hf_logging.set_verbosity(verbosity)
     if lora:
@@ -210,7 +226,8 @@ def train_one(cfg: FinetuneConfig, method: str, epsilon: float, seed: int, train
     if not 0 <= cfg.warmup < 1 or cfg.decay not in ("linear", "none"):
         raise ValueError(f"warmup must be in [0, 1) and decay 'linear' or 'none', got {cfg.warmup!r}, {cfg.decay!r}")
     torch.manual_seed(seed)
-    model = load_model(model_path, 2, cfg.lora, cfg.lora_r, cfg.lora_targets, cfg.freeze, cfg.train_only).to(cfg.device)
+    model = load_model(model_path, 2, cfg.lora, cfg.lora_r, cfg.lora_targets, cfg.freeze, cfg.train_only,
+                       cfg.pooling).to(cfg.device)
     dp = method != "nonprivate"
     optimizer = torch.optim.AdamW(param_groups(model, cfg, dp), weight_decay=cfg.weight_decay)
     g = torch.Generator().manual_seed(seed)
