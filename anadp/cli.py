@@ -158,7 +158,7 @@ def build_parser() -> argparse.ArgumentParser:
     ft.add_argument("--dp-lr", type=_positive(float), default=fd.dp_lr,
                     help="DP AdamW learning rate (None: 1e-2 with LoRA, 2e-3 with --no-lora)")
     ft.add_argument("--head-lr", type=_positive(float), default=fd.head_lr,
-                    help="DP AdamW learning rate of the new classification head (None: --dp-lr)")
+                    help="DP AdamW learning rate of the new classification head")
     ft.add_argument("--head-scale", type=_positive(float), default=fd.head_scale,
                     help="DP runs: the head's noise scale w (it counts 1/w^2 in the clip, gets w times the noise; "
                          "None: 1)")

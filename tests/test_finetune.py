@@ -114,7 +114,7 @@ def test_learning_rates_follow_the_fine_tuning_mode():
 @pytest.mark.parametrize("lora", [True, False])
 def test_the_head_takes_its_own_rate_in_dp_runs(tiny_model_dir, lora):
     # a new head under DP noise needs ~10x the body's rate to leave the constant prediction (recipe search):
-    # with head_lr its parameters, and only they, form a second group; non-private runs keep one rate
+    # with head_lr its parameters, and only they, form a second group; non-private runs (and head_lr=None) keep one rate
     from anadp.apps.finetune import FinetuneConfig, learning_rate, load_model, param_groups
     model = load_model(tiny_model_dir, 2, lora, 4)
     trainable = {id(p): n for n, p in model.named_parameters() if p.requires_grad}
@@ -124,7 +124,7 @@ def test_the_head_takes_its_own_rate_in_dp_runs(tiny_model_dir, lora):
     assert sorted(trainable[id(p)] for p in head["params"]) == sorted(
         n for n in trainable.values() if "classifier." in n) and len(head["params"]) == 2
     assert {id(p) for p in body["params"] + head["params"]} == set(trainable)
-    for dp, c in ((False, cfg), (True, FinetuneConfig(lora=lora))):
+    for dp, c in ((False, cfg), (True, FinetuneConfig(lora=lora, head_lr=None))):
         (only,) = param_groups(model, c, dp)
         assert only["lr"] == learning_rate(c, dp) and len(only["params"]) == len(trainable)
 

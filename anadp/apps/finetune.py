@@ -51,8 +51,9 @@ class FinetuneConfig:
     lr: float | None = None     # non-private; None: 5e-4 with LoRA, 5e-5 for full fine-tuning
     dp_lr: float | None = None  # None: 1e-2 with LoRA, 2e-3 for full fine-tuning (see learning_rate)
     # DP runs: the new classification head's rate (None: dp_lr). A head trained from a random start under DP noise
-    # needs ~0.1 to leave the constant prediction in ~30-200 steps (bench/results/recipe-search-2026-12-06-head*)
-    head_lr: float | None = None
+    # needs ~0.1 to leave the constant prediction in ~30-200 steps (bench/results/head-probe-2026-12-06*.md); on the
+    # recipe proxy with pooling="mean" full fine-tuning learns 0.744 with it and 0.550 without, LoRA 0.748 / 0.744
+    head_lr: float | None = 0.1
     # DP runs (whitened clipping): the head's w (AllocationConfig.scales; None: 1). A head at a learning rate fast
     # enough grows, and the body's per-sample gradients through it grow with it (~10x at entries of 0.3) and take
     # the clip from the head; a w < 1 weighs the head by 1 / w^2 in the clip and gives it w times the noise
@@ -68,7 +69,7 @@ class FinetuneConfig:
     # the head's input: "auto" the pooling the checkpoint was trained with (sentence-transformers' mean pooling for
     # the default MiniLM-L6), "mean" the masked mean of the token states, L2-normalized (sentence_head.py), "cls"
     # the model's own head (BERT: a pooler on [CLS])
-    pooling: str = "cls"
+    pooling: str = "auto"
     freeze: tuple = ("pooler",)    # full fine-tuning: parameters whose names hold one of these stay frozen
     train_only: tuple | None = None  # full fine-tuning: if given, only parameters whose names hold one of these train
     device: str = "cpu"
