@@ -69,6 +69,21 @@ def jobs(modes, epsilons, seeds, methods, nonprivate: bool = True) -> list[tuple
     return out
 
 
+# what a run's outcome depends on beyond (mode, method, epsilon, seed): a resumed study must agree on each
+RECIPE = ("epochs", "batch_size", "dp_lr", "head_lr", "head_scale", "max_grad_norm", "weight_decay", "warmup", "decay",
+          "pooling", "lora_r", "lora_targets", "max_len")
+BEFORE = {"pooling": "cls", "head_lr": None, "head_scale": None, "warmup": 0.0, "decay": "none"}  # before the field
+
+
+def recipe_differences(made: dict, now: dict) -> str:
+    """"field: theirs -> ours" for each recipe field where a study's config and this one differ."""
+    def norm(v):
+        return list(v) if isinstance(v, tuple) else v
+    known = [k for k in RECIPE if k in made or k in BEFORE]
+    return ", ".join(f"{k}: {norm(made.get(k, BEFORE.get(k)))!r} -> {norm(now[k])!r}" for k in known
+                     if norm(made.get(k, BEFORE.get(k))) != norm(now[k]))
+
+
 def summary(rows: list[dict]) -> list[dict]:
     """finetune.summarize per mode: mean ± std per (method, epsilon), paired difference to uniform."""
     ok = [r for r in rows if "accuracy" in r]
@@ -202,11 +217,16 @@ def main(argv=None) -> int:
     kept, have, grid = [], set(), set(todo)
     for path in args.resume:  # runs of this grid already made: kept, not run again
         with open(path) as f:
-            for r in json.load(f)["rows"]:
-                key = (r["mode"], r["method"], r["target_epsilon"] or math.inf, r["seed"])
-                if "accuracy" in r and key not in have and key in grid:
-                    kept.append(r)
-                    have.add(key)
+            made = json.load(f)
+        differ = recipe_differences(made.get("config", {}), asdict(cfg))
+        if differ:
+            raise SystemExit(f"{path} was run with another recipe ({differ}): its runs would not pair with this "
+                             "study's; pass the same options, or leave it out of --resume")
+        for r in made["rows"]:
+            key = (r["mode"], r["method"], r["target_epsilon"] or math.inf, r["seed"])
+            if "accuracy" in r and key not in have and key in grid:
+                kept.append(r)
+                have.add(key)
     todo = [j for j in todo if j not in have]
     os.makedirs(args.out, exist_ok=True)
     result = {"date": date, "device": args.device, "torch": torch.__version__, "config": asdict(cfg) | {

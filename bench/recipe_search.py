@@ -125,17 +125,22 @@ CANDIDATES = {
     # embedding; the BERT pooler on [CLS] under AutoModelForSequenceClassification's head was not. A linear probe
     # on the frozen features: 0.747 on the mean against 0.697 on the pooler, and 0.747 under DP at epsilon 3
     # (bench/results/head-probe-2026-12-06-features.md): the head on the mean (pooling="mean", sentence_head.py)
-    "lora-mean-decay": ("lora", "uniform", {"pooling": "mean", "warmup": 0.1, "decay": "linear"}),
+    "lora-mean-decay": ("lora", "uniform", {"pooling": "mean", "head_lr": None, "warmup": 0.1, "decay": "linear"}),
     "lora-mean-head1e-1-decay": ("lora", "uniform", {"pooling": "mean", "head_lr": 0.1, "warmup": 0.1,
                                                      "decay": "linear"}),
     "lora-mean-nonprivate": ("lora", "nonprivate", {"pooling": "mean", "warmup": 0.1, "decay": "linear"}),
-    "full-mean-decay": ("full", "uniform", {"pooling": "mean", "warmup": 0.1, "decay": "linear"}),
+    "full-mean-decay": ("full", "uniform", {"pooling": "mean", "head_lr": None, "warmup": 0.1, "decay": "linear"}),
     "full-mean-head1e-1-decay": ("full", "uniform", {"pooling": "mean", "head_lr": 0.1, "warmup": 0.1,
                                                      "decay": "linear"}),
     "full-mean-b256-head1e-1-lr5e-4-decay": ("full", "uniform", {"pooling": "mean", "head_lr": 0.1, "dp_lr": 5e-4,
                                                                  "batch_size": 256, "warmup": 0.1, "decay": "linear"}),
     "full-mean-nonprivate": ("full", "nonprivate", {"pooling": "mean", "warmup": 0.1, "decay": "linear"}),
 }
+# The candidates screened before pooling="auto" and head_lr=0.1 became the defaults read BERT's pooler, the head at
+# the body's rate unless they say otherwise: pinned, so that each name keeps the run it names.
+BEFORE_MEAN = {"pooling": "cls", "head_lr": None}
+CANDIDATES = {name: (mode, method, overrides if "pooling" in overrides else {**BEFORE_MEAN, **overrides})
+              for name, (mode, method, overrides) in CANDIDATES.items()}
 
 
 def carve(train: TensorDataset, fraction: float, seed: int = 1234) -> tuple[TensorDataset, TensorDataset]:

@@ -88,6 +88,10 @@ def test_resume_merges_studies_without_running(tmp_path, tiny_model):
                           "--budget-s", "0"]) == 0
     res = json.loads(next(out.glob("allocation-study-*-smoke.json")).read_text())
     assert [r["method"] for r in res["rows"]] == ["uniform"]
+    # a study run with another recipe does not pair with this one's runs: refused, and the option named
+    with pytest.raises(SystemExit, match="head_lr: 0.1 -> 0.05"):
+        main(common + ["--out", str(tmp_path / "other"), "--methods", "uniform", "--head-lr", "0.05",
+                       "--resume", *parts, "--budget-s", "0"])
 
 
 def test_table_without_a_uniform_run_shows_accuracies():
