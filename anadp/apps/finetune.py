@@ -147,6 +147,18 @@ def default_model_path() -> str:
     return str(get_model_path())
 
 
+HEAD_INPUT = {"mean": "the mean of the token states, normalized", "cls": "the model's own pooled output"}
+
+
+def pooling_of(path: str, pooling: str) -> str:
+    """The pooling a run uses: ``pooling``, with "auto" resolved from the checkpoint."""
+    if pooling == "auto":
+        return checkpoint_pooling(path)
+    if pooling not in HEAD_INPUT:
+        raise ValueError(f"pooling must be 'auto', 'cls' or 'mean', got {pooling!r}")
+    return pooling
+
+
 def load_model(path: str, num_labels: int, lora: bool, r: int, targets=("query", "value"), freeze=("pooler",),
                train_only=None, pooling: str = "cls"):
     """The model to fine-tune: the checkpoint's own sequence classification model ("cls"), or its encoder
@@ -158,10 +170,7 @@ def load_model(path: str, num_labels: int, lora: bool, r: int, targets=("query",
                                 "give the path of a directory with config.json and the weights")
     from transformers import AutoModel, AutoModelForSequenceClassification
     from transformers.utils import logging as hf_logging
-    if pooling == "auto":
-        pooling = checkpoint_pooling(path)
-    if pooling not in ("cls", "mean"):
-        raise ValueError(f"pooling must be 'auto', 'cls' or 'mean', got {pooling!r}")
+    pooling = pooling_of(path, pooling)
     verbosity = hf_logging.get_verbosity()
     hf_logging.set_verbosity_error()  # "newly initialized classifier" is expected here
     try:  # float32 whatever the checkpoint's dtype: the DP arithmetic and the optimizer state want it
@@ -436,6 +445,9 @@ def run_finetune(cfg: FinetuneConfig, progress: bool = True) -> dict:
     with open(os.path.join(cfg.out, "results.md"), "w") as f:
         f.write(f"Data: {d['source']}, {n} train / {n_test} test; model: {d['model_path']}; "
                 f"{'LoRA r=' + str(cfg.lora_r) if cfg.lora else 'full fine-tuning'}; {cfg.epochs} epochs, "
-                f"expected batch {expected_batch(cfg)}, lr {learning_rate(cfg, False):g}, DP lr {learning_rate(cfg, True):g}\n\n" + table(summary, delta) + "\n")
+                f"expected batch {expected_batch(cfg)}, lr {learning_rate(cfg, False):g}, DP lr {learning_rate(cfg, True):g}"
+                + (f" (the head: {cfg.head_lr:g})" if cfg.head_lr is not None else "")
+                + f"; the head reads {HEAD_INPUT[pooling_of(d['model_path'], cfg.pooling)]}\n\n" + table(summary, delta)
+                + "\n")
     result["plots"] = plots(rows, summary, cfg.out)
     return result
