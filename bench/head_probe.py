@@ -152,15 +152,22 @@ def main(argv=None) -> int:
     date = datetime.date.today().isoformat()
     os.makedirs(args.out, exist_ok=True)
     if args.norms:
-        rows = norm_shares(model, train)
+        rows = []
+        for kind in args.features:
+            torch.manual_seed(0)
+            m = model if kind == "pooler" else load_model(data["model_path"], 2, False, cfg.lora_r, pooling="mean").eval()
+            rows += [r | {"features": kind} for r in norm_shares(m, train)]
         lines = [f"# The head's share of the clipped gradient, {date}", "",
                  "MiniLM-L6 for sequence classification, full fine-tuning's trainable parameters (the pooler frozen), "
                  "the first 16 samples of the carved training part, max_len 32, eval mode "
-                 "(`python -m bench.head_probe --norms`). Medians over the samples.", "",
-                 "| head entries | per-sample gradient norm | head's share of its square |", "|---|---|---|"]
-        lines += [f"| {'initialization (std 0.02)' if r['entries'] is None else '+-' + str(r['entries'])} | "
+                 f"(`python -m bench.head_probe --norms{' --features ' + ' '.join(args.features) if args.features != ['pooler'] else ''}`). "
+                 "Features: the head's input, `pooler` BERT's pooler on [CLS], `mean` the masked mean of the token "
+                 "states, L2-normalized (finetune --pooling mean). Medians over the samples.", "",
+                 "| features | head entries | per-sample gradient norm | head's share of its square |",
+                 "|---|---|---|---|"]
+        lines += [f"| {r['features']} | {'initialization (std 0.02)' if r['entries'] is None else '+-' + str(r['entries'])} | "
                   f"{r['norm']:.2f} | {r['head_share']:.3f} |" for r in rows]
-        with open(os.path.join(args.out, f"head-probe-{date}-norms.md"), "w") as f:
+        with open(os.path.join(args.out, f"head-probe-{date}-norms{args.tag}.md"), "w") as f:
             f.write("\n".join(lines) + "\n")
         print("\n".join(lines))
         return 0
