@@ -30,6 +30,7 @@ import torch
 import torch.nn.functional as F
 
 from anadp.apps.finetune import FinetuneConfig, load_model, prepare
+from anadp.apps.sentence_head import mean_embedding
 from bench.recipe_search import carve
 
 
@@ -48,8 +49,7 @@ def pooled_features(model, data, kinds=("pooler",), batch: int = 256) -> dict[st
         if "pooler" in out:
             out["pooler"].append(o.pooler_output)
         if "mean" in out:
-            m = mask[i:i + batch, :, None].to(o.last_hidden_state.dtype)
-            out["mean"].append(F.normalize((o.last_hidden_state * m).sum(1) / m.sum(1), dim=-1))
+            out["mean"].append(mean_embedding(o.last_hidden_state, mask[i:i + batch]))
     return {k: torch.cat(v) for k, v in out.items()}
 
 

@@ -27,6 +27,12 @@ def checkpoint_pooling(path: str) -> str:
         return "cls"
 
 
+def mean_embedding(h: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """The masked mean of token states ``h`` (B, T, d) over ``attention_mask`` (B, T), L2-normalized."""
+    m = attention_mask.unsqueeze(-1).to(h.dtype)
+    return F.normalize((h * m).sum(1) / m.sum(1).clamp(min=1), dim=-1)
+
+
 class SentenceClassifier(nn.Module):
     """``body`` (a Hugging Face encoder), the masked mean of its last hidden states, L2-normalized, then
     ``classifier``: a Linear initialized as Hugging Face initializes a new head (normal, std
@@ -45,6 +51,4 @@ class SentenceClassifier(nn.Module):
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
         h = self.body(input_ids=input_ids, attention_mask=attention_mask, **kwargs).last_hidden_state
-        m = attention_mask.unsqueeze(-1).to(h.dtype)
-        pooled = F.normalize((h * m).sum(1) / m.sum(1).clamp(min=1), dim=-1)
-        return SequenceClassifierOutput(logits=self.classifier(pooled))
+        return SequenceClassifierOutput(logits=self.classifier(mean_embedding(h, attention_mask)))
