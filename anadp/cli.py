@@ -127,7 +127,7 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--allocation", choices=["anadp", "uniform", "paper", "clip"], default="anadp",
                    help="noise allocation of the audited run")
     a.add_argument("--seed", type=int, default=0, help="seed of the run")
-    from .apps.finetune import FinetuneConfig
+    from .apps.finetune import POOLINGS, FinetuneConfig
     from .apps.methods import DEFAULT, METHODS
     fd = FinetuneConfig()
     ft = sub.add_parser("finetune", help="pretrained encoder on real text: non-private vs uniform DP vs ANADP",
@@ -162,10 +162,10 @@ def build_parser() -> argparse.ArgumentParser:
     ft.add_argument("--head-scale", type=_positive(float), default=fd.head_scale,
                     help="DP runs: the head's noise scale w (it counts 1/w^2 in the clip, gets w times the noise; "
                          "None: 1)")
-    ft.add_argument("--pooling", choices=["auto", "mean", "cls"], default=fd.pooling,
+    ft.add_argument("--pooling", choices=POOLINGS, default=fd.pooling,
                     help="the head's input: the masked mean of the token states, normalized (the sentence embedding "
                          "of sentence-transformers checkpoints), the model's own head (BERT: its pooler on [CLS]), or "
-                         "auto: the one the checkpoint was trained with")
+                         "auto: DP runs the one the checkpoint was trained with, non-private runs the model's own head")
     ft.add_argument("--batch-size", type=_positive(int), default=fd.batch_size,
                     help="expected logical batch size of the DP runs (None: 128 with LoRA, 1024 with --no-lora)")
     ft.add_argument("--warmup", type=float, default=fd.warmup,

@@ -30,7 +30,8 @@ from dataclasses import asdict, replace
 import torch
 from torch.utils.data import TensorDataset
 
-from anadp.apps.finetune import FinetuneConfig, expected_batch, heatmap, learning_rate, prepare, summarize, train_one
+from anadp.apps.finetune import (POOLINGS, FinetuneConfig, expected_batch, heatmap, learning_rate, pooling_of, prepare,
+                                 summarize, train_one)
 from anadp.apps.methods import METHODS as ALL_METHODS, uses_anadp
 
 METHODS = ["uniform"] + [m for m in ALL_METHODS if m not in ("nonprivate", "uniform")]  # the baseline first
@@ -69,19 +70,23 @@ def jobs(modes, epsilons, seeds, methods, nonprivate: bool = True) -> list[tuple
     return out
 
 
-# what a run's outcome depends on beyond (mode, method, epsilon, seed): a resumed study must agree on each
-RECIPE = ("epochs", "batch_size", "dp_lr", "head_lr", "head_scale", "max_grad_norm", "weight_decay", "warmup", "decay",
-          "pooling", "lora_r", "lora_targets", "max_len")
+# what a run's outcome depends on beyond (mode, method, epsilon, seed): a resumed study must agree on each that its
+# runs read (non-private runs read no DP field, DP runs not the non-private rate)
+RECIPE = ("epochs", "lr", "batch_size", "dp_lr", "head_lr", "head_scale", "max_grad_norm", "weight_decay", "warmup",
+          "decay", "pooling", "lora_r", "lora_targets", "max_len")
+DP_ONLY = ("batch_size", "dp_lr", "head_lr", "head_scale", "max_grad_norm")
 BEFORE = {"pooling": "cls", "head_lr": None, "head_scale": None, "warmup": 0.0, "decay": "none"}  # before the field
 
 
-def recipe_differences(made: dict, now: dict) -> str:
-    """"field: theirs -> ours" for each recipe field where a study's config and this one differ."""
-    def norm(v):
-        return list(v) if isinstance(v, tuple) else v
-    known = [k for k in RECIPE if k in made or k in BEFORE]
-    return ", ".join(f"{k}: {norm(made.get(k, BEFORE.get(k)))!r} -> {norm(now[k])!r}" for k in known
-                     if norm(made.get(k, BEFORE.get(k))) != norm(now[k]))
+def recipe_differences(made: dict, now: dict, dp: bool, model_path: str) -> str:
+    """"field: theirs -> ours" for each recipe field that a DP run (``dp``) or a non-private one reads where a
+    study's config and this one differ; the pooling as that run resolves it (finetune.pooling_of)."""
+    def value(cfg, k):
+        v = cfg.get(k, BEFORE.get(k))
+        return pooling_of(model_path, v, dp) if k == "pooling" else list(v) if isinstance(v, tuple) else v
+    known = [k for k in RECIPE if (k in made or k in BEFORE) and k not in (("lr",) if dp else DP_ONLY)]
+    return ", ".join(f"{k}: {value(made, k)!r} -> {value(now, k)!r}" for k in known
+                     if value(made, k) != value(now, k))
 
 
 def summary(rows: list[dict]) -> list[dict]:
@@ -180,7 +185,7 @@ def main(argv=None) -> int:
     ap.add_argument("--dp-lr", type=float, default=None, help="DP learning rate (default: the mode's)")
     ap.add_argument("--head-lr", type=float, default=FinetuneConfig.head_lr, help="DP rate of the head")
     ap.add_argument("--head-scale", type=float, default=FinetuneConfig.head_scale, help="DP: the head's w")
-    ap.add_argument("--pooling", choices=["auto", "mean", "cls"], default=FinetuneConfig.pooling,
+    ap.add_argument("--pooling", choices=POOLINGS, default=FinetuneConfig.pooling,
                     help="the head's input (finetune --pooling)")
     ap.add_argument("--warmup", type=float, default=FinetuneConfig.warmup)
     ap.add_argument("--decay", choices=["linear", "none"], default=FinetuneConfig.decay)
@@ -218,10 +223,12 @@ def main(argv=None) -> int:
     for path in args.resume:  # runs of this grid already made: kept, not run again
         with open(path) as f:
             made = json.load(f)
-        differ = recipe_differences(made.get("config", {}), asdict(cfg))
-        if differ:
-            raise SystemExit(f"{path} was run with another recipe ({differ}): its runs would not pair with this "
-                             "study's; pass the same options, or leave it out of --resume")
+        for dp in sorted({r["method"] != "nonprivate" for r in made["rows"]}):
+            differ = recipe_differences(made.get("config", {}), asdict(cfg), dp, data["model_path"])
+            if differ:
+                raise SystemExit(f"{path}'s {'DP' if dp else 'non-private'} runs were made with another recipe "
+                                 f"({differ}): they would not pair with this study's; pass the same options, or leave "
+                                 "it out of --resume")
         for r in made["rows"]:
             key = (r["mode"], r["method"], r["target_epsilon"] or math.inf, r["seed"])
             if "accuracy" in r and key not in have and key in grid:

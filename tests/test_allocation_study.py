@@ -94,6 +94,21 @@ def test_resume_merges_studies_without_running(tmp_path, tiny_model):
                        "--resume", *parts, "--budget-s", "0"])
 
 
+def test_resume_compares_what_each_kind_of_run_reads(tmp_path):
+    """A non-private run reads no DP field and resolves pooling="auto" to the model's own head: a pooler study's
+    non-private runs pair with an "auto" study's, its DP runs do not; the non-private rate counts only for them."""
+    from bench.allocation_study import recipe_differences
+    (tmp_path / "1_Pooling").mkdir()
+    (tmp_path / "1_Pooling" / "config.json").write_text(json.dumps({"pooling_mode_mean_tokens": True}))
+    now = {"pooling": "auto", "head_lr": 0.1, "lr": None, "epochs": 3}
+    pooler = {"head_lr": None, "lr": None, "epochs": 3}  # made before the pooling field: the model's own head
+    assert recipe_differences(pooler, now, False, str(tmp_path)) == ""
+    assert recipe_differences(pooler, now, True, str(tmp_path)) == "head_lr: None -> 0.1, pooling: 'cls' -> 'mean'"
+    faster = pooler | {"lr": 1e-3, "pooling": "auto", "head_lr": 0.1}
+    assert recipe_differences(faster, now, False, str(tmp_path)) == "lr: 0.001 -> None"
+    assert recipe_differences(faster, now, True, str(tmp_path)) == ""
+
+
 def test_table_without_a_uniform_run_shows_accuracies():
     """A study of methods without uniform (cells merged later) shows each cell's accuracy, not '+nan'."""
     from bench.allocation_study import markdown, summary

@@ -65,6 +65,9 @@ def test_finetune_loads_the_pooling_the_checkpoint_was_trained_with(tmp_path):
     (tmp_path / "1_Pooling" / "config.json").write_text(json.dumps({"pooling_mode_mean_tokens": True}))
     model = load_model(str(tmp_path), 2, False, 4, pooling="auto")
     assert isinstance(model, SentenceClassifier)
+    # a non-private run keeps the model's own head: it trains the pooler and did better on it
+    assert not isinstance(load_model(str(tmp_path), 2, False, 4, pooling="auto", dp=False), SentenceClassifier)
+    assert isinstance(load_model(str(tmp_path), 2, False, 4, pooling="mean", dp=False), SentenceClassifier)
     trained = {n for n, p in model.named_parameters() if p.requires_grad}
     assert "classifier.weight" in trained and not any("pooler" in n for n in trained)
     lora = load_model(str(tmp_path), 2, True, 4, pooling="mean")

@@ -66,9 +66,9 @@ class FinetuneConfig:
     warmup: float = 0.1
     decay: str = "linear"
     lora_targets: tuple = ("query", "value")
-    # the head's input: "auto" the pooling the checkpoint was trained with (sentence-transformers' mean pooling for
-    # the default MiniLM-L6), "mean" the masked mean of the token states, L2-normalized (sentence_head.py), "cls"
-    # the model's own head (BERT: a pooler on [CLS])
+    # the head's input: "mean" the masked mean of the token states, L2-normalized (sentence_head.py), "cls" the
+    # model's own head (BERT: a pooler on [CLS]), "auto" per run (pooling_of): DP the pooling the checkpoint was
+    # trained with, non-private the model's own head
     pooling: str = "auto"
     freeze: tuple = ("pooler",)    # full fine-tuning: parameters whose names hold one of these stay frozen
     train_only: tuple | None = None  # full fine-tuning: if given, only parameters whose names hold one of these train
@@ -148,29 +148,40 @@ def default_model_path() -> str:
 
 
 HEAD_INPUT = {"mean": "the mean of the token states, normalized", "cls": "the model's own pooled output"}
+POOLINGS = ("auto",) + tuple(HEAD_INPUT)
 
 
-def pooling_of(path: str, pooling: str) -> str:
-    """The pooling a run uses: ``pooling``, with "auto" resolved from the checkpoint."""
+def pooling_of(path: str, pooling: str, dp: bool) -> str:
+    """The pooling a run uses: ``pooling``, with "auto" resolved per run. A DP run reads the embedding the
+    checkpoint was trained to give: its head learns from features that are good before any step (linear probe,
+    DP at epsilon 3: 0.748 on MiniLM-L6's mean against 0.65-0.67 on its pooler, head-probe-2026-12-06-features.md).
+    A non-private run trains the pooler with the body and does better on the model's own head (seed 0: 0.8227
+    against 0.8149 with LoRA, 0.8458 against 0.8344 full, allocation-study-2026-12-07-mean.md)."""
     if pooling == "auto":
-        return checkpoint_pooling(path)
+        return checkpoint_pooling(path) if dp else "cls"
     if pooling not in HEAD_INPUT:
-        raise ValueError(f"pooling must be 'auto', 'cls' or 'mean', got {pooling!r}")
+        raise ValueError(f"pooling must be one of {POOLINGS}, got {pooling!r}")
     return pooling
 
 
+def head_input(path: str, pooling: str) -> str:
+    """What the head reads, in words: one input, or the DP runs' and the non-private runs'."""
+    dp, nonprivate = (HEAD_INPUT[pooling_of(path, pooling, x)] for x in (True, False))
+    return dp if dp == nonprivate else f"{dp} (DP), {nonprivate} (non-private)"
+
+
 def load_model(path: str, num_labels: int, lora: bool, r: int, targets=("query", "value"), freeze=("pooler",),
-               train_only=None, pooling: str = "cls"):
+               train_only=None, pooling: str = "cls", dp: bool = True):
     """The model to fine-tune: the checkpoint's own sequence classification model ("cls"), or its encoder
-    under a head on the masked mean of its token states ("mean", :class:`SentenceClassifier`; "auto": the
-    pooling the checkpoint was trained with)."""
+    under a head on the masked mean of its token states ("mean", :class:`SentenceClassifier`; "auto":
+    :func:`pooling_of` for a DP run or a non-private one, ``dp``)."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     if not os.path.isdir(path):
         raise FileNotFoundError(f"model {path!r} is not a local directory; anadp never downloads models: "
                                 "give the path of a directory with config.json and the weights")
     from transformers import AutoModel, AutoModelForSequenceClassification
     from transformers.utils import logging as hf_logging
-    pooling = pooling_of(path, pooling)
+    pooling = pooling_of(path, pooling, dp)
     verbosity = hf_logging.get_verbosity()
     hf_logging.set_verbosity_error()  # "newly initialized classifier" is expected here
     try:  # float32 whatever the checkpoint's dtype: the DP arithmetic and the optimizer state want it
@@ -236,9 +247,9 @@ def train_one(cfg: FinetuneConfig, method: str, epsilon: float, seed: int, train
     if not 0 <= cfg.warmup < 1 or cfg.decay not in ("linear", "none"):
         raise ValueError(f"warmup must be in [0, 1) and decay 'linear' or 'none', got {cfg.warmup!r}, {cfg.decay!r}")
     torch.manual_seed(seed)
-    model = load_model(model_path, 2, cfg.lora, cfg.lora_r, cfg.lora_targets, cfg.freeze, cfg.train_only,
-                       cfg.pooling).to(cfg.device)
     dp = method != "nonprivate"
+    model = load_model(model_path, 2, cfg.lora, cfg.lora_r, cfg.lora_targets, cfg.freeze, cfg.train_only,
+                       cfg.pooling, dp).to(cfg.device)
     optimizer = torch.optim.AdamW(param_groups(model, cfg, dp), weight_decay=cfg.weight_decay)
     g = torch.Generator().manual_seed(seed)
     if dp:
@@ -447,7 +458,7 @@ def run_finetune(cfg: FinetuneConfig, progress: bool = True) -> dict:
                 f"{'LoRA r=' + str(cfg.lora_r) if cfg.lora else 'full fine-tuning'}; {cfg.epochs} epochs, "
                 f"expected batch {expected_batch(cfg)}, lr {learning_rate(cfg, False):g}, DP lr {learning_rate(cfg, True):g}"
                 + (f" (the head: {cfg.head_lr:g})" if cfg.head_lr is not None else "")
-                + f"; the head reads {HEAD_INPUT[pooling_of(d['model_path'], cfg.pooling)]}\n\n" + table(summary, delta)
+                + "; the head reads " + head_input(d["model_path"], cfg.pooling) + "\n\n" + table(summary, delta)
                 + "\n")
     result["plots"] = plots(rows, summary, cfg.out)
     return result
