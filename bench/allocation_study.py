@@ -223,15 +223,20 @@ def main(argv=None) -> int:
     for path in args.resume:  # runs of this grid already made: kept, not run again
         with open(path) as f:
             made = json.load(f)
-        for dp in sorted({r["method"] != "nonprivate" for r in made["rows"]}):
-            differ = recipe_differences(made.get("config", {}), asdict(cfg), dp, data["model_path"])
-            if differ:
-                raise SystemExit(f"{path}'s {'DP' if dp else 'non-private'} runs were made with another recipe "
-                                 f"({differ}): they would not pair with this study's; pass the same options, or leave "
-                                 "it out of --resume")
-        for r in made["rows"]:
+        differ = {dp: recipe_differences(made.get("config", {}), asdict(cfg), dp, data["model_path"])
+                   for dp in (False, True)}
+        mine = [r for r in made["rows"] if "accuracy" in r and not differ[r["method"] != "nonprivate"]]
+        if not mine:  # a study that shares no run with this one: a mistake, not a merge
+            theirs = "; ".join(f"{'DP' if dp else 'non-private'}: {d}" for dp, d in differ.items() if d)
+            raise SystemExit(f"{path} was run with another recipe ({theirs}): its runs would not pair with this "
+                             "study's; pass the same options, or leave it out of --resume")
+        for dp, d in differ.items():  # its other kind of run may still pair (non-private runs read no DP field)
+            if d and any((r["method"] != "nonprivate") == dp for r in made["rows"]):
+                print(f"--resume {path}: its {'DP' if dp else 'non-private'} runs are left out, made with another "
+                      f"recipe ({d})", file=sys.stderr)
+        for r in mine:
             key = (r["mode"], r["method"], r["target_epsilon"] or math.inf, r["seed"])
-            if "accuracy" in r and key not in have and key in grid:
+            if key not in have and key in grid:
                 kept.append(r)
                 have.add(key)
     todo = [j for j in todo if j not in have]

@@ -94,6 +94,20 @@ def test_resume_merges_studies_without_running(tmp_path, tiny_model):
                        "--resume", *parts, "--budget-s", "0"])
 
 
+def test_resume_keeps_the_runs_that_pair(tmp_path, tiny_model, capsys):
+    """A study whose DP runs were made with another DP recipe still gives its non-private runs, which read none
+    of it; its DP runs are left out, and said so."""
+    from bench.allocation_study import main
+    common = ["--smoke", "--model", str(tiny_model), "--epsilon", "8", "--seed", "0", "--modes", "lora",
+              "--methods", "uniform"]
+    assert main(common + ["--out", str(tmp_path / "a"), "--head-lr", "0.05"]) == 0
+    made = str(next((tmp_path / "a").glob("allocation-study-*-smoke.json")))
+    assert main(common + ["--out", str(tmp_path / "b"), "--resume", made, "--budget-s", "0"]) == 0
+    res = json.loads(next((tmp_path / "b").glob("allocation-study-*-smoke.json")).read_text())
+    assert [r["method"] for r in res["rows"]] == ["nonprivate"]
+    assert "its DP runs are left out, made with another recipe (head_lr: 0.05 -> 0.1)" in capsys.readouterr().err
+
+
 def test_resume_compares_what_each_kind_of_run_reads(tmp_path):
     """A non-private run reads no DP field and resolves pooling="auto" to the model's own head: a pooler study's
     non-private runs pair with an "auto" study's, its DP runs do not; the non-private rate counts only for them."""
