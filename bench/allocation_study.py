@@ -223,17 +223,20 @@ def main(argv=None) -> int:
     for path in args.resume:  # runs of this grid already made: kept, not run again
         with open(path) as f:
             made = json.load(f)
-        differ = {dp: recipe_differences(made.get("config", {}), asdict(cfg), dp, data["model_path"])
-                   for dp in (False, True)}
-        mine = [r for r in made["rows"] if "accuracy" in r and not differ[r["method"] != "nonprivate"]]
+        differ = {}  # per run: the recipe fields it was made with that differ from this study's; a run's own
+        for r in made["rows"]:  # resolved pooling (recorded since "auto" depends on the kind of run) beats the config's
+            if "accuracy" in r:
+                theirs = made.get("config", {}) | ({"pooling": r["pooling"]} if "pooling" in r else {})
+                differ[id(r)] = recipe_differences(theirs, asdict(cfg), r["method"] != "nonprivate", data["model_path"])
+        mine = [r for r in made["rows"] if id(r) in differ and not differ[id(r)]]
+        left = {("DP" if r["method"] != "nonprivate" else "non-private"): differ[id(r)] for r in made["rows"]
+                if differ.get(id(r))}
         if not mine:  # a study that shares no run with this one: a mistake, not a merge
-            theirs = "; ".join(f"{'DP' if dp else 'non-private'}: {d}" for dp, d in differ.items() if d)
-            raise SystemExit(f"{path} was run with another recipe ({theirs}): its runs would not pair with this "
-                             "study's; pass the same options, or leave it out of --resume")
-        for dp, d in differ.items():  # its other kind of run may still pair (non-private runs read no DP field)
-            if d and any((r["method"] != "nonprivate") == dp for r in made["rows"]):
-                print(f"--resume {path}: its {'DP' if dp else 'non-private'} runs are left out, made with another "
-                      f"recipe ({d})", file=sys.stderr)
+            raise SystemExit(f"{path} was run with another recipe ({'; '.join(f'{k}: {d}' for k, d in left.items())}"
+                             "): its runs would not pair with this study's; pass the same options, or leave it out of "
+                             "--resume")
+        for kind, d in left.items():  # its other kind of run may still pair (non-private runs read no DP field)
+            print(f"--resume {path}: its {kind} runs are left out, made with another recipe ({d})", file=sys.stderr)
         for r in mine:
             key = (r["mode"], r["method"], r["target_epsilon"] or math.inf, r["seed"])
             if key not in have and key in grid:

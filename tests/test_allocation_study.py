@@ -106,6 +106,13 @@ def test_resume_keeps_the_runs_that_pair(tmp_path, tiny_model, capsys):
     res = json.loads(next((tmp_path / "b").glob("allocation-study-*-smoke.json")).read_text())
     assert [r["method"] for r in res["rows"]] == ["nonprivate"]
     assert "its DP runs are left out, made with another recipe (head_lr: 0.05 -> 0.1)" in capsys.readouterr().err
+    # each run records the pooling it resolved: one made with the mean pooling does not pass for the model's own head
+    study = json.loads(open(made).read())
+    assert [r["pooling"] for r in study["rows"]] == ["cls", "cls"]  # the tiny BERT has no sentence-transformers config
+    study["rows"][0]["pooling"] = "mean"
+    (tmp_path / "mean.json").write_text(json.dumps(study))
+    with pytest.raises(SystemExit, match="non-private: pooling: 'mean' -> 'cls'"):
+        main(common + ["--out", str(tmp_path / "c"), "--resume", str(tmp_path / "mean.json"), "--budget-s", "0"])
 
 
 def test_resume_compares_what_each_kind_of_run_reads(tmp_path):

@@ -300,7 +300,8 @@ def train_one(cfg: FinetuneConfig, method: str, epsilon: float, seed: int, train
     wall = time.perf_counter() - t0
     row = {"method": method, "target_epsilon": epsilon if dp else None, "seed": seed, "steps": steps,
            "lora": cfg.lora, "epsilon": optimizer.privacy_spent(delta) if dp else None,
-           "delta": delta if dp else None, "accuracy": accuracy(model, test, cfg.device), "wall_seconds": wall}
+           "delta": delta if dp else None, "accuracy": accuracy(model, test, cfg.device), "wall_seconds": wall,
+           "pooling": pooling_of(model_path, cfg.pooling, dp)}
     if dp:
         row["noise_multiplier"] = optimizer.noise_multiplier
         row["noise_scales"] = optimizer.noise_scales
