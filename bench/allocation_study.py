@@ -223,14 +223,14 @@ def main(argv=None) -> int:
     for path in args.resume:  # runs of this grid already made: kept, not run again
         with open(path) as f:
             made = json.load(f)
-        differ = {}  # per run: the recipe fields it was made with that differ from this study's; a run's own
-        for r in made["rows"]:  # resolved pooling (recorded since "auto" depends on the kind of run) beats the config's
+        judged = []  # (run, the recipe fields it was made with that differ from this study's); a run's own resolved
+        for r in made["rows"]:  # pooling (recorded since "auto" depends on the kind of run) beats the config's
             if "accuracy" in r:
                 theirs = made.get("config", {}) | ({"pooling": r["pooling"]} if "pooling" in r else {})
-                differ[id(r)] = recipe_differences(theirs, asdict(cfg), r["method"] != "nonprivate", data["model_path"])
-        mine = [r for r in made["rows"] if id(r) in differ and not differ[id(r)]]
-        left = {("DP" if r["method"] != "nonprivate" else "non-private"): differ[id(r)] for r in made["rows"]
-                if differ.get(id(r))}
+                judged.append((r, recipe_differences(theirs, asdict(cfg), r["method"] != "nonprivate",
+                                                     data["model_path"])))
+        mine = [r for r, d in judged if not d]
+        left = {("DP" if r["method"] != "nonprivate" else "non-private"): d for r, d in judged if d}
         if not mine:  # a study that shares no run with this one: a mistake, not a merge
             raise SystemExit(f"{path} was run with another recipe ({'; '.join(f'{k}: {d}' for k, d in left.items())}"
                              "): its runs would not pair with this study's; pass the same options, or leave it out of "

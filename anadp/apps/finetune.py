@@ -248,8 +248,9 @@ def train_one(cfg: FinetuneConfig, method: str, epsilon: float, seed: int, train
         raise ValueError(f"warmup must be in [0, 1) and decay 'linear' or 'none', got {cfg.warmup!r}, {cfg.decay!r}")
     torch.manual_seed(seed)
     dp = method != "nonprivate"
+    pooling = pooling_of(model_path, cfg.pooling, dp)
     model = load_model(model_path, 2, cfg.lora, cfg.lora_r, cfg.lora_targets, cfg.freeze, cfg.train_only,
-                       cfg.pooling, dp).to(cfg.device)
+                       pooling).to(cfg.device)
     optimizer = torch.optim.AdamW(param_groups(model, cfg, dp), weight_decay=cfg.weight_decay)
     g = torch.Generator().manual_seed(seed)
     if dp:
@@ -301,7 +302,7 @@ def train_one(cfg: FinetuneConfig, method: str, epsilon: float, seed: int, train
     row = {"method": method, "target_epsilon": epsilon if dp else None, "seed": seed, "steps": steps,
            "lora": cfg.lora, "epsilon": optimizer.privacy_spent(delta) if dp else None,
            "delta": delta if dp else None, "accuracy": accuracy(model, test, cfg.device), "wall_seconds": wall,
-           "pooling": pooling_of(model_path, cfg.pooling, dp)}
+           "pooling": pooling}
     if dp:
         row["noise_multiplier"] = optimizer.noise_multiplier
         row["noise_scales"] = optimizer.noise_scales
