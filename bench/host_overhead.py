@@ -5,6 +5,11 @@ count a GPU step would launch, less the ops that are views).
 
     python -m bench.host_overhead            # table; bench.run writes it with its other rows
     python -m bench.host_overhead --compile  # the same with torch.compile'd forwards, and the graph breaks
+
+``traced_probe`` (compiled only) is not anadp: a DP step whose per-sample algebra is traced whole, the
+per-sample gradients by torch.func (vmap of grad), their norms, clip factors, clipped sums and Gaussian noise
+in one compiled graph, then the same foreach AdamW. It measures what a step costs the host when no Python runs
+per layer, the bound a traced anadp step would approach (docs/results.md, "the compiled step").
 """
 from __future__ import annotations
 
@@ -54,6 +59,37 @@ def graph_breaks(method: str, cfg: Config = CONFIG) -> int:
     return sum(counters["graph_break"].values())
 
 
+def traced_probe_step(cfg: Config, sigma: float = 1.0, clip: float = 1.0):
+    """One step of the traced DP probe (see the module docstring) on ``build(cfg)``'s model."""
+    from torch.func import functional_call, grad, vmap
+    model, inputs, labels = build(cfg)
+    params = dict(model.named_parameters())
+    buffers = dict(model.named_buffers())
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, foreach=True)
+
+    def loss_one(p, x, y):
+        out = functional_call(model, (p, buffers), (), {k: v[None] for k, v in x.items()})
+        return torch.nn.functional.cross_entropy(getattr(out, "logits", out), y[None])
+
+    def noisy_clipped_sums(p, x, y):
+        ps = vmap(grad(loss_one), in_dims=(None, 0, 0))(p, x, y)
+        sq = sum(g.flatten(1).square().sum(1) for g in ps.values())
+        c = (clip / (sq.sqrt() + 1e-6)).clamp(max=1.0)
+        return [torch.tensordot(c, ps[k], dims=1) + sigma * clip * torch.randn_like(p[k]) for k in p]
+
+    compiled = torch.compile(noisy_clipped_sums, fullgraph=True)
+    plist = list(params.values())
+
+    def step():
+        opt.zero_grad()
+        for q, g in zip(plist, compiled({k: v.detach() for k, v in params.items()}, inputs, labels)):
+            q.grad = g
+        opt.step()
+    step.sums = lambda: compiled({k: v.detach() for k, v in params.items()}, inputs, labels)  # (the test's)
+    step.model, step.inputs, step.labels = model, inputs, labels
+    return step
+
+
 def rows(rounds: int = 20, cfg: Config = CONFIG, compile: bool = False, methods=METHODS) -> list[dict]:
     """Each method's median host time of a step on one thread, the methods' steps interleaved
     (the shared machine's speed drifts: each method sees the same drift), after 3 warm-up steps;
@@ -65,8 +101,11 @@ def rows(rounds: int = 20, cfg: Config = CONFIG, compile: bool = False, methods=
             warnings.simplefilter("ignore")
             steps = {}
             for method in methods:
-                model, inputs, labels = build(cfg)
-                steps[method] = make_step(method, model, inputs, labels, compile=compile)[0]
+                if method == "traced_probe":
+                    steps[method] = traced_probe_step(cfg)
+                else:
+                    model, inputs, labels = build(cfg)
+                    steps[method] = make_step(method, model, inputs, labels, compile=compile)[0]
                 for _ in range(3):
                     steps[method]()
             times = {m: [] for m in methods}
@@ -75,18 +114,19 @@ def rows(rounds: int = 20, cfg: Config = CONFIG, compile: bool = False, methods=
                     t = time.perf_counter()
                     step()
                     times[method].append(time.perf_counter() - t)
-            ops = {m: op_counts(step) for m, step in steps.items()}
+            # (the probe's compiled graph does not run under a dispatch mode: its ops are not counted)
+            ops = {m: op_counts(step) for m, step in steps.items() if m != "traced_probe"}
     finally:
         torch.set_num_threads(threads)
     out = [{"config": cfg.name + (", compiled" if compile else ""), "method": m,
-            "seconds": statistics.median(times[m]), "ops": sum(ops[m].values()),
-            "top_ops": dict(ops[m].most_common(8))} for m in methods]
+            "seconds": statistics.median(times[m]), "ops": sum(ops[m].values()) if m in ops else None,
+            "top_ops": dict(ops[m].most_common(8)) if m in ops else None} for m in methods]
     if compile:
         for r in out:
-            r["graph_breaks"] = graph_breaks(r["method"], cfg)
+            r["graph_breaks"] = graph_breaks(r["method"], cfg) if r["method"] != "traced_probe" else 0  # fullgraph
     for r in out:
         r["x_nonprivate"] = r["seconds"] / out[0]["seconds"]
-        r["ops_x_nonprivate"] = r["ops"] / out[0]["ops"]
+        r["ops_x_nonprivate"] = r["ops"] / out[0]["ops"] if r["ops"] is not None else None
     return out
 
 
@@ -96,7 +136,8 @@ def table(rows: list[dict]) -> str:
              + (" graph breaks (forward) |" if breaks else ""), "|---|---|---|---|---|---|" + ("---|" if breaks else "")]
     for k, r in enumerate(rows):
         lines.append(f"| {r['config'] if k == 0 else ''} | {r['method']} | {r['seconds'] * 1e3:.1f} | "
-                     f"{r['x_nonprivate']:.2f} | {r['ops']} | {r['ops_x_nonprivate']:.2f} |"
+                     f"{r['x_nonprivate']:.2f} | {r['ops'] if r['ops'] is not None else '-'} | "
+                     f"{format(r['ops_x_nonprivate'], '.2f') if r['ops'] is not None else '-'} |"
                      + (f" {r['graph_breaks']} |" if breaks else ""))
     return "\n".join(lines)
 
@@ -104,5 +145,5 @@ def table(rows: list[dict]) -> str:
 if __name__ == "__main__":
     import sys
     compiled = "--compile" in sys.argv[1:]
-    print(table(rows(compile=compiled, methods=["nonprivate", "anadp_uniform", "anadp_per_layer"] if compiled
-                     else METHODS)))
+    print(table(rows(compile=compiled, methods=["nonprivate", "anadp_uniform", "anadp_per_layer", "traced_probe"]
+                     if compiled else METHODS)))
