@@ -40,15 +40,21 @@ def check_loss_reduction(loss_reduction: str) -> None:
 
 
 
-# Counts every parameter or submodule registration in the process (torch's global registration hooks:
-# setattr of a Parameter or Module, register_parameter, add_module): check_unchanged walks the model
-# only when it moved since the walk before.
+# Counts the parameter and submodule registrations (torch's global registration hooks: setattr of a Parameter
+# or Module, register_parameter, add_module) on the modules of private models: check_unchanged walks the model
+# only when it moved since the walk before. Registrations elsewhere do not count: Llama's forward slices its
+# ModuleList (a new list registering the layers), which would count every step, and inside torch.compile
+# would make dynamo recompile the forward every step (it guards on this counter) until its recompile limit.
 _registrations = 0
+_watched: weakref.WeakSet = weakref.WeakSet()  # the modules of private models, as wrapped
 
 
-def _count_registration(*args):
+def _count_registration(module, *args):
     global _registrations
-    _registrations += 1
+    if compiled.compiling():  # a forward registers nothing on the model it runs (and tracing it must not guard)
+        return
+    if module in _watched:
+        _registrations += 1
 
 
 _hooks_on = hasattr(nn.modules.module, "register_module_parameter_registration_hook")
@@ -180,6 +186,7 @@ class GradSampleEngine:
         self._slots = [(m._parameters, n, p) for m in self.model.modules() for n, p in m._parameters.items()
                        if p is not None and p.requires_grad]
         self._registrations_seen = _registrations
+        _watched.update(m for m, _, _ in self._snapshot)
         hooked = set(self.params)
         self._frozen = [p for p in self.model.parameters() if p not in hooked]
 

@@ -51,7 +51,10 @@ def test_compiled_private_model_takes_the_eager_steps(name, clipping):
         warnings.simplefilter("ignore")
         comp = _steps(name, clipping, compile_=True)
     assert not counters["graph_break"], dict(counters["graph_break"])
-    assert counters["stats"]["unique_graphs"] >= 1
+    # compiled once, not once a step: the forward pre-hook (a frame of its own) and the forward. Llama's forward
+    # slices its ModuleList, which registers its layers in a new list; counted as a change of the model, that made
+    # dynamo recompile every step (it guards on the count) until its recompile limit, then run eagerly
+    assert 1 <= counters["stats"]["unique_graphs"] <= 2, counters["stats"]["unique_graphs"]
     start = torch.cat([p.detach().flatten() for p in make(name, torch.float32)[0].parameters()])
     assert float((eager - start).norm()) > 0
     assert float((comp - eager).norm() / eager.norm()) < 1e-6

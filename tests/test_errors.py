@@ -192,6 +192,22 @@ def test_changing_the_model_after_wrapping(change):
         o.step()
 
 
+def test_a_forward_that_builds_module_lists_is_no_change_of_the_model():
+    """Llama's forward slices its ModuleList (a new list that registers the layers): registrations outside the
+    private model do not count as changes of it (each would make the step walk the model, and under torch.compile
+    recompile the forward); a registration on the model does (test_changing_the_model_after_wrapping)."""
+    from anadp import engine
+    m = TinyTransformerClassifier()
+    m, o, _ = anadp.make_private(m, torch.optim.SGD(m.parameters(), lr=0.1),
+                                 DataLoader(make_data(), batch_size=16), noise_multiplier=1.0, max_grad_norm=1.0,
+                                 poisson_sampling=False, seed=0)
+    before = engine._registrations
+    nn.ModuleList([m.head])[:1]  # what Llama's forward does with its layers
+    assert engine._registrations == before
+    m.extra = nn.Linear(2, 2)
+    assert engine._registrations > before
+
+
 def test_half_precision_overflow_is_counted():
     """float16 activations overflow for one sample: it is dropped and counted, the step stays finite."""
     torch.manual_seed(0)
