@@ -80,12 +80,15 @@ def traced_probe_step(cfg: Config, sigma: float = 1.0, clip: float = 1.0):
     compiled = torch.compile(noisy_clipped_sums, fullgraph=True)
     plist = list(params.values())
 
+    def sums():
+        return compiled({k: v.detach() for k, v in params.items()}, inputs, labels)
+
     def step():
         opt.zero_grad()
-        for q, g in zip(plist, compiled({k: v.detach() for k, v in params.items()}, inputs, labels)):
+        for q, g in zip(plist, sums()):
             q.grad = g
         opt.step()
-    step.sums = lambda: compiled({k: v.detach() for k, v in params.items()}, inputs, labels)  # (the test's)
+    step.sums = sums  # (the test's)
     step.model, step.inputs, step.labels = model, inputs, labels
     return step
 
