@@ -12,7 +12,6 @@ import warnings
 
 import torch
 
-from . import compiled_sums
 from .records import LinearRecord
 
 
@@ -133,25 +132,8 @@ class WhitenedAccumulator(Accumulator):
     def _nonfinite_names(self, keys: list, sq: torch.Tensor) -> list:
         return [self.tensors.names[p] for p, s in zip(keys, sq) if not torch.isfinite(s).all()]
 
-    def _count_nonfinite(self, batch, keys: list, sq: torch.Tensor, bad: torch.Tensor) -> None:
-        """nonfinite="raise": nothing leaves before check_finite; the sums of a bad batch are not released."""
-        n = bad.sum()
-        self._nonfinite = n if self._nonfinite is None else self._nonfinite + n
-        self._nonfinite_rows.append((keys, sq))  # the parameters' names, read only if it raises
-        self._samples += batch.batch_size
-
-    def _traced_layout(self, batch):
-        """The compiled_sums layout of a compiled model's batch where that function forms it, else None."""
-        if (not batch.traced or self.norm_kernels is not None or self.defer_linear or self.reducer is not None
-                or self.nonfinite == "skip"):
-            return None
-        return compiled_sums.layout(batch)
-
     @torch.no_grad()
     def on_batch(self, batch) -> None:
-        lay = self._traced_layout(batch)
-        if lay is not None:
-            return self._on_traced_batch(batch, lay)
         self.check_chunk(batch.chunk_id)
         keys, sq = batch.sq_rows(self.norm_kernels)  # the loss-reduction scale, once below
         if sq.dtype not in (torch.float32, torch.float64):
@@ -160,8 +142,11 @@ class WhitenedAccumulator(Accumulator):
         norms = (weights.whiten @ sq).sqrt() * batch.scale
         bad = ~torch.isfinite(norms)
         any_bad = self.nonfinite == "skip" and bool(bad.any())  # "skip" drops them from the records now
-        if self.nonfinite == "raise":
-            self._count_nonfinite(batch, keys, sq, bad)
+        if self.nonfinite == "raise":  # nothing leaves before check_finite; sums of a bad batch are not released
+            n = bad.sum()
+            self._nonfinite = n if self._nonfinite is None else self._nonfinite + n
+            self._nonfinite_rows.append((keys, sq))  # the parameters' names, read only if it raises
+            self._samples += batch.batch_size
         if any_bad:
             report_nonfinite(int(bad.sum()), batch.batch_size, self._nonfinite_names(keys, sq), self.nonfinite)
             batch.drop(bad)
@@ -195,24 +180,5 @@ class WhitenedAccumulator(Accumulator):
             now = self.reducer.reduce_shards(batch, cs, now)
         for p, s in batch.clipped_sums(cs, now).items():
             sums.add(index[p], s)
-        self.last_per_sample_norms, self.last_clip_factors = norms, c
-        sums.count_chunk(batch.ends_logical)
-
-    def _on_traced_batch(self, batch, lay) -> None:
-        """on_batch's algebra in one compiled function (anadp.compiled_sums)."""
-        self.check_chunk(batch.chunk_id)
-        t = lay.G[0] if lay.G else lay.dense[0] if lay.dense else lay.EG[0]
-        weights = self.feed.weights(lay.keys, t.dtype, t.device)
-        sq, norms, c, summed = compiled_sums.run(lay, weights.whiten, batch.scale, self.clip.factors)
-        if self.nonfinite == "raise":
-            self._count_nonfinite(batch, lay.keys, sq, ~torch.isfinite(norms))
-        if self.feed.releases_shares:
-            self.feed.add_energy(weights, sq, c * batch.scale)
-        sums, index = self.sums, self.tensors.index
-        sums.materialize_deferred()
-        for p, s in zip(lay.keys, summed):
-            i = index.get(p)
-            if i is not None:
-                sums.add(i, s)
         self.last_per_sample_norms, self.last_clip_factors = norms, c
         sums.count_chunk(batch.ends_logical)

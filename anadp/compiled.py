@@ -69,7 +69,7 @@ def _hooked_backward_fake(saved, g, key, input_grad):
 
 
 def _begin_forward(x, key, grad):
-    _OBJECTS[key].begin_forward(x, grad, traced=True)
+    _OBJECTS[key].begin_forward(x, grad)
 
 
 class _HookedFn(torch.autograd.Function):

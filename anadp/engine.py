@@ -142,7 +142,6 @@ class GradSampleEngine:
         self.chunks = ChunkProtocol()  # which chunk of private data each forward runs on (anadp.chunks)
         self.chunk_id: Optional[int] = None  # the stamp of the last forward
         self.real_rows: Optional[int] = None  # a padded chunk's samples (its first rows; static shapes)
-        self.traced = False  # whether the last forward ran through torch.compile (its batch: anadp.compiled_sums)
         self._padding: Optional[torch.Tensor] = None
         self._records: dict = {}
         self.ends_logical = True  # whether the last forward's chunk ends its logical batch
@@ -261,14 +260,12 @@ class GradSampleEngine:
             return
         self.begin_forward(x, torch.is_grad_enabled())
 
-    def begin_forward(self, x: Optional[torch.Tensor], grad: bool, traced: bool = False) -> None:
+    def begin_forward(self, x: Optional[torch.Tensor], grad: bool) -> None:
         """Before each forward of the model (``x``: its first tensor argument; ``grad``: whether it runs
-        with gradients; ``traced``: whether it runs through torch.compile): the last backward's records go to
-        the accumulator, and the counts start afresh."""
+        with gradients): the last backward's records go to the accumulator, and the counts start afresh."""
         if self.model.training:  # model.train() puts batch norms back into train mode
             self._check_mixing()
         self.flush()
-        self.traced = traced
         self._buffer_state = self._buffer_versions()
         self._readers.clear()
         if self._copies:
@@ -417,8 +414,7 @@ class GradSampleEngine:
             B = self._seen_batch  # every record was taken in the backward (per_layer clipping)
         else:
             B = next(iter(self._records.values()))[0].batch_size
-        return PhysicalBatch(self._records, B, reduction_scale(B, self.loss_reduction), self.ends_logical, self.chunk_id,
-                             traced=self.traced)
+        return PhysicalBatch(self._records, B, reduction_scale(B, self.loss_reduction), self.ends_logical, self.chunk_id)
 
     def _buffer_versions(self) -> list:
         return [(t, None if t is None else t._version) for t in (m._buffers.get(b) for _, m, b in self._buffers)]

@@ -20,10 +20,9 @@ class PhysicalBatch:
     """The records of one forward/backward, with the loss-reduction scale applied."""
 
     def __init__(self, records: dict, batch_size: int, scale: float, ends_logical: bool, chunk_id: int | None = None,
-                 cache: R.BatchCache | None = None, traced: bool = False):
+                 cache: R.BatchCache | None = None):
         self.records, self.batch_size, self.scale, self.ends_logical = records, batch_size, scale, ends_logical
         self.chunk_id = chunk_id  # which chunk of private data the forward ran on (None: not from the DP loader)
-        self.traced = traced  # whether its forward ran through torch.compile (anadp.compiled_sums)
         # a caller's cache outlives the batch (per-layer clipping: Gram matrices shared by several batches)
         self._own_cache = cache is None
         self.cache = R.BatchCache() if cache is None else cache

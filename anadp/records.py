@@ -346,10 +346,18 @@ class EmbeddingRecord:
         return self.idx.shape[0]
 
     def rows(self):
-        return embedding_rows(self.idx, self.G, self.V)
+        """The per-sample gradients' rows, (keys b V + v, row sums): one slot per token (B T), the distinct
+        (sample, index) pairs first in key order, zero rows after them (``key_segments``)."""
+        B = self.idx.shape[0]
+        keys = (torch.arange(B, device=self.idx.device)[:, None] * self.V + self.idx).flatten()
+        seg, seg_keys = key_segments(keys)
+        R = self.G.new_zeros(keys.numel(), self.G.shape[-1]).index_add_(0, seg, self.G.flatten(0, 1))
+        return seg_keys, R
 
     def sq_norm(self) -> torch.Tensor:
-        return embedding_sq_norm(self.idx, self.G, self.V)
+        # O(BTd) via the distinct (sample, index) pairs; cheaper than the O(BT^2 d) ghost sum
+        keys, R = self.rows()
+        return R.new_zeros(self.batch_size).index_add_(0, keys // self.V, R.pow(2).sum(1))
 
     def dense(self) -> torch.Tensor:
         B, d = self.G.shape[0], self.G.shape[-1]
@@ -358,33 +366,11 @@ class EmbeddingRecord:
         return out.index_add_(0, keys, self.G.flatten(0, 1)).view(B, self.V, d)
 
     def clipped_sum(self, c: torch.Tensor) -> torch.Tensor:
-        return embedding_clipped_sum(self.idx, self.G, self.V, c)
+        Gc = self.G * c.to(self.G.dtype)[:, None, None]
+        return Gc.new_zeros(self.V, Gc.shape[-1]).index_add_(0, self.idx.flatten(), Gc.flatten(0, 1))
 
     def drop(self, bad: torch.Tensor) -> None:
         self.G = torch.where(bad[:, None, None], 0, self.G)
-
-
-# An embedding record's algebra as functions of its tensors (idx (B, T), G (B, T, d), V rows), which
-# anadp.compiled_sums traces too
-def embedding_rows(idx: torch.Tensor, G: torch.Tensor, V: int):
-    """The per-sample gradients' rows, (keys b V + v, row sums): one slot per token (B T), the distinct
-    (sample, index) pairs first in key order, zero rows after them (``key_segments``)."""
-    B = idx.shape[0]
-    keys = (torch.arange(B, device=idx.device)[:, None] * V + idx).flatten()
-    seg, seg_keys = key_segments(keys)
-    rows = G.new_zeros(keys.numel(), G.shape[-1]).index_add_(0, seg, G.flatten(0, 1))
-    return seg_keys, rows
-
-
-def embedding_sq_norm(idx: torch.Tensor, G: torch.Tensor, V: int) -> torch.Tensor:
-    # O(BTd) via the distinct (sample, index) pairs; cheaper than the O(BT^2 d) ghost sum
-    keys, rows = embedding_rows(idx, G, V)
-    return rows.new_zeros(idx.shape[0]).index_add_(0, keys // V, rows.pow(2).sum(1))
-
-
-def embedding_clipped_sum(idx: torch.Tensor, G: torch.Tensor, V: int, c: torch.Tensor) -> torch.Tensor:
-    Gc = G * c.to(G.dtype)[:, None, None]
-    return Gc.new_zeros(V, Gc.shape[-1]).index_add_(0, idx.flatten(), Gc.flatten(0, 1))
 
 
 class DenseRecord:
