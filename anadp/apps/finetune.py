@@ -371,7 +371,11 @@ def heatmap(ax, scales: dict, title: str):
     mods, layers, grid = noise_grid(scales)
     if not mods:
         return None
-    im = ax.imshow(grid, cmap="viridis", aspect="auto")
+    # the range includes 1 +- 0.05 (uniform's scale): scales all within rounding of 1 would otherwise
+    # stretch the colour bar over ~1e-12 and label it with an offset
+    values = [v for rowv in grid for v in rowv if v == v]
+    lo, hi = min(values + [0.95]), max(values + [1.05])
+    im = ax.imshow(grid, cmap="viridis", aspect="auto", vmin=lo, vmax=hi)
     ax.set_xticks(range(len(layers)), [str(layer) for layer in layers])
     ax.set_yticks(range(len(mods)), mods)
     for i, rowv in enumerate(grid):
