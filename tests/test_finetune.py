@@ -139,3 +139,22 @@ def test_head_scale_sets_the_heads_w_in_dp_runs(tiny_model_dir, lora):
     head = [k for k in row["noise_scales"] if k.endswith("classifier") or k.endswith("classifier.modules_to_save.default")]
     assert len(head) == 1 and row["noise_scales"][head[0]] == pytest.approx(0.2)
     assert all(v == 1.0 for k, v in row["noise_scales"].items() if k != head[0])
+
+
+def test_heatmap_of_uniform_scales_has_a_readable_colour_bar():
+    """Scales all within rounding of 1 (ANADP shrunk to uniform): the colour bar spans at least 1 +- 0.05 and
+    carries no offset label (it spanned 1e-13 and read '+1' before)."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from anadp.apps.finetune import heatmap
+    fig, ax = plt.subplots()
+    im = heatmap(ax, {"encoder.layer.0.attention.self.query.lora_A": 1.0 + 1e-13,
+                      "encoder.layer.1.attention.self.query.lora_A": 1.0}, "uniform")
+    bar = fig.colorbar(im, ax=ax)
+    fig.canvas.draw()
+    lo, hi = im.get_clim()
+    assert lo <= 0.95 and hi >= 1.05
+    assert bar.ax.yaxis.get_offset_text().get_text() == ""
+    plt.close(fig)
