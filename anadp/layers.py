@@ -63,6 +63,25 @@ def _linear_input_grad(g, weight, transposed):
     return g @ weight.t() if transposed else g @ weight
 
 
+class _TracedFn(torch.autograd.Function):
+    """A rowwise layer's call inside torch.compile where the records are clipped at the step (whitened and global
+    clipping): its forward (``op_out``) is traced with the model, so it runs no Python, and its backward is the op
+    anadp::hooked_backward, which makes the records. The op anadp::hooked (whose body also counts the layer's calls
+    and its input's readers) serves per-layer clipping, which needs the counts to know when a group is complete;
+    here each record takes one reader, which decides only how its norm is formed, not its value."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, layer):
+        ctx.key = layer.key
+        ctx.save_for_backward(*layer.op_saved(x, weight, bias))
+        return layer.op_out(x, weight, bias)
+
+    @staticmethod
+    def backward(ctx, g):
+        gx = torch.ops.anadp.hooked_backward.default(list(ctx.saved_tensors), g, ctx.key, ctx.needs_input_grad[0])
+        return (gx if ctx.needs_input_grad[0] else None), None, None, None
+
+
 class _LinearFn(torch.autograd.Function):
     """y = x W^T + b (or x W + b for Conv1D); backward: input gradient only."""
 
@@ -313,6 +332,9 @@ class RowwiseLayer(Layer):
             dtype = torch.get_autocast_dtype(kind) if self.autocast == "low" else torch.float32
             x, weight = x.to(dtype), weight.to(dtype)
             bias = bias.to(dtype) if bias is not None else None
+        acc = self.engine.accumulator
+        if acc is not None and not acc.clips_in_backward:
+            return _TracedFn.apply(x, weight, bias, self)
         return compiled.call(self, x, weight, bias)
 
     # what autocast makes of the layer's op: "low" (its 16-bit dtype), "float32", or None (nothing)
@@ -344,6 +366,9 @@ class LinearLayer(RowwiseLayer):
 
     def op_forward(self, x, weight, bias):
         self.count_call(x)
+        return self.op_out(x, weight, bias)
+
+    def op_out(self, x, weight, bias):
         return _linear_out(x, weight, bias, self.transposed)
 
     def op_fake(self, x, weight, bias):
@@ -459,6 +484,9 @@ class NormLayer(RowwiseLayer):
     # compiled (every NormLayer but LayerNorm normalizes by the root mean square: xhat = x r, r = (mean x^2 + eps)^-1/2)
     def op_forward(self, x, weight, bias):
         self.engine.calls[self.slot] += 1
+        return self.op_out(x, weight, bias)
+
+    def op_out(self, x, weight, bias):
         y = self.normalize(self.module, x) * weight
         return y + bias if bias is not None else y
 
@@ -501,8 +529,7 @@ class LayerNormLayer(NormLayer):
         self.engine.calls[self.slot] += 1
         return _layer_norm(x, module.weight, module.bias, module.normalized_shape, module.eps, self.on_backward)
 
-    def op_forward(self, x, weight, bias):
-        self.engine.calls[self.slot] += 1
+    def op_out(self, x, weight, bias):
         m = self.module
         return F.layer_norm(x, m.normalized_shape, weight, bias, m.eps)
 

@@ -1,6 +1,7 @@
 """torch.compile of a private model (anadp.compiled): the hooked layers are custom ops, so that the compiler
 traces the private forward and backward whole (``fullgraph=True``, inductor on the CPU), and noisy steps
 of the compiled model equal the eager ones."""
+import collections
 import itertools
 import warnings
 
@@ -15,9 +16,10 @@ pytestmark = pytest.mark.skipif(not compiled.available(), reason=f"torch {torch.
                                 "declare side effects (anadp.compiled.available)")
 
 
-def _steps(name: str, clipping: str, compile_: bool, steps: int = 3, fullgraph: bool = True) -> torch.Tensor:
+def _steps(name: str, clipping: str, compile_: bool, steps: int = 3, fullgraph: bool = True,
+           autocast: torch.dtype | None = None) -> torch.Tensor:
     """The parameters after ``steps`` noisy DP-SGD steps of the tiny model ``name`` (physical chunks of 2 of
-    a batch of 4: two forwards and backwards a step)."""
+    a batch of 4: two forwards and backwards a step); ``autocast``: the forward and loss under CPU autocast."""
     model, kind = make(name, torch.float32)
     full = batch(kind, B=8, dtype=torch.float32)
     opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1)
@@ -31,7 +33,9 @@ def _steps(name: str, clipping: str, compile_: bool, steps: int = 3, fullgraph: 
     for (i,) in itertools.islice((b for _ in range(2) for b in loader), steps):
         inputs = {k: v[i] for k, v in full.items()}
         opt.zero_grad()
-        logits(forward(**inputs)).pow(2).mean().backward()
+        with torch.autocast("cpu", dtype=autocast or torch.bfloat16, enabled=autocast is not None):
+            loss = logits(forward(**inputs)).float().pow(2).mean()
+        loss.backward()
         opt.step()
     return torch.cat([p.detach().flatten() for p in model.parameters()])
 
@@ -60,6 +64,22 @@ def test_compiled_private_model_takes_the_eager_steps(name, clipping):
     assert float((comp - eager).norm() / eager.norm()) < 1e-6
 
 
+@pytest.mark.parametrize("name", ["gpt2", "bert", "llama"])
+def test_compiled_private_model_under_autocast_takes_the_eager_steps(name):
+    """bfloat16 autocast: the traced layers' casts are the ops' (16-bit GEMMs, float32 norms), so two noisy steps of
+    the compiled model move the parameters as the eager ones do, to well within bfloat16's rounding (unit roundoff
+    3.9e-3 of a value; measured: 1e-8 to 6e-5 of the update's norm); a float32 GEMM or a missing cast in one path
+    would differ at bfloat16's own scale."""
+    start = torch.cat([p.detach().flatten() for p in make(name, torch.float32)[0].parameters()])
+    torch._dynamo.reset()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        eager = _steps(name, "whitened", compile_=False, steps=2, autocast=torch.bfloat16)
+        comp = _steps(name, "whitened", compile_=True, steps=2, autocast=torch.bfloat16)
+    assert float((eager - start).norm()) > 0
+    assert float((comp - eager).norm() / (eager - start).norm()) < 1e-3
+
+
 def test_a_layer_without_an_op_runs_eagerly_inside_the_compiled_model():
     """ViT's patch embedding is a convolution, a layer with no op: it runs uncompiled inside the compiled model
     (compiled.eagerly; a graph break there, and the only kind: traced, its book-keeping broke the graph at item()
@@ -84,24 +104,39 @@ def test_importing_anadp_does_not_import_dynamo():
     assert out.strip() == "False"
 
 
-def test_the_layers_are_the_ops_inside_the_compiled_graph():
-    """The traced forward holds one anadp::hooked call per hooked layer call and the engine's book-keeping
-    op, so nothing of the engine runs as traced Python (which would be replayed, or break the graph)."""
+@pytest.mark.parametrize("clipping", ["whitened", "per_layer"])
+def test_the_layers_are_the_ops_inside_the_compiled_graph(clipping):
+    """Nothing of the engine runs as traced Python (which would be replayed, or break the graph): the backward
+    holds one anadp::hooked_backward call per hooked layer call (the records), the forward the engine's
+    book-keeping op and, per layer call, the op anadp::hooked where per-layer clipping counts the calls (the
+    embeddings' always); under whitened clipping the rowwise layers' forwards are traced (no op, no Python)."""
+    from torch._dynamo.backends.common import aot_autograd
     model, kind = make("bert", torch.float32)
     inputs = batch(kind, B=4, dtype=torch.float32)
-    private, opt, _ = anadp.make_private(model, torch.optim.SGD(model.parameters(), lr=0.1),
-                                       torch.utils.data.DataLoader(torch.utils.data.TensorDataset(torch.arange(4)),
-                                                                   batch_size=4),
-                                       noise_multiplier=1.0, max_grad_norm=1.0, poisson_sampling=False)
-    ops = []
+    private, opt, loader = anadp.make_private(
+        model, torch.optim.SGD(model.parameters(), lr=0.1),
+        torch.utils.data.DataLoader(torch.utils.data.TensorDataset(torch.arange(4)), batch_size=4),
+        noise_multiplier=1.0, max_grad_norm=1.0, poisson_sampling=False, clipping=clipping)
+    ops = {"forward": collections.Counter(), "backward": collections.Counter()}
 
-    def backend(gm, example):
-        ops.extend(str(n.target) for n in gm.graph.nodes if n.op == "call_function")
-        return gm.forward
+    def counting(graph):
+        def compiler(gm, example):
+            for n in gm.graph.nodes:
+                if n.op == "call_function":  # an effectful op is wrapped: with_effects(token, op, *args)
+                    target = n.args[1] if n.target is torch.ops.higher_order.with_effects else n.target
+                    ops[graph][str(target).removesuffix(".default")] += 1
+            return gm.forward
+        return compiler
     torch._dynamo.reset()
-    logits(torch.compile(private, fullgraph=True, backend=backend)(**inputs)).sum().backward()
-    assert ops.count("anadp.hooked") == len(opt.engine.layers) > 10  # BERT's layers are each called once
-    assert ops.count("anadp.begin_forward") == 1
+    forward = torch.compile(private, fullgraph=True,
+                            backend=aot_autograd(fw_compiler=counting("forward"), bw_compiler=counting("backward")))
+    next(iter(loader))  # the chunk of private data the backward runs on
+    logits(forward(**inputs)).sum().backward()
+    layers = opt.engine.layers  # BERT's layers are each called once
+    embeddings = sum(type(layer).__name__ == "EmbeddingLayer" for layer in layers)
+    assert ops["backward"]["anadp.hooked_backward"] == len(layers) > 10
+    assert ops["forward"]["anadp.hooked"] == (len(layers) if clipping == "per_layer" else embeddings) > 0
+    assert ops["forward"]["anadp.begin_forward"] == 1
 
 
 def test_host_overhead_compiled_row_has_no_graph_break():
