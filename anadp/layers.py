@@ -64,7 +64,7 @@ def _linear_input_grad(g, weight, transposed):
 
 
 class _TracedFn(torch.autograd.Function):
-    """A rowwise layer's call inside torch.compile where the records are clipped at the step (whitened and global
+    """A hooked layer's call inside torch.compile where the records are clipped at the step (whitened and global
     clipping): its forward (``op_out``) is traced with the model, so it runs no Python, and its backward is the op
     anadp::hooked_backward, which makes the records. The op anadp::hooked (whose body also counts the layer's calls
     and its input's readers) serves per-layer clipping, which needs the counts to know when a group is complete;
@@ -284,6 +284,14 @@ class Layer:
     def op_saved(self, x, weight, bias) -> list:
         return [x, weight]
 
+    def compiled_call(self, x, weight, bias) -> torch.Tensor:
+        """The layer's call inside torch.compile: traced (``_TracedFn``) where the records are clipped at the step,
+        the op anadp::hooked where per-layer clipping needs the call counts."""
+        acc = self.engine.accumulator
+        if hasattr(self, "op_out") and acc is not None and not acc.clips_in_backward:
+            return _TracedFn.apply(x, weight, bias, self)
+        return compiled.call(self, x, weight, bias)
+
     def op_input_grad_fake(self, saved, g):
         return saved[0].new_empty(saved[0].shape)
 
@@ -332,10 +340,7 @@ class RowwiseLayer(Layer):
             dtype = torch.get_autocast_dtype(kind) if self.autocast == "low" else torch.float32
             x, weight = x.to(dtype), weight.to(dtype)
             bias = bias.to(dtype) if bias is not None else None
-        acc = self.engine.accumulator
-        if acc is not None and not acc.clips_in_backward:
-            return _TracedFn.apply(x, weight, bias, self)
-        return compiled.call(self, x, weight, bias)
+        return self.compiled_call(x, weight, bias)
 
     # what autocast makes of the layer's op: "low" (its 16-bit dtype), "float32", or None (nothing)
     autocast = None
@@ -421,11 +426,14 @@ class EmbeddingLayer(Layer):
                 "they reach it, so its per-sample gradients cannot be formed. Index it per sample (expand the index "
                 "to the batch), or freeze it (weight.requires_grad_(False))")
         if compiled.compiling():
-            return compiled.call(self, idx, module.weight, None)
+            return self.compiled_call(idx, module.weight, None)
         return _embedding(idx, module.weight, module.padding_idx, self.on_backward)
 
     def op_forward(self, idx, weight, bias):
         self.engine.calls[self.slot] += 1
+        return self.op_out(idx, weight, bias)
+
+    def op_out(self, idx, weight, bias):
         return _own(F.embedding(idx, weight, self.module.padding_idx))
 
     def op_fake(self, idx, weight, bias):
