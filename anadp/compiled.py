@@ -1,6 +1,7 @@
 """The hooked layers as custom ops, for torch.compile: where dynamo traces a private model, each hooked
-layer's call is one opaque op (``anadp::hooked``) whose registered backward is another
-(``anadp::hooked_backward``), and the engine's per-forward book-keeping a third (``anadp::begin_forward``).
+layer's backward is one opaque op (``anadp::hooked_backward``, the records), its call another (``anadp::hooked``)
+where per-layer clipping needs the calls counted (else the call is traced: anadp.layers' ``_TracedFn``), and
+the engine's per-forward book-keeping a third (``anadp::begin_forward``).
 Their bodies run eagerly at run time, so the engine's Python state (calls, readers, records, the
 accumulator's clipping in the backward) is the eager path's; the compiler sees only tensors in, tensors
 out, and traces the rest of the model whole (``fullgraph=True``).

@@ -288,7 +288,7 @@ class Layer:
         """The layer's call inside torch.compile: traced (``_TracedFn``) where the records are clipped at the step,
         the op anadp::hooked where per-layer clipping needs the call counts."""
         acc = self.engine.accumulator
-        if hasattr(self, "op_out") and acc is not None and not acc.clips_in_backward:
+        if acc is not None and not acc.clips_in_backward:
             return _TracedFn.apply(x, weight, bias, self)
         return compiled.call(self, x, weight, bias)
 
