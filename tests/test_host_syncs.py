@@ -12,12 +12,18 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.data import DataLoader, TensorDataset
 
 import anadp
+from anadp import compiled
 
 SYNC_OPS = {"_local_scalar_dense", "item", "equal", "is_nonzero", "nonzero", "unique", "_unique", "_unique2",
             "unique_dim", "unique_consecutive", "masked_select"}
 _ANADP = os.sep + "anadp" + os.sep
 HOST = {"total", "noise_total"}  # anadp.clipping's properties of its host-side thresholds
 _OPTIM = os.sep + os.path.join("torch", "optim") + os.sep
+
+
+# a dispatch mode runs an op's body with the mode off: the bodies of anadp's ops (anadp.compiled), run under it
+_OP_BODIES = {getattr(torch.ops.anadp, name).default: getattr(compiled, "_" + name)
+              for name in ("hooked", "hooked_backward", "begin_forward")} if compiled.available() else {}
 
 
 class SyncCounter(TorchDispatchMode):
@@ -31,6 +37,10 @@ class SyncCounter(TorchDispatchMode):
         self.where: list = []
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        body = _OP_BODIES.get(func)
+        if body is not None:  # an anadp op (a compiled model's): its body is anadp's code, counted too
+            with self:
+                return body(*args, **(kwargs or {}))
         if func.__name__.split(".")[0] in SYNC_OPS:
             for frame in reversed(traceback.extract_stack()[:-1]):
                 if _OPTIM in frame.filename:
@@ -58,9 +68,12 @@ def _model(kind):
                                                           pad_token_id=0))
 
 
-def _syncs(kind, clipping, steps=4, physical=None):
+def _syncs(kind, clipping, steps=4, physical=None, compile_=False):
     """anadp's syncs (backward, optimizer.step()) of each step of a private ``kind`` model (batches of 8;
-    ``physical``: in physical chunks of that many samples, their syncs summed over each step's chunks)."""
+    ``physical``: in physical chunks of that many samples, their syncs summed over each step's chunks;
+    ``compile_``: the model compiled with ``fullgraph=True``, its forward run outside the counter (a dispatch mode
+    stops dynamo). No sync op can be inside its graphs: dynamo breaks the graph at a read of a tensor's value,
+    an error under fullgraph=True.)"""
     torch.manual_seed(0)
     model = _model(kind)
     ids, y = torch.randint(1, 50, (8 * steps, 8)), torch.randint(0, 2, (8 * steps,))
@@ -72,10 +85,18 @@ def _syncs(kind, clipping, steps=4, physical=None):
                                                 poisson_sampling=False, backend="torch", seed=0,
                                                 allocation_config=anadp.AllocationConfig(warmup_steps=0),
                                                 max_physical_batch_size=physical)
+    if compile_:
+        torch._dynamo.reset()
+    forward = torch.compile(model, fullgraph=True) if compile_ else model
     out, backward, step = [], SyncCounter(), SyncCounter()
     for x, t in loader:
-        with backward:
-            torch.nn.functional.cross_entropy(model(input_ids=x).logits, t).backward()
+        if compile_:
+            loss = torch.nn.functional.cross_entropy(forward(input_ids=x).logits, t)
+            with backward:
+                loss.backward()
+        else:
+            with backward:
+                torch.nn.functional.cross_entropy(forward(input_ids=x).logits, t).backward()
         with step:
             opt.step()
         if opt.stepped:
@@ -120,3 +141,31 @@ def test_per_layer_clipping_on_a_device_releases_in_few_batches(monkeypatch):
     monkeypatch.setattr(records, "NATIVE_16BIT_DEVICES", {"cuda", "cpu"})
     backward, step = _syncs("bert", "per_layer", steps=2)[1]
     assert backward == [] and len(step) <= 1, (backward, step)
+
+
+@pytest.mark.skipif(not compiled.available(), reason=f"torch {torch.__version__}: no compiled private models")
+@pytest.mark.parametrize("clipping", ["whitened", "per_layer"])
+def test_compiled_step_syncs_no_more_than_the_eager_one(clipping):
+    """torch.compile(fullgraph=True): no sync op in the bodies of anadp's ops in the backward (the records), at
+    most one in optimizer.step(); none in the compiled graphs (fullgraph=True). (Per-layer clipping's forward ops
+    are not counted: they run in the forward, outside the counter; their body is the eager forward's, counted
+    above.)"""
+    for backward, step in _syncs("bert", clipping, compile_=True)[1:]:
+        assert backward == [], backward
+        assert len(step) <= 1, step
+
+
+def test_the_sync_counter_counts_inside_anadps_ops(monkeypatch):
+    """The counter fails a compiled step whose records sync: a sync op added to the backward op's body is seen
+    there, where a dispatch mode alone would run the body unseen."""
+    if not compiled.available():
+        pytest.skip(f"torch {torch.__version__}: no compiled private models")
+    from anadp.layers import LinearLayer
+    on_backward = LinearLayer.on_backward
+
+    def syncing(self, x, g, copy=False):
+        torch.equal(g, g)
+        return on_backward(self, x, g, copy)
+    monkeypatch.setattr(LinearLayer, "on_backward", syncing)
+    backward, _ = _syncs("bert", "whitened", steps=2, compile_=True)[1]
+    assert backward and all(w.startswith("equal") for w in backward), backward
