@@ -1,8 +1,7 @@
-"""The hooked layers as custom ops, for torch.compile: where dynamo traces a private model, each hooked
-layer's backward is one opaque op (``anadp::hooked_backward``, the records), its call another (``anadp::hooked``)
-where per-layer clipping needs the calls counted (else the call is traced: anadp.layers' ``_TracedFn``), and
-the engine's per-forward book-keeping a third (``anadp::begin_forward``).
-Their bodies run eagerly at run time, so the engine's Python state (calls, readers, records, the
+"""The hooked layers' backwards as custom ops, for torch.compile: where dynamo traces a private model, each
+hooked layer's call is traced with the model (anadp.layers' ``_TracedFn``) and its backward is one opaque op
+(``anadp::hooked_backward``, the records); the engine's per-forward book-keeping is another
+(``anadp::begin_forward``). Their bodies run eagerly at run time, so the engine's Python state (records, the
 accumulator's clipping in the backward) is the eager path's; the compiler sees only tensors in, tensors
 out, and traces the rest of the model whole (``fullgraph=True``).
 
@@ -42,6 +41,14 @@ def available() -> bool:
     return _EFFECTS
 
 
+def require() -> None:
+    """Refuse to trace a private model where the compiler would drop the backward's records."""
+    if not _EFFECTS:
+        raise RuntimeError(f"torch.compile of a private model needs torch.library custom ops with side effects "
+                           f"(torch >= 2.13; this is {torch.__version__}): without them the compiler would drop "
+                           "the backward's records. Run the model uncompiled, or upgrade torch")
+
+
 def register(obj) -> int:
     key = next(_next_key)
     _OBJECTS[key] = obj
@@ -50,14 +57,6 @@ def register(obj) -> int:
 
 def unregister(key: int) -> None:
     _OBJECTS.pop(key, None)
-
-
-def _hooked(x, weight, bias, key):
-    return _OBJECTS[key].op_forward(x, weight, bias)
-
-
-def _hooked_fake(x, weight, bias, key):
-    return _OBJECTS[key].op_fake(x, weight, bias)
 
 
 def _hooked_backward(saved, g, key, input_grad):
@@ -73,43 +72,15 @@ def _begin_forward(x, key, grad):
     _OBJECTS[key].begin_forward(x, grad)
 
 
-class _HookedFn(torch.autograd.Function):
-    """anadp::hooked's autograd: the op below autograd, and its backward the op anadp::hooked_backward. (The ops
-    are defined with torch.library.Library, not torch.library.custom_op, whose Python dispatch layers cost
-    ~20 us more a call: ~100 calls a step in a 12-layer model.)"""
-
-    @staticmethod
-    def forward(ctx, x, weight, bias, key):
-        with torch._C._AutoDispatchBelowAutograd():
-            y = torch.ops.anadp.hooked.default(x, weight, bias, key)
-        ctx.key = key
-        ctx.save_for_backward(*_OBJECTS[key].op_saved(x, weight, bias))
-        return y
-
-    @staticmethod
-    def backward(ctx, g):
-        gx = torch.ops.anadp.hooked_backward.default(list(ctx.saved_tensors), g, ctx.key, ctx.needs_input_grad[0])
-        return (gx if ctx.needs_input_grad[0] else None), None, None, None
-
-
-def _hooked_autograd(x, weight, bias, key):
-    if torch.is_grad_enabled() and (x.requires_grad or (weight is not None and weight.requires_grad)):
-        return _HookedFn.apply(x, weight, bias, key)
-    with torch._C._AutoDispatchBelowAutograd():
-        return torch.ops.anadp.hooked.default(x, weight, bias, key)
-
-
 _EFFECTS = False
 try:
     from torch._library.effects import EffectType
+    # torch.library.Library, not torch.library.custom_op, whose Python dispatch layers cost ~20 us more a call
     _lib = torch.library.Library("anadp", "FRAGMENT")
-    _lib.define("hooked(Tensor x, Tensor? weight, Tensor? bias, int key) -> Tensor")
     _lib.define("hooked_backward(Tensor[] saved, Tensor g, int key, bool input_grad) -> Tensor")
     _lib.define("begin_forward(Tensor x, int key, bool grad) -> ()")
-    for _name, _fn in (("hooked", _hooked), ("hooked_backward", _hooked_backward), ("begin_forward", _begin_forward)):
+    for _name, _fn in (("hooked_backward", _hooked_backward), ("begin_forward", _begin_forward)):
         _lib.impl(_name, _fn, "CompositeExplicitAutograd")
-    _lib.impl("hooked", _hooked_autograd, "Autograd")
-    torch.library.register_fake("anadp::hooked", _hooked_fake, lib=_lib)
     torch.library.register_fake("anadp::hooked_backward", _hooked_backward_fake, lib=_lib)
     torch.library.register_fake("anadp::begin_forward", lambda x, key, grad: None, lib=_lib)
     # the backward op and the book-keeping op return nothing the graph needs: as ordered side effects the
@@ -121,17 +92,7 @@ except (ImportError, AttributeError, RuntimeError, TypeError):  # a torch whose 
     pass
 
 
-def call(layer, x, weight, bias) -> torch.Tensor:
-    """``layer``'s forward as the op (inside torch.compile's tracing)."""
-    if not _EFFECTS:
-        raise RuntimeError(f"torch.compile of a private model needs torch.library custom ops with side effects "
-                           f"(torch >= 2.13; this is {torch.__version__}): without them the compiler would drop "
-                           "the backward's records. Run the model uncompiled, or upgrade torch")
-    return torch.ops.anadp.hooked(x, weight, bias, layer.key)
-
-
 def begin(engine, x: torch.Tensor) -> None:
     """The engine's forward pre-hook as the op (inside torch.compile's tracing)."""
-    if not _EFFECTS:
-        call(None, x, None, None)  # the error
+    require()
     torch.ops.anadp.begin_forward(x, engine.key, torch.is_grad_enabled())

@@ -64,11 +64,11 @@ def _linear_input_grad(g, weight, transposed):
 
 
 class _TracedFn(torch.autograd.Function):
-    """A hooked layer's call inside torch.compile where the records are clipped at the step (whitened and global
-    clipping): its forward (``op_out``) is traced with the model, so it runs no Python, and its backward is the op
-    anadp::hooked_backward, which makes the records. The op anadp::hooked (whose body also counts the layer's calls
-    and its input's readers) serves per-layer clipping, which needs the counts to know when a group is complete;
-    here each record takes one reader, which decides only how its norm is formed, not its value."""
+    """A hooked layer's call inside torch.compile: its forward (``op_out``) is traced with the model, so it runs no
+    Python, and its backward is the op anadp::hooked_backward, which makes the records. Nothing counts the calls
+    there: per-layer clipping, which completes a group in the backward by its layers' call counts, clips these
+    groups when the backward ends; and each record takes one reader, which decides only how its norm is formed
+    (ghost or per-sample gradients), not its value."""
 
     @staticmethod
     def forward(ctx, x, weight, bias, layer):
@@ -267,7 +267,7 @@ class Layer:
 
     def install(self):
         forward = self.forward
-        if not hasattr(self, "op_forward"):
+        if not hasattr(self, "op_out"):
             # a layer with no op for the compiler (convolutions, attention, the generic path) runs eagerly
             # inside a compiled model: a graph break there, never a trace of its book-keeping
             forward = functools.partial(compiled.eagerly, self.forward)
@@ -278,19 +278,16 @@ class Layer:
         self.module.__dict__.pop("forward", None)
         compiled.unregister(self.key)
 
-    # Inside torch.compile's tracing a layer's call is the op anadp::hooked (anadp.compiled), whose body is
-    # op_forward and whose backward's op_backward; op_saved: the tensors the backward gets; the *_fake
-    # methods: the outputs' shapes and dtypes, for the compiler.
+    # Inside torch.compile's tracing a layer's call is traced (``_TracedFn``): op_out its output, op_saved the
+    # tensors its backward gets, and the op anadp::hooked_backward (anadp.compiled) its backward, whose body is
+    # op_backward; op_input_grad_fake: the input gradient's shape and dtype, for the compiler.
     def op_saved(self, x, weight, bias) -> list:
         return [x, weight]
 
     def compiled_call(self, x, weight, bias) -> torch.Tensor:
-        """The layer's call inside torch.compile: traced (``_TracedFn``) where the records are clipped at the step,
-        the op anadp::hooked where per-layer clipping needs the call counts."""
-        acc = self.engine.accumulator
-        if acc is not None and not acc.clips_in_backward:
-            return _TracedFn.apply(x, weight, bias, self)
-        return compiled.call(self, x, weight, bias)
+        """The layer's call inside torch.compile."""
+        compiled.require()
+        return _TracedFn.apply(x, weight, bias, self)
 
     def op_input_grad_fake(self, saved, g):
         return saved[0].new_empty(saved[0].shape)
@@ -369,15 +366,8 @@ class LinearLayer(RowwiseLayer):
         weight, bias = _weight_and_bias(module)
         return _linear(x, weight, bias, self.transposed, self.on_backward)
 
-    def op_forward(self, x, weight, bias):
-        self.count_call(x)
-        return self.op_out(x, weight, bias)
-
     def op_out(self, x, weight, bias):
         return _linear_out(x, weight, bias, self.transposed)
-
-    def op_fake(self, x, weight, bias):
-        return x.new_empty(*x.shape[:-1], weight.shape[1] if self.transposed else weight.shape[0])
 
     def op_backward(self, saved, g, input_grad):
         x, weight = saved
@@ -429,15 +419,8 @@ class EmbeddingLayer(Layer):
             return self.compiled_call(idx, module.weight, None)
         return _embedding(idx, module.weight, module.padding_idx, self.on_backward)
 
-    def op_forward(self, idx, weight, bias):
-        self.engine.calls[self.slot] += 1
-        return self.op_out(idx, weight, bias)
-
     def op_out(self, idx, weight, bias):
         return _own(F.embedding(idx, weight, self.module.padding_idx))
-
-    def op_fake(self, idx, weight, bias):
-        return weight.new_empty(*idx.shape, weight.shape[1])
 
     def op_saved(self, idx, weight, bias):
         return [idx]
@@ -490,16 +473,9 @@ class NormLayer(RowwiseLayer):
                        lambda t: self.normalize(module, t), self.on_backward)
 
     # compiled (every NormLayer but LayerNorm normalizes by the root mean square: xhat = x r, r = (mean x^2 + eps)^-1/2)
-    def op_forward(self, x, weight, bias):
-        self.engine.calls[self.slot] += 1
-        return self.op_out(x, weight, bias)
-
     def op_out(self, x, weight, bias):
         y = self.normalize(self.module, x) * weight
         return y + bias if bias is not None else y
-
-    def op_fake(self, x, weight, bias):
-        return torch.empty_like(x, dtype=torch.result_type(x, weight), memory_format=torch.contiguous_format)
 
     def op_backward(self, saved, g, input_grad):
         x, weight = saved

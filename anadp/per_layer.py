@@ -9,7 +9,9 @@ A group is complete when each of its tensors has one record per call of each lay
 (``engine.expected_records``): a weight tied to two layers is complete after the second one's
 backward, which has formed its input gradient before handing over its record, so the weight
 never changes before every use of it is done. Groups that no backward completes (a layer whose
-output the loss ignores) are clipped when the backward ends, and noised at ``step()``.
+output the loss ignores) are clipped when the backward ends, and noised at ``step()``; so are the
+groups of layers whose calls are traced inside torch.compile (not counted: anadp.layers' ``_TracedFn``),
+all at once, as whitened clipping clips every group.
 ``step()`` runs the remaining phases (the wrapped optimizer on the privatized gradients on the torch
 backend, the thresholds' release, the allocation). The step released in the backward is planned,
 budgeted and charged when that backward begins (``begin_step``, the optimizer's).
@@ -129,7 +131,9 @@ class PerLayerAccumulator(Accumulator):
                     f"parameter '{self.tensors.names[p]}' got a record after its group was clipped in this backward "
                     "(a layer called during the backward, e.g. by activation checkpointing's recomputation?): "
                     "per-layer clipping cannot include it. Use clipping='whitened' with this model.")
-            left = sum(self.engine.expected_records(self.tensors.params[j]) for j in self.members[g])
+            # none expected: its layers' calls are traced in a compiled model, uncounted; inf: never complete
+            # here, clipped at the end of the backward (on_batch) with the other groups left there
+            left = sum(self.engine.expected_records(self.tensors.params[j]) for j in self.members[g]) or math.inf
         left -= 1
         self._remaining[g] = left
         if left == 0:

@@ -107,9 +107,9 @@ def test_importing_anadp_does_not_import_dynamo():
 @pytest.mark.parametrize("clipping", ["whitened", "per_layer"])
 def test_the_layers_are_the_ops_inside_the_compiled_graph(clipping):
     """Nothing of the engine runs as traced Python (which would be replayed, or break the graph): the backward
-    holds one anadp::hooked_backward call per hooked layer call (the records), the forward the engine's
-    book-keeping op and, per layer call, the op anadp::hooked where per-layer clipping counts the calls; under
-    whitened clipping the layers' forwards are traced (no op, no Python)."""
+    holds one anadp::hooked_backward call per hooked layer call (the records); the forward holds the engine's
+    book-keeping op and no other of anadp's: the layers' forwards are traced (no op, no Python), under per-layer
+    clipping too (its groups are then clipped when the backward ends)."""
     from torch._dynamo.backends.common import aot_autograd
     model, kind = make("bert", torch.float32)
     inputs = batch(kind, B=4, dtype=torch.float32)
@@ -134,8 +134,7 @@ def test_the_layers_are_the_ops_inside_the_compiled_graph(clipping):
     logits(forward(**inputs)).sum().backward()
     layers = opt.engine.layers  # BERT's layers are each called once
     assert ops["backward"]["anadp.hooked_backward"] == len(layers) > 10
-    assert ops["forward"]["anadp.hooked"] == (len(layers) if clipping == "per_layer" else 0)
-    assert ops["forward"]["anadp.begin_forward"] == 1
+    assert {k: n for k, n in ops["forward"].items() if k.startswith("anadp.")} == {"anadp.begin_forward": 1}
 
 
 def test_host_overhead_compiled_row_has_no_graph_break():
