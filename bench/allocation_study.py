@@ -76,6 +76,14 @@ RECIPE = ("epochs", "lr", "batch_size", "dp_lr", "head_lr", "head_scale", "max_g
           "decay", "pooling", "lora_r", "lora_targets", "max_len")
 DP_ONLY = ("batch_size", "dp_lr", "head_lr", "head_scale", "max_grad_norm")
 BEFORE = {"pooling": "cls", "head_lr": None, "head_scale": None, "warmup": 0.0, "decay": "none"}  # before the field
+# the DP runs' expected batch per mode before runs recorded their own (2026-12-07), when full fine-tuning's default
+# moved from 1024 to 512: a run's batch as it resolved it is what its outcome depends on, not the config's None
+BATCH_BEFORE = {"lora": 128, "full": 1024}
+
+
+def run_batch(config: dict, row: dict) -> int:
+    """The expected batch a DP run of a study with ``config`` was made with."""
+    return row.get("batch_size") or config.get("batch_size") or BATCH_BEFORE[row["mode"]]
 
 
 def recipe_differences(made: dict, now: dict, dp: bool, model_path: str) -> str:
@@ -224,11 +232,13 @@ def main(argv=None) -> int:
         with open(path) as f:
             made = json.load(f)
         judged = []  # (run, the recipe fields it was made with that differ from this study's); a run's own resolved
-        for r in made["rows"]:  # pooling (recorded since "auto" depends on the kind of run) beats the config's
+        for r in made["rows"]:  # pooling and batch (their defaults depend on the kind of run) beat the config's
             if "accuracy" in r:
-                theirs = made.get("config", {}) | ({"pooling": r["pooling"]} if "pooling" in r else {})
-                judged.append((r, recipe_differences(theirs, asdict(cfg), r["method"] != "nonprivate",
-                                                     data["model_path"])))
+                config = made.get("config", {})
+                theirs = config | ({"pooling": r["pooling"]} if "pooling" in r else {}) | {
+                    "batch_size": run_batch(config, r)}
+                ours = asdict(cfg) | {"batch_size": expected_batch(replace(cfg, **MODES[r["mode"]]))}
+                judged.append((r, recipe_differences(theirs, ours, r["method"] != "nonprivate", data["model_path"])))
         mine = [r for r, d in judged if not d]
         left = {("DP" if r["method"] != "nonprivate" else "non-private"): d for r, d in judged if d}
         if not mine:  # a study that shares no run with this one: a mistake, not a merge

@@ -115,6 +115,26 @@ def test_resume_keeps_the_runs_that_pair(tmp_path, tiny_model, capsys):
         main(common + ["--out", str(tmp_path / "c"), "--resume", str(tmp_path / "mean.json"), "--budget-s", "0"])
 
 
+def test_resume_compares_the_batch_each_run_was_made_with(tmp_path, tiny_model):
+    """Each DP run records the expected batch it resolved; a run that recorded none, of a study whose config left
+    the batch to the default (None), ran its day's default (full fine-tuning: 1024 until 2026-12-07, 512 now), and
+    does not pass for a run at another batch."""
+    from bench.allocation_study import main
+    common = ["--smoke", "--model", str(tiny_model), "--epsilon", "8", "--seed", "0", "--modes", "full",
+              "--methods", "uniform", "--no-nonprivate"]
+    assert main(common + ["--out", str(tmp_path / "a")]) == 0
+    made = next((tmp_path / "a").glob("allocation-study-*-smoke.json"))
+    study = json.loads(made.read_text())
+    assert [r["batch_size"] for r in study["rows"]] == [32]  # the smoke size's batch
+    assert main(common + ["--out", str(tmp_path / "b"), "--resume", str(made), "--budget-s", "0"]) == 0
+    assert len(json.loads(next((tmp_path / "b").glob("allocation-study-*-smoke.json")).read_text())["rows"]) == 1
+    del study["rows"][0]["batch_size"]  # as runs were recorded before 2026-12-07, of a study at the default
+    study["config"]["batch_size"] = None
+    (tmp_path / "old.json").write_text(json.dumps(study))
+    with pytest.raises(SystemExit, match="DP: batch_size: 1024 -> 32"):
+        main(common + ["--out", str(tmp_path / "c"), "--resume", str(tmp_path / "old.json"), "--budget-s", "0"])
+
+
 def test_resume_compares_what_each_kind_of_run_reads(tmp_path):
     """A non-private run reads no DP field and resolves pooling="auto" to the model's own head: a pooler study's
     non-private runs pair with an "auto" study's, its DP runs do not; the non-private rate counts only for them."""

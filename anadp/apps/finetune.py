@@ -305,6 +305,7 @@ def train_one(cfg: FinetuneConfig, method: str, epsilon: float, seed: int, train
            "pooling": pooling}
     if dp:
         row["noise_multiplier"] = optimizer.noise_multiplier
+        row["batch_size"] = expected_batch(cfg)  # as resolved: the default depends on the mode, and has changed
         row["noise_scales"] = optimizer.noise_scales
         row["warmup_steps"] = optimizer.allocator.config.warmup_steps
     return row
