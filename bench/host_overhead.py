@@ -111,19 +111,24 @@ def rows(rounds: int = 20, cfg: Config = CONFIG, compile: bool = False, methods=
                     steps[method] = make_step(method, model, inputs, labels, compile=compile)[0]
                 for _ in range(3):
                     steps[method]()
-            times = {m: [] for m in methods}
+            times, phases = {m: [] for m in methods}, {m: [] for m in methods}
             for _ in range(rounds):
                 for method, step in steps.items():
                     t = time.perf_counter()
                     step()
                     times[method].append(time.perf_counter() - t)
+                    if hasattr(step, "phases"):
+                        phases[method].append(step.phases)
             # (the probe's compiled graph does not run under a dispatch mode: its ops are not counted)
             ops = {m: op_counts(step) for m, step in steps.items() if m != "traced_probe"}
     finally:
         torch.set_num_threads(threads)
     out = [{"config": cfg.name + (", compiled" if compile else ""), "method": m,
             "seconds": statistics.median(times[m]), "ops": sum(ops[m].values()) if m in ops else None,
-            "top_ops": dict(ops[m].most_common(8)) if m in ops else None} for m in methods]
+            "top_ops": dict(ops[m].most_common(8)) if m in ops else None,
+            # medians of the forward's, backward's and optimizer.step()'s host time (where the step reports them)
+            "phases": [statistics.median(p[i] for p in phases[m]) for i in range(3)] if phases[m] else None}
+           for m in methods]
     if compile:
         for r in out:
             r["graph_breaks"] = graph_breaks(r["method"], cfg) if r["method"] != "traced_probe" else 0  # fullgraph
@@ -135,11 +140,13 @@ def rows(rounds: int = 20, cfg: Config = CONFIG, compile: bool = False, methods=
 
 def table(rows: list[dict]) -> str:
     breaks = "graph_breaks" in rows[0]
-    lines = ["| host overhead (compute-free) | method | ms/step | x non-private | aten ops | ops x non-private |"
-             + (" graph breaks (forward) |" if breaks else ""), "|---|---|---|---|---|---|" + ("---|" if breaks else "")]
+    lines = ["| host overhead (compute-free) | method | ms/step | x non-private | forward / backward / step ms | aten ops "
+             "| ops x non-private |" + (" graph breaks (forward) |" if breaks else ""),
+             "|---|---|---|---|---|---|---|" + ("---|" if breaks else "")]
     for k, r in enumerate(rows):
+        split = " / ".join(f"{t * 1e3:.1f}" for t in r["phases"]) if r.get("phases") else "-"
         lines.append(f"| {r['config'] if k == 0 else ''} | {r['method']} | {r['seconds'] * 1e3:.1f} | "
-                     f"{r['x_nonprivate']:.2f} | {r['ops'] if r['ops'] is not None else '-'} | "
+                     f"{r['x_nonprivate']:.2f} | {split} | {r['ops'] if r['ops'] is not None else '-'} | "
                      f"{format(r['ops_x_nonprivate'], '.2f') if r['ops'] is not None else '-'} |"
                      + (f" {r['graph_breaks']} |" if breaks else ""))
     return "\n".join(lines)

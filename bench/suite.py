@@ -16,6 +16,7 @@ contiguous; every method is therefore given explicit contiguous (B, T) tensors
 """
 from __future__ import annotations
 
+import time
 import warnings
 from dataclasses import dataclass
 
@@ -131,7 +132,8 @@ def make_step(method: str, model: nn.Module, inputs: dict, labels: torch.Tensor,
     forward and the loss under torch.autocast with that dtype. ``poisson_sampling``: what anadp's
     loader is made with (distributed runs need it; the closure feeds the same batch either way).
     ``compile``: the (wrapped) model's forward through torch.compile (inductor; a string: its mode, e.g.
-    "reduce-overhead", CUDA graphs)."""
+    "reduce-overhead", CUDA graphs). After each call ``step.phases`` holds the host seconds of its forward
+    (with the loss), backward and ``optimizer.step()``."""
     B = len(labels)
     # the multi-tensor (foreach) update for every method: torch's default on a GPU, and what anadp sets
     # on the CPU too (the for-loop default there would charge the non-private step ~200 small ops more)
@@ -170,10 +172,14 @@ def make_step(method: str, model: nn.Module, inputs: dict, labels: torch.Tensor,
     def step():
         begin()  # anadp: the harness hands out the (same) batch as a fresh chunk of private data
         opt.zero_grad()
+        t0 = time.perf_counter()
         with torch.autocast(labels.device.type, dtype=autocast or torch.bfloat16, enabled=autocast is not None):
             loss = criterion(_logits(call(forward)), labels)
+        t1 = time.perf_counter()
         loss.backward()
+        t2 = time.perf_counter()
         opt.step()
+        step.phases = (t1 - t0, t2 - t1, time.perf_counter() - t2)  # host seconds (a device runs on behind)
 
     step.optimizer = opt
     return step, model

@@ -100,6 +100,7 @@ def test_host_overhead_rows():
     rows = host_overhead.rows(rounds=1, cfg=host_overhead.SMOKE_CONFIG)
     assert [r["method"] for r in rows] == host_overhead.METHODS
     assert all(r["seconds"] > 0 and r["ops"] > 0 for r in rows)
+    assert all(len(r["phases"]) == 3 and 0 < sum(r["phases"]) for r in rows)  # forward, backward, step
     assert rows[2]["ops"] > rows[1]["ops"]
     assert host_overhead.table(rows).count("\n") == len(rows) + 1
 
