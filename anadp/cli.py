@@ -167,7 +167,7 @@ def build_parser() -> argparse.ArgumentParser:
                          "of sentence-transformers checkpoints), the model's own head (BERT: its pooler on [CLS]), or "
                          "auto: DP runs the one the checkpoint was trained with, non-private runs the model's own head")
     ft.add_argument("--batch-size", type=_positive(int), default=fd.batch_size,
-                    help="expected logical batch size of the DP runs (None: 128 with LoRA, 1024 with --no-lora)")
+                    help="expected logical batch size of the DP runs (None: 128 with LoRA, 512 with --no-lora)")
     ft.add_argument("--warmup", type=float, default=fd.warmup,
                     help="fraction of each run's steps with a linear learning-rate warm-up")
     ft.add_argument("--decay", choices=["linear", "none"], default=fd.decay,

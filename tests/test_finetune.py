@@ -107,7 +107,7 @@ def test_learning_rates_follow_the_fine_tuning_mode():
     assert learning_rate(FinetuneConfig(lora=False), dp=False) == pytest.approx(5e-5)
     assert learning_rate(FinetuneConfig(lora=False, lr=2e-4), dp=False) == pytest.approx(2e-4)
     # and so does the DP batch: full fine-tuning learns nothing under DP at 128 (full-probes.md)
-    assert [expected_batch(FinetuneConfig(lora=m)) for m in (True, False)] == [128, 1024]
+    assert [expected_batch(FinetuneConfig(lora=m)) for m in (True, False)] == [128, 512]
     assert expected_batch(FinetuneConfig(lora=False, batch_size=256)) == 256
 
 
