@@ -231,10 +231,10 @@ def main(argv=None) -> int:
     for path in args.resume:  # runs of this grid already made: kept, not run again
         with open(path) as f:
             made = json.load(f)
+        config = made.get("config", {})
         judged = []  # (run, the recipe fields it was made with that differ from this study's); a run's own resolved
         for r in made["rows"]:  # pooling and batch (their defaults depend on the kind of run) beat the config's
             if "accuracy" in r:
-                config = made.get("config", {})
                 theirs = config | ({"pooling": r["pooling"]} if "pooling" in r else {}) | {
                     "batch_size": run_batch(config, r)}
                 ours = asdict(cfg) | {"batch_size": expected_batch(replace(cfg, **MODES[r["mode"]]))}

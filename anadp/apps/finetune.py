@@ -123,8 +123,8 @@ def expected_batch(cfg: FinetuneConfig) -> int:
     """A DP run's expected logical batch: 128 with LoRA; 512 for full fine-tuning, whose 22M noisy
     coordinates drown the signal of a 128-sample batch (uniform DP at epsilon 3 ended at the constant
     prediction at 128, learned at 1024: full-probes.md). At the same compute (3 epochs), 512 leads
-    1024 by +0.94 +- 0.19 points at epsilon 8 (3 seeds), +2.1 at 3 and +3.4 at 1
-    (allocation-study-2026-12-07-full-default.md): twice the steps at a noise multiplier only ~10% lower."""
+    1024 by +0.9, +1.7 and +2.7 points at epsilon 8, 3 and 1 (means of 3 seeds;
+    allocation-study-2026-12-07-full-default.md): twice the steps at a noise multiplier only ~10% lower."""
     return cfg.batch_size if cfg.batch_size is not None else (128 if cfg.lora else 512)
 
 
