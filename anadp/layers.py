@@ -65,21 +65,28 @@ def _linear_input_grad(g, weight, transposed):
 
 class _TracedFn(torch.autograd.Function):
     """A hooked layer's call inside torch.compile: its forward (``op_out``) is traced with the model, so it runs no
-    Python, and its backward is the op anadp::hooked_backward, which makes the records. Nothing counts the calls
-    there: per-layer clipping, which completes a group in the backward by its layers' call counts, clips these
-    groups when the backward ends; and each record takes one reader, which decides only how its norm is formed
-    (ghost or per-sample gradients), not its value."""
+    Python, and its backward is an op that makes the records: anadp::record_backward beside a Linear's input
+    gradient, which is traced too, or anadp::hooked_backward, which forms the input gradient as well (the norms,
+    whose input gradient comes with their records' algebra). Nothing counts the calls there: per-layer
+    clipping, which completes a group in the backward by its layers' call counts, clips these groups when the
+    backward ends; and each record takes one reader, which decides only how its norm is formed (ghost or
+    per-sample gradients), not its value."""
 
     @staticmethod
     def forward(ctx, x, weight, bias, layer):
-        ctx.key = layer.key
+        ctx.key, ctx.transposed = layer.key, layer.traced_input_grad
         ctx.save_for_backward(*layer.op_saved(x, weight, bias))
         return layer.op_out(x, weight, bias)
 
     @staticmethod
     def backward(ctx, g):
-        gx = torch.ops.anadp.hooked_backward.default(list(ctx.saved_tensors), g, ctx.key, ctx.needs_input_grad[0])
-        return (gx if ctx.needs_input_grad[0] else None), None, None, None
+        saved, needs = list(ctx.saved_tensors), ctx.needs_input_grad[0]
+        if ctx.transposed is not None:  # a Linear: y = x W^T + b (x W + b transposed)
+            torch.ops.anadp.record_backward.default(saved, g, ctx.key)
+            gx = _linear_input_grad(g, saved[1], ctx.transposed) if needs else None
+        else:
+            gx = torch.ops.anadp.hooked_backward.default(saved, g, ctx.key, needs)
+        return (gx if needs else None), None, None, None
 
 
 class _LinearFn(torch.autograd.Function):
@@ -199,7 +206,7 @@ def _tokens(t: torch.Tensor, feature_dims: int = 1) -> torch.Tensor:
 def record_linear(engine, weight, bias, A, G, transposed=False, readers=1, copy=False):
     """Record the weight (and bias) of y = A W^T + b from its input A (B, T, d) and output gradient
     G (B, T, p): as (A, G), or as per-sample gradients where those are smaller. ``copy``: a kept A or G
-    is copied unless the record made its own already (see LinearLayer.on_backward)."""
+    is copied unless the record made its own already (see LinearLayer.op_record)."""
     rec = LinearRecord(A, G, transposed, readers) if _trainable(weight) else None
     if rec is not None and engine.instantiate_linear and instantiate_at_backward(A.shape[1], A.shape[2], G.shape[2],
                                                                                  readers):
@@ -280,7 +287,10 @@ class Layer:
 
     # Inside torch.compile's tracing a layer's call is traced (``_TracedFn``): op_out its output, op_saved the
     # tensors its backward gets, and the op anadp::hooked_backward (anadp.compiled) its backward, whose body is
-    # op_backward; op_input_grad_fake: the input gradient's shape and dtype, for the compiler.
+    # op_backward; op_input_grad_fake: the input gradient's shape and dtype, for the compiler. A Linear's input
+    # gradient is traced instead (``traced_input_grad``: its ``transposed``), and its records are op_record's.
+    traced_input_grad = None
+
     def op_saved(self, x, weight, bias) -> list:
         return [x, weight]
 
@@ -369,20 +379,22 @@ class LinearLayer(RowwiseLayer):
     def op_out(self, x, weight, bias):
         return _linear_out(x, weight, bias, self.transposed)
 
-    def op_backward(self, saved, g, input_grad):
-        x, weight = saved
-        gx = _linear_input_grad(g, weight, self.transposed) if input_grad else None
-        self.on_backward(x, g, copy=True)
-        return gx
+    @property
+    def traced_input_grad(self):
+        return self.transposed
 
-    def on_backward(self, x, g, copy=False):
-        """``copy``: keep copies of x and g (a compiled graph reuses their memory once the op returns, knowing
-        nothing of the records that hold them)."""
+    def op_record(self, saved, g):
+        """The records of a traced call (anadp::record_backward): of copies of x and g (a compiled graph reuses
+        their memory once the op returns, knowing nothing of the records that hold them), one reader each."""
+        x, g = self.engine.to_batch_first(self.name, saved[0], g)
+        record_linear(self.engine, self.param("weight"), self.param("bias"), _tokens(x), _tokens(g), self.transposed,
+                      copy=True)
+
+    def on_backward(self, x, g):
         engine = self.engine
         readers = engine.readers(x)
         x, g = engine.to_batch_first(self.name, x, g)
-        weight, bias = self.param("weight"), self.param("bias")
-        record_linear(engine, weight, bias, _tokens(x), _tokens(g), self.transposed, readers, copy)
+        record_linear(engine, self.param("weight"), self.param("bias"), _tokens(x), _tokens(g), self.transposed, readers)
 
 
 class Conv1DLayer(LinearLayer):
