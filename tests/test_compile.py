@@ -41,7 +41,7 @@ def _steps(name: str, clipping: str, compile_: bool, steps: int = 3, fullgraph: 
     return torch.cat([p.detach().flatten() for p in model.parameters()])
 
 
-@pytest.mark.parametrize("clipping", ["global", "per_layer"])
+@pytest.mark.parametrize("clipping", ["whitened", "global", "per_layer"])
 @pytest.mark.parametrize("name", ["gpt2", "bert", "llama"])
 def test_compiled_private_model_takes_the_eager_steps(name, clipping):
     """fullgraph=True (any graph break is an error): no graph break, and three noisy steps of two chunks each
