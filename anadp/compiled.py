@@ -91,7 +91,7 @@ try:
     torch.library.register_fake("anadp::hooked_backward", _hooked_backward_fake, lib=_lib)
     torch.library.register_fake("anadp::record_backward", lambda saved, g, key: None, lib=_lib)
     torch.library.register_fake("anadp::begin_forward", lambda x, key, grad: None, lib=_lib)
-    # the backward ops and the book-keeping op return nothing the graph needs: as ordered side effects the
+    # the record ops and the book-keeping op return nothing the graph needs: as ordered side effects the
     # compiler keeps them, in program order, instead of removing them as dead code
     for _name in ("hooked_backward", "record_backward", "begin_forward"):
         _lib._register_effectful_op(f"anadp::{_name}", EffectType.ORDERED)
