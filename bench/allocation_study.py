@@ -249,8 +249,8 @@ def main(argv=None) -> int:
             print(f"--resume {path}: its {kind} runs are left out, made with another recipe ({d})", file=sys.stderr)
         for r in mine:
             key = (r["mode"], r["method"], r["target_epsilon"] or math.inf, r["seed"])
-            if key not in have and key in grid:
-                kept.append(r)
+            if key not in have and key in grid:  # a DP run carries its batch: a merged study's config may not
+                kept.append(r | {"batch_size": run_batch(config, r)} if r["method"] != "nonprivate" else r)
                 have.add(key)
     todo = [j for j in todo if j not in have]
     os.makedirs(args.out, exist_ok=True)

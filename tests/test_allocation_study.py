@@ -133,6 +133,15 @@ def test_resume_compares_the_batch_each_run_was_made_with(tmp_path, tiny_model):
     (tmp_path / "old.json").write_text(json.dumps(study))
     with pytest.raises(SystemExit, match="DP: batch_size: 1024 -> 32"):
         main(common + ["--out", str(tmp_path / "c"), "--resume", str(tmp_path / "old.json"), "--budget-s", "0"])
+    # a merge writes each DP run's batch into the run: read from the merged file, a run of a study that named its
+    # batch only in its config is not taken for one at the default
+    study["config"]["batch_size"] = 32
+    (tmp_path / "named.json").write_text(json.dumps(study))
+    assert main(common + ["--out", str(tmp_path / "d"), "--resume", str(tmp_path / "named.json"), "--budget-s", "0"]) == 0
+    merged = next((tmp_path / "d").glob("allocation-study-*-smoke.json"))
+    assert [r["batch_size"] for r in json.loads(merged.read_text())["rows"]] == [32]
+    assert main(common + ["--out", str(tmp_path / "e"), "--resume", str(merged), "--budget-s", "0"]) == 0
+    assert len(json.loads(next((tmp_path / "e").glob("allocation-study-*-smoke.json")).read_text())["rows"]) == 1
 
 
 def test_resume_compares_what_each_kind_of_run_reads(tmp_path):
