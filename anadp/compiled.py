@@ -1,7 +1,8 @@
 """The hooked layers' backwards as custom ops, for torch.compile: where dynamo traces a private model, each
 hooked layer's call is traced with the model (anadp.layers' ``_TracedFn``) and its backward's records are one
-opaque op (``anadp::record_backward`` beside a Linear's traced input gradient; ``anadp::hooked_backward``,
-which returns the input gradient too, for the norms); the engine's per-forward book-keeping is another
+opaque op (``anadp::record_backward`` beside a Linear's traced input gradient; ``anadp::record_dense``, which
+files per-sample gradients the graph formed, beside a norm's; ``anadp::hooked_backward``, which returns the
+input gradient too, for the embeddings); the engine's per-forward book-keeping is another
 (``anadp::begin_forward``). Their bodies run eagerly at run time, so the engine's Python state (records, the
 accumulator's clipping in the backward) is the eager path's; the compiler sees only tensors in, tensors
 out, and traces the rest of the model whole (``fullgraph=True``).
@@ -73,6 +74,10 @@ def _record_backward(saved, g, key):
     _OBJECTS[key].op_record(saved, g)
 
 
+def _record_dense(parts, key):
+    _OBJECTS[key].op_record_dense(parts)
+
+
 def _begin_forward(x, key, grad):
     _OBJECTS[key].begin_forward(x, grad)
 
@@ -84,16 +89,18 @@ try:
     _lib = torch.library.Library("anadp", "FRAGMENT")
     _lib.define("hooked_backward(Tensor[] saved, Tensor g, int key, bool input_grad) -> Tensor")
     _lib.define("record_backward(Tensor[] saved, Tensor g, int key) -> ()")
+    _lib.define("record_dense(Tensor[] parts, int key) -> ()")
     _lib.define("begin_forward(Tensor x, int key, bool grad) -> ()")
     for _name, _fn in (("hooked_backward", _hooked_backward), ("record_backward", _record_backward),
-                       ("begin_forward", _begin_forward)):
+                       ("record_dense", _record_dense), ("begin_forward", _begin_forward)):
         _lib.impl(_name, _fn, "CompositeExplicitAutograd")
     torch.library.register_fake("anadp::hooked_backward", _hooked_backward_fake, lib=_lib)
     torch.library.register_fake("anadp::record_backward", lambda saved, g, key: None, lib=_lib)
+    torch.library.register_fake("anadp::record_dense", lambda parts, key: None, lib=_lib)
     torch.library.register_fake("anadp::begin_forward", lambda x, key, grad: None, lib=_lib)
     # the record ops and the book-keeping op return nothing the graph needs: as ordered side effects the
     # compiler keeps them, in program order, instead of removing them as dead code
-    for _name in ("hooked_backward", "record_backward", "begin_forward"):
+    for _name in ("hooked_backward", "record_backward", "record_dense", "begin_forward"):
         _lib._register_effectful_op(f"anadp::{_name}", EffectType.ORDERED)
     _EFFECTS = True
 except (ImportError, AttributeError, RuntimeError, TypeError):  # a torch whose custom ops cannot declare effects

@@ -65,27 +65,22 @@ def _linear_input_grad(g, weight, transposed):
 
 class _TracedFn(torch.autograd.Function):
     """A hooked layer's call inside torch.compile: its forward (``op_out``) is traced with the model, so it runs no
-    Python, and its backward is an op that makes the records: anadp::record_backward beside a Linear's input
-    gradient, which is traced too, or anadp::hooked_backward, which forms the input gradient as well (the norms,
-    whose input gradient comes with their records' algebra). Nothing counts the calls there: per-layer
-    clipping, which completes a group in the backward by its layers' call counts, clips these groups when the
-    backward ends; and each record takes one reader, which decides only how its norm is formed (ghost or
-    per-sample gradients), not its value."""
+    Python, and so is its backward (``traced_backward``), but for an op that files the records (anadp.compiled):
+    whatever of the input gradient and the records' algebra is plain tensor maths is in the graph. Nothing counts
+    the calls there: per-layer clipping, which completes a group in the backward by its layers' call counts, clips
+    these groups when the backward ends; and each record takes one reader, which decides only how its norm is
+    formed (ghost or per-sample gradients), not its value."""
 
     @staticmethod
     def forward(ctx, x, weight, bias, layer):
-        ctx.key, ctx.transposed = layer.key, layer.traced_input_grad
+        ctx.layer = layer
         ctx.save_for_backward(*layer.op_saved(x, weight, bias))
         return layer.op_out(x, weight, bias)
 
     @staticmethod
     def backward(ctx, g):
-        saved, needs = list(ctx.saved_tensors), ctx.needs_input_grad[0]
-        if ctx.transposed is not None:  # a Linear: y = x W^T + b (x W + b transposed)
-            torch.ops.anadp.record_backward.default(saved, g, ctx.key)
-            gx = _linear_input_grad(g, saved[1], ctx.transposed) if needs else None
-        else:
-            gx = torch.ops.anadp.hooked_backward.default(saved, g, ctx.key, needs)
+        needs = ctx.needs_input_grad[0]
+        gx = ctx.layer.traced_backward(list(ctx.saved_tensors), g, needs)
         return (gx if needs else None), None, None, None
 
 
@@ -286,13 +281,15 @@ class Layer:
         compiled.unregister(self.key)
 
     # Inside torch.compile's tracing a layer's call is traced (``_TracedFn``): op_out its output, op_saved the
-    # tensors its backward gets, and the op anadp::hooked_backward (anadp.compiled) its backward, whose body is
-    # op_backward; op_input_grad_fake: the input gradient's shape and dtype, for the compiler. A Linear's input
-    # gradient is traced instead (``traced_input_grad``: its ``transposed``), and its records are op_record's.
-    traced_input_grad = None
-
+    # tensors its backward gets, traced_backward its backward. Here that is the op anadp::hooked_backward
+    # (anadp.compiled), whose body is op_backward (op_input_grad_fake: the input gradient's shape and dtype, for
+    # the compiler); a Linear traces its input gradient beside the op of its records, a norm its input gradient
+    # and per-sample gradients beside the op that files them.
     def op_saved(self, x, weight, bias) -> list:
         return [x, weight]
+
+    def traced_backward(self, saved, g, input_grad):
+        return torch.ops.anadp.hooked_backward.default(saved, g, self.key, input_grad)
 
     def compiled_call(self, x, weight, bias) -> torch.Tensor:
         """The layer's call inside torch.compile."""
@@ -379,9 +376,9 @@ class LinearLayer(RowwiseLayer):
     def op_out(self, x, weight, bias):
         return _linear_out(x, weight, bias, self.transposed)
 
-    @property
-    def traced_input_grad(self):
-        return self.transposed
+    def traced_backward(self, saved, g, input_grad):  # y = x W^T + b (x W + b transposed)
+        torch.ops.anadp.record_backward.default(saved, g, self.key)
+        return _linear_input_grad(g, saved[1], self.transposed) if input_grad else None
 
     def op_record(self, saved, g):
         """The records of a traced call (anadp::record_backward): of copies of x and g (a compiled graph reuses
@@ -489,7 +486,8 @@ class NormLayer(RowwiseLayer):
         y = self.normalize(self.module, x) * weight
         return y + bias if bias is not None else y
 
-    def op_backward(self, saved, g, input_grad):
+    def norm_backward(self, saved, g, input_grad):
+        """(xhat, the input gradient or None) of a traced call."""
         x, weight = saved
         xhat = self.normalize(self.module, x)
         gx = None
@@ -499,8 +497,28 @@ class NormLayer(RowwiseLayer):
             r = torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + (torch.finfo(xf.dtype).eps if eps is None else eps))
             h = xf * r
             gx = (r * (v - h * (v * h).mean(-1, keepdim=True))).to(x.dtype)
-        self.on_backward(xhat, g)
+        return xhat, gx
+
+    def traced_backward(self, saved, g, input_grad):
+        """The input gradient and the per-sample gradients (on_backward's) in the graph; the op only files them."""
+        xhat, gx = self.norm_backward(saved, g, input_grad)
+        if not self.engine.batch_first:
+            xhat, g = xhat.movedim(1, 0), g.movedim(1, 0)
+        k = self.param("weight").dim()
+        parts = [token_sum(_tokens(xhat * g, k))] if _trainable(self.param("weight")) else []
+        parts += [token_sum(_tokens(g, k))] if _trainable(self.param("bias")) else []
+        if parts:
+            torch.ops.anadp.record_dense.default(parts, self.key)
         return gx
+
+    def op_record_dense(self, parts):
+        """The records of a traced call (anadp::record_dense), whose per-sample gradients the graph formed:
+        copies, as the graph reuses their memory once the op returns."""
+        engine = self.engine
+        engine.check_batch(self.name, parts[0])
+        params = [p for p in (self.param("weight"), self.param("bias")) if _trainable(p)]
+        for p, part in zip(params, parts):
+            engine.record(p, DenseRecord(part.clone()))
 
     def on_backward(self, xhat, g):
         weight, bias = self.param("weight"), self.param("bias")
@@ -529,12 +547,10 @@ class LayerNormLayer(NormLayer):
         m = self.module
         return F.layer_norm(x, m.normalized_shape, weight, bias, m.eps)
 
-    def op_backward(self, saved, g, input_grad):
+    def norm_backward(self, saved, g, input_grad):
         x, weight = saved
         m = self.module
-        xhat, gx = _layer_norm_backward(x, weight, g, m.normalized_shape, m.eps, input_grad)
-        self.on_backward(xhat, g)
-        return gx
+        return _layer_norm_backward(x, weight, g, m.normalized_shape, m.eps, input_grad)
 
 
 class RMSNormLayer(NormLayer):

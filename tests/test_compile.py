@@ -10,7 +10,7 @@ import torch
 
 import anadp
 from anadp import compiled
-from anadp.layers import LinearLayer
+from anadp.layers import LinearLayer, NormLayer
 from tests.zoo import batch, logits, make
 
 pytestmark = pytest.mark.skipif(not compiled.available(), reason=f"torch {torch.__version__}: custom ops cannot "
@@ -109,7 +109,8 @@ def test_importing_anadp_does_not_import_dynamo():
 def test_the_layers_are_the_ops_inside_the_compiled_graph(clipping):
     """Nothing of the engine runs as traced Python (which would be replayed, or break the graph): the backward
     holds one record op per hooked layer call (anadp::record_backward for a Linear, whose input gradient is
-    traced; anadp::hooked_backward for the others); the forward holds the engine's
+    traced; anadp::record_dense for a norm, whose input and per-sample gradients are; anadp::hooked_backward for
+    the embeddings); the forward holds the engine's
     book-keeping op and no other of anadp's: the layers' forwards are traced (no op, no Python), under per-layer
     clipping too (its groups are then clipped when the backward ends)."""
     from torch._dynamo.backends.common import aot_autograd
@@ -136,8 +137,10 @@ def test_the_layers_are_the_ops_inside_the_compiled_graph(clipping):
     logits(forward(**inputs)).sum().backward()
     layers = opt.engine.layers  # BERT's layers are each called once
     linear = sum(isinstance(layer, LinearLayer) for layer in layers)
+    norms = sum(isinstance(layer, NormLayer) for layer in layers)
     assert ops["backward"]["anadp.record_backward"] == linear > 5
-    assert ops["backward"]["anadp.hooked_backward"] == len(layers) - linear > 5
+    assert ops["backward"]["anadp.record_dense"] == norms > 3
+    assert ops["backward"]["anadp.hooked_backward"] == len(layers) - linear - norms > 0
     assert {k: n for k, n in ops["forward"].items() if k.startswith("anadp.")} == {"anadp.begin_forward": 1}
 
 
@@ -206,3 +209,48 @@ def test_traced_probe_forms_the_clipped_sums():
     assert clipped > 0  # the clip binds (else the test would not see clip factors)
     err = torch.sqrt(sum((a - b).square().sum() for a, b in zip(got, want))) / torch.sqrt(sum(b.square().sum() for b in want))
     assert err < 1e-5, err
+
+
+class _SeqFirst(torch.nn.Module):
+    """(T, B, d) in, (B, 2) out: a LayerNorm, an RMSNorm and Linears on a sequence-first batch."""
+
+    def __init__(self):
+        super().__init__()
+        self.ln, self.fc, self.rms = torch.nn.LayerNorm(6), torch.nn.Linear(6, 5), torch.nn.RMSNorm(5)
+        self.head = torch.nn.Linear(5, 2)
+
+    def forward(self, x):
+        return self.head(self.rms(torch.tanh(self.fc(self.ln(x))))).mean(0)
+
+
+@pytest.mark.parametrize("clipping", ["whitened", "per_layer"])
+def test_compiled_sequence_first_model_takes_the_eager_steps(clipping):
+    """batch_first=False: the traced backwards move the batch first as the eager records do (the norms' per-sample
+    gradients are formed in the graph), so three noisy steps equal the eager ones (float32, 1e-6); a token sum over
+    the wrong axis would give per-sample gradients of another shape, or the wrong ones."""
+    x = torch.randn(3, 8, 6, generator=torch.Generator().manual_seed(0))  # T = 3, B = 8
+    y = torch.randint(0, 2, (8,), generator=torch.Generator().manual_seed(1))
+    torch._dynamo.reset()
+
+    def run(compile_):
+        torch.manual_seed(0)
+        model = _SeqFirst()
+        loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(torch.arange(8)), batch_size=4)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            private, opt, loader = anadp.make_private(model, torch.optim.SGD(model.parameters(), lr=0.5), loader,
+                                                      noise_multiplier=1.0, max_grad_norm=0.1, seed=0,
+                                                      poisson_sampling=False, allocation="uniform",
+                                                      clipping=clipping, batch_first=False)
+            forward = torch.compile(private, fullgraph=True) if compile_ else private
+            for (i,) in itertools.islice((b for _ in range(2) for b in loader), 3):
+                opt.zero_grad()
+                torch.nn.functional.cross_entropy(forward(x[:, i]), y[i]).backward()
+                opt.step()
+        return torch.cat([p.detach().flatten() for p in model.parameters()])
+
+    torch.manual_seed(0)
+    start = torch.cat([p.detach().flatten() for p in _SeqFirst().parameters()])
+    eager, comp = run(False), run(True)
+    assert float((eager - start).norm()) > 0
+    assert float((comp - eager).norm() / eager.norm()) < 1e-6
