@@ -500,13 +500,11 @@ class NormLayer(RowwiseLayer):
         return xhat, gx
 
     def traced_backward(self, saved, g, input_grad):
-        """The input gradient and the per-sample gradients (on_backward's) in the graph; the op only files them."""
+        """The input gradient and the per-sample gradients in the graph; the op only files them."""
         xhat, gx = self.norm_backward(saved, g, input_grad)
         if not self.engine.batch_first:
             xhat, g = xhat.movedim(1, 0), g.movedim(1, 0)
-        k = self.param("weight").dim()
-        parts = [token_sum(_tokens(xhat * g, k))] if _trainable(self.param("weight")) else []
-        parts += [token_sum(_tokens(g, k))] if _trainable(self.param("bias")) else []
+        parts = self.per_sample_grads(xhat, g)
         if parts:
             torch.ops.anadp.record_dense.default(parts, self.key)
         return gx
@@ -514,21 +512,29 @@ class NormLayer(RowwiseLayer):
     def op_record_dense(self, parts):
         """The records of a traced call (anadp::record_dense), whose per-sample gradients the graph formed:
         copies, as the graph reuses their memory once the op returns."""
-        engine = self.engine
-        engine.check_batch(self.name, parts[0])
-        params = [p for p in (self.param("weight"), self.param("bias")) if _trainable(p)]
-        for p, part in zip(params, parts):
-            engine.record(p, DenseRecord(part.clone()))
+        self.engine.check_batch(self.name, parts[0])
+        for p, part in zip(self.trainable_params(), parts):
+            self.engine.record(p, DenseRecord(part.clone()))
 
     def on_backward(self, xhat, g):
-        weight, bias = self.param("weight"), self.param("bias")
         xhat, g = self.engine.to_batch_first(self.name, xhat, g)
-        k = weight.dim()
-        if _trainable(weight):  # xhat was recomputed for this hook: ours to overwrite
-            gx = xhat.mul_(g) if xhat.dtype == torch.result_type(xhat, g) else xhat * g
-            self.engine.record(weight, DenseRecord(token_sum(_tokens(gx, k))))
-        if _trainable(bias):
-            self.engine.record(bias, DenseRecord(token_sum(_tokens(g, k))))
+        for p, part in zip(self.trainable_params(), self.per_sample_grads(xhat, g)):
+            self.engine.record(p, DenseRecord(part))
+
+    def trainable_params(self) -> list:
+        return [p for p in (self.param("weight"), self.param("bias")) if _trainable(p)]
+
+    def per_sample_grads(self, xhat, g) -> list:
+        """The per-sample gradients of the trainable ones of weight and bias, from batch-first xhat (recomputed
+        for the backward: ours to overwrite) and g."""
+        k = self.param("weight").dim()
+        parts = []
+        if _trainable(self.param("weight")):
+            gx = xhat.mul_(g) if xhat.dtype == torch.promote_types(xhat.dtype, g.dtype) else xhat * g
+            parts.append(token_sum(_tokens(gx, k)))
+        if _trainable(self.param("bias")):
+            parts.append(token_sum(_tokens(g, k)))
+        return parts
 
 
 class LayerNormLayer(NormLayer):
