@@ -530,7 +530,10 @@ class NormLayer(RowwiseLayer):
         k = self.param("weight").dim()
         parts = []
         if _trainable(self.param("weight")):
-            gx = xhat.mul_(g) if xhat.dtype == torch.promote_types(xhat.dtype, g.dtype) else xhat * g
+            # in place where xhat's dtype is the product's (of two float dtypes: the same, or the wider one),
+            # told without dispatching an op (torch.result_type does not trace, torch.promote_types dispatches)
+            wider = xhat.dtype == g.dtype or xhat.dtype.itemsize > g.dtype.itemsize
+            gx = xhat.mul_(g) if wider else xhat * g
             parts.append(token_sum(_tokens(gx, k)))
         if _trainable(self.param("bias")):
             parts.append(token_sum(_tokens(g, k)))
