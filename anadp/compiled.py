@@ -1,13 +1,12 @@
 """The hooked layers' backwards as custom ops, for torch.compile: where dynamo traces a private model, each
 hooked layer's call is traced with the model (anadp.layers' ``_TracedFn``) and its backward's records are one
-opaque op (``anadp::record_backward`` beside a Linear's traced input gradient; ``anadp::record_dense``, which
-files per-sample gradients the graph formed, beside a norm's; ``anadp::hooked_backward``, which returns the
-input gradient too, for the embeddings); the engine's per-forward book-keeping is another
-(``anadp::begin_forward``). Their bodies run eagerly at run time, so the engine's Python state (records, the
+opaque op (``anadp::record_backward`` beside a Linear's traced input gradient, and alone for an embedding,
+whose input has none; ``anadp::record_dense``, which files per-sample gradients the graph formed, beside a
+norm's); the engine's per-forward book-keeping is another (``anadp::begin_forward``). Their bodies run eagerly at run time, so the engine's Python state (records, the
 accumulator's clipping in the backward) is the eager path's; the compiler sees only tensors in, tensors
 out, and traces the rest of the model whole (``fullgraph=True``).
 
-The record ops and the book-keeping op return nothing the graph needs (the layers' parameters get no
+The ops return nothing the graph needs (the layers' parameters get no
 gradient from autograd: the engine forms it), so they are registered as ordered side effects
 (torch.library's effect registry): the compiler keeps them, in program order, instead of removing
 them as dead code.
@@ -61,15 +60,6 @@ def unregister(key: int) -> None:
     _OBJECTS.pop(key, None)
 
 
-def _hooked_backward(saved, g, key, input_grad):
-    gx = _OBJECTS[key].op_backward(saved, g, input_grad)
-    return gx if gx is not None else g.new_empty(0)
-
-
-def _hooked_backward_fake(saved, g, key, input_grad):
-    return _OBJECTS[key].op_input_grad_fake(saved, g) if input_grad else g.new_empty(0)
-
-
 def _record_backward(saved, g, key):
     _OBJECTS[key].op_record(saved, g)
 
@@ -87,20 +77,18 @@ try:
     from torch._library.effects import EffectType
     # torch.library.Library, not torch.library.custom_op, whose Python dispatch layers cost ~20 us more a call
     _lib = torch.library.Library("anadp", "FRAGMENT")
-    _lib.define("hooked_backward(Tensor[] saved, Tensor g, int key, bool input_grad) -> Tensor")
     _lib.define("record_backward(Tensor[] saved, Tensor g, int key) -> ()")
     _lib.define("record_dense(Tensor[] parts, int key) -> ()")
     _lib.define("begin_forward(Tensor x, int key, bool grad) -> ()")
-    for _name, _fn in (("hooked_backward", _hooked_backward), ("record_backward", _record_backward),
-                       ("record_dense", _record_dense), ("begin_forward", _begin_forward)):
+    for _name, _fn in (("record_backward", _record_backward), ("record_dense", _record_dense),
+                       ("begin_forward", _begin_forward)):
         _lib.impl(_name, _fn, "CompositeExplicitAutograd")
-    torch.library.register_fake("anadp::hooked_backward", _hooked_backward_fake, lib=_lib)
     torch.library.register_fake("anadp::record_backward", lambda saved, g, key: None, lib=_lib)
     torch.library.register_fake("anadp::record_dense", lambda parts, key: None, lib=_lib)
     torch.library.register_fake("anadp::begin_forward", lambda x, key, grad: None, lib=_lib)
     # the record ops and the book-keeping op return nothing the graph needs: as ordered side effects the
     # compiler keeps them, in program order, instead of removing them as dead code
-    for _name in ("hooked_backward", "record_backward", "record_dense", "begin_forward"):
+    for _name in ("record_backward", "record_dense", "begin_forward"):
         _lib._register_effectful_op(f"anadp::{_name}", EffectType.ORDERED)
     _EFFECTS = True
 except (ImportError, AttributeError, RuntimeError, TypeError):  # a torch whose custom ops cannot declare effects

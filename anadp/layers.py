@@ -281,23 +281,27 @@ class Layer:
         compiled.unregister(self.key)
 
     # Inside torch.compile's tracing a layer's call is traced (``_TracedFn``): op_out its output, op_saved the
-    # tensors its backward gets, traced_backward its backward. Here that is the op anadp::hooked_backward
-    # (anadp.compiled), whose body is op_backward (op_input_grad_fake: the input gradient's shape and dtype, for
-    # the compiler); a Linear traces its input gradient beside the op of its records, a norm its input gradient
-    # and per-sample gradients beside the op that files them.
+    # tensors its backward gets, traced_backward its backward. Here that is the op anadp::record_backward
+    # (anadp.compiled), whose body is op_record, and no input gradient (an embedding's input is indices); a
+    # Linear traces its input gradient beside that op, a norm its input gradient and per-sample gradients
+    # beside the op that files them (anadp::record_dense).
     def op_saved(self, x, weight, bias) -> list:
         return [x, weight]
 
     def traced_backward(self, saved, g, input_grad):
-        return torch.ops.anadp.hooked_backward.default(saved, g, self.key, input_grad)
+        if input_grad:  # (a layer whose input takes a gradient traces it: Linear, the norms)
+            raise NotImplementedError(f"{type(self).__name__} traces no input gradient")
+        torch.ops.anadp.record_backward.default(saved, g, self.key)
+        return None
+
+    def op_record(self, saved, g):
+        """The records of a traced call (anadp::record_backward), at run time."""
+        raise NotImplementedError
 
     def compiled_call(self, x, weight, bias) -> torch.Tensor:
         """The layer's call inside torch.compile."""
         compiled.require()
         return _TracedFn.apply(x, weight, bias, self)
-
-    def op_input_grad_fake(self, saved, g):
-        return saved[0].new_empty(saved[0].shape)
 
 
 class RowwiseLayer(Layer):
@@ -434,9 +438,8 @@ class EmbeddingLayer(Layer):
     def op_saved(self, idx, weight, bias):
         return [idx]
 
-    def op_backward(self, saved, g, input_grad):
-        self.on_backward(saved[0].clone(), g.clone())  # copies: see LinearLayer.on_backward
-        return None
+    def op_record(self, saved, g):
+        self.on_backward(saved[0].clone(), g.clone())  # copies: see LinearLayer.op_record
 
     def on_backward(self, idx, g):
         idx, g = self.engine.to_batch_first(self.name, idx, g)

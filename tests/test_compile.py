@@ -10,7 +10,7 @@ import torch
 
 import anadp
 from anadp import compiled
-from anadp.layers import LinearLayer, NormLayer
+from anadp.layers import EmbeddingLayer, LinearLayer, NormLayer
 from tests.zoo import batch, logits, make
 
 pytestmark = pytest.mark.skipif(not compiled.available(), reason=f"torch {torch.__version__}: custom ops cannot "
@@ -109,8 +109,8 @@ def test_importing_anadp_does_not_import_dynamo():
 def test_the_layers_are_the_ops_inside_the_compiled_graph(clipping):
     """Nothing of the engine runs as traced Python (which would be replayed, or break the graph): the backward
     holds one record op per hooked layer call (anadp::record_backward for a Linear, whose input gradient is
-    traced; anadp::record_dense for a norm, whose input and per-sample gradients are; anadp::hooked_backward for
-    the embeddings); the forward holds the engine's
+    traced, and for an embedding; anadp::record_dense for a norm, whose input and per-sample gradients are
+    traced); the forward holds the engine's
     book-keeping op and no other of anadp's: the layers' forwards are traced (no op, no Python), under per-layer
     clipping too (its groups are then clipped when the backward ends)."""
     from torch._dynamo.backends.common import aot_autograd
@@ -138,9 +138,10 @@ def test_the_layers_are_the_ops_inside_the_compiled_graph(clipping):
     layers = opt.engine.layers  # BERT's layers are each called once
     linear = sum(isinstance(layer, LinearLayer) for layer in layers)
     norms = sum(isinstance(layer, NormLayer) for layer in layers)
-    assert ops["backward"]["anadp.record_backward"] == linear > 5
-    assert ops["backward"]["anadp.record_dense"] == norms > 3
-    assert ops["backward"]["anadp.hooked_backward"] == len(layers) - linear - norms > 0
+    embeddings = sum(isinstance(layer, EmbeddingLayer) for layer in layers)
+    assert linear > 5 and norms > 3 and embeddings > 0 and linear + norms + embeddings == len(layers)
+    assert ops["backward"]["anadp.record_backward"] == linear + embeddings
+    assert ops["backward"]["anadp.record_dense"] == norms
     assert {k: n for k, n in ops["forward"].items() if k.startswith("anadp.")} == {"anadp.begin_forward": 1}
 
 

@@ -24,7 +24,7 @@ _OPTIM = os.sep + os.path.join("torch", "optim") + os.sep
 
 # a dispatch mode runs an op's body with the mode off: the bodies of anadp's ops (anadp.compiled), run under it
 _OP_BODIES = {getattr(torch.ops.anadp, name).default: getattr(compiled, "_" + name)
-              for name in ("hooked_backward", "record_backward", "record_dense", "begin_forward")} if compiled.available() else {}
+              for name in ("record_backward", "record_dense", "begin_forward")} if compiled.available() else {}
 
 
 class SyncCounter(TorchDispatchMode):
