@@ -2,14 +2,14 @@
 hooked layer's call is traced with the model (anadp.layers' ``_TracedFn``) and its backward's records are one
 opaque op (``anadp::record_backward`` beside a Linear's traced input gradient, and alone for an embedding,
 whose input has none; ``anadp::record_dense``, which files per-sample gradients the graph formed, beside a
-norm's); the engine's per-forward book-keeping is another (``anadp::begin_forward``). Their bodies run eagerly at run time, so the engine's Python state (records, the
-accumulator's clipping in the backward) is the eager path's; the compiler sees only tensors in, tensors
-out, and traces the rest of the model whole (``fullgraph=True``).
+norm's); the engine's per-forward book-keeping is another (``anadp::begin_forward``). Their bodies run eagerly
+at run time, so the engine's Python state (records, the accumulator's clipping in the backward) is the eager
+path's; the compiler sees only tensors in, tensors out, and traces the rest of the model whole
+(``fullgraph=True``).
 
-The ops return nothing the graph needs (the layers' parameters get no
-gradient from autograd: the engine forms it), so they are registered as ordered side effects
-(torch.library's effect registry): the compiler keeps them, in program order, instead of removing
-them as dead code.
+The ops return nothing the graph needs (the layers' parameters get no gradient from autograd: the engine
+forms it), so they are registered as ordered side effects (torch.library's effect registry): the compiler
+keeps them, in program order, instead of removing them as dead code.
 """
 from __future__ import annotations
 
