@@ -13,6 +13,7 @@ from torch import nn
 
 from . import attention, compiled, conv  # noqa: F401 - register nn.MultiheadAttention's and the convolutions' layers
 from .chunks import ChunkProtocol
+from .flat import FLAT_NUMBERS, FlatBatch, FlatBuffer, FlatLayout
 from .generic import GenericLayer, shared_output_parents
 from .layers import UnsupportedModuleError, layer_class
 from .physical_batch import PhysicalBatch, reduction_scale
@@ -144,6 +145,9 @@ class GradSampleEngine:
         self.real_rows: Optional[int] = None  # a padded chunk's samples (its first rows; static shapes)
         self._padding: Optional[torch.Tensor] = None
         self._records: dict = {}
+        # compiled forwards' flat path (anadp.flat): its columns where the optimizer allows it, and the buffer
+        self.flat_layout: Optional[FlatLayout] = None
+        self.flat: Optional[FlatBuffer] = None
         self.ends_logical = True  # whether the last forward's chunk ends its logical batch
         # Linear layers form their per-sample gradients at backward time where that is cheaper
         # (records.instantiate_at_backward); off when a kernel backend computes the norms from (A, G)
@@ -254,18 +258,31 @@ class GradSampleEngine:
         if compiled.compiling():  # the book-keeping as an op that runs it eagerly (anadp.compiled); the batch size
             if x is None:  # for the traced layers too
                 raise ValueError("a compiled private model needs a tensor argument (its batch)")
-            compiled.begin(self, x)
             dim = 0 if self.batch_first else 1
             self.batch_size = x.shape[dim] if x.dim() > dim else None
+            compiled.begin(self, x, self.flat_now() is not None)
             return
         self.begin_forward(x, torch.is_grad_enabled())
 
-    def begin_forward(self, x: Optional[torch.Tensor], grad: bool) -> None:
+    def flat_now(self) -> Optional[FlatBuffer]:
+        """While dynamo traces a forward: the flat buffer its layers add their per-sample gradients into
+        (anadp.flat), or None (the record ops)."""
+        flat, B = self.flat, self.batch_size
+        if flat is None or not torch.is_grad_enabled() or not isinstance(B, int) or B != flat.rows:
+            return None
+        return None if torch.is_autocast_enabled(flat.layout.device.type) else flat
+
+    def begin_forward(self, x: Optional[torch.Tensor], grad: bool, flat: Optional[bool] = None) -> None:
         """Before each forward of the model (``x``: its first tensor argument; ``grad``: whether it runs
-        with gradients): the last backward's records go to the accumulator, and the counts start afresh."""
+        with gradients; ``flat``: whether a compiled forward's layers take the flat path, None uncompiled):
+        the last backward's records go to the accumulator, and the counts start afresh."""
         if self.model.training:  # model.train() puts batch norms back into train mode
             self._check_mixing()
         self.flush()
+        if flat is False and grad and self.flat is None and self.flat_layout is not None and x is not None:
+            B = x.shape[0 if self.batch_first else 1] if x.dim() > (0 if self.batch_first else 1) else 0
+            if 0 < B and B * self.flat_layout.numel <= FLAT_NUMBERS:
+                self.flat = FlatBuffer(self.flat_layout, B)  # the next forward's trace takes it (one recompile)
         self._buffer_state = self._buffer_versions()
         self._readers.clear()
         if self._copies:
@@ -399,15 +416,39 @@ class GradSampleEngine:
 
     @property
     def has_pending_records(self) -> bool:
-        return bool(self._records)
+        return bool(self._records) or (self.flat is not None and self.flat.written)
 
     def expected_records(self, param) -> int:
         """How many records ``param`` gets in this backward: one per call of each layer holding it."""
         calls = self.calls
         return sum(calls[k] for k in self.owners.get(param, ()))
 
+    def use_flat(self, params: list) -> None:
+        """Let compiled forwards take the flat path (anadp.flat) where it applies to ``params`` (the tensor
+        table's order): the whitened accumulator's choice, with the torch norms and no reducer."""
+        if self.adapters or not FlatLayout.applies(params, self.layers):
+            return
+        layout = FlatLayout(params)
+        if any(p not in layout.key for p in self.params):
+            return
+        keys = []
+        for layer in self.layers:
+            trainable = {n: layer.param(n) for n in ("weight", "bias")}
+            trainable = {n: p for n, p in trainable.items() if p is not None and p.requires_grad}
+            if any(p not in layout.key for p in trainable.values()):  # a parametrization: no buffer of its own
+                return
+            keys.append({n: layout.key[p] for n, p in trainable.items()})
+        for layer, k in zip(self.layers, keys):
+            layer.flat_keys = k
+        self.flat_layout = layout
+
     # --- after backward -------------------------------------------------------------
     def _pending(self) -> Optional[PhysicalBatch]:
+        if self.flat is not None and self.flat.written:
+            if self._records:
+                raise RuntimeError("a backward both recorded and wrote the flat buffer (anadp.flat): a forward "
+                                   "changed its autocast or grad mode between its layers; run it uncompiled")
+            return FlatBatch(self.flat, self.loss_reduction, self.ends_logical, self.chunk_id, self.real_rows)
         if not self._records:
             if self._seen_batch is None:
                 return None
@@ -432,10 +473,12 @@ class GradSampleEngine:
                     "eval mode, or make it compute the value without storing it.")
 
     def take(self) -> Optional[PhysicalBatch]:
-        """The finished physical batch, or None if no backward ran since the last take."""
-        if self._records or self._seen_batch is not None:
-            self._check_buffers()
+        """The finished physical batch, or None if no backward ran since the last take (a flat batch: its
+        buffer is cleared by flush, once the accumulator is done with it)."""
         batch = self._pending()
+        if batch is not None:
+            self._check_buffers()
+            self._grad_forwards = 0
         self._records, self._seen_batch = {}, None
         return batch
 
@@ -443,9 +486,13 @@ class GradSampleEngine:
         batch = self.take()
         if batch is not None and self.accumulator is not None:
             self.accumulator.on_batch(batch)
+        if isinstance(batch, FlatBatch):
+            self.flat.clear()
 
     def discard(self) -> None:
         self._records, self._seen_batch = {}, None
+        if self.flat is not None and self.flat.written:
+            self.flat.clear()
 
     def per_sample_sq_norms(self, kernels=None) -> dict:
         """param -> (B,) squared norms of the pending batch (does not consume it)."""

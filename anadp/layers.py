@@ -72,16 +72,22 @@ class _TracedFn(torch.autograd.Function):
     formed (ghost or per-sample gradients), not its value."""
 
     @staticmethod
-    def forward(ctx, x, weight, bias, layer):
-        ctx.layer = layer
+    def forward(ctx, x, weight, bias, layer, weight_buf, bias_buf, tick):
+        # the flat path's (anadp.flat): the per-sample gradient buffers of weight and bias (or None), and its tick;
+        # tick None: the record ops
+        ctx.layer, ctx.bufs, ctx.flat = layer, {"weight": weight_buf, "bias": bias_buf}, tick is not None
         ctx.save_for_backward(*layer.op_saved(x, weight, bias))
         return layer.op_out(x, weight, bias)
 
     @staticmethod
     def backward(ctx, g):
         needs = ctx.needs_input_grad[0]
-        gx = ctx.layer.traced_backward(list(ctx.saved_tensors), g, needs)
-        return (gx if needs else None), None, None, None
+        saved = list(ctx.saved_tensors)
+        if not ctx.flat:
+            gx = ctx.layer.traced_backward(saved, g, needs)
+            return (gx if needs else None), None, None, None, None, None, None
+        gx = ctx.layer.flat_backward(saved, g, needs, ctx.bufs)
+        return (gx if needs else None), None, None, None, None, None, g.new_zeros(())  # tick: "a backward ran"
 
 
 class _LinearFn(torch.autograd.Function):
@@ -299,9 +305,24 @@ class Layer:
         raise NotImplementedError
 
     def compiled_call(self, x, weight, bias) -> torch.Tensor:
-        """The layer's call inside torch.compile."""
+        """The layer's call inside torch.compile: on the flat path where the engine takes it (anadp.flat)."""
         compiled.require()
-        return _TracedFn.apply(x, weight, bias, self)
+        flat = self.engine.flat_now()
+        if flat is None:
+            return _TracedFn.apply(x, weight, bias, self, None, None, None)
+        bufs = [flat.bufs[self.flat_keys[n]] if n in self.flat_keys else None for n in ("weight", "bias")]
+        return _TracedFn.apply(x, weight, bias, self, *bufs, flat.tick)
+
+    # the flat path (anadp.flat): the layer's backward adds its per-sample gradients into the buffers of its
+    # trainable parameters (``bufs``, name -> (B, numel) buffer or None; ``flat_keys``, name -> the parameter's
+    # index in the layout, set by the engine) and returns its input gradient
+    flat_backward = None
+    flat_keys: dict = {}
+
+    @staticmethod
+    def flat_add(bufs: dict, name: str, ps: torch.Tensor) -> None:
+        buf = bufs[name]
+        buf.add_(ps.reshape(buf.shape))
 
 
 class RowwiseLayer(Layer):
@@ -384,6 +405,18 @@ class LinearLayer(RowwiseLayer):
         torch.ops.anadp.record_backward.default(saved, g, self.key)
         return _linear_input_grad(g, saved[1], self.transposed) if input_grad else None
 
+    def flat_backward(self, saved, g, input_grad, bufs):
+        x, weight = saved
+        A, G = (_tokens(t) for t in self.engine.to_batch_first(self.name, x, g))
+        if bufs["weight"] is not None:
+            dtype = bufs["weight"].dtype
+            A32, G32 = A.to(dtype), G.to(dtype)
+            self.flat_add(bufs, "weight", torch.bmm(A32.transpose(1, 2), G32) if self.transposed
+                          else torch.bmm(G32.transpose(1, 2), A32))
+        if bufs["bias"] is not None:
+            self.flat_add(bufs, "bias", G.sum(1, dtype=bufs["bias"].dtype))
+        return _linear_input_grad(g, weight, self.transposed) if input_grad else None
+
     def op_record(self, saved, g):
         """The records of a traced call (anadp::record_backward): of copies of x and g (a compiled graph reuses
         their memory once the op returns, knowing nothing of the records that hold them), one reader each."""
@@ -440,6 +473,18 @@ class EmbeddingLayer(Layer):
 
     def op_record(self, saved, g):
         self.on_backward(saved[0].clone(), g.clone())  # copies: see LinearLayer.op_record
+
+    def flat_backward(self, saved, g, input_grad, bufs):
+        buf = bufs["weight"]
+        idx, g = self.engine.to_batch_first(self.name, saved[0], g)
+        idx, G = _tokens(idx, 0), _tokens(g).to(buf.dtype)
+        m = self.module
+        if m.padding_idx is not None:  # the padding row gets no gradient
+            G = torch.where((idx == m.padding_idx)[..., None], 0, G)
+        B = idx.shape[0]
+        rows = torch.arange(B, device=idx.device)[:, None].expand(idx.shape)
+        buf.view(B, m.num_embeddings, -1).index_put_((rows, idx), G, accumulate=True)
+        return None
 
     def on_backward(self, idx, g):
         idx, g = self.engine.to_batch_first(self.name, idx, g)
@@ -510,6 +555,15 @@ class NormLayer(RowwiseLayer):
         parts = self.per_sample_grads(xhat, g)
         if parts:
             torch.ops.anadp.record_dense.default(parts, self.key)
+        return gx
+
+    def flat_backward(self, saved, g, input_grad, bufs):
+        xhat, gx = self.norm_backward(saved, g, input_grad)
+        if not self.engine.batch_first:
+            xhat, g = xhat.movedim(1, 0), g.movedim(1, 0)
+        names = [n for n in ("weight", "bias") if bufs[n] is not None]  # per_sample_grads' order
+        for name, part in zip(names, self.per_sample_grads(xhat, g)):
+            self.flat_add(bufs, name, part)
         return gx
 
     def op_record_dense(self, parts):

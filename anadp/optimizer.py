@@ -145,6 +145,8 @@ class DPOptimizer(Optimizer):
         else:
             self._fused_gemm = k.fused_gemm
             engine.instantiate_linear = self.norm_kernels is None  # kernel norms read (A, G)
+            if self.norm_kernels is None and not k.fused_gemm and self.reducer is None:
+                engine.use_flat(t.params)  # compiled forwards: per-sample gradients in one buffer (anadp.flat)
             self.accumulator = WhitenedAccumulator(t, self.sums, engine, self.clip, self.feed,
                                                    norm_kernels=self.norm_kernels, defer_linear=k.fused_gemm,
                                                    reducer=self.reducer, **common)

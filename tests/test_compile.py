@@ -56,10 +56,12 @@ def test_compiled_private_model_takes_the_eager_steps(name, clipping):
         warnings.simplefilter("ignore")
         comp = _steps(name, clipping, compile_=True)
     assert not counters["graph_break"], dict(counters["graph_break"])
-    # compiled once, not once a step: the forward pre-hook (a frame of its own) and the forward. Llama's forward
-    # slices its ModuleList, which registers its layers in a new list; counted as a change of the model, that made
-    # dynamo recompile every step (it guards on the count) until its recompile limit, then run eagerly
-    assert 1 <= counters["stats"]["unique_graphs"] <= 2, counters["stats"]["unique_graphs"]
+    # compiled once, not once a step: the forward pre-hook (a frame of its own) and the forward, and under whitened
+    # and global clipping the forward once more when the flat buffer appears (anadp.flat). Llama's forward slices
+    # its ModuleList, which registers its layers in a new list; counted as a change of the model, that made dynamo
+    # recompile every step (it guards on the count) until its recompile limit, then run eagerly
+    assert 1 <= counters["stats"]["unique_graphs"] <= (2 if clipping == "per_layer" else 3), \
+        counters["stats"]["unique_graphs"]
     start = torch.cat([p.detach().flatten() for p in make(name, torch.float32)[0].parameters()])
     assert float((eager - start).norm()) > 0
     assert float((comp - eager).norm() / eager.norm()) < 1e-6
@@ -105,14 +107,16 @@ def test_importing_anadp_does_not_import_dynamo():
     assert out.strip() == "False"
 
 
-@pytest.mark.parametrize("clipping", ["whitened", "per_layer"])
-def test_the_layers_are_the_ops_inside_the_compiled_graph(clipping):
-    """Nothing of the engine runs as traced Python (which would be replayed, or break the graph): the backward
-    holds one record op per hooked layer call (anadp::record_backward for a Linear, whose input gradient is
-    traced, and for an embedding; anadp::record_dense for a norm, whose input and per-sample gradients are
-    traced); the forward holds the engine's
-    book-keeping op and no other of anadp's: the layers' forwards are traced (no op, no Python), under per-layer
-    clipping too (its groups are then clipped when the backward ends)."""
+@pytest.mark.parametrize("clipping,flat", [("whitened", True), ("whitened", False), ("per_layer", False)])
+def test_the_layers_are_the_ops_inside_the_compiled_graph(clipping, flat):
+    """Nothing of the engine runs as traced Python (which would be replayed, or break the graph). On the flat path
+    (anadp.flat; whitened clipping, the model within its budget) the backward holds no op of anadp's at all: the
+    layers add their per-sample gradients into the buffer in the graph. Elsewhere (``flat`` False: a model the
+    flat path does not take; per-layer clipping) it holds one record op per hooked layer call
+    (anadp::record_backward for a Linear, whose input gradient is traced, and for an embedding;
+    anadp::record_dense for a norm, whose input and per-sample gradients are traced). The forward holds the
+    engine's book-keeping op and no other of anadp's: the layers' forwards are traced (no op, no Python), under
+    per-layer clipping too (its groups are then clipped when the backward ends)."""
     from torch._dynamo.backends.common import aot_autograd
     model, kind = make("bert", torch.float32)
     inputs = batch(kind, B=4, dtype=torch.float32)
@@ -120,6 +124,8 @@ def test_the_layers_are_the_ops_inside_the_compiled_graph(clipping):
         model, torch.optim.SGD(model.parameters(), lr=0.1),
         torch.utils.data.DataLoader(torch.utils.data.TensorDataset(torch.arange(4)), batch_size=4),
         noise_multiplier=1.0, max_grad_norm=1.0, poisson_sampling=False, clipping=clipping)
+    if not flat:
+        opt.engine.flat_layout = None  # as for a model beyond the flat path's budget: the record ops
     ops = {"forward": collections.Counter(), "backward": collections.Counter()}
 
     def counting(graph):
@@ -140,8 +146,14 @@ def test_the_layers_are_the_ops_inside_the_compiled_graph(clipping):
     norms = sum(isinstance(layer, NormLayer) for layer in layers)
     embeddings = sum(isinstance(layer, EmbeddingLayer) for layer in layers)
     assert linear > 5 and norms > 3 and embeddings > 0 and linear + norms + embeddings == len(layers)
-    assert ops["backward"]["anadp.record_backward"] == linear + embeddings
-    assert ops["backward"]["anadp.record_dense"] == norms
+    assert (opt.engine.flat is not None) == flat
+    if flat:
+        assert not [k for k in ops["backward"] if k.startswith("anadp.")]
+        # the embeddings' per-sample rows, functionalized; the buffer written back once
+        assert ops["backward"]["aten.index_put"] == embeddings and ops["backward"]["aten.copy_"] == 1
+    else:
+        assert ops["backward"]["anadp.record_backward"] == linear + embeddings
+        assert ops["backward"]["anadp.record_dense"] == norms
     assert {k: n for k, n in ops["forward"].items() if k.startswith("anadp.")} == {"anadp.begin_forward": 1}
 
 

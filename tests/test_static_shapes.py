@@ -17,7 +17,8 @@ def _model():
     return nn.Sequential(nn.Embedding(20, 8), nn.LayerNorm(8), nn.Linear(8, 8), nn.Tanh(), nn.Linear(8, 3)).double()
 
 
-def _run(static: bool, clipping: str, reduction: str, batch_size=6, M=4, steps=5):
+def _run(static: bool, clipping: str, reduction: str, batch_size=6, M=4, steps=5, compile_=False, out=None):
+    """``compile_``: the private model through torch.compile(fullgraph=True); ``out``: a dict that gets the optimizer."""
     model = _model()
     g = torch.Generator().manual_seed(1)
     ids, y = torch.randint(0, 20, (40, 5), generator=g), torch.randint(0, 3, (40,), generator=g)
@@ -28,6 +29,9 @@ def _run(static: bool, clipping: str, reduction: str, batch_size=6, M=4, steps=5
                                                 noise_multiplier=0.7, max_grad_norm=0.5, clipping=clipping,
                                                 loss_reduction=reduction, max_physical_batch_size=M, seed=3,
                                                 static_shapes=static, backend="torch")
+    if out is not None:
+        out["optimizer"] = opt
+    forward = torch.compile(model, fullgraph=True) if compile_ else model
     sizes, real = [], []
     for k, (x, t) in enumerate(loader):
         if k == steps * 3:
@@ -35,7 +39,7 @@ def _run(static: bool, clipping: str, reduction: str, batch_size=6, M=4, steps=5
         sizes.append(len(x))
         real.append(loader.real_rows if static else len(x))
         # the loss over every row, padded ones included: the engine, not the loop, keeps them out of the step
-        per = nn.functional.cross_entropy(model(x).mean(1), t, reduction="none")
+        per = nn.functional.cross_entropy(forward(x).mean(1), t, reduction="none")
         (per.sum() if reduction == "sum" else per.mean()).backward()
         opt.step()
         opt.zero_grad()
@@ -49,6 +53,21 @@ def test_padded_chunks_give_the_unpadded_steps_and_epsilon(clipping, reduction):
     out, padded, real, eps, steps = _run(True, clipping, reduction)
     assert set(padded) == {4} and real == sizes  # fixed shapes; the same samples
     assert min(real) < 4  # some chunks were padded (and a logical batch above 4 was split)
+    assert steps == steps_ref and eps == eps_ref
+    assert rel_err(out, ref) < 1e-12
+
+
+@pytest.mark.skipif(not anadp.compiled.available(), reason=f"torch {torch.__version__}: no compiled private models")
+def test_compiled_padded_chunks_give_the_unpadded_steps_and_epsilon():
+    """Compiled, whitened clipping takes the flat path (anadp.flat), whose batch zeroes the padded rows of its
+    per-sample gradients: the steps equal the eager unpadded run's (float64; the compiled graph's fusions round
+    differently, ~1e-16)."""
+    torch._dynamo.reset()
+    ref, sizes, _, eps_ref, steps_ref = _run(False, "whitened", "mean")
+    held = {}
+    out, padded, real, eps, steps = _run(True, "whitened", "mean", compile_=True, out=held)
+    assert held["optimizer"].engine.flat is not None  # the flat path served
+    assert set(padded) == {4} and real == sizes and min(real) < 4
     assert steps == steps_ref and eps == eps_ref
     assert rel_err(out, ref) < 1e-12
 

@@ -1,0 +1,119 @@
+"""A compiled model's per-sample gradients in one flat buffer: where dynamo traces a private model under
+whitened or global clipping and the whole model fits, each hooked layer's traced backward adds its
+per-sample gradients into its parameters' (B, numel) buffers, in the graph, and no op calls into Python per
+layer. The engine then hands the accumulator a ``FlatBatch``: the squared norms of every tensor in one
+segment sum, the clipped sums in one product.
+
+Why: a record op per layer call costs its dispatch and its Python body (~20-40 us on the CPU, ~100 calls a
+step for a 12-layer BERT), and the batch's records then cost Python per record at the step; this path
+costs the graph's own kernels and a handful of ops at the step (docs/design.md, "The flat path").
+
+When: every hooked layer is a Linear, an embedding or a norm (``Layer.flat_backward``), the trainable
+parameters are float32 or float64 on one device, no kernel backend forms the norms, no FSDP2 reducer, no
+autocast, a static batch size, and B P numbers within ``FLAT_NUMBERS``. The first compiled forward shows
+the batch size: it runs the record ops and its op body allocates the buffer, which the next forward's
+guards see (one recompile). Elsewhere the record ops (anadp.compiled) serve, as before.
+
+Memory: B P numbers, the per-sample gradients of every parameter (embeddings included: B V d), where the
+record ops keep (A, G) for some Linears; hence the budget.
+"""
+from __future__ import annotations
+
+import torch
+
+from .physical_batch import reduction_scale
+
+FLAT_NUMBERS = 1 << 25  # at most 32 Mi numbers in the buffer (128 MB in float32)
+
+
+class FlatLayout:
+    """The buffer's columns: ``params`` (the tensor table's order) side by side, each one's per-sample
+    gradient flattened; ``key[p]``, p's index (its row of the squared norms)."""
+
+    def __init__(self, params: list):
+        self.params = list(params)
+        self.key = {p: k for k, p in enumerate(self.params)}
+        self.cols: dict = {}
+        start = 0
+        for p in self.params:
+            self.cols[p] = (start, start + p.numel())
+            start += p.numel()
+        self.numel = start
+        self.dtype = self.params[0].dtype
+        self.device = self.params[0].device
+        # the key (row of the squared norms) of each column
+        self.col_key = torch.repeat_interleave(torch.arange(len(self.params), device=self.device),
+                                               torch.tensor([p.numel() for p in self.params], device=self.device))
+        self.records = dict.fromkeys(self.params, ())  # the keys a batch holds (the accumulator iterates them)
+
+    @staticmethod
+    def applies(params: list, layers: list) -> bool:
+        """Whether every trainable parameter of a model made of ``layers`` can take this path."""
+        dtypes = {p.dtype for p in params}
+        return (bool(params) and len(dtypes) == 1 and dtypes <= {torch.float32, torch.float64}
+                and len({p.device for p in params}) == 1
+                and all(getattr(type(layer), "flat_backward", None) is not None for layer in layers))
+
+
+class FlatBuffer:
+    """The per-sample gradients of one batch size: ``bufs[k]`` (rows, numel) for the layout's k-th parameter,
+    zero between batches. One tensor each, not columns of one: a compiled backward's writes into slices of one
+    input are functionalized into a copy of the whole input per write (measured: 100 writes of 800 numbers,
+    4.6 ms against 0.14 ms into 100 tensors). ``tick``: a scalar leaf that every flat layer's backward gives a
+    zero gradient, so that ``tick.grad`` tells on the host, without a device read, whether a backward wrote."""
+
+    def __init__(self, layout: FlatLayout, rows: int):
+        self.layout, self.rows = layout, rows
+        self.bufs = [torch.zeros(rows, p.numel(), dtype=layout.dtype, device=layout.device) for p in layout.params]
+        self.tick = torch.zeros((), dtype=layout.dtype, device=layout.device, requires_grad=True)
+
+    @property
+    def written(self) -> bool:
+        return self.tick.grad is not None
+
+    def clear(self) -> None:
+        torch._foreach_zero_(self.bufs)
+        self.tick.grad = None
+
+
+class FlatBatch:
+    """A physical batch held in a FlatBuffer, with PhysicalBatch's interface for the accumulator: its
+    per-sample gradients side by side, X (B, P), in one concatenation."""
+
+    def __init__(self, flat: FlatBuffer, loss_reduction: str, ends_logical: bool, chunk_id, real_rows):
+        self.flat, self.layout = flat, flat.layout
+        self.X = torch.cat(flat.bufs, 1)
+        self.batch_size = flat.rows
+        self.scale = reduction_scale(self.batch_size, loss_reduction)
+        self.ends_logical, self.chunk_id = ends_logical, chunk_id
+        self.records = self.layout.records
+        if real_rows is not None and real_rows < self.batch_size:  # a static-shape chunk's padded rows
+            self.X[real_rows:] = 0
+
+    def sq_rows(self, kernels=None) -> tuple[list, torch.Tensor]:
+        """(params, S), S (len(params), B): see PhysicalBatch.sq_rows; one segment sum over the columns."""
+        S = self.X.new_zeros(self.batch_size, len(self.layout.params))
+        S.index_add_(1, self.layout.col_key, self.X.square())
+        return self.layout.params, S.t()
+
+    def slack_rows(self, keys: list) -> None:
+        return None  # float32 / float64 sums: exact
+
+    def sq_norms(self, kernels=None, scaled: bool = True) -> dict:
+        keys, S = self.sq_rows()
+        if scaled:
+            S = S * self.scale ** 2
+        return dict(zip(keys, S.unbind(0)))
+
+    def clipped_sums(self, c: torch.Tensor, params, rows: dict | None = None) -> dict:
+        """param -> sum_i c_i g_i for ``params`` (``c``: the clip factors, scale included), one product for all."""
+        total = c.to(self.X.dtype) @ self.X
+        cols = self.layout.cols
+        return {p: total[cols[p][0]:cols[p][1]].view(p.shape) for p in params}
+
+    def clipped_sum(self, p, c: torch.Tensor) -> torch.Tensor:
+        a, b = self.layout.cols[p]
+        return ((c * self.scale).to(self.X.dtype) @ self.X[:, a:b]).view(p.shape)
+
+    def drop(self, bad: torch.Tensor) -> None:
+        self.X.masked_fill_(bad[:, None], 0)
