@@ -424,23 +424,13 @@ class GradSampleEngine:
         return sum(calls[k] for k in self.owners.get(param, ()))
 
     def use_flat(self, params: list) -> None:
-        """Let compiled forwards take the flat path (anadp.flat) where it applies to ``params`` (the tensor
-        table's order): the whitened accumulator's choice, with the torch norms and no reducer."""
-        if self.adapters or not FlatLayout.applies(params, self.layers):
-            return
-        layout = FlatLayout(params)
-        if any(p not in layout.key for p in self.params):
-            return
-        keys = []
-        for layer in self.layers:
-            trainable = {n: layer.param(n) for n in ("weight", "bias")}
-            trainable = {n: p for n, p in trainable.items() if p is not None and p.requires_grad}
-            if any(p not in layout.key for p in trainable.values()):  # a parametrization: no buffer of its own
-                return
-            keys.append({n: layout.key[p] for n, p in trainable.items()})
-        for layer, k in zip(self.layers, keys):
-            layer.flat_keys = k
-        self.flat_layout = layout
+        """Let compiled forwards take the flat path (anadp.flat) where it applies to ``params``: the whitened
+        accumulator's choice, with the torch norms and no reducer."""
+        found = None if self.adapters else FlatLayout.of(params, self.layers)
+        if found is not None:
+            self.flat_layout, blocks = found
+            for layer, k in zip(self.layers, blocks):
+                layer.flat_block = k
 
     # --- after backward -------------------------------------------------------------
     def _pending(self) -> Optional[PhysicalBatch]:

@@ -1,6 +1,6 @@
 """A compiled model's per-sample gradients in one flat buffer: where dynamo traces a private model under
 whitened or global clipping and the whole model fits, each hooked layer's traced backward adds its
-per-sample gradients into its parameters' (B, numel) buffers, in the graph, and no op calls into Python per
+per-sample gradients into its buffer (B, numel of its weight and bias), in the graph, and no op calls into Python per
 layer. The engine then hands the accumulator a ``FlatBatch``: the squared norms of every tensor in one
 segment sum, the clipped sums in one product.
 
@@ -27,11 +27,13 @@ FLAT_NUMBERS = 1 << 25  # at most 32 Mi numbers in the buffer (128 MB in float32
 
 
 class FlatLayout:
-    """The buffer's columns: ``params`` (the tensor table's order) side by side, each one's per-sample
-    gradient flattened; ``key[p]``, p's index (its row of the squared norms)."""
+    """The buffers' columns: one block per hooked layer, its trainable weight and bias side by side, each
+    one's per-sample gradient flattened (a tied weight, which two layers hold alone, is one block); ``params``
+    in block order, ``key[p]`` p's index (its row of the squared norms), ``cols[p]`` its columns."""
 
-    def __init__(self, params: list):
-        self.params = list(params)
+    def __init__(self, blocks: list):
+        self.blocks = blocks
+        self.params = [p for block in blocks for p in block]
         self.key = {p: k for k, p in enumerate(self.params)}
         self.cols: dict = {}
         start = 0
@@ -41,30 +43,46 @@ class FlatLayout:
         self.numel = start
         self.dtype = self.params[0].dtype
         self.device = self.params[0].device
+        self.sizes = [p.numel() for p in self.params]
         # the key (row of the squared norms) of each column
         self.col_key = torch.repeat_interleave(torch.arange(len(self.params), device=self.device),
-                                               torch.tensor([p.numel() for p in self.params], device=self.device))
+                                               torch.tensor(self.sizes, device=self.device))
         self.records = dict.fromkeys(self.params, ())  # the keys a batch holds (the accumulator iterates them)
 
     @staticmethod
-    def applies(params: list, layers: list) -> bool:
-        """Whether every trainable parameter of a model made of ``layers`` can take this path."""
+    def of(params: list, layers: list) -> tuple[FlatLayout, list] | None:
+        """(the layout, each layer's block index) where every trainable parameter in ``params``, of a model made
+        of ``layers``, can take this path; None where one cannot."""
         dtypes = {p.dtype for p in params}
-        return (bool(params) and len(dtypes) == 1 and dtypes <= {torch.float32, torch.float64}
-                and len({p.device for p in params}) == 1
-                and all(getattr(type(layer), "flat_backward", None) is not None for layer in layers))
+        if (not params or len(dtypes) != 1 or not dtypes <= {torch.float32, torch.float64}
+                or len({p.device for p in params}) != 1
+                or any(getattr(type(layer), "flat_backward", None) is None for layer in layers)):
+            return None
+        blocks, index, which = [], {}, []
+        for layer in layers:
+            block = tuple(q for q in (layer.param("weight"), layer.param("bias")) if q is not None and q.requires_grad)
+            ids = tuple(map(id, block))
+            if ids not in index:
+                index[ids] = len(blocks)
+                blocks.append(block)
+            which.append(index[ids])
+        held = [p for block in blocks for p in block]
+        if len({id(p) for p in held}) != len(held) or {id(p) for p in held} != {id(p) for p in params}:
+            return None  # a parameter in two blocks, or one no block holds (a parametrization)
+        return FlatLayout(blocks), which
 
 
 class FlatBuffer:
-    """The per-sample gradients of one batch size: ``bufs[k]`` (rows, numel) for the layout's k-th parameter,
-    zero between batches. One tensor each, not columns of one: a compiled backward's writes into slices of one
+    """The per-sample gradients of one batch size: ``bufs[k]`` (rows, numel) for the layout's k-th block, zero
+    between batches. A tensor per block, not columns of one: a compiled backward's writes into slices of one
     input are functionalized into a copy of the whole input per write (measured: 100 writes of 800 numbers,
     4.6 ms against 0.14 ms into 100 tensors). ``tick``: a scalar leaf that every flat layer's backward gives a
     zero gradient, so that ``tick.grad`` tells on the host, without a device read, whether a backward wrote."""
 
     def __init__(self, layout: FlatLayout, rows: int):
         self.layout, self.rows = layout, rows
-        self.bufs = [torch.zeros(rows, p.numel(), dtype=layout.dtype, device=layout.device) for p in layout.params]
+        self.bufs = [torch.zeros(rows, sum(p.numel() for p in block), dtype=layout.dtype, device=layout.device)
+                     for block in layout.blocks]
         self.tick = torch.zeros((), dtype=layout.dtype, device=layout.device, requires_grad=True)
 
     @property
@@ -108,8 +126,8 @@ class FlatBatch:
     def clipped_sums(self, c: torch.Tensor, params, rows: dict | None = None) -> dict:
         """param -> sum_i c_i g_i for ``params`` (``c``: the clip factors, scale included), one product for all."""
         total = c.to(self.X.dtype) @ self.X
-        cols = self.layout.cols
-        return {p: total[cols[p][0]:cols[p][1]].view(p.shape) for p in params}
+        parts = dict(zip(self.layout.params, total.split(self.layout.sizes)))  # one op, not a slice per tensor
+        return {p: parts[p].view(p.shape) for p in params}
 
     def clipped_sum(self, p, c: torch.Tensor) -> torch.Tensor:
         a, b = self.layout.cols[p]

@@ -72,10 +72,8 @@ class _TracedFn(torch.autograd.Function):
     formed (ghost or per-sample gradients), not its value."""
 
     @staticmethod
-    def forward(ctx, x, weight, bias, layer, weight_buf, bias_buf, tick):
-        # the flat path's (anadp.flat): the per-sample gradient buffers of weight and bias (or None), and its tick;
-        # tick None: the record ops
-        ctx.layer, ctx.bufs, ctx.flat = layer, {"weight": weight_buf, "bias": bias_buf}, tick is not None
+    def forward(ctx, x, weight, bias, layer, buf, tick):
+        ctx.layer, ctx.buf = layer, buf  # the flat path's buffer of the layer's block and its tick, else None
         ctx.save_for_backward(*layer.op_saved(x, weight, bias))
         return layer.op_out(x, weight, bias)
 
@@ -83,11 +81,11 @@ class _TracedFn(torch.autograd.Function):
     def backward(ctx, g):
         needs = ctx.needs_input_grad[0]
         saved = list(ctx.saved_tensors)
-        if not ctx.flat:
+        if ctx.buf is None:
             gx = ctx.layer.traced_backward(saved, g, needs)
-            return (gx if needs else None), None, None, None, None, None, None
-        gx = ctx.layer.flat_backward(saved, g, needs, ctx.bufs)
-        return (gx if needs else None), None, None, None, None, None, g.new_zeros(())  # tick: "a backward ran"
+            return (gx if needs else None), None, None, None, None, None
+        gx = ctx.layer.flat_backward(saved, g, needs, ctx.buf)
+        return (gx if needs else None), None, None, None, None, g.new_zeros(())  # tick: "a backward ran"
 
 
 class _LinearFn(torch.autograd.Function):
@@ -309,20 +307,19 @@ class Layer:
         compiled.require()
         flat = self.engine.flat_now()
         if flat is None:
-            return _TracedFn.apply(x, weight, bias, self, None, None, None)
-        bufs = [flat.bufs[self.flat_keys[n]] if n in self.flat_keys else None for n in ("weight", "bias")]
-        return _TracedFn.apply(x, weight, bias, self, *bufs, flat.tick)
+            return _TracedFn.apply(x, weight, bias, self, None, None)
+        return _TracedFn.apply(x, weight, bias, self, flat.bufs[self.flat_block], flat.tick)
 
-    # the flat path (anadp.flat): the layer's backward adds its per-sample gradients into the buffers of its
-    # trainable parameters (``bufs``, name -> (B, numel) buffer or None; ``flat_keys``, name -> the parameter's
-    # index in the layout, set by the engine) and returns its input gradient
+    # the flat path (anadp.flat): the layer's backward adds the per-sample gradients of its trainable weight and
+    # bias (in that order, flattened, side by side) into its block's buffer (``flat_block``: the block's index,
+    # set by the engine) and returns its input gradient
     flat_backward = None
-    flat_keys: dict = {}
+    flat_block = None
 
     @staticmethod
-    def flat_add(bufs: dict, name: str, ps: torch.Tensor) -> None:
-        buf = bufs[name]
-        buf.add_(ps.reshape(buf.shape))
+    def flat_add(buf: torch.Tensor, parts: list) -> None:
+        B = buf.shape[0]
+        buf.add_(parts[0].reshape(B, -1) if len(parts) == 1 else torch.cat([t.reshape(B, -1) for t in parts], 1))
 
 
 class RowwiseLayer(Layer):
@@ -405,16 +402,15 @@ class LinearLayer(RowwiseLayer):
         torch.ops.anadp.record_backward.default(saved, g, self.key)
         return _linear_input_grad(g, saved[1], self.transposed) if input_grad else None
 
-    def flat_backward(self, saved, g, input_grad, bufs):
+    def flat_backward(self, saved, g, input_grad, buf):
         x, weight = saved
-        A, G = (_tokens(t) for t in self.engine.to_batch_first(self.name, x, g))
-        if bufs["weight"] is not None:
-            dtype = bufs["weight"].dtype
-            A32, G32 = A.to(dtype), G.to(dtype)
-            self.flat_add(bufs, "weight", torch.bmm(A32.transpose(1, 2), G32) if self.transposed
-                          else torch.bmm(G32.transpose(1, 2), A32))
-        if bufs["bias"] is not None:
-            self.flat_add(bufs, "bias", G.sum(1, dtype=bufs["bias"].dtype))
+        A, G = (_tokens(t).to(buf.dtype) for t in self.engine.to_batch_first(self.name, x, g))
+        parts = []
+        if _trainable(self.param("weight")):
+            parts.append(torch.bmm(A.transpose(1, 2), G) if self.transposed else torch.bmm(G.transpose(1, 2), A))
+        if _trainable(self.param("bias")):
+            parts.append(G.sum(1))
+        self.flat_add(buf, parts)
         return _linear_input_grad(g, weight, self.transposed) if input_grad else None
 
     def op_record(self, saved, g):
@@ -474,8 +470,7 @@ class EmbeddingLayer(Layer):
     def op_record(self, saved, g):
         self.on_backward(saved[0].clone(), g.clone())  # copies: see LinearLayer.op_record
 
-    def flat_backward(self, saved, g, input_grad, bufs):
-        buf = bufs["weight"]
+    def flat_backward(self, saved, g, input_grad, buf):
         idx, g = self.engine.to_batch_first(self.name, saved[0], g)
         idx, G = _tokens(idx, 0), _tokens(g).to(buf.dtype)
         m = self.module
@@ -557,13 +552,11 @@ class NormLayer(RowwiseLayer):
             torch.ops.anadp.record_dense.default(parts, self.key)
         return gx
 
-    def flat_backward(self, saved, g, input_grad, bufs):
+    def flat_backward(self, saved, g, input_grad, buf):
         xhat, gx = self.norm_backward(saved, g, input_grad)
         if not self.engine.batch_first:
             xhat, g = xhat.movedim(1, 0), g.movedim(1, 0)
-        names = [n for n in ("weight", "bias") if bufs[n] is not None]  # per_sample_grads' order
-        for name, part in zip(names, self.per_sample_grads(xhat, g)):
-            self.flat_add(bufs, name, part)
+        self.flat_add(buf, self.per_sample_grads(xhat, g))  # the trainable of weight and bias, in that order
         return gx
 
     def op_record_dense(self, parts):
