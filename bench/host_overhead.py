@@ -9,7 +9,9 @@ count a GPU step would launch, less the ops that are views).
 ``traced_probe`` (compiled only) is not anadp: a DP step whose per-sample algebra is traced whole, the
 per-sample gradients by torch.func (vmap of grad), their norms, clip factors, clipped sums and Gaussian noise
 in one compiled graph, then the same foreach AdamW. It measures what a step costs the host when no Python runs
-per layer, the bound a traced anadp step would approach (docs/results.md, "the compiled step").
+per layer, the bound a traced anadp step would approach (docs/results.md, "the compiled step"). ``traced_flat_probe``:
+the same with its per-sample algebra on one (B, P) matrix (one norm, one product, one noise draw), the form of
+anadp's flat path (anadp.flat): per-tensor kernels cost the per-tensor probe ~0.15x of the step.
 """
 from __future__ import annotations
 
@@ -24,6 +26,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from bench.suite import Config, build, make_step
 
 METHODS = ["nonprivate", "anadp_uniform", "anadp", "anadp_per_layer"]
+PROBES = ("traced_probe", "traced_flat_probe")  # not anadp (the module docstring)
 CONFIG = Config("bert-base shape, width 16, B=2 T=8", "bert", 2, 8, 16, 12, 100)
 SMOKE_CONFIG = Config("bert 2 layers, width 16, B=2 T=8", "bert", 2, 8, 16, 2, 100)
 
@@ -59,8 +62,10 @@ def graph_breaks(method: str, cfg: Config = CONFIG) -> int:
     return sum(counters["graph_break"].values())
 
 
-def traced_probe_step(cfg: Config, sigma: float = 1.0, clip: float = 1.0):
-    """One step of the traced DP probe (see the module docstring) on ``build(cfg)``'s model."""
+def traced_probe_step(cfg: Config, sigma: float = 1.0, clip: float = 1.0, flat: bool = False):
+    """One step of the traced DP probe (see the module docstring) on ``build(cfg)``'s model; ``flat``: its
+    per-sample algebra on one (B, P) matrix of every tensor's per-sample gradients side by side (one norm, one
+    clipped sum, one noise draw, split into the tensors) instead of per tensor."""
     from torch.func import functional_call, grad, vmap
     model, inputs, labels = build(cfg)
     params = dict(model.named_parameters())
@@ -73,6 +78,12 @@ def traced_probe_step(cfg: Config, sigma: float = 1.0, clip: float = 1.0):
 
     def noisy_clipped_sums(p, x, y):
         ps = vmap(grad(loss_one), in_dims=(None, 0, 0))(p, x, y)
+        if flat:
+            G = torch.cat([ps[k].flatten(1) for k in p], 1)
+            c = (clip / (G.square().sum(1).sqrt() + 1e-6)).clamp(max=1.0)
+            s = c @ G
+            s = s + sigma * clip * torch.randn_like(s)
+            return [t.view(p[k].shape) for k, t in zip(p, s.split([p[k].numel() for k in p]))]
         sq = sum(g.flatten(1).square().sum(1) for g in ps.values())
         c = (clip / (sq.sqrt() + 1e-6)).clamp(max=1.0)
         return [torch.tensordot(c, ps[k], dims=1) + sigma * clip * torch.randn_like(p[k]) for k in p]
@@ -104,8 +115,8 @@ def rows(rounds: int = 20, cfg: Config = CONFIG, compile: bool = False, methods=
             warnings.simplefilter("ignore")
             steps = {}
             for method in methods:
-                if method == "traced_probe":
-                    steps[method] = traced_probe_step(cfg)
+                if method in PROBES:
+                    steps[method] = traced_probe_step(cfg, flat=method == "traced_flat_probe")
                 else:
                     model, inputs, labels = build(cfg)
                     steps[method] = make_step(method, model, inputs, labels, compile=compile)[0]
@@ -120,7 +131,7 @@ def rows(rounds: int = 20, cfg: Config = CONFIG, compile: bool = False, methods=
                     if hasattr(step, "phases"):
                         phases[method].append(step.phases)
             # (the probe's compiled graph does not run under a dispatch mode: its ops are not counted)
-            ops = {m: op_counts(step) for m, step in steps.items() if m != "traced_probe"}
+            ops = {m: op_counts(step) for m, step in steps.items() if m not in PROBES}
     finally:
         torch.set_num_threads(threads)
     out = [{"config": cfg.name + (", compiled" if compile else ""), "method": m,
@@ -131,7 +142,7 @@ def rows(rounds: int = 20, cfg: Config = CONFIG, compile: bool = False, methods=
            for m in methods]
     if compile:
         for r in out:
-            r["graph_breaks"] = graph_breaks(r["method"], cfg) if r["method"] != "traced_probe" else 0  # fullgraph
+            r["graph_breaks"] = graph_breaks(r["method"], cfg) if r["method"] not in PROBES else 0  # fullgraph
     for r in out:
         r["x_nonprivate"] = r["seconds"] / out[0]["seconds"]
         r["ops_x_nonprivate"] = r["ops"] / out[0]["ops"] if r["ops"] is not None else None
@@ -155,5 +166,5 @@ def table(rows: list[dict]) -> str:
 if __name__ == "__main__":
     import sys
     compiled = "--compile" in sys.argv[1:]
-    print(table(rows(compile=compiled, methods=["nonprivate", "anadp_uniform", "anadp_per_layer", "traced_probe"]
+    print(table(rows(compile=compiled, methods=["nonprivate", "anadp_uniform", "anadp_per_layer", *PROBES]
                      if compiled else METHODS)))

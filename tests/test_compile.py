@@ -200,15 +200,16 @@ def test_a_flattened_batch_under_compile_is_refused_by_name():
     engine.remove()
 
 
-def test_traced_probe_forms_the_clipped_sums():
-    """bench.host_overhead's traced probe (the bound a traced step would approach) computes DP-SGD's clipped sum:
-    without noise, its compiled sums equal per-sample gradients formed one sample at a time, clipped and summed
-    (float32, relative error 1e-5)."""
+@pytest.mark.parametrize("flat", [False, True])
+def test_traced_probe_forms_the_clipped_sums(flat):
+    """bench.host_overhead's traced probes (the bound a traced step would approach; per tensor, or ``flat`` on one
+    matrix) compute DP-SGD's clipped sum: without noise, their compiled sums equal per-sample gradients formed one
+    sample at a time, clipped and summed (float32, relative error 1e-5)."""
     from bench.host_overhead import SMOKE_CONFIG, traced_probe_step
     torch._dynamo.reset()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        step = traced_probe_step(SMOKE_CONFIG, sigma=0.0, clip=0.05)
+        step = traced_probe_step(SMOKE_CONFIG, sigma=0.0, clip=0.05, flat=flat)
         got = step.sums()
     model, params = step.model, list(step.model.parameters())
     want = [torch.zeros_like(q) for q in params]

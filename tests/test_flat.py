@@ -82,3 +82,32 @@ def test_a_forward_without_its_backward_adds_no_batch():
         assert not opt.engine.flat.written  # cleared once the accumulator is done with it
         out.append(torch.cat([p.detach().flatten() for p in private.parameters()]))
     assert torch.equal(out[0], out[1])
+
+
+@pytest.mark.parametrize("policy", ["skip", "raise"])
+def test_a_non_finite_per_sample_gradient_in_the_buffer(policy):
+    """The non-finite policy reads the flat batch as it reads records: "skip" drops the sample (its row of every
+    buffer zeroed, counted, warned of) and the step stays finite; "raise" refuses the step and names a parameter."""
+    torch._dynamo.reset()
+    model, kind = make("bert", torch.float32)
+    inputs = batch(kind, B=4, dtype=torch.float32)
+    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(torch.arange(4)), batch_size=4)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        private, opt, loader = anadp.make_private(model, torch.optim.SGD(model.parameters(), lr=0.1), loader,
+                                                  noise_multiplier=1.0, max_grad_norm=1.0, poisson_sampling=False,
+                                                  seed=0, nonfinite=policy)
+    forward = torch.compile(private, fullgraph=True)
+    next(iter(loader))
+    logits(forward(**inputs)).pow(2).mean().backward()
+    flat = opt.engine.flat
+    assert flat is not None and flat.written
+    flat.bufs[-1][2, 0] = float("inf")  # sample 2's gradient of the last block
+    if policy == "raise":
+        with pytest.raises(FloatingPointError, match="1 of 4 samples"):
+            opt.step()
+        return
+    with pytest.warns(UserWarning, match="1 of 4 samples"):
+        opt.step()
+    assert opt.skipped_samples == 1
+    assert all(torch.isfinite(p).all() for p in private.parameters())
