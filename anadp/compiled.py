@@ -68,8 +68,8 @@ def _record_dense(parts, key):
     _OBJECTS[key].op_record_dense(parts)
 
 
-def _begin_forward(x, key, grad, flat):
-    _OBJECTS[key].begin_forward(x, grad, flat)
+def _begin_forward(x, key, grad, make_flat):
+    _OBJECTS[key].begin_forward(x, grad, make_flat)
 
 
 _EFFECTS = False
@@ -79,13 +79,13 @@ try:
     _lib = torch.library.Library("anadp", "FRAGMENT")
     _lib.define("record_backward(Tensor[] saved, Tensor g, int key) -> ()")
     _lib.define("record_dense(Tensor[] parts, int key) -> ()")
-    _lib.define("begin_forward(Tensor x, int key, bool grad, bool flat) -> ()")
+    _lib.define("begin_forward(Tensor x, int key, bool grad, bool make_flat) -> ()")
     for _name, _fn in (("record_backward", _record_backward), ("record_dense", _record_dense),
                        ("begin_forward", _begin_forward)):
         _lib.impl(_name, _fn, "CompositeExplicitAutograd")
     torch.library.register_fake("anadp::record_backward", lambda saved, g, key: None, lib=_lib)
     torch.library.register_fake("anadp::record_dense", lambda parts, key: None, lib=_lib)
-    torch.library.register_fake("anadp::begin_forward", lambda x, key, grad, flat: None, lib=_lib)
+    torch.library.register_fake("anadp::begin_forward", lambda x, key, grad, make_flat: None, lib=_lib)
     # the record ops and the book-keeping op return nothing the graph needs: as ordered side effects the
     # compiler keeps them, in program order, instead of removing them as dead code
     for _name in ("record_backward", "record_dense", "begin_forward"):
@@ -95,8 +95,8 @@ except (ImportError, AttributeError, RuntimeError, TypeError):  # a torch whose 
     pass
 
 
-def begin(engine, x: torch.Tensor, flat: bool) -> None:
-    """The engine's forward pre-hook as the op (inside torch.compile's tracing); ``flat``: whether the forward's
-    layers take the flat path (anadp.flat)."""
+def begin(engine, x: torch.Tensor, make_flat: bool) -> None:
+    """The engine's forward pre-hook as the op (inside torch.compile's tracing); ``make_flat``: the engine makes the
+    flat path's buffer (anadp.flat) at run time."""
     require()
-    torch.ops.anadp.begin_forward(x, engine.key, torch.is_grad_enabled(), flat)
+    torch.ops.anadp.begin_forward(x, engine.key, torch.is_grad_enabled(), make_flat)

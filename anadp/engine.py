@@ -260,29 +260,32 @@ class GradSampleEngine:
                 raise ValueError("a compiled private model needs a tensor argument (its batch)")
             dim = 0 if self.batch_first else 1
             self.batch_size = x.shape[dim] if x.dim() > dim else None
-            compiled.begin(self, x, self.flat_now() is not None)
+            compiled.begin(self, x, self.flat is None and self._flat_fits())
             return
         self.begin_forward(x, torch.is_grad_enabled())
+
+    def _flat_fits(self) -> bool:
+        """While dynamo traces a forward: whether it could take the flat path (anadp.flat), a buffer aside: the
+        optimizer allows it, gradients on, no autocast, a static batch size within the budget."""
+        layout, B = self.flat_layout, self.batch_size
+        return (layout is not None and torch.is_grad_enabled() and isinstance(B, int) and 0 < B
+                and B * layout.numel <= FLAT_NUMBERS and not torch.is_autocast_enabled(layout.device.type))
 
     def flat_now(self) -> Optional[FlatBuffer]:
         """While dynamo traces a forward: the flat buffer its layers add their per-sample gradients into
         (anadp.flat), or None (the record ops)."""
-        flat, B = self.flat, self.batch_size
-        if flat is None or not torch.is_grad_enabled() or not isinstance(B, int) or B != flat.rows:
-            return None
-        return None if torch.is_autocast_enabled(flat.layout.device.type) else flat
+        flat = self.flat
+        return flat if flat is not None and self._flat_fits() and self.batch_size == flat.rows else None
 
-    def begin_forward(self, x: Optional[torch.Tensor], grad: bool, flat: Optional[bool] = None) -> None:
+    def begin_forward(self, x: Optional[torch.Tensor], grad: bool, make_flat: bool = False) -> None:
         """Before each forward of the model (``x``: its first tensor argument; ``grad``: whether it runs
-        with gradients; ``flat``: whether a compiled forward's layers take the flat path, None uncompiled):
+        with gradients; ``make_flat``: a compiled forward that could take the flat path but for its buffer):
         the last backward's records go to the accumulator, and the counts start afresh."""
         if self.model.training:  # model.train() puts batch norms back into train mode
             self._check_mixing()
         self.flush()
-        if flat is False and grad and self.flat is None and self.flat_layout is not None and x is not None:
-            B = x.shape[0 if self.batch_first else 1] if x.dim() > (0 if self.batch_first else 1) else 0
-            if 0 < B and B * self.flat_layout.numel <= FLAT_NUMBERS:
-                self.flat = FlatBuffer(self.flat_layout, B)  # the next forward's trace takes it (one recompile)
+        if make_flat and self.flat is None:  # the next forward's trace takes it (one recompile)
+            self.flat = FlatBuffer(self.flat_layout, x.shape[0 if self.batch_first else 1])
         self._buffer_state = self._buffer_versions()
         self._readers.clear()
         if self._copies:

@@ -66,6 +66,22 @@ def test_beyond_its_budget_the_record_ops_serve(monkeypatch):
     assert opt.engine.flat is None and opt.engine._records
 
 
+def test_under_autocast_no_buffer_is_made():
+    """The flat path keeps float32 sums: a compiled forward under autocast takes the record ops (their 16-bit
+    arithmetic, docs/design.md) and makes no buffer, whose B P numbers it would never use."""
+    torch._dynamo.reset()
+    private, opt, loader, inputs = _private()
+    forward = torch.compile(private, fullgraph=True)
+    for _ in range(2):
+        next(iter(loader))
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loss = logits(forward(**inputs)).float().pow(2).mean()
+        loss.backward()
+        assert opt.engine._records and opt.engine.flat is None
+        opt.step()
+        opt.zero_grad()
+
+
 def test_a_forward_without_its_backward_adds_no_batch():
     """A compiled forward whose backward never runs leaves the buffer unwritten (its tick has no gradient): the
     next forward's batch is the step's only one, so the step equals that of a run without the stray forward."""
