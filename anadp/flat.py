@@ -1,8 +1,8 @@
-"""A compiled model's per-sample gradients in one flat buffer: where dynamo traces a private model under
+"""A compiled model's per-sample gradients written by the graph: where dynamo traces a private model under
 whitened or global clipping and the whole model fits, each hooked layer's traced backward adds its
-per-sample gradients into its buffer (B, numel of its weight and bias), in the graph, and no op calls into Python per
-layer. The engine then hands the accumulator a ``FlatBatch``: the squared norms of every tensor in one
-segment sum, the clipped sums in one product.
+per-sample gradients into its block's buffer (B, numel of its weight and bias), in the graph, and no op
+calls into Python per layer. The engine then hands the accumulator a ``FlatBatch``: the buffers side by
+side, the squared norms of every tensor in one segment sum, the clipped sums in one product.
 
 Why: a record op per layer call costs its dispatch and its Python body (~20-40 us on the CPU, ~100 calls a
 step for a 12-layer BERT), and the batch's records then cost Python per record at the step; this path
@@ -10,9 +10,10 @@ costs the graph's own kernels and a handful of ops at the step (docs/design.md, 
 
 When: every hooked layer is a Linear, an embedding or a norm (``Layer.flat_backward``), the trainable
 parameters are float32 or float64 on one device, no kernel backend forms the norms, no FSDP2 reducer, no
-autocast, a static batch size, and B P numbers within ``FLAT_NUMBERS``. The first compiled forward shows
-the batch size: it runs the record ops and its op body allocates the buffer, which the next forward's
-guards see (one recompile). Elsewhere the record ops (anadp.compiled) serve, as before.
+autocast, a static batch size, and B P numbers within ``FLAT_NUMBERS``. The buffers are made at run time
+by the book-keeping op of the first compiled forward that could take the path (``make_flat``), which itself
+runs the record ops; the next trace sees them (one recompile). Elsewhere the record ops (anadp.compiled)
+serve, as before.
 
 Memory: B P numbers, the per-sample gradients of every parameter (embeddings included: B V d), where the
 record ops keep (A, G) for some Linears; hence the budget.
@@ -23,7 +24,7 @@ import torch
 
 from .physical_batch import reduction_scale
 
-FLAT_NUMBERS = 1 << 25  # at most 32 Mi numbers in the buffer (128 MB in float32)
+FLAT_NUMBERS = 1 << 25  # at most 32 Mi numbers in the buffers (128 MB in float32)
 
 
 class FlatLayout:
