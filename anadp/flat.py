@@ -126,6 +126,9 @@ class FlatBatch:
 
     def clipped_sums(self, c: torch.Tensor, params, rows: dict | None = None) -> dict:
         """param -> sum_i c_i g_i for ``params`` (``c``: the clip factors, scale included), one product for all."""
+        if rows is not None:  # (the engine gives flat batches to the whitened accumulator only)
+            raise NotImplementedError("a flat batch takes one clip factor per sample (whitened or global clipping), "
+                                      "not one per group (per-layer clipping)")
         total = c.to(self.X.dtype) @ self.X
         parts = dict(zip(self.layout.params, total.split(self.layout.sizes)))  # one op, not a slice per tensor
         return {p: parts[p].view(p.shape) for p in params}
