@@ -30,21 +30,15 @@ FLAT_NUMBERS = 1 << 25  # at most 32 Mi numbers in the buffers (128 MB in float3
 class FlatLayout:
     """The buffers' columns: one block per hooked layer, its trainable weight and bias side by side, each
     one's per-sample gradient flattened (a tied weight, which two layers hold alone, is one block); ``params``
-    in block order, ``key[p]`` p's index (its row of the squared norms), ``cols[p]`` its columns."""
+    in block order, ``sizes`` their numbers of columns."""
 
     def __init__(self, blocks: list):
         self.blocks = blocks
         self.params = [p for block in blocks for p in block]
-        self.key = {p: k for k, p in enumerate(self.params)}
-        self.cols: dict = {}
-        start = 0
-        for p in self.params:
-            self.cols[p] = (start, start + p.numel())
-            start += p.numel()
-        self.numel = start
+        self.sizes = [p.numel() for p in self.params]
+        self.numel = sum(self.sizes)
         self.dtype = self.params[0].dtype
         self.device = self.params[0].device
-        self.sizes = [p.numel() for p in self.params]
         # the key (row of the squared norms) of each column
         self.col_key = torch.repeat_interleave(torch.arange(len(self.params), device=self.device),
                                                torch.tensor(self.sizes, device=self.device))
@@ -61,7 +55,7 @@ class FlatLayout:
             return None
         blocks, index, which = [], {}, []
         for layer in layers:
-            block = tuple(q for q in (layer.param("weight"), layer.param("bias")) if q is not None and q.requires_grad)
+            block = tuple(layer.trainable_params())
             ids = tuple(map(id, block))
             if ids not in index:
                 index[ids] = len(blocks)
@@ -100,7 +94,7 @@ class FlatBatch:
     per-sample gradients side by side, X (B, P), in one concatenation."""
 
     def __init__(self, flat: FlatBuffer, loss_reduction: str, ends_logical: bool, chunk_id, real_rows):
-        self.flat, self.layout = flat, flat.layout
+        self.layout = flat.layout
         self.X = torch.cat(flat.bufs, 1)
         self.batch_size = flat.rows
         self.scale = reduction_scale(self.batch_size, loss_reduction)
@@ -132,10 +126,6 @@ class FlatBatch:
         total = c.to(self.X.dtype) @ self.X
         parts = dict(zip(self.layout.params, total.split(self.layout.sizes)))  # one op, not a slice per tensor
         return {p: parts[p].view(p.shape) for p in params}
-
-    def clipped_sum(self, p, c: torch.Tensor) -> torch.Tensor:
-        a, b = self.layout.cols[p]
-        return ((c * self.scale).to(self.X.dtype) @ self.X[:, a:b]).view(p.shape)
 
     def drop(self, bad: torch.Tensor) -> None:
         self.X.masked_fill_(bad[:, None], 0)

@@ -289,6 +289,10 @@ class Layer:
     # (anadp.compiled), whose body is op_record, and no input gradient (an embedding's input is indices); a
     # Linear traces its input gradient beside that op, a norm its input gradient and per-sample gradients
     # beside the op that files them (anadp::record_dense).
+    def trainable_params(self) -> list:
+        """The trainable ones of the layer's weight and bias, in that order."""
+        return [p for p in (self.param("weight"), self.param("bias")) if _trainable(p)]
+
     def op_saved(self, x, weight, bias) -> list:
         return [x, weight]
 
@@ -570,9 +574,6 @@ class NormLayer(RowwiseLayer):
         xhat, g = self.engine.to_batch_first(self.name, xhat, g)
         for p, part in zip(self.trainable_params(), self.per_sample_grads(xhat, g)):
             self.engine.record(p, DenseRecord(part))
-
-    def trainable_params(self) -> list:
-        return [p for p in (self.param("weight"), self.param("bias")) if _trainable(p)]
 
     def per_sample_grads(self, xhat, g) -> list:
         """The per-sample gradients of the trainable ones of weight and bias, from batch-first xhat (recomputed
